@@ -1,0 +1,5 @@
+import sys
+
+from kino.cli import main
+
+sys.exit(main())

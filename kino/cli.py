@@ -1,0 +1,174 @@
+"""The `kino` command: parse, build, run. Options shared by subcommands are defined once here.
+
+User errors (KinoUserError, bad arguments) print one line and exit 2; anything else is an
+internal failure and exits 1 with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kino import __version__
+from kino.errors import KinoUserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line, exit 2, no usage dump
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ---- shared option types and options -------------------------------------------------
+
+def size_type(text: str) -> tuple[int, int]:
+    """'HxW' -> (H, W)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use HxW, e.g. 64x96") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: height and width must be positive")
+    return h, w
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    return v
+
+
+def add_out(p, help="output file or folder"):
+    p.add_argument("-o", "--out", type=Path, required=True, help=help)
+
+
+def add_size(p):
+    p.add_argument("--size", type=size_type, default=None, metavar="HxW", help="frame size, e.g. 64x96")
+
+
+def add_frames(p):
+    p.add_argument("--frames", type=positive_int, default=None, metavar="N", help="frames per clip")
+
+
+def add_seed(p, default=0):
+    p.add_argument("--seed", type=nonneg_int, default=default, help=f"random seed (default {default})")
+
+
+def add_common(p):
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _progress(args, desc: str):
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, disable=args.quiet, file=sys.stderr, leave=False,
+                           total=len(it) if hasattr(it, "__len__") else getattr(args, "n", None))
+
+
+# ---- kino world ----------------------------------------------------------------------
+
+def cmd_world_sample(args) -> int:
+    from kino.world.captions import check_frames, check_size
+    from kino.world.dataset import write_samples
+
+    if args.frames is not None:
+        check_frames(args.frames)
+    if args.size is not None:
+        check_size(*args.size)
+    if args.out.exists() and not args.out.is_dir():
+        raise KinoUserError(f"--out {args.out} exists and is not a folder")
+    rows = write_samples(args.out, args.n, args.split, args.seed, progress=_progress(args, "sample"),
+                         frames=args.frames, size=args.size, objects=args.objects)
+    print(f"wrote {len(rows)} clips and captions.jsonl to {args.out}")
+    return 0
+
+
+def format_summary(report: dict) -> str:
+    def pct(r):
+        return "n/a" if r["pass_rate"] is None else f"{100 * r['pass_rate']:.1f}%"
+
+    lines = [f"pass rate {pct(report)} ({report['passed']}/{report['clips']} clips)"]
+    lines += [f"  {name:<11} {pct(r):>7} ({r['passed']}/{r['clips']})"
+              for name, r in report["checks"].items() if r["clips"]]
+    lines += [f"  kind {name:<6} {pct(r):>7} ({r['passed']}/{r['clips']})" for name, r in report["kinds"].items()]
+    return "\n".join(lines)
+
+
+def cmd_world_eval(args) -> int:
+    from kino.world.dataset import REPORT, evaluate_folder
+
+    report = evaluate_folder(args.folder, progress=_progress(args, "eval"))
+    short = {k: v for k, v in report.items() if k not in ("failures", "failures_omitted")}
+    if not args.json:
+        print(format_summary(report))
+        print(f"report: {args.folder / REPORT}")
+    print(json.dumps(short, indent=None if args.json else 2))
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kino", description="kino: text-to-video generation on the machine you have")
+    parser.add_argument("--version", action="version", version=f"kino {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    world = sub.add_parser("world", help="Shapes World: sample clips, evaluate clips")
+    world.set_defaults(group_help=world.format_help)
+    wsub = world.add_subparsers(dest="world_command", metavar="COMMAND", parser_class=_Parser)
+
+    p = wsub.add_parser("sample", help="write N Shapes World clips (lossless) + captions.jsonl")
+    add_out(p, help="output folder")
+    p.add_argument("--n", type=positive_int, required=True, help="number of clips")
+    p.add_argument("--split", choices=("train", "eval"), default="train")
+    add_seed(p)
+    add_frames(p)
+    add_size(p)
+    p.add_argument("--objects", type=int, choices=(1, 2), default=None, help="objects per clip (default: 1 or 2)")
+    add_common(p)
+    p.set_defaults(func=cmd_world_sample)
+
+    p = wsub.add_parser("eval", help="score the clips of a folder against their captions")
+    p.add_argument("folder", type=Path, help="folder with clips and captions.jsonl")
+    p.add_argument("--json", action="store_true", help="print only the JSON report")
+    add_common(p)
+    p.set_defaults(func=cmd_world_eval)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):  # a command group without its subcommand: show what there is
+        sys.stderr.write(getattr(args, "group_help", parser.format_help)())
+        return EXIT_USER_ERROR
+    try:
+        return args.func(args)
+    except KinoUserError as e:
+        print(f"kino: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("kino: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
