@@ -31,17 +31,31 @@ SHAPE_FILL = {"circle": (0.65, 0.89), "square": (0.89, np.inf), "triangle": (0.3
 _PALETTE = np.array([(BACKGROUNDS | COLORS)[n] for n in PALETTE_NAMES], np.int64)  # (10, 3)
 
 
-def label_pixels(video: np.ndarray) -> np.ndarray:
-    """(F, H, W, 3) uint8 -> (F, H, W) int8 palette index into PALETTE_NAMES, -1 = unknown."""
-    v = video.astype(np.int64)
-    packed = (v[..., 0] << 16) | (v[..., 1] << 8) | v[..., 2]
-    # clips hold few distinct colors: label each once, then scatter back
-    colors, inverse = np.unique(packed, return_inverse=True)
-    rgb = np.stack([colors >> 16, (colors >> 8) & 255, colors & 255], -1)  # (U, 3)
+_UNSEEN = -2
+_table: np.ndarray | None = None  # label of every 24-bit color, filled in as colors are seen
+
+
+def _label_colors(packed: np.ndarray) -> np.ndarray:
+    rgb = np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], -1)  # (U, 3)
     d2 = ((rgb[:, None, :] - _PALETTE[None]) ** 2).sum(-1)  # (U, 10)
     best = d2.argmin(1)
-    label = np.where(d2[np.arange(len(best)), best] > UNKNOWN_DISTANCE ** 2, UNKNOWN, best)
-    return label.astype(np.int8)[inverse.reshape(packed.shape)]
+    return np.where(d2[np.arange(len(best)), best] > UNKNOWN_DISTANCE ** 2, UNKNOWN, best).astype(np.int8)
+
+
+def label_pixels(video: np.ndarray) -> np.ndarray:
+    """(F, H, W, 3) uint8 -> (F, H, W) int8 palette index into PALETTE_NAMES, -1 = unknown."""
+    global _table
+    if _table is None:
+        _table = np.full(1 << 24, _UNSEEN, np.int8)  # 16 MB, once per process
+    v = video.astype(np.int32)
+    packed = (v[..., 0] << 16) | (v[..., 1] << 8) | v[..., 2]
+    labels = _table[packed]
+    unseen = labels == _UNSEEN
+    if unseen.any():  # label each new color once; clips hold few distinct colors
+        colors = np.unique(packed[unseen])
+        _table[colors] = _label_colors(colors.astype(np.int64))
+        labels = _table[packed]
+    return labels
 
 
 @dataclass

@@ -1,0 +1,123 @@
+"""Model folders: the on-disk layout every kino model uses.
+
+    MODEL/
+      kino.json              {"name", "kino_version", "components": {"vae": {"path": "vae",
+                              "class": "VideoVAE", "files": {"model.safetensors": "<sha256>", ...}}}}
+      vae/config.json        the component's typed config, as JSON
+      vae/model.safetensors  its weights
+
+A component folder (config.json + model.safetensors) also loads on its own, e.g. straight
+from a training run. When a kino.json lists a file's sha256, the file is checked before use,
+so shipped or downloaded weights that were altered are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kino import __version__
+from kino.errors import KinoUserError
+
+MANIFEST = "kino.json"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+class WeightsIntegrityError(KinoUserError):
+    """A weights file whose sha256 differs from the one recorded for it."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_model_dir() -> Path:
+    """The model shipped inside the package."""
+    return Path(__file__).resolve().parent.parent / "weights" / "default"
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_component(folder: str | Path, config: dict, state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Write config.json + model.safetensors; return {file: sha256}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "kino_version": __version__})
+    os.replace(tmp, folder / WEIGHTS)
+    _atomic_json(folder / CONFIG, config)
+    return {name: sha256_file(folder / name) for name in (CONFIG, WEIGHTS)}
+
+
+def write_manifest(root: str | Path, name: str, components: dict[str, tuple[str, str]]) -> Path:
+    """components: {component: (subfolder, class name)}; hashes every file of each subfolder."""
+    root = Path(root)
+    entries = {}
+    for comp, (sub, cls) in components.items():
+        files = {p.name: sha256_file(p) for p in sorted((root / sub).iterdir()) if p.is_file()}
+        entries[comp] = {"path": sub, "class": cls, "files": files}
+    _atomic_json(root / MANIFEST, {"name": name, "kino_version": __version__, "components": entries})
+    return root / MANIFEST
+
+
+@dataclass
+class Component:
+    folder: Path
+    config: dict
+    state_dict: dict[str, torch.Tensor]
+    model_name: str
+
+
+def load_component(path: str | Path, component: str) -> Component:
+    """Load `component` from a model folder (checking sha256 sums) or a bare component folder."""
+    root = Path(path)
+    if not root.exists():
+        raise KinoUserError(f"model folder {root} does not exist")
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        try:
+            meta = json.loads(manifest.read_text())
+            entry = meta["components"][component]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise KinoUserError(f"{manifest} has no valid entry for component {component!r} ({e})") from None
+        folder, name = root / entry["path"], meta.get("name", root.name)
+        for fname, expected in entry["files"].items():
+            f = folder / fname
+            if not f.is_file():
+                raise KinoUserError(f"{f} is missing: {manifest} lists it for component {component!r}")
+            actual = sha256_file(f)
+            if actual != expected:
+                raise WeightsIntegrityError(
+                    f"{f} failed its integrity check: sha256 {actual} but {manifest} records {expected}; "
+                    "the file was altered or corrupted — reinstall kino or re-download the model")
+    else:
+        folder, name = root, root.name
+    for fname in (CONFIG, WEIGHTS):
+        if not (folder / fname).is_file():
+            raise KinoUserError(f"{folder / fname} is missing: a {component} folder holds {CONFIG} and {WEIGHTS}"
+                                f" (or a model folder has {MANIFEST} naming its components)")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise KinoUserError(f"{folder / CONFIG} is not valid JSON ({e.msg})") from None
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise KinoUserError(f"{folder / WEIGHTS} is not a valid safetensors file ({e})") from None
+    return Component(folder, config, state, name)

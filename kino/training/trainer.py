@@ -1,0 +1,583 @@
+"""One trainer for every model in kino (the video VAE, the diffusion transformer).
+
+The trainer owns the loop: seeding, AdamW, the learning-rate schedule, EMA, gradient
+clipping, autocast, checkpoints, automatic resume, logging and clean stops on SIGTERM.
+Everything model-specific lives in a *task* (see `TrainTask`): it builds the model,
+produces the batch for a step and computes the loss.
+
+Resume is exact: the batch is a function of the step, and a checkpoint carries the
+model, optimizer, scheduler, EMA and every RNG state, so on CPU N straight steps and
+N/2 steps + restart + N/2 steps end with the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from kino.errors import KinoUserError
+from kino.training.checkpoint import (
+    Checkpoint,
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temp,
+    restore_rng_state,
+    save_checkpoint,
+)
+from kino.training.config import TrainConfig, config_to_dict
+
+SAMPLE_FPS = 8  # frame rate of the GIFs logged from task.samples
+
+
+class TrainTask(Protocol):
+    """The model-specific half of training. The trainer calls, in this order:
+
+    - `build_model()` once, right after seeding: a fresh model on CPU (the trainer moves
+      it to the device). Must be deterministic given the torch seed.
+    - `batch(step)` before optimizer step `step` (0-based): a dict of CPU tensors (the
+      trainer moves them). Must be a deterministic function of `step`, so that the data
+      position is the step and resume needs no data-loader state. The batch size, for
+      the samples/s figure, is dim 0 of the first tensor.
+    - `loss(model, batch)` under autocast, in train mode: the scalar loss to minimise and
+      a dict of extra values to log (floats or 0-dim tensors; tensors are only read at
+      log steps, so returning them avoids a device sync every step).
+    - `samples(model)` (optional method) every `sample_every` steps, in eval mode under
+      `torch.no_grad()`, with the EMA weights when EMA is on: uint8 videos
+      (F, H, W, 3) by name, logged to TensorBoard as animated GIFs. Random draws here do
+      not disturb the training RNG streams.
+    """
+
+    def build_model(self) -> nn.Module: ...
+
+    def batch(self, step: int) -> dict[str, Tensor]: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float | Tensor]]: ...
+
+
+@dataclass
+class TrainResult:
+    step: int  # steps completed when fit() returned
+    start_step: int  # step this fit() resumed from (0 for a fresh run)
+    losses: dict[str, float]  # the last logged loss and task logs
+    interrupted: bool  # stopped early by SIGINT/SIGTERM (after saving a checkpoint)
+    checkpoint: Path | None  # the newest checkpoint folder
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier on `config.lr` for optimizer step `step` (0-based): linear warmup, then
+    constant or a cosine down to `min_lr_ratio` at `decay_steps` (default max_steps)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps  # the first step already moves the weights
+    if config.lr_schedule == "constant":
+        return 1.0
+    total = config.decay_steps if config.decay_steps is not None else config.max_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """fp32 exponential moving average of a model's trainable parameters."""
+
+    def __init__(self, model: nn.Module, decay: float, start_step: int = 0):
+        self.decay = decay
+        self.start_step = start_step
+        self.shadow = {
+            name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad
+        }
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold in the weights after optimizer step `step` (1-based: steps completed)."""
+        for name, p in model.named_parameters():
+            s = self.shadow.get(name)
+            if s is None:
+                continue
+            if step <= self.start_step:
+                s.copy_(p.detach())
+            else:
+                s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            missing, extra = sorted(set(self.shadow) - set(state)), sorted(set(state) - set(self.shadow))
+            raise KinoUserError(f"EMA weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, s in self.shadow.items():
+            s.copy_(state[name])
+
+
+class Trainer:
+    """`Trainer(task, config).fit()` trains, checkpoints and resumes from `config.out_dir`.
+
+    `run_config` is the full resolved config to record in `OUT/config.json` and each
+    checkpoint (e.g. a dataclass holding model, data and train sections); default `config`.
+    After `setup()` (called by `fit()`), `model`, `ema`, `optimizer`, `scheduler` and
+    `step` are available.
+    """
+
+    def __init__(self, task: TrainTask, config: TrainConfig, *, run_config: Any = None):
+        self.task = task
+        self.config = config
+        self.run_config = run_config if run_config is not None else config
+        self.out_dir = Path(config.out_dir)
+        self.device = resolve_device(config.device)
+        self.autocast_dtype = resolve_precision(config.precision, self.device)
+        self.model: nn.Module | None = None
+        self.ema: EMA | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.step = 0
+        self.start_step = 0
+        self._saved_step: int | None = None
+
+    # --- setup and resume ---------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Seed, build model/EMA/optimizer/scheduler, and resume from the newest
+        checkpoint in out_dir if there is one. Idempotent."""
+        if self.model is not None:
+            return
+        cfg = self.config
+        _seed_everything(cfg.seed)
+        model = self.task.build_model().to(self.device)
+        model.train()
+        self.model = model
+        if cfg.ema_decay is not None:
+            self.ema = EMA(model, cfg.ema_decay, cfg.ema_start)
+        self.optimizer = self._build_optimizer(model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+
+        remove_stale_temp(self.out_dir)
+        path = latest_checkpoint(self.out_dir)
+        if path is not None:
+            self._resume(path)
+            self._saved_step = self.step
+        self.start_step = self.step
+
+    def _build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        # Decay matrices (linear/conv kernels, embeddings), not biases or norm gains.
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise KinoUserError("the task's model has no trainable parameters")
+        return torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas, **self._optimizer_impl())
+
+    def _optimizer_impl(self) -> dict[str, Any]:
+        # fused kernels on CUDA; elsewhere torch's default (per-tensor loop) implementation
+        return {"fused": True} if self.device.type == "cuda" else {"fused": None, "foreach": None}
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(ckpt.model)
+        except RuntimeError as e:
+            raise KinoUserError(
+                f"checkpoint {path} does not fit the model this config builds "
+                f"(was the model config changed?): {e}"
+            ) from None
+        if self.ema is not None:
+            if ckpt.ema is not None:
+                self.ema.load_state_dict(ckpt.ema)
+            else:
+                warnings.warn(f"{path} has no EMA weights; the EMA starts from the current weights")
+                self.ema = EMA(self.model, self.config.ema_decay, self.config.ema_start)
+        self.optimizer.load_state_dict(ckpt.optimizer["optimizer"])
+        self.scheduler.load_state_dict(ckpt.optimizer["scheduler"])
+        for group in self.optimizer.param_groups:  # the implementation follows this device
+            group.update(self._optimizer_impl())
+        restore_rng_state(ckpt.rng)  # last: nothing above may draw from the restored streams
+        self.step = ckpt.step
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train until `max_steps` (resuming if out_dir has a checkpoint), checkpointing
+        every `checkpoint_every` steps and at the end. A first SIGINT/SIGTERM finishes the
+        current step, saves a checkpoint and returns (interrupted=True); a second aborts."""
+        self.setup()
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.out_dir / "config.json", config_to_dict(self.run_config))
+        if self.step >= cfg.max_steps and self._saved_step == self.step:
+            return TrainResult(self.step, self.start_step, {}, False, latest_checkpoint(self.out_dir))
+
+        losses: dict[str, float] = {}
+        window = _Window(self.device)
+        with _StopOnSignal() as stop, _RunLog(self.out_dir, self.step) as log, tqdm(
+            total=cfg.max_steps, initial=self.step, disable=not cfg.progress, file=sys.stderr,
+            unit="step", desc="train", dynamic_ncols=True,
+        ) as bar:
+            while self.step < cfg.max_steps:
+                lr = self.scheduler.get_last_lr()[0]
+                loss, logs, grad_norm, batch_size = self._train_step()
+                window.add(loss, logs, batch_size)
+                bar.update(1)
+                step = self.step
+                if step % cfg.log_every == 0 or step == cfg.max_steps or stop.requested:
+                    row = window.flush(step, lr=lr, grad_norm=float(grad_norm))
+                    losses = {k: v for k, v in row.items() if k in window.names}
+                    log.scalars(step, row, task_keys=window.names)
+                    bar.set_postfix(loss=f"{row['loss']:.4g}")
+                    if not math.isfinite(row["loss"]):
+                        raise FloatingPointError(
+                            f"loss is {row['loss']} at step {step}; the last good checkpoint is "
+                            f"{latest_checkpoint(self.out_dir)}"
+                        )
+                if stop.requested:
+                    break
+                if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                    with window.paused():
+                        self._log_samples(log, step)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                    with window.paused():
+                        self.save_checkpoint()
+            path = self.save_checkpoint() if self._saved_step != self.step else latest_checkpoint(self.out_dir)
+        if stop.requested:
+            print(f"kino: stopped by {stop.requested} at step {self.step}; saved {path}", file=sys.stderr)
+        return TrainResult(self.step, self.start_step, losses, stop.requested is not None, path)
+
+    def _train_step(self) -> tuple[Tensor, dict[str, float | Tensor], Tensor, int]:
+        cfg = self.config
+        batch = {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
+            for k, v in self.task.batch(self.step).items()
+        }
+        with self._autocast():
+            loss, logs = self.task.loss(self.model, batch)
+        loss.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf  # inf: measure only
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+        return loss.detach(), logs, grad_norm, _batch_size(batch)
+
+    def _autocast(self):
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
+    def _log_samples(self, log: _RunLog, step: int) -> None:
+        sample = getattr(self.task, "samples", None)
+        if sample is None:
+            return
+        model = self.ema_model() if self.ema is not None else self.model
+        with _rng_preserved(), torch.no_grad(), self._autocast():
+            model.eval()
+            try:
+                videos = sample(model)
+            finally:
+                self.model.train()
+        log.videos(step, videos)
+
+    # --- checkpoints and export ---------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint for the current step (atomically) and prune old ones."""
+        ckpt = Checkpoint(
+            step=self.step,
+            model=self.model.state_dict(),
+            optimizer={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            rng=capture_rng_state(),
+            ema=self.ema.state_dict() if self.ema is not None else None,
+            config=config_to_dict(self.run_config),
+        )
+        path = save_checkpoint(ckpt, self.out_dir, keep_last=self.config.keep_last)
+        self._saved_step = self.step
+        return path
+
+    def export_state_dict(self, ema: bool | None = None) -> dict[str, Tensor]:
+        """The model's state dict on CPU (copies), with the EMA weights in place of the
+        trained ones when `ema` is True (default: whenever EMA is on)."""
+        self.setup()
+        use_ema = self.ema is not None if ema is None else ema
+        if use_ema and self.ema is None:
+            raise KinoUserError("EMA weights were requested but EMA is off (ema_decay = none)")
+        # Parameters are matched by identity so tied weights get the EMA value under every name.
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out = {}
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            name = names.get(id(value))
+            if use_ema and name in self.ema.shadow:
+                value = self.ema.shadow[name].to(value.dtype)
+            out[key] = value.detach().to("cpu", copy=True)
+        return out
+
+    def ema_model(self) -> nn.Module:
+        """A copy of the model carrying the EMA weights, in eval mode."""
+        self.setup()
+        if self.ema is None:
+            raise KinoUserError("EMA is off (ema_decay = none)")
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.export_state_dict(ema=True))
+        return model.eval()
+
+
+# --- devices and precision --------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KinoUserError("device 'cuda' was requested but no CUDA device is available; use device = \"cpu\"")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return torch.bfloat16 if bf16_ok else None
+    if device.type == "cuda" and not bf16_ok:
+        raise KinoUserError("precision 'bf16' was requested but this GPU does not support bf16; use fp32")
+    return torch.bfloat16
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+@contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """Run a block without moving any global RNG stream (sampling must not change training)."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    for v in batch.values():
+        if isinstance(v, Tensor):
+            return int(v.shape[0]) if v.ndim else 1
+    return 1
+
+
+# --- logging ----------------------------------------------------------------------------
+
+
+class _Window:
+    """Accumulates losses between log steps and times them, without a device sync per step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list[str] = ["loss"]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, Tensor | float] = {}
+        self.steps = 0
+        self.samples = 0
+        self.excluded = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: Tensor, logs: dict[str, float | Tensor], batch_size: int) -> None:
+        for name, value in {"loss": loss, **logs}.items():
+            value = value.detach().float() if isinstance(value, Tensor) else float(value)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+            if name not in self.names:
+                self.names.append(name)
+        self.steps += 1
+        self.samples += batch_size
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t
+
+    def flush(self, step: int, *, lr: float, grad_norm: float) -> dict[str, float]:
+        means = {name: float(total) / self.steps for name, total in self.sums.items()}
+        seconds = max(time.perf_counter() - self.start - self.excluded, 1e-9)
+        row = {
+            "step": step,
+            **means,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "steps_per_s": self.steps / seconds,
+            "samples_per_s": self.samples / seconds,
+            "time": time.time(),
+        }
+        self._reset()
+        return row
+
+
+_warned_no_tensorboard = False
+
+
+class _RunLog:
+    """TensorBoard events in OUT/tb and one JSON row per log step in OUT/metrics.jsonl."""
+
+    def __init__(self, out_dir: Path, start_step: int):
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.start_step = start_step
+        self.writer = None
+        self._metrics = None
+
+    def __enter__(self) -> _RunLog:
+        _drop_rows_after(self.metrics_path, self.start_step)  # from a run that died after its last checkpoint
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
+        self.writer = _summary_writer(self.metrics_path.parent / "tb", purge_step=self.start_step + 1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._metrics.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def scalars(self, step: int, row: dict[str, float], task_keys: list[str]) -> None:
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key in ("step", "time"):
+                continue
+            if key in task_keys:
+                tag = f"train/{key}"
+            elif key in ("lr", "grad_norm"):
+                tag = f"opt/{key}"
+            else:
+                tag = f"perf/{key}"
+            self.writer.add_scalar(tag, value, step)
+
+    def videos(self, step: int, videos: dict[str, Tensor]) -> None:
+        if self.writer is None:
+            return
+        for name, video in videos.items():
+            summary = gif_summary(f"samples/{name}", video, fps=SAMPLE_FPS)
+            self.writer._get_file_writer().add_summary(summary, global_step=step)
+        self.writer.flush()
+
+
+def _summary_writer(log_dir: Path, purge_step: int):
+    global _warned_no_tensorboard
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if not _warned_no_tensorboard:
+            warnings.warn(
+                "tensorboard is not installed, so only OUT/metrics.jsonl is written; "
+                "install it with: pip install 'kino-video[train]'"
+            )
+            _warned_no_tensorboard = True
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def encode_gif(video: Tensor, fps: int = SAMPLE_FPS) -> bytes:
+    """An animated, looping GIF of uint8 frames (F, H, W, 3) or one image (H, W, 3)."""
+    from PIL import Image
+
+    if video.dtype != torch.uint8 or video.ndim not in (3, 4) or video.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 video (F, H, W, 3), got {video.dtype} {tuple(video.shape)}")
+    frames = video.detach().cpu().numpy()
+    if frames.ndim == 3:
+        frames = frames[None]
+    images = [Image.fromarray(f) for f in frames]  # each (H, W, 3)
+    buf = BytesIO()
+    images[0].save(
+        buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+    )
+    return buf.getvalue()
+
+
+def gif_summary(tag: str, video: Tensor, fps: int = SAMPLE_FPS):
+    """A TensorBoard image summary holding an animated GIF (shown animated in the Images
+    tab). Built by hand because SummaryWriter.add_video needs moviepy."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    height, width = int(video.shape[-3]), int(video.shape[-2])
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encode_gif(video, fps))
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a row cut short by a crash
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- signals ----------------------------------------------------------------------------
+
+
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: ask the loop to stop after the current step (it then saves a
+    checkpoint). A second one aborts at once with KeyboardInterrupt, saving nothing."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # handlers only work there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        sys.stderr.write(f"\nkino: {self.requested} received; saving a checkpoint after this step "
+                         "(send it again to abort without saving)\n")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -1,0 +1,140 @@
+"""Training the video VAE on Shapes World: the VAE task for the generic trainer, and export.
+
+The VAE is fully convolutional, so it trains on short crops (a few frames, small tiles)
+that cost a fraction of a full clip, and is checked on full clips. Crops keep the causal
+structure: a crop's first frame is encoded alone like any clip's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kino.errors import KinoUserError
+from kino.models.folder import save_component, write_manifest
+from kino.models.vae import VAE_SIZES, VAEConfig, VideoVAE
+from kino.training.config import TrainConfig
+from kino.world.captions import FRAME_COUNTS
+from kino.world.generator import render, scene_at
+
+
+@dataclass
+class VAEDataConfig:
+    split: str = "train"
+    seed: int = 0
+    batch_size: int = 4
+    crop_frames: list[int] = field(default_factory=lambda: [1, 5, 9])  # each 4k+1, one per step
+    crop_size: int = 32  # square spatial crop in pixels (multiple of 8); 0 = whole frame
+
+
+@dataclass
+class VAELossConfig:
+    l1: float = 1.0
+    mse: float = 0.0
+    kl: float = 1e-6
+
+
+@dataclass
+class VAERunConfig:
+    """`kino train vae --config FILE`: a TOML/JSON file with these sections."""
+
+    model: str = "small"  # a named size in VAE_SIZES
+    data: VAEDataConfig = field(default_factory=VAEDataConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.model not in VAE_SIZES:
+            raise KinoUserError(f"unknown VAE size {self.model!r}: allowed {', '.join(VAE_SIZES)}")
+        if any(f < 1 or (f - 1) % 4 for f in self.data.crop_frames):
+            raise KinoUserError(f"data.crop_frames must be 4k+1 values, got {self.data.crop_frames}")
+        if self.data.crop_size % 8 or self.data.crop_size < 0:
+            raise KinoUserError(f"data.crop_size must be a multiple of 8 (0 = whole frame), got {self.data.crop_size}")
+
+
+def to_model_range(video: np.ndarray) -> Tensor:
+    """uint8 (F, H, W, 3) -> float (3, F, H, W) in [-1, 1]."""
+    return torch.from_numpy(video).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(video: Tensor) -> Tensor:
+    """float (3, F, H, W) in [-1, 1] -> uint8 (F, H, W, 3)."""
+    return video.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+
+
+def world_crops(step: int, data: VAEDataConfig) -> Tensor:
+    """The batch of `step`: (B, 3, T, S, S) crops of world clips, a pure function of step."""
+    rng = np.random.default_rng([data.seed, step])
+    t = int(rng.choice(data.crop_frames))
+    clips = []
+    for j in range(data.batch_size):
+        frames = int(rng.choice([f for f in FRAME_COUNTS if f >= t]))
+        scene = scene_at(data.split, data.seed, step * data.batch_size + j, frames=frames)
+        video = render(scene)  # (F, H, W, 3)
+        F, H, W = video.shape[:3]
+        s = data.crop_size or min(H, W)
+        t0, y0, x0 = (int(rng.integers(0, n - k + 1)) for n, k in ((F, t), (H, s), (W, s)))
+        clips.append(to_model_range(video[t0:t0 + t, y0:y0 + s, x0:x0 + s]))
+    return torch.stack(clips)  # (B, 3, T, S, S)
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """PSNR in dB of [-1, 1] images (peak-to-peak 2)."""
+    mse = (a.float() - b.float()).pow(2).mean()
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+class VAETask:
+    def __init__(self, config: VAERunConfig):
+        self.config = config
+        self.vae_config = VAE_SIZES[config.model]
+        self._sample_clip = render(scene_at("eval", 0, 0, frames=17, size=(64, 96), objects=2))
+
+    def build_model(self) -> nn.Module:
+        return VideoVAE(self.vae_config)
+
+    def batch(self, step: int) -> dict[str, Tensor]:
+        return {"video": world_crops(step, self.config.data)}
+
+    def loss(self, model: VideoVAE, batch: dict[str, Tensor]):
+        x = batch["video"]  # (B, 3, T, H, W)
+        mean, logvar = model.encode(x)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        rec = model.decode(z)[:, :, : x.shape[2]]
+        w = self.config.loss
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = w.l1 * l1 + w.mse * mse + w.kl * kl
+        return loss, {"l1": l1.detach(), "kl": kl.detach(), "psnr": psnr(rec.detach(), x)}
+
+    def samples(self, model: VideoVAE) -> dict[str, Tensor]:
+        x = to_model_range(self._sample_clip)[None]
+        rec = model.reconstruct(x)[0]
+        return {"reconstruction": torch.cat([to_uint8(x[0]), to_uint8(rec)], dim=2)}  # side by side
+
+
+@torch.no_grad()
+def latent_stats(model: VideoVAE, n: int = 64, seed: int = 12345) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of latent means over n train clips: the config's normalisation."""
+    zs = []
+    for i in range(n):
+        video = render(scene_at("train", seed, i))
+        mean, _ = model.encode(to_model_range(video)[None])
+        zs.append(mean[0].flatten(1))  # (Z, T*h*w)
+    z = torch.cat(zs, dim=1)
+    return z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
+
+
+def export_vae(model: VideoVAE, config: VAEConfig, out_dir: str | Path, name: str = "kino-vae") -> Path:
+    """Write a model folder (kino.json + vae/) with latent statistics measured on world clips."""
+    mean, std = latent_stats(model)
+    cfg = VAEConfig.from_dict({**config.to_dict(), "latents_mean": mean, "latents_std": std})
+    out = Path(out_dir)
+    save_component(out / "vae", cfg.to_dict(), model.state_dict())
+    write_manifest(out, name, {"vae": ("vae", "VideoVAE")})
+    return out
