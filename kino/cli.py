@@ -71,6 +71,27 @@ def add_seed(p, default=0):
     p.add_argument("--seed", type=nonneg_int, default=default, help=f"random seed (default {default})")
 
 
+def add_device(p):
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+
+
+def add_model(p):
+    p.add_argument("--model", type=Path, default=None, metavar="DIR",
+                   help="model folder (default: the model shipped with kino)")
+
+
+def _device(name: str):
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise KinoUserError(f"invalid --device {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KinoUserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
 def add_common(p):
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -123,6 +144,47 @@ def cmd_world_eval(args) -> int:
     return 0
 
 
+# ---- kino vae ------------------------------------------------------------------------
+
+def cmd_vae_reconstruct(args) -> int:
+    from kino.models.vae.pretrained import load_vae
+    from kino.tasks.reconstruct import reconstruct_inputs
+
+    model = load_vae(args.model, _device(args.device))
+    results = reconstruct_inputs(model, args.inputs, args.out, progress=_progress(args, "reconstruct"))
+    for name, value in results:
+        print(f"{name}\tPSNR {value:.2f} dB")
+    mean = sum(v for _, v in results) / len(results)
+    print(f"mean PSNR {mean:.2f} dB over {len(results)} clips; wrote {args.out}")
+    return 0
+
+
+# ---- kino train -----------------------------------------------------------------------
+
+def cmd_train_vae(args) -> int:
+    from kino.training.config import load_config
+    from kino.training.trainer import Trainer
+    from kino.training.vae import VAERunConfig, VAETask, export_vae
+
+    cfg = load_config(args.config, VAERunConfig)
+    if args.out is not None:
+        cfg.train.out_dir = str(args.out)
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    if args.quiet:
+        cfg.train.progress = False
+    task = VAETask(cfg)
+    trainer = Trainer(task, cfg.train, run_config=cfg)
+    result = trainer.fit()
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}; run again to resume")
+        return 0
+    model = trainer.ema_model() if cfg.train.ema_decay is not None else trainer.model.eval()
+    out = export_vae(model, task.vae_config, Path(cfg.train.out_dir) / "model")
+    print(f"trained {result.step} steps; model folder {out}")
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print only the JSON report")
     add_common(p)
     p.set_defaults(func=cmd_world_eval)
+
+    vae = sub.add_parser("vae", help="the video VAE: reconstruct clips")
+    vae.set_defaults(group_help=vae.format_help)
+    vsub = vae.add_subparsers(dest="vae_command", metavar="COMMAND", parser_class=_Parser)
+    p = vsub.add_parser("reconstruct", help="encode + decode videos/images (or a folder with captions.jsonl)")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="videos, images, or a clip folder")
+    add_out(p, help="output folder")
+    add_model(p)
+    add_device(p)
+    add_common(p)
+    p.set_defaults(func=cmd_vae_reconstruct)
+
+    train = sub.add_parser("train", help="train a model (resumes automatically from --out)")
+    train.set_defaults(group_help=train.format_help)
+    tsub = train.add_subparsers(dest="train_command", metavar="COMMAND", parser_class=_Parser)
+    p = tsub.add_parser("vae", help="train the video VAE on Shapes World")
+    p.add_argument("--config", type=Path, required=True, help="TOML or JSON run config (see configs/)")
+    p.add_argument("-o", "--out", type=Path, default=None, help="run folder (overrides train.out_dir)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="override train.max_steps")
+    add_common(p)
+    p.set_defaults(func=cmd_train_vae)
 
     return parser
 

@@ -45,7 +45,7 @@ class VAERunConfig:
     model: str = "small"  # a named size in VAE_SIZES
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/vae"))
 
     def __post_init__(self):
         if self.model not in VAE_SIZES:

@@ -1,0 +1,1 @@
+"""Task functions over the models: each is a thin function (reconstruct now; generation tasks later)."""
