@@ -1,0 +1,132 @@
+"""Video VAE speed and memory on this machine.
+
+    python benchmarks/bench_vae.py speed  [--model DIR] [--repeats 5]
+    python benchmarks/bench_vae.py memory [--model DIR]
+
+speed:  encode / decode frames/s of kino's VideoVAE and, in the same run with the same
+        weights, diffusers' AutoencoderKLWan (the peer), as a ratio.
+memory: peak resident memory added by decoding 33 vs 129 frames (each measured in a
+        fresh process, so one run's allocations cannot hide another's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _load(model_dir):
+    from kino.models.vae.pretrained import load_vae
+
+    return load_vae(model_dir)
+
+
+def _clip(frames: int, h: int, w: int) -> torch.Tensor:
+    from kino.training.vae import to_model_range
+    from kino.world.generator import render, scene_at
+
+    video = render(scene_at("eval", 0, 1, frames=min(frames, 33), size=(h, w)))
+    x = to_model_range(video)[None]
+    reps = -(-frames // x.shape[2])
+    return x.repeat(1, 1, reps, 1, 1)[:, :, :frames]
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def speed(args):
+    from diffusers import AutoencoderKLWan
+
+    from kino.models.vae.adapters import to_diffusers
+
+    vae = _load(args.model)
+    cfg = vae.config
+    peer = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=cfg.dim_mult,
+                            num_res_blocks=cfg.num_res_blocks, attn_scales=cfg.attn_scales,
+                            temperal_downsample=cfg.temporal_downsample, dropout=0.0).eval()
+    peer.load_state_dict(to_diffusers(vae.state_dict()), strict=False)
+    print(f"# {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| clip | kino encode fr/s | kino decode fr/s | diffusers encode fr/s | diffusers decode fr/s "
+          "| encode ratio kino/diffusers time | decode ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for frames, h, w in [(1, 64, 64), (17, 64, 64), (33, 64, 96)]:
+        x = _clip(frames, h, w)
+        z = vae.encode(x)[0]
+        k_enc = _median_time(lambda: vae.encode(x), args.repeats)
+        k_dec = _median_time(lambda: vae.decode(z), args.repeats)
+        d_enc = _median_time(lambda: peer.encode(x), args.repeats)
+        d_dec = _median_time(lambda: peer.decode(z), args.repeats)
+        print(f"| {frames}x{h}x{w} | {frames / k_enc:.1f} | {frames / k_dec:.1f} | {frames / d_enc:.1f} | "
+              f"{frames / d_dec:.1f} | {k_enc / d_enc:.2f} | {k_dec / d_dec:.2f} |")
+
+
+@torch.no_grad()
+def _decode_peak(args):
+    """Child process: peak RSS growth (MiB) of decoding `args.frames` frames."""
+    vae = _load(args.model)
+    x = _clip(args.frames, args.height, args.width)
+    z = vae.encode(x)[0]
+    del x
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import gc
+
+    gc.collect()
+    base = _rss_kib()
+    out = vae.decode(z)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"frames": args.frames, "base_mib": base / 1024, "peak_mib": max(peak, before) / 1024,
+                      "added_mib": (peak - base) / 1024, "output_mib": out.numel() * 4 / 2**20}))
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def memory(args):
+    print("| frames | size | peak RSS MiB | added by decode MiB | output tensor MiB |")
+    print("|---|---|---|---|---|")
+    res = {}
+    for frames in (33, 129):
+        cmd = [sys.executable, __file__, "_child", "--frames", str(frames), "--height", str(args.height),
+               "--width", str(args.width)] + (["--model", args.model] if args.model else [])
+        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        res[frames] = r
+        print(f"| {frames} | {args.height}x{args.width} | {r['peak_mib']:.0f} | {r['added_mib']:.1f} | "
+              f"{r['output_mib']:.1f} |")
+    print(f"peak RSS ratio 129/33 frames: {res[129]['peak_mib'] / res[33]['peak_mib']:.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("speed", "memory", "_child"))
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--frames", type=int, default=33)
+    ap.add_argument("--height", type=int, default=64)
+    ap.add_argument("--width", type=int, default=96)
+    args = ap.parse_args()
+    {"speed": speed, "memory": memory, "_child": _decode_peak}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

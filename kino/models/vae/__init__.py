@@ -1,0 +1,23 @@
+"""Causal 3D convolutional video VAE (Wan2.1 family): time x4, space x8, 16 latent channels."""
+
+from kino.models.vae.adapters import config_from_diffusers, from_diffusers, to_diffusers
+from kino.models.vae.model import (
+    VAE_SIZES,
+    CausalCache,
+    TileConfig,
+    VAEConfig,
+    VAEInputError,
+    VideoVAE,
+)
+
+__all__ = [
+    "VAE_SIZES",
+    "CausalCache",
+    "TileConfig",
+    "VAEConfig",
+    "VAEInputError",
+    "VideoVAE",
+    "config_from_diffusers",
+    "from_diffusers",
+    "to_diffusers",
+]

@@ -1,0 +1,156 @@
+"""State-dict adapters between kino's VideoVAE and third-party layouts.
+
+diffusers' `AutoencoderKLWan` (Wan2.1 VAE, `is_residual=False`) differs from kino only in
+names: kino keeps Wan's original release names (encoder.conv1, encoder.downsamples.N,
+middle.{0,1,2}, head, conv1/conv2 quant convs). The renames are a few regex rules; the one
+structural difference is the decoder, which diffusers nests as up_blocks.i.{resnets.j,
+upsamplers.0} and Wan/kino keep as one flat list, decoder.upsamples.N.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from kino.models.vae.model import VAE_SIZES, VAEConfig
+
+# Applied in order to every key; each rule sees the output of the ones before it.
+_FROM_DIFFUSERS: list[tuple[str, str]] = [
+    (r"^quant_conv\.", "conv1."),
+    (r"^post_quant_conv\.", "conv2."),
+    (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."),
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.head.norm."),
+    (r"^(encoder|decoder)\.conv_out\.", r"\1.head.conv."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.middle.0."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.2."),
+    (r"^encoder\.down_blocks\.", "encoder.downsamples."),
+    (r"\.conv_shortcut\.", ".shortcut."),
+    (r"\.resample\.1\.", ".conv."),  # resample.0 is the parameter-free pad / upsample
+]
+
+_TO_DIFFUSERS: list[tuple[str, str]] = [
+    (r"^conv1\.", "quant_conv."),
+    (r"^conv2\.", "post_quant_conv."),
+    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
+    (r"^(encoder|decoder)\.head\.norm\.", r"\1.norm_out."),
+    (r"^(encoder|decoder)\.head\.conv\.", r"\1.conv_out."),
+    (r"^(encoder|decoder)\.middle\.0\.", r"\1.mid_block.resnets.0."),
+    (r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0."),
+    (r"^(encoder|decoder)\.middle\.2\.", r"\1.mid_block.resnets.1."),
+    (r"^encoder\.downsamples\.", "encoder.down_blocks."),
+    (r"\.shortcut\.", ".conv_shortcut."),
+    (r"^((?:encoder|decoder)\.\w+\.\d+)\.conv\.", r"\1.resample.1."),
+]
+
+_DIFFUSERS_UP = re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.")
+_KINO_UP = re.compile(r"^decoder\.upsamples\.(\d+)\.")
+
+
+def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _blocks_per_stage(keys: list[str]) -> int:
+    """Residual blocks per decoder stage (num_res_blocks + 1), read off diffusers' keys."""
+    resnets = {int(m.group(3)) for k in keys if (m := _DIFFUSERS_UP.match(k)) and m.group(1) == "0" and m.group(3)}
+    if not resnets:
+        raise ValueError("not a diffusers AutoencoderKLWan state dict: no decoder.up_blocks.0.resnets.* keys")
+    return max(resnets) + 1
+
+
+def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKLWan (Wan2.1) state dict -> kino VideoVAE state dict (same tensors)."""
+    per_stage = _blocks_per_stage(list(state_dict))
+
+    def flat_decoder_index(m: re.Match) -> str:
+        # Wan's flat decoder list: each stage is its residual blocks, then its upsample.
+        stage = int(m.group(1))
+        j = int(m.group(3)) if m.group(3) is not None else per_stage
+        return f"decoder.upsamples.{stage * (per_stage + 1) + j}."
+
+    out = {}
+    for key, value in state_dict.items():
+        new = _rename(_DIFFUSERS_UP.sub(flat_decoder_index, key), _FROM_DIFFUSERS)
+        if new in out:
+            raise ValueError(f"two diffusers keys map to {new}")
+        out[new] = value
+    return out
+
+
+def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kino VideoVAE state dict -> diffusers AutoencoderKLWan state dict (same tensors)."""
+    keys = list(state_dict)
+    if any(k.startswith("decoder.upsamples.") and ".to_qkv." in k for k in keys):
+        raise ValueError("diffusers' AutoencoderKLWan has no decoder attention outside the middle block (attn_scales)")
+    # The first upsample in the flat list sits right after stage 0's residual blocks.
+    upsample_indices = [
+        int(m.group(1)) for k in keys if (m := _KINO_UP.match(k)) and k[m.end() :].startswith(("conv.", "time_conv."))
+    ]
+    if not upsample_indices:
+        raise ValueError("not a kino VideoVAE state dict: no decoder.upsamples.*.conv keys")
+    per_stage = min(upsample_indices)
+
+    def nested_decoder_index(m: re.Match) -> str:
+        stage, j = divmod(int(m.group(1)), per_stage + 1)
+        inner = "upsamplers.0" if j == per_stage else f"resnets.{j}"
+        return f"decoder.up_blocks.{stage}.{inner}."
+
+    out = {}
+    for key, value in state_dict.items():
+        new = _rename(key, _TO_DIFFUSERS)
+        new = _KINO_UP.sub(nested_decoder_index, new)
+        out[new] = value
+    return out
+
+
+def config_from_diffusers(diffusers_config: dict) -> VAEConfig:
+    """A diffusers AutoencoderKLWan config.json (as a dict) -> VAEConfig.
+
+    Keys diffusers left out take diffusers' defaults, which are Wan2.1's. Wan2.2-style
+    variants (is_residual, patch_size, a separate decoder width) are not this architecture.
+    """
+    wan = VAE_SIZES["wan2.1"]
+    defaults = {
+        "base_dim": wan.base_dim,
+        "decoder_base_dim": None,
+        "z_dim": wan.z_dim,
+        "dim_mult": wan.dim_mult,
+        "num_res_blocks": wan.num_res_blocks,
+        "attn_scales": wan.attn_scales,
+        "temperal_downsample": wan.temporal_downsample,
+        "dropout": wan.dropout,
+        "latents_mean": wan.latents_mean,
+        "latents_std": wan.latents_std,
+        "is_residual": False,
+        "in_channels": 3,
+        "out_channels": 3,
+        "patch_size": None,
+    }
+    c = {**defaults, **diffusers_config}
+    unsupported = {
+        "is_residual": c["is_residual"],
+        "patch_size": c["patch_size"],
+        "decoder_base_dim": c["decoder_base_dim"] not in (None, c["base_dim"]),
+        "in_channels / out_channels": (c["in_channels"], c["out_channels"]) != (3, 3),
+        # diffusers drops attn_scales in its decoder, Wan does not: the layouts would disagree.
+        "attn_scales": bool(c["attn_scales"]),
+    }
+    bad = [name for name, value in unsupported.items() if value]
+    if bad:
+        raise ValueError(f"diffusers AutoencoderKLWan config not supported by kino's VideoVAE (Wan2.1 family): {bad}")
+    return VAEConfig(
+        base_dim=c["base_dim"],
+        z_dim=c["z_dim"],
+        dim_mult=list(c["dim_mult"]),
+        num_res_blocks=c["num_res_blocks"],
+        attn_scales=[],
+        temporal_downsample=list(c["temperal_downsample"]),
+        mid_attention=True,
+        dropout=c["dropout"],
+        latents_mean=list(c["latents_mean"]),
+        latents_std=list(c["latents_std"]),
+    )
