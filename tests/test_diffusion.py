@@ -1,0 +1,98 @@
+"""Flow matching and samplers, checked on a Gaussian whose exact velocity field is known."""
+
+import math
+
+import pytest
+import torch
+
+from kino.diffusion import (SAMPLERS, dpm_solver_2m, euler, guided, interpolate, logit_normal, predict_x0,
+                            sampling_timesteps, shift_for_tokens, shift_timesteps, velocity_target)
+
+MU, S = 0.7, 0.3  # data: x0 ~ N(MU, S^2) per element
+
+
+def exact_velocity(x, t):
+    """E[eps - x0 | x_t] for Gaussian data: the flow-matching optimum."""
+    if t >= 1.0:
+        return x - MU  # x_1 = eps exactly; E[x0] = MU
+    var = (1 - t) ** 2 * S ** 2 + t ** 2
+    resid = x - (1 - t) * MU
+    e_x0 = MU + (1 - t) * S ** 2 / var * resid
+    e_eps = t / var * resid
+    return e_eps - e_x0
+
+
+def ode_error(sampler, steps, shift=1.0, n=2000):
+    """Max distance to the exact ODE endpoint: for Gaussian data the flow keeps the
+    standardised value, so noise eps ends at MU + S * eps."""
+    eps = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = sampler(exact_velocity, eps.clone(), sampling_timesteps(steps, shift))
+    return (x - (MU + S * eps)).abs().max().item()
+
+
+def test_interpolation_and_target():
+    x0, eps = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 3, 8, 8)
+    t = torch.tensor([0.25, 1.0])
+    xt = interpolate(x0, eps, t)
+    assert torch.allclose(xt[0], 0.75 * x0[0] + 0.25 * eps[0]) and torch.equal(xt[1], eps[1])
+    v = velocity_target(x0, eps)
+    assert torch.allclose(predict_x0(xt, t, v), x0, atol=1e-6)
+
+
+def test_per_frame_timesteps_broadcast_over_frames():
+    x0, eps = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 3, 8, 8)
+    t = torch.tensor([[0.0, 0.5, 1.0], [1.0, 1.0, 0.0]])  # (B, T)
+    xt = interpolate(x0, eps, t)
+    assert torch.equal(xt[0, :, 0], x0[0, :, 0]) and torch.equal(xt[0, :, 2], eps[0, :, 2])
+    assert torch.allclose(xt[0, :, 1], 0.5 * (x0[0, :, 1] + eps[0, :, 1]))
+    assert torch.equal(xt[1, :, 2], x0[1, :, 2])
+    with pytest.raises(ValueError, match="timesteps"):
+        interpolate(x0, eps, torch.zeros(2, 3, 1))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_samplers_converge_to_the_exact_flow(name, shift):
+    coarse, fine = ode_error(SAMPLERS[name], 10, shift), ode_error(SAMPLERS[name], 40, shift)
+    assert fine < coarse / 3 and fine < 0.15, (coarse, fine)
+
+
+def test_second_order_beats_euler():
+    assert ode_error(dpm_solver_2m, 20) < ode_error(euler, 20) / 4
+
+
+def test_straight_paths_are_exact_in_one_step():
+    # a single data point: trajectories are straight lines, so one Euler step is exact
+    c = torch.tensor([0.3, -1.2])
+    v = lambda x, t: (x - c) / t  # noqa: E731
+    x = torch.randn(2, dtype=torch.float64)
+    assert torch.allclose(euler(v, x, [1.0, 0.0]), c.double())
+    assert torch.allclose(dpm_solver_2m(v, x, sampling_timesteps(5, 3.0)), c.double())
+
+
+def test_logit_normal_and_shifts():
+    t = logit_normal((100_000,), generator=torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1 and abs(t.median().item() - 0.5) < 0.01
+    ts = torch.linspace(0, 1, 11)
+    shifted = shift_timesteps(ts, 3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and torch.all(shifted[1:-1] > ts[1:-1])
+    assert torch.equal(shift_timesteps(ts, 1.0), ts)
+    assert shift_for_tokens(16) == pytest.approx(1.0) and shift_for_tokens(10**6) == pytest.approx(3.0)
+    assert 1.0 < shift_for_tokens(512) < shift_for_tokens(2048) < 3.0
+    st = sampling_timesteps(4, 2.0)
+    assert st[0] == 1 and st[-1] == 0 and torch.all(st[1:] < st[:-1])
+    with pytest.raises(ValueError):
+        sampling_timesteps(0)
+
+
+def test_guidance_combines_branches():
+    vc = lambda x, t: torch.ones_like(x)  # noqa: E731
+    vu = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    x = torch.zeros(3)
+    assert torch.equal(guided(vc, vu, 5.0)(x, 0.5), torch.full((3,), 5.0))
+    assert guided(vc, vu, 1.0) is vc
+
+
+def test_samplers_reject_bad_timesteps():
+    with pytest.raises(ValueError, match="decreasing"):
+        euler(exact_velocity, torch.zeros(2), [0.0, 1.0])
