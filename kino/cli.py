@@ -177,7 +177,7 @@ def cmd_train_vae(args) -> int:
         print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}; run again to resume")
         return 0
     model = trainer.ema_model() if cfg.train.ema_decay is not None else trainer.model.eval()
-    out = export_vae(model, task.vae_config, Path(cfg.train.out_dir) / "model")
+    out = export_vae(model, task.vae_config, Path(cfg.train.out_dir) / "model", stats_clips=cfg.stats_clips)
     print(f"trained {result.step} steps; model folder {out}")
     return 0
 

@@ -16,6 +16,7 @@ from kino.world.dataset import write_samples
 
 TINY_RUN = """
 model = "tiny"
+stats_clips = 4
 [data]
 batch_size = 2
 crop_frames = [1, 5]
@@ -109,3 +110,33 @@ def test_reconstruct_cli_on_files_keeps_frame_count(tiny_model_dir, tmp_path, ca
     assert code == 0
     assert read_video(out / "a.mp4")[0].shape == (6, 40, 48, 3)  # 6 frames, 40 px: padded and trimmed back
     assert read_video(out / "b.png")[0].shape == (1, 16, 16, 3)
+
+
+def test_vae_training_resume_is_bitwise_exact(tmp_path):
+    """4 steps straight == 2 steps + a fresh process + 2 more (model, EMA and optimizer)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from kino.training.checkpoint import latest_checkpoint
+
+    def train(out, steps):
+        cfg = tmp_path / f"{out}.toml"
+        cfg.write_text(TINY_RUN.format(out=(tmp_path / out).as_posix()).replace("max_steps = 3", "max_steps = 4"))
+        cmd = [sys.executable, "-m", "kino", "train", "vae", "--config", str(cfg), "--max-steps", str(steps), "-q"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+
+    train("straight", 4)
+    train("split", 2)
+    train("split", 4)
+    a, b = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "split")
+    assert a.name == b.name == "step-00000004"
+    for f in ("model.safetensors", "ema.safetensors"):
+        ta, tb = load_file(a / f), load_file(b / f)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    oa = torch.load(a / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    ob = torch.load(b / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(oa[k]["exp_avg"], ob[k]["exp_avg"]) for k in oa)

@@ -43,6 +43,7 @@ class VAERunConfig:
     """`kino train vae --config FILE`: a TOML/JSON file with these sections."""
 
     model: str = "small"  # a named size in VAE_SIZES
+    stats_clips: int = 64  # train clips whose latents set the exported latents_mean/std
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/vae"))
@@ -130,9 +131,10 @@ def latent_stats(model: VideoVAE, n: int = 64, seed: int = 12345) -> tuple[list[
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-6).tolist()
 
 
-def export_vae(model: VideoVAE, config: VAEConfig, out_dir: str | Path, name: str = "kino-vae") -> Path:
+def export_vae(model: VideoVAE, config: VAEConfig, out_dir: str | Path, name: str = "kino-vae",
+               stats_clips: int = 64) -> Path:
     """Write a model folder (kino.json + vae/) with latent statistics measured on world clips."""
-    mean, std = latent_stats(model)
+    mean, std = latent_stats(model, stats_clips)
     cfg = VAEConfig.from_dict({**config.to_dict(), "latents_mean": mean, "latents_std": std})
     out = Path(out_dir)
     save_component(out / "vae", cfg.to_dict(), model.state_dict())

@@ -1,0 +1,148 @@
+"""State-dict adapters between kino's DiT and third-party layouts.
+
+kino keeps the names of Wan2.1's original release, so its checkpoints load as they are.
+diffusers' `WanTransformer3DModel` holds the same tensors under other names: its attention
+projections are to_q/to_k/to_v/to_out.0 inside attn1 (self) and attn2 (cross), its
+cross-attention norm is `norm2` (Wan's `norm3`), its modulation tables are
+`scale_shift_table`, and the embeddings sit in `condition_embedder`. The renames are
+regex rules applied in order; shapes are identical, so no tensor is touched.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from kino.models.dit.model import DIT_SIZES, DiTConfig
+
+_BLOCK = r"^(blocks\.\d+)"
+
+# Applied in order to every key; each rule sees the output of the ones before it.
+_FROM_DIFFUSERS: list[tuple[str, str]] = [
+    (r"^condition_embedder\.(text|time)_embedder\.linear_1\.", r"\1_embedding.0."),
+    (r"^condition_embedder\.(text|time)_embedder\.linear_2\.", r"\1_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (_BLOCK + r"\.attn1\.", r"\1.self_attn."),
+    (_BLOCK + r"\.attn2\.", r"\1.cross_attn."),
+    (_BLOCK + r"\.(self_attn|cross_attn)\.to_([qkv])\.", r"\1.\2.\3."),
+    (_BLOCK + r"\.(self_attn|cross_attn)\.to_out\.0\.", r"\1.\2.o."),
+    (_BLOCK + r"\.norm2\.", r"\1.norm3."),  # diffusers' norm2 is the cross-attention norm
+    (_BLOCK + r"\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
+    (_BLOCK + r"\.ffn\.net\.2\.", r"\1.ffn.2."),
+    (_BLOCK + r"\.scale_shift_table$", r"\1.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+]
+
+_TO_DIFFUSERS: list[tuple[str, str]] = [
+    (r"^(text|time)_embedding\.0\.", r"condition_embedder.\1_embedder.linear_1."),
+    (r"^(text|time)_embedding\.2\.", r"condition_embedder.\1_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (_BLOCK + r"\.self_attn\.", r"\1.attn1."),
+    (_BLOCK + r"\.cross_attn\.", r"\1.attn2."),
+    (_BLOCK + r"\.(attn[12])\.([qkv])\.", r"\1.\2.to_\3."),
+    (_BLOCK + r"\.(attn[12])\.o\.", r"\1.\2.to_out.0."),
+    (_BLOCK + r"\.norm3\.", r"\1.norm2."),
+    (_BLOCK + r"\.ffn\.0\.", r"\1.ffn.net.0.proj."),
+    (_BLOCK + r"\.ffn\.2\.", r"\1.ffn.net.2."),
+    (_BLOCK + r"\.modulation$", r"\1.scale_shift_table"),
+    (r"^head\.head\.", "proj_out."),
+    (r"^head\.modulation$", "scale_shift_table"),
+]
+
+# Keys that are the same in both layouts.
+_SHARED = re.compile(r"^patch_embedding\.(weight|bias)$")
+# Wan2.1 image-to-video parts (CLIP image embedder, added key/value projections): not in kino's DiT yet.
+_IMAGE_TO_VIDEO = re.compile(r"image_embedder|add_[kv]_proj|norm_added_[kq]")
+
+
+def _rename(key: str, rules: list[tuple[str, str]]) -> tuple[str, bool]:
+    """The key after every rule, and whether any rule changed it."""
+    new = key
+    for pattern, replacement in rules:
+        new = re.sub(pattern, replacement, new)
+    return new, new != key
+
+
+def _convert(state_dict: dict[str, torch.Tensor], rules: list[tuple[str, str]], source: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        new, renamed = _rename(key, rules)
+        if not renamed and not _SHARED.match(key):
+            unknown.append(key)
+        out[new] = value
+    if unknown:
+        raise ValueError(f"keys not in the {source} layout of a Wan2.1 T2V DiT: {unknown[:8]}")
+    return out
+
+
+def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers WanTransformer3DModel (Wan2.1 T2V) state dict -> kino DiT state dict (same tensors)."""
+    image = [k for k in state_dict if _IMAGE_TO_VIDEO.search(k)]
+    if image:
+        raise ValueError(f"Wan2.1 image-to-video weights are not supported by kino's DiT yet: {image[:4]}")
+    return _convert(state_dict, _FROM_DIFFUSERS, "diffusers")
+
+
+def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kino DiT state dict -> diffusers WanTransformer3DModel state dict (same tensors)."""
+    if not any(".self_attn.norm_q." in k for k in state_dict):
+        # diffusers builds the q/k RMSNorms whatever its qk_norm says: no layout without them.
+        raise ValueError("diffusers' WanTransformer3DModel always has q/k norms; a qk_norm=False DiT cannot be converted")
+    return _convert(state_dict, _TO_DIFFUSERS, "kino")
+
+
+def config_from_diffusers(diffusers_config: dict) -> DiTConfig:
+    """A diffusers WanTransformer3DModel config.json (as a dict) -> DiTConfig.
+
+    Keys diffusers left out take its defaults (Wan2.1 14B's); keys starting with "_"
+    (class name, version) are ignored. Image-to-video variants (image_dim,
+    added_kv_proj_dim, pos_embed_seq_len) are not this architecture yet.
+    """
+    wan = DIT_SIZES["wan2.1-14b"]
+    defaults = {
+        "patch_size": wan.patch_size,
+        "num_attention_heads": wan.num_heads,
+        "attention_head_dim": wan.head_dim,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": wan.text_dim,
+        "freq_dim": wan.freq_dim,
+        "ffn_dim": wan.ffn_dim,
+        "num_layers": wan.num_layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": wan.eps,
+        "image_dim": None,
+        "added_kv_proj_dim": None,
+        "rope_max_seq_len": wan.rope_max_len,
+        "pos_embed_seq_len": None,
+    }
+    c = {**defaults, **{k: v for k, v in diffusers_config.items() if not k.startswith("_")}}
+    unsupported = {
+        "image_dim": c["image_dim"] is not None,
+        "added_kv_proj_dim": c["added_kv_proj_dim"] is not None,
+        "pos_embed_seq_len": c["pos_embed_seq_len"] is not None,
+        # diffusers builds q/k RMSNorms across heads for None too; any other kind would be new.
+        "qk_norm": c["qk_norm"] not in ("rms_norm_across_heads", None),
+    }
+    bad = [name for name, value in unsupported.items() if value]
+    if bad:
+        raise ValueError(f"diffusers WanTransformer3DModel config not supported by kino's DiT (Wan2.1 T2V family): {bad}")
+    return DiTConfig(
+        patch_size=tuple(c["patch_size"]),
+        in_channels=c["in_channels"],
+        out_channels=c["out_channels"] or c["in_channels"],
+        dim=c["num_attention_heads"] * c["attention_head_dim"],
+        ffn_dim=c["ffn_dim"],
+        freq_dim=c["freq_dim"],
+        text_dim=c["text_dim"],
+        num_heads=c["num_attention_heads"],
+        num_layers=c["num_layers"],
+        qk_norm=True,
+        cross_attn_norm=c["cross_attn_norm"],
+        eps=c["eps"],
+        rope_max_len=c["rope_max_seq_len"],
+    )

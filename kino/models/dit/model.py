@@ -1,0 +1,457 @@
+"""Diffusion transformer over spacetime latent patches, of the Wan2.1 DiT family.
+
+Latents (B, 16, T, H, W) are cut into 1x2x2 patches by a strided Conv3d, giving
+T * H/2 * W/2 tokens. Every block runs full spatio-temporal self-attention with
+3D rotary position embeddings (the head dimension split into time, height and
+width parts), cross-attention to the text tokens, and a feed-forward layer; the
+self-attention and the feed-forward layer are modulated (shift, scale, gate:
+AdaLN) by the timestep. The head projects each token back to its patch of
+velocity, and `unpatchify` reassembles (B, 16, T, H, W).
+
+Timesteps: the model takes t in [0, 1000], one per latent frame (B, T); a (B,)
+or scalar t applies to every frame. t = 1000 * sigma, where flow matching
+mixes x_sigma = (1 - sigma) x_0 + sigma * noise: t = 0 is a clean frame (a
+condition, in image-to-video or extension), t = 1000 pure noise. This is
+Wan2.1's scale, so its weights need no rescaling. Every token is modulated by
+its own frame's t; the text and the rest of the network do not depend on t.
+
+Sizes are native: the token grid and the RoPE positions come from the input's
+shape, so any T and any H, W divisible by the patch size go through the same
+weights (up to `rope_max_len` patches along each axis).
+
+Text: tokens (B, L, text_dim) with an optional bool mask (B, L), True for real
+tokens. Padded tokens get no attention weight; a row with no real token at all
+(an unconditional prompt encoded as pure padding) makes cross-attention add
+nothing but its output bias, and no NaN.
+
+Parameter names follow Wan2.1's original release exactly (patch_embedding,
+text_embedding.{0,2}, time_embedding.{0,2}, time_projection.1, blocks.N.
+{norm3, self_attn, cross_attn, ffn.{0,2}, modulation}, head.{head, modulation}),
+so its checkpoints need no renaming; `adapters.py` maps diffusers' layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kino.errors import KinoUserError
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each (L, head_dim / 2), fp32
+
+
+class DiTInputError(KinoUserError, ValueError):
+    """Latents, timesteps or text the DiT cannot take; the message names what is allowed."""
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention: q (B, Lq, H, Dh), k and v (B, Lk, H, Dh) -> (B, Lq, H, Dh).
+
+    `mask` (B, Lk) bool marks the keys that exist (True); the others get no weight. A row
+    whose keys are all masked attends to nothing and returns zeros (softmax over no keys
+    would be 0/0). Every attention in the model goes through here: the one place other
+    kernels (flash, varlen, sequence-parallel) plug in.
+    """
+    q, k, v = (u.transpose(1, 2) for u in (q, k, v))  # (B, H, L, Dh): SDPA's layout, views only
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    has_keys = mask.any(dim=-1)  # (B,)
+    # Let empty rows attend everywhere (finite softmax), then zero them: no data-dependent branch.
+    safe = (mask | ~has_keys[:, None])[:, None, None, :]  # (B, 1, 1, Lk)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe)  # (B, H, Lq, Dh)
+    return (out * has_keys[:, None, None, None].to(out.dtype)).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------- small functions
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (..., ) -> (..., dim): [cos(t f_i), sin(t f_i)], f_i = max_period^(-i / (dim/2)).
+
+    Computed in fp32 the way diffusers does (same operations, so the same rounding): with
+    t up to 1000, a one-ulp difference in f_i already moves the highest angles by ~1e-4.
+    Wan's original code uses fp64 here; the two differ by that rounding only.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / half)  # (half,)
+    angles = t.float()[..., None] * freqs  # (..., half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (..., dim)
+
+
+def rope_frequencies(grid: tuple[int, int, int], axes_dims: tuple[int, int, int], theta: float, device) -> Rope:
+    """cos and sin of the rotary angles for a (frames, height, width) token grid, tokens in (t, h, w) order.
+
+    The head dimension is split into a time, a height and a width part (`axes_dims`); each
+    part rotates its channel pairs by its own axis' position. Angles are taken in fp64 on
+    the CPU (positions times frequencies lose precision in fp32 at large positions) and only
+    the per-axis tables, sum(grid) rows, travel to `device`.
+    """
+    parts_cos, parts_sin = [], []
+    for axis, (n, d) in enumerate(zip(grid, axes_dims)):
+        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+        angles = torch.outer(torch.arange(n, dtype=torch.float64), inv_freq)  # (n, d/2)
+        shape = [1, 1, 1, d // 2]
+        shape[axis] = n
+        size = (*grid, d // 2)
+        parts_cos.append(angles.cos().float().to(device).view(shape).expand(size))
+        parts_sin.append(angles.sin().float().to(device).view(shape).expand(size))
+    cos = torch.cat(parts_cos, dim=-1).flatten(0, 2)  # (F*H*W, Dh/2)
+    sin = torch.cat(parts_sin, dim=-1).flatten(0, 2)
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of (B, L, H, Dh) by the angles in `rope`."""
+    cos, sin = (u[:, None, :] for u in rope)  # (L, 1, Dh/2)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, L, H, Dh/2)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, L, H, Dh/2, 2)
+    return out.flatten(-2).to(x.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, F*S, D) * (1 + scale) + shift, with shift and scale (B, F, D) per frame."""
+    frames = shift.shape[1]
+    y = x.unflatten(1, (frames, -1)) * (1 + scale[:, :, None]) + shift[:, :, None]  # (B, F, S, D)
+    return y.flatten(1, 2)
+
+
+def gate(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Residual x + y * g, with g (B, F, D) per frame; summed in fp32, returned in x's dtype."""
+    frames = g.shape[1]
+    out = x.float().unflatten(1, (frames, -1)) + y.float().unflatten(1, (frames, -1)) * g[:, :, None]
+    return out.flatten(1, 2).to(x.dtype)  # (B, L, D)
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, computed in fp32 (Wan's q/k norm, across all heads)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+class FloatLayerNorm(nn.LayerNorm):
+    """LayerNorm in fp32 that returns fp32: the modulation math after it stays in fp32 as in Wan."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class Attention(nn.Module):
+    """Self-attention (context=None, with RoPE) or cross-attention to `context` (no positions)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        rope: Rope | None = None,
+    ) -> torch.Tensor:
+        source = x if context is None else context
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
+        k = self.norm_k(self.k(source)).unflatten(-1, (self.num_heads, -1))  # (B, Lk, H, Dh)
+        v = self.v(source).unflatten(-1, (self.num_heads, -1))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = attention(q, k, v, context_mask)  # (B, L, H, Dh)
+        return self.o(out.flatten(2))  # (B, L, D)
+
+
+class Block(nn.Module):
+    """AdaLN-modulated self-attention, plain cross-attention to text, modulated feed-forward.
+
+    Wan's names: norm1 before self-attention, norm3 before cross-attention (the only one
+    with weights, when cross_attn_norm), norm2 before the feed-forward layer.
+    """
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.norm1 = FloatLayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, config.num_heads, config.qk_norm, eps)
+        self.norm3 = FloatLayerNorm(dim, eps) if config.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, config.num_heads, config.qk_norm, eps)
+        self.norm2 = FloatLayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim))
+        # Learned offsets added to the timestep's projection: shift, scale, gate for self-attention, then FFN.
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None,
+        rope: Rope,
+    ) -> torch.Tensor:
+        """x (B, F*S, D) tokens, e (B, F, 6, D) per-frame time projection, context (B, Lt, D) text."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e.float()).unbind(2)  # (B, F, D)
+        y = self.self_attn(modulate(self.norm1(x), shift1, scale1).to(x.dtype), rope=rope)
+        x = gate(x, y, gate1)
+        x = x + self.cross_attn(self.norm3(x).to(x.dtype), context, context_mask)
+        y = self.ffn(modulate(self.norm2(x), shift2, scale2).to(x.dtype))
+        return gate(x, y, gate2)  # (B, L, D)
+
+
+class Head(nn.Module):
+    """Modulated norm and a linear layer from each token to its patch: (B, L, D) -> (B, L, pt*ph*pw*C)."""
+
+    def __init__(self, dim: int, out_channels: int, patch_size: tuple[int, int, int], eps: float) -> None:
+        super().__init__()
+        self.norm = FloatLayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_channels * math.prod(patch_size))
+        self.modulation = nn.Parameter(torch.empty(1, 2, dim))  # offsets for shift, scale
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """e (B, F, D): the per-frame time embedding itself (before the 6-way projection)."""
+        shift, scale = (self.modulation.float()[:, None] + e.float()[:, :, None]).unbind(2)  # (B, F, D)
+        return self.head(modulate(self.norm(x), shift, scale).to(x.dtype))
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+class DiT(nn.Module):
+    """Velocity model: (latents (B, C, T, H, W), t (B, T) in [0, 1000], text (B, L, text_dim)) -> (B, C_out, T, H, W)."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # A plain ModuleList: activation checkpointing, FSDP and compile wrap its entries from outside.
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
+        self.head = Head(dim, config.out_channels, config.patch_size, config.eps)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)  # Wan's default for every linear layer
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, FloatLayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Xavier over the flattened kernel, like a linear layer over the patch (Wan); a Conv3d's
+        # own fans would count the kernel volume on the output side too.
+        nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.config.dim, -1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        # Small conditioning embeddings (Wan): text and time start as gentle perturbations.
+        for embedding in (self.text_embedding, self.time_embedding):
+            for m in embedding:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        # Modulation offsets ~ N(0, 1/dim), as Wan: the gates start small but nonzero, so every
+        # block passes gradient from the first step that the head lets through.
+        for m in self.modules():
+            if isinstance(m, (Block, Head)):
+                nn.init.normal_(m.modulation, std=self.config.dim**-0.5)
+        # Zero-init the output layer (DiT; Wan's release does the same): a fresh model predicts
+        # zero velocity, the mean of the target under any symmetric noise, so training starts
+        # from a flat, small loss rather than from random outputs. Until it has taken a step,
+        # only the head receives gradient (everything else reaches the loss through its weight).
+        nn.init.zeros_(self.head.head.weight)
+        nn.init.zeros_(self.head.head.bias)
+
+    # -- pieces of the forward pass, public so that callers and tests can look inside
+
+    def frame_timesteps(self, t: torch.Tensor | float, batch: int, frames: int, device) -> torch.Tensor:
+        """Scalar, (B,) or (B, T) timesteps -> (B, T / pt): one per token frame."""
+        t = torch.as_tensor(t, device=device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim == 1 and t.shape[0] == batch:
+            t = t[:, None].expand(batch, frames)
+        if t.shape != (batch, frames):
+            raise DiTInputError(
+                f"t must be a scalar, ({batch},) or ({batch}, {frames}) (one per latent frame), in [0, 1000]; "
+                f"got shape {tuple(t.shape)}"
+            )
+        pt = self.config.patch_size[0]
+        if pt > 1:
+            per_patch = t.unflatten(1, (frames // pt, pt))  # (B, F, pt)
+            if not (per_patch == per_patch[..., :1]).all():
+                raise DiTInputError(f"the {pt} latent frames of a temporal patch must share one t")
+            t = per_patch[..., 0]
+        return t  # (B, F)
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, F) timesteps -> e (B, F, D) for the head and e0 (B, F, 6, D) for the blocks.
+
+        Rows are computed independently, so frame k's modulation depends on t[:, k] only.
+        """
+        weight = self.time_embedding[0].weight
+        e = self.time_embedding(timestep_embedding(t, self.config.freq_dim).to(weight.dtype))  # (B, F, D)
+        e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))  # (B, F, 6, D)
+        return e, e0
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, F*h*w, pt*ph*pw*C) head output -> (B, C, F*pt, h*ph, w*pw); per token (pt, ph, pw, C) as in Wan."""
+        pt, ph, pw = self.config.patch_size
+        x = x.unflatten(1, grid).unflatten(-1, (pt, ph, pw, -1))  # (B, F, h, w, pt, ph, pw, C)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F, pt, h, ph, w, pw)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, T, H, W)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity for latents x (B, C, T, H, W) at timesteps t ((B, T), (B,) or scalar, in [0, 1000])
+        given text tokens (B, L, text_dim) and an optional mask (B, L), True for real tokens."""
+        grid = self._check_inputs(x, text, text_mask)
+        b, _, frames = x.shape[:3]
+        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, F*h*w, D), in (t, h, w) order
+        rope = rope_frequencies(grid, self.config.rope_dims, self.config.rope_theta, x.device)
+        e, e0 = self.embed_time(self.frame_timesteps(t, b, frames, x.device))  # (B, F, D), (B, F, 6, D)
+        context = self.text_embedding(text)  # (B, L, D)
+        mask = None if text_mask is None else text_mask.bool()
+        for block in self.blocks:
+            tokens = block(tokens, e0, context, mask, rope)
+        return self.unpatchify(self.head(tokens, e), grid)  # (B, C_out, T, H, W)
+
+    def _check_inputs(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[int, int, int]:
+        c = self.config
+        if x.ndim != 5 or x.shape[1] != c.in_channels or 0 in x.shape:
+            raise DiTInputError(
+                f"latents must be a non-empty (B, {c.in_channels}, T, H, W) tensor (an image is T = 1); "
+                f"got shape {tuple(x.shape)}"
+            )
+        sizes = x.shape[2:]
+        bad = [(name, n, p) for name, n, p in zip(("frames", "height", "width"), sizes, c.patch_size) if n % p]
+        if bad:
+            def near(n: int, p: int) -> str:
+                lo, hi = n // p * p, -(-n // p) * p
+                return f"{hi}" if lo in (0, hi) else f"{lo} or {hi}"
+
+            allowed = ", ".join(f"{name} {near(n, p)}" for name, n, p in bad)
+            raise DiTInputError(
+                f"latent frames, height and width must be multiples of the patch size "
+                f"{'x'.join(map(str, c.patch_size))}; got {'x'.join(map(str, sizes))} (nearest allowed: {allowed})"
+            )
+        grid = tuple(n // p for n, p in zip(sizes, c.patch_size))
+        if max(grid) > c.rope_max_len:
+            raise DiTInputError(f"at most {c.rope_max_len} patches along each axis (rope_max_len); got a {grid} grid")
+        if text.ndim != 3 or text.shape[0] != x.shape[0] or text.shape[2] != c.text_dim or text.shape[1] == 0:
+            raise DiTInputError(
+                f"text must be a ({x.shape[0]}, L, {c.text_dim}) tensor with L >= 1; got shape {tuple(text.shape)}"
+            )
+        if text_mask is not None and (text_mask.shape != text.shape[:2] or text_mask.is_floating_point()):
+            raise DiTInputError(
+                f"text_mask must be a bool (or 0/1 integer) tensor of shape {tuple(text.shape[:2])}, True for real "
+                f"tokens; got {text_mask.dtype} {tuple(text_mask.shape)}"
+            )
+        return grid  # (F, h, w)
+
+
+# ---------------------------------------------------------------------------- configs and sizes
+
+
+@dataclass
+class DiTConfig:
+    """Size of a DiT. Defaults are kino's "small" size.
+
+    `dim` is the model width, split into `num_heads` heads; `text_dim` is the width of the
+    text encoder's tokens (384 for all-MiniLM-L6-v2, 4096 for UMT5-XXL). RoPE splits each
+    head into a time part and equal height and width parts (`rope_dims`, Wan's split).
+    """
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 16
+    out_channels: int = 16
+    dim: int = 256
+    ffn_dim: int = 1024
+    freq_dim: int = 256
+    text_dim: int = 384
+    num_heads: int = 4
+    num_layers: int = 8
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_len: int = 1024
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints (t, h, w); got {self.patch_size}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} must be divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 8:
+            raise ValueError(f"head_dim (dim / num_heads) must be even and >= 8 for 3D RoPE; got {self.head_dim}")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim must be even; got {self.freq_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Channels of each head rotated by the (t, h, w) position; all even, summing to head_dim."""
+        hw = 2 * (self.head_dim // 6)
+        return self.head_dim - 2 * hw, hw, hw
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DiTConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+DIT_SIZES: dict[str, DiTConfig] = {
+    # Every layer kind at the smallest widths RoPE allows: tests only.
+    "tiny": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=2),
+    # kino's default for Shapes World, trained on a CPU (MiniLM text tokens, 384 wide): 256 wide,
+    # 8 layers, 4 heads of 64. 9.16M params. Batch 8, 32 text tokens, one CPU thread beside a busy
+    # process: 17x64x64 clips (5x8x8 latents, 80 tokens) fwd 0.24 s, fwd+bwd 0.75 s; 64x96 images
+    # (1x8x12 latents, 24 tokens) fwd 0.07 s, fwd+bwd 0.26 s. (384 wide / 6 heads: 20.4M params,
+    # 0.61 s / 1.54 s on the clips; twice the step time for a world this simple.)
+    "small": DiTConfig(),
+    # Wan2.1 T2V 1.3B and 14B (UMT5-XXL text); their weights load into these via adapters.
+    "wan2.1-1.3b": DiTConfig(dim=1536, ffn_dim=8960, text_dim=4096, num_heads=12, num_layers=30),
+    "wan2.1-14b": DiTConfig(dim=5120, ffn_dim=13824, text_dim=4096, num_heads=40, num_layers=40),
+}
