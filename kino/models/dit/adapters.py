@@ -90,7 +90,9 @@ def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """kino DiT state dict -> diffusers WanTransformer3DModel state dict (same tensors)."""
     if not any(".self_attn.norm_q." in k for k in state_dict):
         # diffusers builds the q/k RMSNorms whatever its qk_norm says: no layout without them.
-        raise ValueError("diffusers' WanTransformer3DModel always has q/k norms; a qk_norm=False DiT cannot be converted")
+        raise ValueError(
+            "diffusers' WanTransformer3DModel always has q/k norms; a qk_norm=False DiT cannot be converted"
+        )
     return _convert(state_dict, _TO_DIFFUSERS, "kino")
 
 
@@ -130,7 +132,9 @@ def config_from_diffusers(diffusers_config: dict) -> DiTConfig:
     }
     bad = [name for name, value in unsupported.items() if value]
     if bad:
-        raise ValueError(f"diffusers WanTransformer3DModel config not supported by kino's DiT (Wan2.1 T2V family): {bad}")
+        raise ValueError(
+            f"diffusers WanTransformer3DModel config not supported by kino's DiT (Wan2.1 T2V family): {bad}"
+        )
     return DiTConfig(
         patch_size=tuple(c["patch_size"]),
         in_channels=c["in_channels"],

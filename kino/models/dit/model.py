@@ -201,7 +201,9 @@ class Block(nn.Module):
         self.norm3 = FloatLayerNorm(dim, eps) if config.cross_attn_norm else nn.Identity()
         self.cross_attn = Attention(dim, config.num_heads, config.qk_norm, eps)
         self.norm2 = FloatLayerNorm(dim, eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
         # Learned offsets added to the timestep's projection: shift, scale, gate for self-attention, then FFN.
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
@@ -241,14 +243,17 @@ class Head(nn.Module):
 
 
 class DiT(nn.Module):
-    """Velocity model: (latents (B, C, T, H, W), t (B, T) in [0, 1000], text (B, L, text_dim)) -> (B, C_out, T, H, W)."""
+    """Velocity model: latents (B, C, T, H, W), t (B, T) in [0, 1000], text (B, L, text_dim) -> (B, C_out, T, H, W)."""
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.config = config
         dim = config.dim
-        self.patch_embedding = nn.Conv3d(config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        patch = config.patch_size
+        self.patch_embedding = nn.Conv3d(config.in_channels, dim, kernel_size=patch, stride=patch)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         # A plain ModuleList: activation checkpointing, FSDP and compile wrap its entries from outside.
@@ -346,7 +351,9 @@ class DiT(nn.Module):
             tokens = block(tokens, e0, context, mask, rope)
         return self.unpatchify(self.head(tokens, e), grid)  # (B, C_out, T, H, W)
 
-    def _check_inputs(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[int, int, int]:
+    def _check_inputs(
+        self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> tuple[int, int, int]:
         c = self.config
         if x.ndim != 5 or x.shape[1] != c.in_channels or 0 in x.shape:
             raise DiTInputError(

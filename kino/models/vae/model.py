@@ -38,6 +38,7 @@ from kino.errors import KinoUserError
 
 # Same bounds as diffusers' DiagonalGaussianDistribution: exp(logvar / 2) stays finite in fp16.
 LOGVAR_RANGE = (-30.0, 20.0)
+INIT_LOGVAR = -6.0
 
 
 class VAEInputError(KinoUserError, ValueError):
@@ -425,6 +426,11 @@ class VideoVAE(nn.Module):
                     m.time_conv.weight.zero_()
                     m.time_conv.weight[:c, :, -1, 0, 0] = eye
                     m.time_conv.weight[c:, :, -1, 0, 0] = eye
+        # The posterior starts nearly deterministic (std e^-3 = 0.05): with logvar at 0 the
+        # sampled noise drowns the young encoder's signal and training stalls on blurry
+        # reconstructions. The small KL weight of kino's recipe barely pulls it back.
+        with torch.no_grad():
+            self.conv1.bias[self.config.z_dim:] = INIT_LOGVAR
 
     # -- encode
 

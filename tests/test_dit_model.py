@@ -1,0 +1,317 @@
+"""DiT (kino.models.dit): shapes, per-frame timesteps, text masks, diffusers parity, goldens.
+
+All on CPU with the tiny size and random weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kino.models.dit import (
+    DIT_SIZES,
+    DiT,
+    DiTConfig,
+    DiTInputError,
+    attention,
+    config_from_diffusers,
+    from_diffusers,
+    to_diffusers,
+)
+from kino.models.dit.model import apply_rope, rope_frequencies
+
+TINY = DIT_SIZES["tiny"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: OpenMP barriers dominate, and beside another busy process two threads run
+    10-30x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _perturb(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Add seeded noise to every parameter, so zero-initialised ones (the head, biases) and
+    norm weights at 1 take part and a wrong mapping or a skipped layer shows up."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def _model(config: DiTConfig = TINY, seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    return _perturb(DiT(config), seed + 1).eval()
+
+
+def _inputs(batch: int, frames: int, height: int, width: int, text_len: int = 5, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, frames, height, width, generator=gen)
+    t = torch.rand(batch, generator=gen) * 1000
+    text = torch.randn(batch, text_len, TINY.text_dim, generator=gen)
+    return x, t, text
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DiT:
+    return _model()
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_json_roundtrip_and_sizes():
+    for name, config in DIT_SIZES.items():
+        assert DiTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config, name
+        assert sum(config.rope_dims) == config.head_dim and all(d % 2 == 0 for d in config.rope_dims)
+    assert DIT_SIZES["small"].head_dim == 64 and DIT_SIZES["wan2.1-1.3b"].rope_dims == (44, 42, 42)
+    with pytest.raises(ValueError, match="unknown DiTConfig fields"):
+        DiTConfig.from_dict({**TINY.to_dict(), "num_attention_heads": 2})
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        DiTConfig(dim=30, num_heads=4)
+    counts = {}
+    for name, config in DIT_SIZES.items():
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in DiT(config).parameters())
+    assert counts == {"tiny": 40_608, "small": 9_164_096, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584}
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5])
+@pytest.mark.parametrize("size", [(4, 4), (4, 6), (6, 4)])
+def test_shapes(tiny, frames, size):
+    x, t, text = _inputs(2, frames, *size)
+    with torch.no_grad():
+        out = tiny(x, t, text)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_bad_inputs_name_what_is_allowed(tiny):
+    x, t, text = _inputs(1, 2, 4, 6)
+    with pytest.raises(DiTInputError, match=r"patch size 1x2x2; got 2x5x6 \(nearest allowed: height 4 or 6\)"):
+        tiny(torch.zeros(1, 16, 2, 5, 6), t, text)
+    with pytest.raises(ValueError, match=r"got 2x4x7 \(nearest allowed: width 6 or 8\)"):
+        tiny(torch.zeros(1, 16, 2, 4, 7), t, text)
+    with pytest.raises(ValueError, match=r"\(B, 16, T, H, W\)"):
+        tiny(torch.zeros(1, 8, 2, 4, 6), t, text)
+    with pytest.raises(ValueError, match=r"t must be a scalar, \(1,\) or \(1, 2\)"):
+        tiny(x, torch.zeros(1, 3), text)
+    with pytest.raises(ValueError, match=r"text must be a \(1, L, 24\)"):
+        tiny(x, t, torch.zeros(1, 5, 7))
+    with pytest.raises(ValueError, match="text_mask must be a bool"):
+        tiny(x, t, text, torch.ones(1, 5))
+    with pytest.raises(ValueError, match="at most 4 patches"):
+        _model(DiTConfig(**{**TINY.to_dict(), "rope_max_len": 4}))(torch.zeros(1, 16, 5, 4, 4), t, text)
+
+
+# ---------------------------------------------------------------------------- timesteps
+
+
+def test_shared_per_frame_t_equals_scalar_t(tiny):
+    x, t, text = _inputs(2, 3, 4, 6)
+    with torch.no_grad():
+        per_batch = tiny(x, t, text)
+        per_frame = tiny(x, t[:, None].expand(2, 3).clone(), text)
+        torch.testing.assert_close(per_frame, per_batch, rtol=0, atol=0)
+        scalar = tiny(x, 250.0, text)
+        torch.testing.assert_close(tiny(x, torch.full((2, 3), 250.0), text), scalar, rtol=0, atol=0)
+
+
+def test_each_frame_is_modulated_by_its_own_t(tiny):
+    x, _, text = _inputs(2, 3, 4, 6)
+    t = torch.tensor([[10.0, 500.0, 900.0], [0.0, 0.0, 1000.0]])
+    moved = t.clone()
+    moved[:, 1] = 700.0
+    with torch.no_grad():
+        e, e0 = tiny.embed_time(t)
+        e_moved, e0_moved = tiny.embed_time(moved)
+        assert e.shape == (2, 3, TINY.dim) and e0.shape == (2, 3, 6, TINY.dim)
+        for k in (0, 2):
+            torch.testing.assert_close(e_moved[:, k], e[:, k], rtol=0, atol=0)
+            torch.testing.assert_close(e0_moved[:, k], e0[:, k], rtol=0, atol=0)
+        assert not torch.equal(e_moved[:, 1], e[:, 1]) and not torch.equal(e0_moved[:, 1], e0[:, 1])
+        assert not torch.allclose(tiny(x, moved, text), tiny(x, t, text))
+
+
+# ---------------------------------------------------------------------------- text and masks
+
+
+def test_attention_masks_keys_and_handles_empty_rows():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 2, 8, generator=gen) for _ in range(3))
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True], [False] * 4])
+    out = attention(q, k, v, mask)
+    torch.testing.assert_close(out[0], attention(q[:1, :], k[:1, :2], v[:1, :2])[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1], attention(q, k, v)[1], rtol=0, atol=1e-6)
+    assert (out[2] == 0).all()  # no keys: attends to nothing
+
+
+def test_padding_tokens_change_nothing(tiny):
+    x, t, text = _inputs(2, 2, 4, 6, text_len=5)
+    gen = torch.Generator().manual_seed(5)
+    # Row 0 has 5 real tokens, row 1 has 3: pad both to 9 with junk that the mask hides.
+    short = text.clone()
+    short[1, 3:] = 0.0
+    short_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    padded = torch.cat([short, torch.randn(2, 4, TINY.text_dim, generator=gen) * 10], dim=1)
+    padded[1, 3:5] = torch.randn(2, TINY.text_dim, generator=gen) * 10
+    padded_mask = torch.cat([short_mask, torch.zeros(2, 4, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        expected = torch.cat([tiny(x[:1], t[:1], text[:1]), tiny(x[1:], t[1:], text[1:, :3])])
+        torch.testing.assert_close(tiny(x, t, short, short_mask), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tiny(x, t, padded, padded_mask), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tiny(x, t, padded, padded_mask.int()), expected, rtol=0, atol=1e-6)
+
+
+def test_all_padding_prompt_is_finite_and_ignores_the_padding(tiny):
+    x, t, text = _inputs(2, 2, 4, 6)
+    empty = torch.tensor([[True] * 5, [False] * 5])  # row 1: the unconditional (empty) prompt
+    with torch.no_grad():
+        out = tiny(x, t, text, empty)
+        junk = tiny(x, t, text * 100 + 3, empty)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(junk[1], out[1], rtol=0, atol=0)  # nothing of the padding gets through
+    assert not torch.allclose(junk[0], out[0])
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    """<R(p) q, R(p') k> depends on p - p' along each axis: shifting a whole clip changes nothing."""
+    dims, grid = TINY.rope_dims, (4, 5, 6)
+    cos, sin = rope_frequencies(grid, dims, 10000.0, "cpu")
+    assert cos.shape == (4 * 5 * 6, TINY.head_dim // 2)
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, 1, TINY.head_dim, generator=gen).expand(1, 120, 1, -1) for _ in range(2))
+    scores = torch.einsum("bqhd,bkhd->qk", apply_rope(q, (cos, sin)), apply_rope(k, (cos, sin))).view(*grid, *grid)
+    torch.testing.assert_close(scores[1:, 1:, 1:, 1:, 1:, 1:], scores[:-1, :-1, :-1, :-1, :-1, :-1], rtol=0, atol=1e-5)
+    assert not torch.allclose(scores[0, 0, 0, 0, 0, 0], scores[0, 0, 0, 1, 0, 0])  # time moves it
+    assert not torch.allclose(scores[0, 0, 0, 0, 0, 0], scores[0, 0, 0, 0, 0, 1])  # width moves it
+
+
+# ---------------------------------------------------------------------------- diffusers parity
+
+
+def _diffusers_wan(config: DiTConfig, seed: int):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=config.patch_size,
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.head_dim,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        text_dim=config.text_dim,
+        freq_dim=config.freq_dim,
+        ffn_dim=config.ffn_dim,
+        num_layers=config.num_layers,
+        cross_attn_norm=config.cross_attn_norm,
+        qk_norm="rms_norm_across_heads",
+        eps=config.eps,
+        rope_max_seq_len=config.rope_max_len,
+    ).eval()
+    return _perturb(model, seed + 1)  # norm weights start at 1, LayerNorm biases at 0
+
+
+def _diffusers_takes_per_token_t() -> bool:
+    import diffusers
+
+    major, minor = (int(p) for p in diffusers.__version__.split(".")[:2])
+    return (major, minor) >= (0, 35)  # the (B, seq_len) timestep form arrived with Wan2.2
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 6), (3, 6, 4)])
+def test_matches_diffusers_wan_transformer(shape):
+    reference = _diffusers_wan(TINY, seed=3)
+    state = reference.state_dict()
+    assert config_from_diffusers(dict(reference.config)) == TINY
+    model = DiT(TINY).eval()
+    model.load_state_dict(from_diffusers(state), strict=True)
+
+    x, t, text = _inputs(2, *shape, text_len=5, seed=sum(shape))
+    with torch.no_grad():
+        expected = reference(x, t, text).sample
+        assert expected.std() > 0.1  # a comparison of near-zero outputs would prove little
+        torch.testing.assert_close(model(x, t, text), expected, rtol=0, atol=1e-5)
+
+        # Masked padding == diffusers without it (diffusers takes no text mask).
+        padded = torch.cat([text, torch.randn(2, 3, TINY.text_dim)], dim=1)
+        mask = torch.arange(8)[None].expand(2, 8) < 5
+        torch.testing.assert_close(model(x, t, padded, mask), expected, rtol=0, atol=1e-5)
+
+        if _diffusers_takes_per_token_t():
+            # Per-frame t against diffusers' per-token form: each token gets its frame's t.
+            frame_t = torch.rand(2, shape[0], generator=torch.Generator().manual_seed(9)) * 1000
+            token_t = frame_t.repeat_interleave(shape[1] * shape[2] // 4, dim=1)  # (B, F*h*w)
+            expected = reference(x, token_t, text).sample
+            torch.testing.assert_close(model(x, frame_t, text), expected, rtol=0, atol=1e-5)
+
+    back = to_diffusers(from_diffusers(state))
+    assert list(back) == list(state) and all(back[k] is state[k] for k in state)
+
+
+def test_config_from_diffusers_published_wan_configs():
+    wan_1_3b = {
+        "_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0.dev0", "added_kv_proj_dim": None,
+        "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256,
+        "image_dim": None, "in_channels": 16, "num_attention_heads": 12, "num_layers": 30, "out_channels": 16,
+        "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096,
+    }  # fmt: skip
+    assert config_from_diffusers(wan_1_3b) == DIT_SIZES["wan2.1-1.3b"]
+    assert config_from_diffusers({}) == DIT_SIZES["wan2.1-14b"]  # diffusers' defaults are Wan2.1 14B's
+    with pytest.raises(ValueError, match="image_dim"):
+        config_from_diffusers({**wan_1_3b, "image_dim": 1280, "added_kv_proj_dim": 1536})
+
+
+def test_adapters_reject_unknown_layouts(tiny):
+    state = to_diffusers(tiny.state_dict())
+    with pytest.raises(ValueError, match="image-to-video"):
+        from_diffusers({**state, "condition_embedder.image_embedder.norm1.weight": torch.zeros(4)})
+    with pytest.raises(ValueError, match="not in the diffusers layout"):
+        from_diffusers({**state, "something.else": torch.zeros(4)})
+    no_qk_norm = DiT(DiTConfig(**{**TINY.to_dict(), "qk_norm": False}))
+    with pytest.raises(ValueError, match="q/k norms"):
+        to_diffusers(no_qk_norm.state_dict())
+
+
+# ---------------------------------------------------------------------------- init, numerics, training
+
+
+def test_fresh_model_outputs_exact_zeros():
+    torch.manual_seed(0)
+    model = DiT(TINY)
+    x, t, text = _inputs(2, 2, 4, 6)
+    with torch.no_grad():
+        assert (model(x, t, text) == 0).all()
+
+
+def test_golden_values():
+    """Seeded tiny model (kino's init, then seeded perturbation) on a seeded input."""
+    model = _model(seed=0)
+    x, _, text = _inputs(1, 2, 4, 6, seed=123)
+    t = torch.tensor([[0.0, 700.0]])
+    with torch.no_grad():
+        out = model(x, t, text)
+    got = [out[0, 0, 0, 0, 0], out[0, 5, 1, 1, 1], out[0, 15, 0, 3, 5], out[0, 8, 1, 2, 4]]
+    expected = [-0.36980, -0.39134, 0.35769, -0.61963]
+    torch.testing.assert_close(torch.stack(got), torch.tensor(expected), rtol=0, atol=1e-4)
+
+
+def test_gradients_reach_every_parameter():
+    model = _model().train()
+    x, _, text = _inputs(2, 2, 4, 6)
+    t = torch.tensor([[0.0, 400.0], [900.0, 1000.0]])
+    mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
+    out = model(x, t, text, mask)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not (p.grad.abs().sum() > 0)]
+    assert dead == []
