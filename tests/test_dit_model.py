@@ -229,12 +229,17 @@ def _diffusers_takes_per_token_t() -> bool:
     return (major, minor) >= (0, 35)  # the (B, seq_len) timestep form arrived with Wan2.2
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 6), (3, 6, 4)])
-def test_matches_diffusers_wan_transformer(shape):
-    reference = _diffusers_wan(TINY, seed=3)
+TIME_PATCH = DiTConfig(**{**TINY.to_dict(), "patch_size": (2, 2, 2)})  # Wan's is 1x2x2; the layout allows more
+
+
+@pytest.mark.parametrize(
+    "config, shape", [(TINY, (1, 4, 6)), (TINY, (3, 6, 4)), (TIME_PATCH, (4, 4, 6))], ids=["image", "clip", "pt2"]
+)
+def test_matches_diffusers_wan_transformer(config, shape):
+    reference = _diffusers_wan(config, seed=3)
     state = reference.state_dict()
-    assert config_from_diffusers(dict(reference.config)) == TINY
-    model = DiT(TINY).eval()
+    assert config_from_diffusers(dict(reference.config)) == config
+    model = DiT(config).eval()
     model.load_state_dict(from_diffusers(state), strict=True)
 
     x, t, text = _inputs(2, *shape, text_len=5, seed=sum(shape))
@@ -244,16 +249,22 @@ def test_matches_diffusers_wan_transformer(shape):
         torch.testing.assert_close(model(x, t, text), expected, rtol=0, atol=1e-5)
 
         # Masked padding == diffusers without it (diffusers takes no text mask).
-        padded = torch.cat([text, torch.randn(2, 3, TINY.text_dim)], dim=1)
+        padded = torch.cat([text, torch.randn(2, 3, config.text_dim)], dim=1)
         mask = torch.arange(8)[None].expand(2, 8) < 5
         torch.testing.assert_close(model(x, t, padded, mask), expected, rtol=0, atol=1e-5)
 
         if _diffusers_takes_per_token_t():
             # Per-frame t against diffusers' per-token form: each token gets its frame's t.
-            frame_t = torch.rand(2, shape[0], generator=torch.Generator().manual_seed(9)) * 1000
-            token_t = frame_t.repeat_interleave(shape[1] * shape[2] // 4, dim=1)  # (B, F*h*w)
+            pt, ph, pw = config.patch_size
+            token_frames = shape[0] // pt
+            frame_t = torch.rand(2, token_frames, generator=torch.Generator().manual_seed(9)) * 1000
+            token_t = frame_t.repeat_interleave(shape[1] * shape[2] // (ph * pw), dim=1)  # (B, F*h*w)
             expected = reference(x, token_t, text).sample
-            torch.testing.assert_close(model(x, frame_t, text), expected, rtol=0, atol=1e-5)
+            latent_t = frame_t.repeat_interleave(pt, dim=1)  # (B, T): one per latent frame
+            torch.testing.assert_close(model(x, latent_t, text), expected, rtol=0, atol=1e-5)
+            if pt > 1:
+                with pytest.raises(DiTInputError, match="temporal patch must share one t"):
+                    model(x, torch.rand(2, shape[0]) * 1000, text)
 
     back = to_diffusers(from_diffusers(state))
     assert list(back) == list(state) and all(back[k] is state[k] for k in state)

@@ -75,9 +75,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding (..., ) -> (..., dim): [cos(t f_i), sin(t f_i)], f_i = max_period^(-i / (dim/2)).
 
-    Computed in fp32 the way diffusers does (same operations, so the same rounding): with
-    t up to 1000, a one-ulp difference in f_i already moves the highest angles by ~1e-4.
-    Wan's original code uses fp64 here; the two differ by that rounding only.
+    Computed in fp32 the way diffusers does (same operations, so the same rounding): at
+    t = 1000 the largest angles are ~1000 rad, where one fp32 ulp is 6e-5, so any other
+    formula would already differ visibly. Wan's original code uses fp64 here; the two differ
+    by that rounding only.
     """
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
@@ -454,9 +455,9 @@ DIT_SIZES: dict[str, DiTConfig] = {
     "tiny": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=2),
     # kino's default for Shapes World, trained on a CPU (MiniLM text tokens, 384 wide): 256 wide,
     # 8 layers, 4 heads of 64. 9.16M params. Batch 8, 32 text tokens, one CPU thread beside a busy
-    # process: 17x64x64 clips (5x8x8 latents, 80 tokens) fwd 0.24 s, fwd+bwd 0.75 s; 64x96 images
-    # (1x8x12 latents, 24 tokens) fwd 0.07 s, fwd+bwd 0.26 s. (384 wide / 6 heads: 20.4M params,
-    # 0.61 s / 1.54 s on the clips; twice the step time for a world this simple.)
+    # process: 17x64x64 clips (5x8x8 latents, 80 tokens) fwd 0.21-0.24 s, fwd+bwd 0.53-0.75 s;
+    # 64x96 images (1x8x12 latents, 24 tokens) fwd 0.07 s, fwd+bwd 0.22-0.26 s. (384 wide, 6 heads:
+    # 20.4M params, 0.61 s / 1.54 s on the clips: twice the step time for a world this simple.)
     "small": DiTConfig(),
     # Wan2.1 T2V 1.3B and 14B (UMT5-XXL text); their weights load into these via adapters.
     "wan2.1-1.3b": DiTConfig(dim=1536, ffn_dim=8960, text_dim=4096, num_heads=12, num_layers=30),
