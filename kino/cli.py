@@ -141,6 +141,58 @@ def cmd_world_eval(args) -> int:
     return 0
 
 
+# ---- kino generate -------------------------------------------------------------------
+
+def _generate_kwargs(args) -> dict:
+    size = args.size or (None, None)
+    return dict(frames=args.frames, height=size[0], width=size[1], steps=args.steps, guidance=args.guidance,
+                negative=args.negative, sampler=args.sampler)
+
+
+def _step_bar(args, desc: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=args.quiet, file=sys.stderr, leave=False)
+
+
+def cmd_generate(args) -> int:
+    from kino.data.video_io import write_video
+    from kino.pipeline import Pipeline
+
+    if (args.prompt is None) == (args.batch is None):
+        raise KinoUserError("give a PROMPT, or --batch FILE.jsonl with --out DIR (not both)")
+    if args.batch is not None:
+        return _generate_batch(args)
+    out = args.out or Path("out.png" if args.frames == 1 else "out.mp4")
+    if out.suffix.lower() not in (".mp4", ".gif", ".png", ".mov", ".mkv"):
+        raise KinoUserError(f"--out {out}: use a .mp4, .gif or (for --frames 1) .png file")
+    if out.suffix.lower() == ".png" and args.frames not in (1, None):
+        raise KinoUserError(f"--out {out}: a .png holds one frame; use .mp4 or .gif for --frames {args.frames}")
+    pipe = Pipeline.from_pretrained(args.model, _device(args.device))
+    kwargs = _generate_kwargs(args)
+    steps = kwargs["steps"] or pipe.defaults.steps
+    with _step_bar(args, "generate", steps) as bar:
+        clip = pipe.generate(args.prompt, seed=args.seed, callback=lambda i: bar.update(1), **kwargs)
+    if out.suffix.lower() == ".png" and len(clip.video) > 1:
+        raise KinoUserError(f"--out {out}: a .png holds one frame; use .mp4 or .gif for {len(clip.video)} frames")
+    write_video(out, clip.video, clip.fps, metadata=clip.metadata)
+    print(out)
+    return 0
+
+
+def _generate_batch(args) -> int:
+    from kino.pipeline import Pipeline
+    from kino.tasks.batch import generate_batch
+
+    if args.out is None:
+        raise KinoUserError("--batch needs --out DIR (the folder for the clips and captions.jsonl)")
+    pipe = Pipeline.from_pretrained(args.model, _device(args.device))
+    rows = generate_batch(pipe, args.batch, args.out, defaults=_generate_kwargs(args), seed=args.seed,
+                          progress=_progress(args, "batch"))
+    print(f"wrote {len(rows)} clips and captions.jsonl to {args.out}")
+    return 0
+
+
 # ---- kino vae ------------------------------------------------------------------------
 
 def cmd_vae_reconstruct(args) -> int:
@@ -210,6 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_world_eval)
 
+    p = sub.add_parser("generate", help="text to video (or image with --frames 1)")
+    p.add_argument("prompt", nargs="?", default=None, help="what to generate")
+    p.add_argument("-o", "--out", type=Path, default=None,
+                   help="output file (.mp4, .gif, .png for one frame; default out.mp4), or folder with --batch")
+    p.add_argument("--batch", type=Path, default=None, metavar="FILE.jsonl",
+                   help="rows with 'caption' and optional 'frames', 'height', 'width', 'seed'")
+    add_frames(p)
+    add_size(p)
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--sampler", choices=("euler", "dpm++2m"), default=None, help="default: the model's")
+    add_seed(p)
+    add_model(p)
+    add_device(p)
+    add_common(p)
+    p.set_defaults(func=cmd_generate)
+
     vae = sub.add_parser("vae", help="the video VAE: reconstruct clips")
     vae.set_defaults(group_help=vae.format_help)
     vsub = vae.add_subparsers(dest="vae_command", metavar="COMMAND", parser_class=_Parser)
@@ -236,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed)
+        return int(e.code or 0)
     if not hasattr(args, "func"):  # a command group without its subcommand: show what there is
         sys.stderr.write(getattr(args, "group_help", parser.format_help)())
         return EXIT_USER_ERROR

@@ -65,14 +65,17 @@ def save_component(folder: str | Path, config: dict, state_dict: dict[str, torch
     return {name: sha256_file(folder / name) for name in (CONFIG, WEIGHTS)}
 
 
-def write_manifest(root: str | Path, name: str, components: dict[str, tuple[str, str]]) -> Path:
-    """components: {component: (subfolder, class name)}; hashes every file of each subfolder."""
+def write_manifest(root: str | Path, name: str, components: dict[str, tuple[str, str]],
+                   extra: dict | None = None) -> Path:
+    """components: {component: (subfolder, class name)}; hashes every file of each subfolder.
+    `extra` adds top-level sections (e.g. the pipeline's generation defaults)."""
     root = Path(root)
     entries = {}
     for comp, (sub, cls) in components.items():
         files = {p.name: sha256_file(p) for p in sorted((root / sub).iterdir()) if p.is_file()}
         entries[comp] = {"path": sub, "class": cls, "files": files}
-    _atomic_json(root / MANIFEST, {"name": name, "kino_version": __version__, "components": entries})
+    _atomic_json(root / MANIFEST, {"name": name, "kino_version": __version__, "components": entries,
+                                   **(extra or {})})
     return root / MANIFEST
 
 
@@ -84,8 +87,21 @@ class Component:
     model_name: str
 
 
-def load_component(path: str | Path, component: str) -> Component:
-    """Load `component` from a model folder (checking sha256 sums) or a bare component folder."""
+def read_manifest(root: str | Path) -> dict | None:
+    """kino.json of a model folder, or None for a bare component folder."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise KinoUserError(f"{path} is not valid JSON ({e.msg})") from None
+
+
+def load_component(path: str | Path, component: str, weights: bool = True) -> Component:
+    """Load `component` from a model folder (checking sha256 sums) or a bare component folder.
+    weights=False: a component described by its config alone (e.g. a reference to a text
+    encoder whose files ship in a package)."""
     root = Path(path)
     if not root.exists():
         raise KinoUserError(f"model folder {root} does not exist")
@@ -108,7 +124,7 @@ def load_component(path: str | Path, component: str) -> Component:
                     "the file was altered or corrupted — reinstall kino or re-download the model")
     else:
         folder, name = root, root.name
-    for fname in (CONFIG, WEIGHTS):
+    for fname in (CONFIG, WEIGHTS) if weights else (CONFIG,):
         if not (folder / fname).is_file():
             raise KinoUserError(f"{folder / fname} is missing: a {component} folder holds {CONFIG} and {WEIGHTS}"
                                 f" (or a model folder has {MANIFEST} naming its components)")
@@ -116,8 +132,27 @@ def load_component(path: str | Path, component: str) -> Component:
         config = json.loads((folder / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise KinoUserError(f"{folder / CONFIG} is not valid JSON ({e.msg})") from None
+    if not weights:
+        return Component(folder, config, {}, name)
     try:
         state = load_file(str(folder / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise KinoUserError(f"{folder / WEIGHTS} is not a valid safetensors file ({e})") from None
     return Component(folder, config, state, name)
+
+
+def load_module(path: str | Path | None, component: str, config_cls, model_cls,
+                device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A frozen model of `model_cls(config_cls.from_dict(config.json))` in eval mode, from a
+    model folder (sha256-checked) or a bare component folder; None = the shipped default."""
+    comp = load_component(default_model_dir() if path is None else path, component)
+    try:
+        config = config_cls.from_dict(comp.config)
+    except (TypeError, ValueError) as e:
+        raise KinoUserError(f"{comp.folder / CONFIG} is not a valid {component} config: {e}") from None
+    model = model_cls(config)
+    try:
+        model.load_state_dict(comp.state_dict, strict=True)
+    except RuntimeError as e:
+        raise KinoUserError(f"{comp.folder} holds weights that do not fit its config: {e}") from None
+    return model.to(device).eval().requires_grad_(False)

