@@ -33,8 +33,10 @@ class VAEDataConfig:
 
 @dataclass
 class VAELossConfig:
-    l1: float = 1.0
-    mse: float = 0.0
+    # MSE, not L1: on flat-colored worlds L1's constant-size gradients learn edges slowly
+    # (measured: overfitting 4 crops for 100 steps reaches 23.9 dB with MSE, 19.8 dB with L1)
+    l1: float = 0.0
+    mse: float = 1.0
     kl: float = 1e-6
 
 
