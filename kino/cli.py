@@ -210,18 +210,25 @@ def cmd_vae_reconstruct(args) -> int:
 
 # ---- kino train -----------------------------------------------------------------------
 
-def cmd_train_vae(args) -> int:
+def _run_config(args, cls):
+    """Load a run config and apply the overrides every `kino train` command shares."""
     from kino.training.config import load_config
-    from kino.training.trainer import Trainer
-    from kino.training.vae import VAERunConfig, VAETask, export_vae
 
-    cfg = load_config(args.config, VAERunConfig)
+    cfg = load_config(args.config, cls)
     if args.out is not None:
         cfg.train.out_dir = str(args.out)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
     if args.quiet:
         cfg.train.progress = False
+    return cfg
+
+
+def cmd_train_vae(args) -> int:
+    from kino.training.trainer import Trainer
+    from kino.training.vae import VAERunConfig, VAETask, export_vae
+
+    cfg = _run_config(args, VAERunConfig)
     task = VAETask(cfg)
     trainer = Trainer(task, cfg.train, run_config=cfg)
     result = trainer.fit()
@@ -232,6 +239,25 @@ def cmd_train_vae(args) -> int:
     out = export_vae(model, task.vae_config, Path(cfg.train.out_dir) / "model", stats_clips=cfg.stats_clips)
     print(f"trained {result.step} steps; model folder {out}")
     return 0
+
+
+def cmd_train_dit(args) -> int:
+    from kino.training.dit import DiTRunConfig, run_train_dit
+
+    cfg = _run_config(args, DiTRunConfig)
+    out = run_train_dit(cfg)
+    if out is None:
+        print(f"interrupted; checkpoint saved in {cfg.train.out_dir}; run again to resume")
+    else:
+        print(f"model folder {out}")
+    return 0
+
+
+def add_train_options(p):
+    p.add_argument("--config", type=Path, required=True, help="TOML or JSON run config (see configs/)")
+    p.add_argument("-o", "--out", type=Path, default=None, help="run folder (overrides train.out_dir)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="override train.max_steps")
+    add_common(p)
 
 
 # ---- parser --------------------------------------------------------------------------
@@ -295,11 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(group_help=train.format_help)
     tsub = train.add_subparsers(dest="train_command", metavar="COMMAND", parser_class=_Parser)
     p = tsub.add_parser("vae", help="train the video VAE on Shapes World")
-    p.add_argument("--config", type=Path, required=True, help="TOML or JSON run config (see configs/)")
-    p.add_argument("-o", "--out", type=Path, default=None, help="run folder (overrides train.out_dir)")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="override train.max_steps")
-    add_common(p)
+    add_train_options(p)
     p.set_defaults(func=cmd_train_vae)
+    p = tsub.add_parser("dit", help="train the diffusion transformer on cached Shapes World latents")
+    add_train_options(p)
+    p.set_defaults(func=cmd_train_dit)
 
     return parser
 

@@ -98,6 +98,8 @@ def test_eval_scores_a_broken_clip_as_failed(tmp_path, capsys):
     (["vae", "reconstruct", "{tmp}/afile", "--out", "{tmp}/r", "--device", "cuda"], "CUDA"),
     (["train", "vae", "--config", "{tmp}/nope.toml"], "does not exist"),
     (["train", "vae", "--config", "{tmp}/bad.toml"], "unknown"),
+    (["train", "dit", "--config", "{tmp}/bad.toml"], "unknown"),
+    (["train", "dit", "--config", "{tmp}/nope.toml"], "does not exist"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, argv, needle):
     (tmp_path / "afile").write_text("x")

@@ -1,0 +1,311 @@
+"""Training the diffusion transformer on Shapes World: the DiT task for the generic trainer,
+the run that builds the latent cache, trains and exports, and its config.
+
+Flow matching (kino/diffusion/flow.py): x_t = (1 - t) x_0 + t eps, the model predicts the
+velocity eps - x_0 from (x_t, 1000 t, text). Data come from a latent cache (kino/data/
+latent_cache.py): the VAE and the text encoder never run during training. Each step draws
+one bucket (a frame count and size), so a batch has one shape and needs no padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kino.data.latent_cache import (Bucket, LatentCache, bucket_name, build_world_cache, default_buckets,
+                                    parse_bucket)
+from kino.diffusion.flow import (interpolate, logit_normal, sampling_timesteps, shift_for_tokens, shift_timesteps,
+                                 velocity_target)
+from kino.diffusion.samplers import euler, guided
+from kino.errors import KinoUserError
+from kino.models.dit import DIT_SIZES, DiT, DiTConfig
+from kino.models.folder import default_model_dir, save_component, write_manifest
+from kino.training.config import TrainConfig
+from kino.world.generator import SPLITS
+
+TIME_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # noise levels the loss is also logged for
+SAMPLE_STEPS = 20  # Euler steps of the preview videos logged to TensorBoard
+SAMPLE_GUIDANCE = 4.0
+SAMPLE_BUCKET = (17, 64, 64)  # the preview's shape when the run trains it (else its longest bucket)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass
+class CacheConfig:
+    """The latent cache: built on first use in `dir` (resumably), reused afterwards."""
+
+    dir: str = "runs/cache/world"
+    clips_per_bucket: int = 512
+    split: str = "train"
+    seed: int = 0
+    buckets: list[str] = field(default_factory=lambda: [bucket_name(b) for b in default_buckets()])
+    text_max_length: int = 32  # text tokens per caption (captions are 10-25 MiniLM tokens)
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise KinoUserError(f"cache.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.clips_per_bucket < 1:
+            raise KinoUserError(f"cache.clips_per_bucket must be >= 1, got {self.clips_per_bucket}")
+        if not self.buckets:
+            raise KinoUserError("cache.buckets must list at least one FRAMESxHEIGHTxWIDTH bucket")
+        for b in self.buckets:
+            parse_bucket(b)
+
+    def bucket_list(self) -> list[Bucket]:
+        return [parse_bucket(b) for b in self.buckets]
+
+
+@dataclass
+class DiTDataConfig:
+    batch_size: int = 8
+    # P(bucket) ~ tokens^-bucket_weight_power. 0: every bucket as often (most compute on the
+    # longest clips); 1: every bucket the same compute (images drawn ~9x as often as 33-frame
+    # clips). 0.5: compute per bucket ~ sqrt(tokens), see configs/dit_small.toml.
+    bucket_weight_power: float = 0.5
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise KinoUserError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if not math.isfinite(self.bucket_weight_power):
+            raise KinoUserError("data.bucket_weight_power must be a number")
+
+
+@dataclass
+class FlowConfig:
+    logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std)) (SD3's logit-normal)
+    logit_std: float = 1.0
+    caption_dropout: float = 0.1  # share of clips trained on the empty prompt (for guidance)
+    # Warp each bucket's t with shift_for_tokens (as the sampler may): longer clips spend
+    # more time at high noise. Off by default: Shapes World sequences are short (16-216 tokens).
+    shift_by_tokens: bool = False
+
+    def __post_init__(self):
+        if not self.logit_std > 0:
+            raise KinoUserError(f"flow.logit_std must be > 0, got {self.logit_std}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise KinoUserError(f"flow.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+@dataclass
+class DiTRunConfig:
+    """`kino train dit --config FILE`: a TOML/JSON file with these sections."""
+
+    model: str = "small"  # a named size in DIT_SIZES (its text_dim is set from the text encoder)
+    vae: str | None = None  # VAE model folder; none: the shipped default
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    data: DiTDataConfig = field(default_factory=DiTDataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dit"))
+
+    def __post_init__(self):
+        if self.model not in DIT_SIZES:
+            raise KinoUserError(f"unknown DiT size {self.model!r}: allowed {', '.join(DIT_SIZES)}")
+
+
+# ---------------------------------------------------------------------------- timesteps
+
+
+def frame_times(generator: torch.Generator, batch: int, frames: int, flow: FlowConfig, shift: float = 1.0) -> Tensor:
+    """Per-frame flow times (B, T) in (0, 1): one logit-normal t per clip on every latent frame.
+
+    The one place a batch's noise levels are made: conditioning patterns (clean first frames,
+    t = 0 for image-to-video or extension) will set some frames here.
+    """
+    t = logit_normal((batch,), flow.logit_mean, flow.logit_std, generator=generator)  # (B,)
+    if shift != 1.0:
+        t = shift_timesteps(t, shift)
+    return t[:, None].expand(batch, frames).contiguous()  # (B, T)
+
+
+def time_bin_probability(lo: float, hi: float, flow: FlowConfig, shift: float = 1.0) -> float:
+    """P(lo <= t < hi) for one clip's t as `frame_times` draws it."""
+
+    def cdf(t: float) -> float:
+        if t <= 0.0:
+            return 0.0
+        if t >= 1.0:
+            return 1.0
+        u = t / (shift - (shift - 1.0) * t)  # undo the shift
+        z = (math.log(u / (1.0 - u)) - flow.logit_mean) / flow.logit_std
+        return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+    return cdf(hi) - cdf(lo)
+
+
+def bucket_tokens(latent: tuple[int, ...], patch: tuple[int, int, int]) -> int:
+    """Transformer tokens of a clip with latents (C, T, h, w)."""
+    return math.prod(n // p for n, p in zip(latent[1:], patch))
+
+
+# ---------------------------------------------------------------------------- the task
+
+
+class DiTTask:
+    """Text-to-video flow matching on cached latents. `vae` (optional) decodes the preview
+    videos of `samples`; without it no samples are logged."""
+
+    def __init__(self, config: DiTRunConfig, cache: LatentCache, vae: nn.Module | None = None):
+        self.config = config
+        self.cache = cache
+        self.vae = vae
+        self.dit_config = dataclasses.replace(DIT_SIZES[config.model], text_dim=cache.text_dim)
+        if cache.latent_channels != self.dit_config.in_channels:
+            raise KinoUserError(f"the cache holds {cache.latent_channels}-channel latents; the DiT size "
+                                f"{config.model!r} takes {self.dit_config.in_channels}")
+        wanted = config.cache.bucket_list()
+        missing = [bucket_name(b) for b in wanted if b not in cache.buckets]
+        if missing:
+            raise KinoUserError(f"the latent cache {cache.root} has no bucket {', '.join(missing)}")
+        self.buckets = wanted
+        patch = self.dit_config.patch_size
+        self.tokens = [bucket_tokens(cache.latent_shape(b), patch) for b in self.buckets]
+        w = np.array([n ** -config.data.bucket_weight_power for n in self.tokens], dtype=np.float64)
+        self.bucket_probs = w / w.sum()
+
+    def shift(self, latent: tuple[int, ...]) -> float:
+        if not self.config.flow.shift_by_tokens:
+            return 1.0
+        return shift_for_tokens(bucket_tokens(latent, self.dit_config.patch_size))
+
+    def build_model(self) -> nn.Module:
+        return DiT(self.dit_config)
+
+    def batch(self, step: int) -> dict[str, Tensor]:
+        """Clean latents, noise, per-frame times and text of step `step`: a pure function of
+        (train.seed, step), drawn from one bucket."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.train.seed, step])
+        k = int(rng.choice(len(self.buckets), p=self.bucket_probs))
+        bucket, n, size = self.buckets[k], self.cache.num_clips(self.buckets[k]), cfg.data.batch_size
+        indices = rng.choice(n, size=size, replace=n < size)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        data = self.cache.get(bucket, indices)
+        x0 = data["latents"]  # (B, C, T, h, w)
+        t = frame_times(gen, size, x0.shape[2], cfg.flow, self.shift(tuple(x0.shape[1:])))  # (B, T)
+        noise = torch.randn(x0.shape, generator=gen)  # (B, C, T, h, w)
+        drop = torch.rand(size, generator=gen) < cfg.flow.caption_dropout  # (B,)
+        text = torch.where(drop[:, None, None], self.cache.empty_text, data["text"])  # (B, L, D)
+        mask = torch.where(drop[:, None], self.cache.empty_mask, data["mask"])  # (B, L)
+        return {"latents": x0, "noise": noise, "t": t, "text": text, "mask": mask}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        x0, noise, t = batch["latents"], batch["noise"], batch["t"]
+        v = model(interpolate(x0, noise, t), 1000.0 * t, batch["text"], batch["mask"])  # (B, C, T, h, w)
+        per_frame = (v.float() - velocity_target(x0, noise).float()).pow(2).mean(dim=(1, 3, 4))  # (B, T)
+        loss = per_frame.mean()
+        return loss, self._binned(per_frame.detach(), t, self.shift(tuple(x0.shape[1:])))
+
+    def _binned(self, per_frame: Tensor, t: Tensor, shift: float) -> dict[str, Tensor]:
+        """Loss by noise level, as unbiased estimates: sum over the frames in a bin divided by
+        the bin's expected count, so a bin a batch misses counts as 0 and log averages over
+        steps converge to E[loss | t in bin] (a plain per-batch bin mean would be undefined)."""
+        logs = {}
+        for lo, hi in zip(TIME_BINS, TIME_BINS[1:]):
+            # every key on every step: the trainer averages each log over all steps of a window
+            p = max(time_bin_probability(lo, hi, self.config.flow, shift), 1e-12)
+            inside = (t >= lo) & ((t < hi) if hi < 1.0 else (t <= hi))  # (B, T)
+            logs[f"loss_t{lo:.2f}-{hi:.2f}"] = (per_frame * inside).sum() / (per_frame.numel() * p)
+        return logs
+
+    def samples(self, model: nn.Module) -> dict[str, Tensor]:
+        """Preview: the caption of a cached clip generated from fixed noise, beside that clip
+        as the VAE decodes it (uint8 (F, H, 2W, 3))."""
+        if self.vae is None:
+            return {}
+        bucket = SAMPLE_BUCKET if SAMPLE_BUCKET in self.buckets else max(self.buckets)
+        data = self.cache.get(bucket, [0])
+        device = next(model.parameters()).device
+        x0, text, mask = data["latents"].to(device), data["text"].to(device), data["mask"].to(device)
+        empty_text, empty_mask = self.cache.empty_text.to(device), self.cache.empty_mask.to(device)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        cond = lambda x, t: model(x, 1000.0 * t, text, mask)  # noqa: E731
+        uncond = lambda x, t: model(x, 1000.0 * t, empty_text, empty_mask)  # noqa: E731
+        times = sampling_timesteps(SAMPLE_STEPS, self.shift(tuple(x0.shape[1:]))).tolist()
+        z = euler(guided(cond, uncond, SAMPLE_GUIDANCE), noise, times)  # (1, C, T, h, w)
+        vae_device = next(self.vae.parameters()).device
+        pair = torch.cat([z, x0]).float().to(vae_device)
+        video = self.vae.decode(self.vae.denormalize(pair))  # (2, 3, F, H, W) in [-1, 1]
+        video = torch.cat([video[0], video[1]], dim=-1)  # (3, F, H, 2W): generated | cached
+        video = video.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+        return {bucket_name(bucket): video.permute(1, 2, 3, 0).cpu()}  # (F, H, 2W, 3)
+
+
+# ---------------------------------------------------------------------------- export and the run
+
+
+def export_dit(state_dict: dict[str, Tensor], config: DiTConfig, out_dir: str | Path, *, name: str = "kino-dit",
+               training: dict | None = None) -> Path:
+    """Write a model folder with a `dit/` component (config.json + model.safetensors, plus
+    training.json: the VAE and text encoder its latents and text came from) and a kino.json."""
+    out = Path(out_dir)
+    save_component(out / "dit", config.to_dict(), state_dict)
+    if training is not None:
+        tmp = out / "dit" / "training.json.tmp"
+        tmp.write_text(json.dumps(training, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(out / "dit" / "training.json")
+    write_manifest(out, name, {"dit": ("dit", "DiT")})
+    return out
+
+
+def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
+    """Build the latent cache if needed, train (resuming from train.out_dir), export
+    OUT/model/ (EMA weights when EMA is on) and return its path; None when stopped by a
+    signal (a checkpoint is saved: run again to resume).
+
+    `text_encoder` defaults to MiniLM (`MiniLMEncoder(max_length=cache.text_max_length)`).
+    """
+    from tqdm.auto import tqdm
+
+    from kino.models.vae.pretrained import load_vae
+    from kino.training.trainer import Trainer
+
+    vae_path = Path(config.vae) if config.vae is not None else default_model_dir()
+    if config.vae is None and not vae_path.exists():
+        raise KinoUserError(f"the shipped default VAE is not installed at {vae_path}: set vae = \"MODEL_DIR\" "
+                            "in the config to a trained VAE folder")
+    vae = load_vae(vae_path)
+    if text_encoder is None:
+        from kino.models.text.encoder import MiniLMEncoder
+
+        text_encoder = MiniLMEncoder(max_length=config.cache.text_max_length)
+    c = config.cache
+    show = config.train.progress
+    build_world_cache(
+        c.dir, vae, text_encoder, clips_per_bucket=c.clips_per_bucket, split=c.split, seed=c.seed,
+        buckets=c.bucket_list(),
+        progress=lambda it: tqdm(it, desc="latent cache", unit="batch", file=sys.stderr, disable=not show),
+    )
+    cache = LatentCache(c.dir)
+    task = DiTTask(config, cache, vae=vae)
+    trainer = Trainer(task, config.train, run_config=config)
+    result = trainer.fit()
+    if result.interrupted:
+        return None
+    training = {
+        "steps": result.step,
+        "ema": config.train.ema_decay is not None,
+        "vae_sha256": cache.vae_sha256,
+        "vae": str(vae_path),
+        "text_encoder": cache.meta["text_encoder"],
+        "latent_cache": str(cache.root),
+    }
+    out = export_dit(trainer.export_state_dict(), task.dit_config, Path(config.train.out_dir) / "model",
+                     training=training)
+    from kino.models.text.encoder import MiniLMEncoder
+
+    if isinstance(text_encoder, MiniLMEncoder):  # a real encoder: make the folder a whole pipeline
+        from kino.models.dit.pretrained import load_dit
+        from kino.pipeline import Pipeline
+
+        Pipeline(vae, load_dit(out), text_encoder, name="kino-shapes").save_pretrained(out)
+    return out

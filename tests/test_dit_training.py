@@ -1,0 +1,294 @@
+"""DiT training: the latent cache (layout, resume, VAE identity), the DiT task's batches and
+loss, training through the generic Trainer (learning, exact resume) and export.
+
+Everything is tiny: a random-weight tiny VAE saved as a model folder, a hash-based fake text
+encoder (no MiniLM), the tiny DiT and 32x32 buckets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kino.data.latent_cache import (CACHE_JSON, EMPTY_PROMPT, LatentCache, build_world_cache, clip_index,
+                                    default_buckets)
+from kino.errors import KinoUserError
+from kino.models.dit import DiT, DiTConfig
+from kino.models.folder import load_component, save_component, write_manifest
+from kino.models.vae import VAE_SIZES, VideoVAE
+from kino.models.vae.pretrained import load_vae
+from kino.training.config import TrainConfig, load_config
+from kino.training.dit import (CacheConfig, DiTDataConfig, DiTRunConfig, DiTTask, FlowConfig, export_dit,
+                               frame_times, run_train_dit, time_bin_probability)
+from kino.training.trainer import Trainer
+from kino.world.generator import scene_at
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKETS = [(1, 32, 32), (5, 32, 32)]
+CLIPS = 6
+SHARD = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class FakeTextEncoder:
+    """Deterministic per-word features from a hash of the word; "" has no real token."""
+
+    name = "fake-hash-encoder"
+    dim = 24
+    max_length = 8
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        text = torch.zeros(len(prompts), self.max_length, self.dim)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            for j, word in enumerate(prompt.split()[: self.max_length]):
+                seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+                text[i, j] = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+                mask[i, j] = True
+        return text, mask
+
+
+class CountingVAE:
+    """A VAE wrapper counting encode calls (to see which shards a rebuild touches)."""
+
+    def __init__(self, vae: VideoVAE):
+        self.vae, self.config, self.calls = vae, vae.config, 0
+
+    def encode(self, x):
+        self.calls += 1
+        return self.vae.encode(x)
+
+    def __getattr__(self, name):
+        return getattr(self.vae, name)
+
+
+def tiny_vae(seed: int = 0) -> VideoVAE:
+    torch.manual_seed(seed)
+    return VideoVAE(VAE_SIZES["tiny"]).eval()
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vae")
+    vae = tiny_vae()
+    save_component(out / "vae", vae.config.to_dict(), vae.state_dict())
+    write_manifest(out, "tiny-vae", {"vae": ("vae", "VideoVAE")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, vae_dir) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "world"
+    build_world_cache(out, load_vae(vae_dir), FakeTextEncoder(), clips_per_bucket=CLIPS, buckets=BUCKETS,
+                      shard_size=SHARD)
+    return out
+
+
+def run_config(tmp: Path, cache: Path, **train) -> DiTRunConfig:
+    return DiTRunConfig(
+        model="tiny",
+        cache=CacheConfig(dir=str(cache), clips_per_bucket=CLIPS, buckets=["1x32x32", "5x32x32"]),
+        data=DiTDataConfig(batch_size=4),
+        train=TrainConfig(**{"out_dir": str(tmp / "run"), "max_steps": 4, "lr": 3e-3, "log_every": 1,
+                             "checkpoint_every": 0, "progress": False, **train}),
+    )
+
+
+# ---------------------------------------------------------------------------- the cache
+
+
+def test_cache_layout_and_shapes(cache_dir, vae_dir):
+    meta = json.loads((cache_dir / CACHE_JSON).read_text())
+    assert meta["complete"] and meta["text_encoder"] == {"name": "fake-hash-encoder", "dim": 24, "max_length": 8}
+    assert meta["vae"]["config"] == json.loads((vae_dir / "vae" / "config.json").read_text())
+    assert [b["name"] for b in meta["buckets"]] == ["1x32x32", "5x32x32"]
+    assert (cache_dir / EMPTY_PROMPT).is_file()
+
+    from safetensors.torch import load_file
+
+    shard = load_file(str(cache_dir / "5x32x32" / "shard-00000.safetensors"))
+    assert shard["latents"].shape == (SHARD, 16, 2, 4, 4) and shard["latents"].dtype == torch.bfloat16
+    assert shard["text"].shape == (SHARD, 8, 24) and shard["text"].dtype == torch.float16
+    assert shard["mask"].shape == (SHARD, 8) and shard["mask"].dtype == torch.bool
+    side = json.loads((cache_dir / "5x32x32" / "shard-00001.json").read_text())
+    assert side["indices"] == [clip_index((5, 32, 32), i) for i in (4, 5)]
+    assert side["captions"] == [scene_at("train", 0, j, frames=5, size=(32, 32)).text for j in side["indices"]]
+
+    cache = LatentCache(cache_dir)
+    assert cache.buckets == BUCKETS and len(cache) == 2 * CLIPS
+    assert cache.num_clips((1, 32, 32)) == CLIPS and cache.latent_shape((1, 32, 32)) == (16, 1, 4, 4)
+    got = cache.get((5, 32, 32), [5, 0])
+    assert got["latents"].shape == (2, 16, 2, 4, 4) and got["text"].dtype == torch.float32
+    # the stored latents are the normalised posterior means of the rendered clips
+    vae = load_vae(vae_dir)
+    from kino.training.vae import to_model_range
+    from kino.world.generator import render
+
+    video = to_model_range(render(scene_at("train", 0, clip_index((5, 32, 32), 5), frames=5, size=(32, 32))))
+    expected = vae.normalize(vae.encode(video[None])[0])[0]
+    assert torch.allclose(got["latents"][0], expected, rtol=2**-7, atol=1e-6)  # up to bf16 rounding
+    # the empty prompt has no real token with this encoder
+    assert cache.empty_text.shape == (1, 8, 24) and not cache.empty_mask.any()
+    # every clip is a distinct scene, across buckets too
+    indices = cache.scene_indices((1, 32, 32)) + cache.scene_indices((5, 32, 32))
+    assert len(set(indices)) == len(indices)
+    assert len(default_buckets()) == 15 and (1, 64, 96) in default_buckets()
+
+
+def test_rebuild_only_redoes_missing_shards(cache_dir, vae_dir, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    vae = CountingVAE(load_vae(vae_dir))
+    build_world_cache(copy, vae, FakeTextEncoder(), clips_per_bucket=CLIPS, buckets=BUCKETS, shard_size=SHARD)
+    assert vae.calls == 0  # complete: nothing to do
+
+    victim = copy / "1x32x32" / "shard-00001.safetensors"
+    before = victim.read_bytes()
+    kept = copy / "5x32x32" / "shard-00000.safetensors"
+    kept_mtime = kept.stat().st_mtime_ns
+    victim.unlink()
+    with pytest.raises(KinoUserError, match="missing"):
+        LatentCache(copy)
+    build_world_cache(copy, vae, FakeTextEncoder(), clips_per_bucket=CLIPS, buckets=BUCKETS, shard_size=SHARD)
+    assert vae.calls == 1  # one shard of 2 clips: one encode batch
+    assert victim.read_bytes() == before  # rebuilt bit for bit
+    assert kept.stat().st_mtime_ns == kept_mtime
+    LatentCache(copy)
+
+    # growing the cache keeps full shards and redoes the partial last one of each bucket
+    build_world_cache(copy, vae, FakeTextEncoder(), clips_per_bucket=CLIPS + 2, buckets=BUCKETS, shard_size=SHARD)
+    assert vae.calls == 3 and kept.stat().st_mtime_ns == kept_mtime
+    cache = LatentCache(copy)
+    assert cache.num_clips((5, 32, 32)) == CLIPS + 2
+    assert cache.scene_indices((5, 32, 32))[-1] == clip_index((5, 32, 32), CLIPS + 1)
+
+
+def test_cache_refuses_another_vae(cache_dir, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    with pytest.raises(KinoUserError, match="another VAE"):
+        build_world_cache(copy, tiny_vae(seed=1), FakeTextEncoder(), clips_per_bucket=CLIPS, buckets=BUCKETS,
+                          shard_size=SHARD)
+
+
+# ---------------------------------------------------------------------------- batches and timesteps
+
+
+def test_batches_are_deterministic_and_bucket_pure(cache_dir, tmp_path):
+    task = DiTTask(run_config(tmp_path, cache_dir), LatentCache(cache_dir))
+    a, b = task.batch(3), task.batch(3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drops = clips = 0
+    seen = {}
+    empty = task.cache.empty_text
+    for step in range(300):
+        batch = task.batch(step)
+        x0, t = batch["latents"], batch["t"]
+        assert x0.shape[0] == 4 and batch["noise"].shape == x0.shape  # one shape per batch
+        assert t.shape == (4, x0.shape[2]) and (t > 0).all() and (t < 1).all()
+        assert torch.equal(t, t[:, :1].expand_as(t))  # one t per clip, on every frame
+        seen[x0.shape[2]] = seen.get(x0.shape[2], 0) + 1
+        dropped = (batch["text"] == empty).all(dim=(1, 2)) & ~batch["mask"].any(dim=1)
+        drops += int(dropped.sum())
+        clips += 4
+    assert 0.06 < drops / clips < 0.14  # caption_dropout 0.1
+    # P ~ tokens^-0.5: 16 tokens (image) vs 32 (2 latent frames) -> 0.586 vs 0.414
+    assert abs(seen[1] / 300 - task.bucket_probs[0]) < 0.09 and task.bucket_probs[0] == pytest.approx(0.586, abs=1e-3)
+    assert not torch.equal(task.batch(4)["noise"][:, :, :1], a["noise"][:, :, :1])
+
+
+def test_frame_times_and_bin_probabilities():
+    flow = FlowConfig()
+    t = frame_times(torch.Generator().manual_seed(0), 20000, 3, flow)
+    assert t.shape == (20000, 3)
+    for lo, hi in ((0.0, 0.25), (0.25, 0.5), (0.75, 1.0)):
+        p = time_bin_probability(lo, hi, flow)
+        assert ((t[:, 0] >= lo) & (t[:, 0] < hi)).float().mean().item() == pytest.approx(p, abs=0.015)
+    shifted = frame_times(torch.Generator().manual_seed(0), 20000, 1, flow, shift=2.0)
+    assert ((shifted >= 0.5).float().mean().item() == pytest.approx(time_bin_probability(0.5, 1.0, flow, 2.0),
+                                                                    abs=0.015))
+    assert sum(time_bin_probability(a, b, flow, 2.0) for a, b in ((0, 0.3), (0.3, 0.9), (0.9, 1))) == pytest.approx(1)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def test_training_reduces_loss_on_a_couple_of_clips(tmp_path):
+    small = build_world_cache(tmp_path / "cache", tiny_vae(), FakeTextEncoder(), clips_per_bucket=2, buckets=BUCKETS)
+    cfg = run_config(tmp_path, small, max_steps=60, lr=3e-3)
+    task = DiTTask(cfg, LatentCache(small))
+    eval_batches = [task.batch(10_000 + i) for i in range(8)]
+
+    def mean_loss(model):
+        with torch.no_grad():
+            return sum(task.loss(model, b)[0].item() for b in eval_batches) / len(eval_batches)
+
+    torch.manual_seed(0)
+    before = mean_loss(task.build_model())
+    trainer = Trainer(task, cfg.train)
+    result = trainer.fit()
+    after = mean_loss(trainer.model)
+    assert result.step == 60 and math.isfinite(result.losses["loss"])
+    assert any(k.startswith("loss_t") for k in result.losses)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_is_exact(cache_dir, tmp_path):
+    def train(out: Path, steps: list[int]):
+        trainer = None
+        for n in steps:
+            cfg = run_config(out, cache_dir, max_steps=n, ema_decay=0.9)
+            trainer = Trainer(DiTTask(cfg, LatentCache(cache_dir)), cfg.train, run_config=cfg)
+            trainer.fit()
+        return trainer.export_state_dict(ema=False), trainer.export_state_dict(ema=True)
+
+    straight = train(tmp_path / "a", [6])
+    resumed = train(tmp_path / "b", [3, 6])
+    for one, two in zip(straight, resumed):
+        assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+# ---------------------------------------------------------------------------- export and the run
+
+
+def test_run_trains_and_exports_a_loadable_dit(vae_dir, tmp_path):
+    cfg = run_config(tmp_path, tmp_path / "cache", max_steps=2, ema_decay=0.9, sample_every=2)
+    cfg.vae = str(vae_dir)
+    out = run_train_dit(cfg, text_encoder=FakeTextEncoder())
+    assert out == tmp_path / "run" / "model"
+    comp = load_component(out, "dit")  # sha256-checked through kino.json
+    config = DiTConfig.from_dict(comp.config)
+    assert config.text_dim == FakeTextEncoder.dim and config.dim == 32
+    model = DiT(config)
+    model.load_state_dict(comp.state_dict, strict=True)
+    training = json.loads((out / "dit" / "training.json").read_text())
+    assert training["steps"] == 2 and training["ema"] and training["text_encoder"]["name"] == "fake-hash-encoder"
+    assert training["vae_sha256"] == LatentCache(tmp_path / "cache").vae_sha256
+    text, mask = FakeTextEncoder().encode(["a small red circle moving left on a black background"])
+    assert model(torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0]), text, mask).shape == (1, 16, 2, 4, 4)
+    assert any((tmp_path / "run" / "tb").iterdir())  # samples were logged beside the scalars
+    # export_dit alone writes the same layout
+    export_dit(comp.state_dict, config, tmp_path / "again")
+    assert load_component(tmp_path / "again", "dit").state_dict.keys() == comp.state_dict.keys()
+
+
+def test_shipped_config_loads():
+    cfg = load_config(REPO / "configs" / "dit_small.toml", DiTRunConfig)
+    assert cfg.model == "small" and len(cfg.cache.bucket_list()) == 15
+    with pytest.raises(KinoUserError, match="allowed"):
+        DiTRunConfig(model="huge")
+    with pytest.raises(KinoUserError, match="caption_dropout"):
+        FlowConfig(caption_dropout=1.0)
