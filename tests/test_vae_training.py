@@ -140,3 +140,15 @@ def test_vae_training_resume_is_bitwise_exact(tmp_path):
     oa = torch.load(a / "optimizer.pt", weights_only=True)["optimizer"]["state"]
     ob = torch.load(b / "optimizer.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(oa[k]["exp_avg"], ob[k]["exp_avg"]) for k in oa)
+
+
+def test_init_from_a_model_folder_fine_tunes_it(tiny_model_dir, tmp_path):
+    from kino.training.vae import VAETask
+
+    task = VAETask(VAERunConfig(model="tiny", init_from=str(tiny_model_dir)))
+    model = task.build_model()
+    ref = load_vae(tiny_model_dir)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(KinoUserError, match="another size"):
+        VAETask(VAERunConfig(model="small", init_from=str(tiny_model_dir))).build_model()

@@ -46,6 +46,7 @@ class VAERunConfig:
 
     model: str = "small"  # a named size in VAE_SIZES
     stats_clips: int = 64  # train clips whose latents set the exported latents_mean/std
+    init_from: str | None = None  # start from this model folder's VAE weights (fine-tuning)
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/vae"))
@@ -98,7 +99,16 @@ class VAETask:
         self._sample_clip = render(scene_at("eval", 0, 0, frames=17, size=(64, 96), objects=2))
 
     def build_model(self) -> nn.Module:
-        return VideoVAE(self.vae_config)
+        if self.config.init_from is None:
+            return VideoVAE(self.vae_config)
+        from kino.models.vae.pretrained import load_vae
+
+        model = load_vae(self.config.init_from).requires_grad_(True).train()
+        if model.config.to_dict() | {"latents_mean": None, "latents_std": None} != \
+                self.vae_config.to_dict() | {"latents_mean": None, "latents_std": None}:
+            raise KinoUserError(f"init_from {self.config.init_from} holds a VAE of another size than "
+                                f"model = {self.config.model!r}")
+        return model
 
     def batch(self, step: int) -> dict[str, Tensor]:
         return {"video": world_crops(step, self.config.data)}
