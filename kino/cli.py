@@ -48,6 +48,17 @@ def int_at_least(low: int):
     return parse
 
 
+def unit_interval(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{v} must be in [0, 1]")
+    return v
+
+
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
 
@@ -56,12 +67,12 @@ def add_out(p, help="output file or folder"):
     p.add_argument("-o", "--out", type=Path, required=True, help=help)
 
 
-def add_size(p):
-    p.add_argument("--size", type=size_type, default=None, metavar="HxW", help="frame size, e.g. 64x96")
+def add_size(p, help="frame size, e.g. 64x96"):
+    p.add_argument("--size", type=size_type, default=None, metavar="HxW", help=help)
 
 
-def add_frames(p):
-    p.add_argument("--frames", type=positive_int, default=None, metavar="N", help="frames per clip")
+def add_frames(p, help="frames per clip"):
+    p.add_argument("--frames", type=positive_int, default=None, metavar="N", help=help)
 
 
 def add_seed(p, default=0):
@@ -91,6 +102,34 @@ def _device(name: str):
 
 def add_common(p):
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def add_sampling(p):
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--sampler", choices=("euler", "dpm++2m"), default=None, help="default: the model's")
+
+
+def add_refine(p):
+    p.add_argument("--refine", type=unit_interval, default=0.5, metavar="R",
+                   help="share of the steps the second pass re-runs after the input is re-encoded in place "
+                        "(0..1, default 0.5; see kino/tasks/conditioning.py)")
+
+
+def add_task_options(p, task: str, batch_help: str,
+                     out_help: str = "output file (.mp4 or .gif; default out.mp4), or folder with --batch"):
+    """What every generation command shares: output, batch mode, size, sampling, seed, model."""
+    p.add_argument("-o", "--out", type=Path, default=None, help=out_help)
+    p.add_argument("--batch", type=Path, default=None, metavar="FILE.jsonl", help=batch_help)
+    add_size(p, help="frame size, e.g. 64x96 (default: the input's, rounded down to the model's stride; "
+                     "the model's without an input); inputs are resized and center-cropped to it")
+    add_sampling(p)
+    add_seed(p)
+    add_model(p)
+    add_device(p)
+    add_common(p)
+    p.set_defaults(func=cmd_task, task=task)
 
 
 def _progress(args, desc: str):
@@ -141,54 +180,96 @@ def cmd_world_eval(args) -> int:
     return 0
 
 
-# ---- kino generate -------------------------------------------------------------------
+# ---- kino generate / extend / connect / edit -----------------------------------------
+# Every generation task is one function of kino/tasks/video_tasks.py; these commands parse,
+# load the model, run it once (or over --batch rows) and write the result.
 
-def _generate_kwargs(args) -> dict:
+VIDEO_SUFFIXES = (".mp4", ".gif", ".mov", ".mkv")
+POSITIONALS = {"generate": ("prompt",), "extend": ("input", "prompt"), "connect": ("first", "second", "prompt"),
+               "edit": ("input", "prompt")}
+METAVARS = {"first": "A", "second": "B"}
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(steps=args.steps, guidance=args.guidance, negative=args.negative, sampler=args.sampler)
+
+
+def _size_kwargs(args) -> dict:
     size = args.size or (None, None)
-    return dict(frames=args.frames, height=size[0], width=size[1], steps=args.steps, guidance=args.guidance,
-                negative=args.negative, sampler=args.sampler)
+    return dict(height=size[0], width=size[1])
 
 
-def _step_bar(args, desc: str, total: int):
+def _task_kwargs(args) -> dict:
+    """The task function's options for this command (shared ones, then its own)."""
+    own = {"generate": ("frames", "loop"), "extend": ("frames", "backward", "refine"),
+           "connect": ("frames", "refine"), "edit": ("frames", "strength")}[args.task]
+    return {**_sampling_kwargs(args), **_size_kwargs(args), **{k: getattr(args, k) for k in own}}
+
+
+def _task_inputs(args) -> dict:
+    """The task function's input arguments, from the command's positionals / --image."""
+    names = {"generate": {"image": "image"}, "extend": {"input": "video"},
+             "connect": {"first": "first", "second": "second"}, "edit": {"input": "video"}}[args.task]
+    return {keyword: getattr(args, arg) for arg, keyword in names.items()}
+
+
+def _step_bar(args, desc: str, total: int | None):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=args.quiet, file=sys.stderr, leave=False)
 
 
-def cmd_generate(args) -> int:
+def _check_out(out: Path, frames: int | None) -> None:
+    suffix = out.suffix.lower()
+    if suffix not in (*VIDEO_SUFFIXES, ".png"):
+        raise KinoUserError(f"--out {out}: use a .mp4, .gif or (for --frames 1) .png file")
+    if suffix == ".png" and frames not in (1, None):
+        raise KinoUserError(f"--out {out}: a .png holds one frame; use .mp4 or .gif for {frames} frames")
+
+
+def cmd_task(args) -> int:
+    """generate, extend, connect, edit: one clip, or --batch FILE.jsonl into --out DIR."""
     from kino.data.video_io import write_video
     from kino.pipeline import Pipeline
+    from kino.tasks.batch import RUNNERS
 
-    if (args.prompt is None) == (args.batch is None):
-        raise KinoUserError("give a PROMPT, or --batch FILE.jsonl with --out DIR (not both)")
+    if args.batch is not None and getattr(args, "image", None) is not None:
+        raise KinoUserError("with --batch, name each row's image in the row ('image': PATH), not with --image")
+    names = POSITIONALS[args.task]
+    values = [getattr(args, name) for name in names]
+    if any(v is not None for v in values) == (args.batch is not None):
+        usage = " ".join(METAVARS.get(name, name.upper()) for name in names)
+        raise KinoUserError(f"give {usage}, or --batch FILE.jsonl with --out DIR (not both)")
     if args.batch is not None:
-        return _generate_batch(args)
-    out = args.out or Path("out.png" if args.frames == 1 else "out.mp4")
-    if out.suffix.lower() not in (".mp4", ".gif", ".png", ".mov", ".mkv"):
-        raise KinoUserError(f"--out {out}: use a .mp4, .gif or (for --frames 1) .png file")
-    if out.suffix.lower() == ".png" and args.frames not in (1, None):
-        raise KinoUserError(f"--out {out}: a .png holds one frame; use .mp4 or .gif for --frames {args.frames}")
+        return _task_batch(args)
+    missing = [METAVARS.get(name, name.upper()) for name, v in zip(names, values) if v is None]
+    if missing:
+        raise KinoUserError(f"`kino {args.task}` needs {' and '.join(missing)}")
+    frames = args.frames if args.task == "generate" else None  # elsewhere --frames counts new/used frames
+    out = args.out or Path("out.png" if frames == 1 else "out.mp4")
+    _check_out(out, frames)
     pipe = Pipeline.from_pretrained(args.model, _device(args.device))
-    kwargs = _generate_kwargs(args)
-    steps = kwargs["steps"] or pipe.defaults.steps
-    with _step_bar(args, "generate", steps) as bar:
-        clip = pipe.generate(args.prompt, seed=args.seed, callback=lambda i: bar.update(1), **kwargs)
-    if out.suffix.lower() == ".png" and len(clip.video) > 1:
-        raise KinoUserError(f"--out {out}: a .png holds one frame; use .mp4 or .gif for {len(clip.video)} frames")
+    steps = args.steps or pipe.defaults.steps
+    # extend backward and connect may take two passes: no total there
+    total = steps if args.task == "generate" else round((args.strength or 0) * steps) if args.task == "edit" else None
+    with _step_bar(args, args.task, total) as bar:
+        clip = RUNNERS[args.task](pipe, args.prompt, seed=args.seed, callback=lambda i: bar.update(1),
+                                  **_task_inputs(args), **_task_kwargs(args))
+    _check_out(out, len(clip.video))
     write_video(out, clip.video, clip.fps, metadata=clip.metadata)
     print(out)
     return 0
 
 
-def _generate_batch(args) -> int:
+def _task_batch(args) -> int:
     from kino.pipeline import Pipeline
     from kino.tasks.batch import generate_batch
 
     if args.out is None:
         raise KinoUserError("--batch needs --out DIR (the folder for the clips and captions.jsonl)")
     pipe = Pipeline.from_pretrained(args.model, _device(args.device))
-    rows = generate_batch(pipe, args.batch, args.out, defaults=_generate_kwargs(args), seed=args.seed,
-                          progress=_progress(args, "batch"))
+    rows = generate_batch(pipe, args.batch, args.out, defaults=_task_kwargs(args), seed=args.seed,
+                          progress=_progress(args, "batch"), task=args.task)
     print(f"wrote {len(rows)} clips and captions.jsonl to {args.out}")
     return 0
 
@@ -288,23 +369,43 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_world_eval)
 
-    p = sub.add_parser("generate", help="text to video (or image with --frames 1)")
+    p = sub.add_parser("generate", help="text to video (or image with --frames 1), image to video, loops")
     p.add_argument("prompt", nargs="?", default=None, help="what to generate")
-    p.add_argument("-o", "--out", type=Path, default=None,
-                   help="output file (.mp4, .gif, .png for one frame; default out.mp4), or folder with --batch")
-    p.add_argument("--batch", type=Path, default=None, metavar="FILE.jsonl",
-                   help="rows with 'caption' and optional 'frames', 'height', 'width', 'seed'")
+    p.add_argument("--image", type=Path, default=None, metavar="IMAGE",
+                   help="start from this image (frame 0; resized and center-cropped to --size)")
+    p.add_argument("--loop", action="store_true",
+                   help="a seamless loop: frame N would be frame 0 again (--frames 4k+1)")
+    add_task_options(p, "generate", batch_help="rows with 'caption' and optional 'image', 'loop', 'frames', "
+                     "'height', 'width', 'seed'", out_help="output file (.mp4, .gif, .png for one frame; default "
+                     "out.mp4), or folder with --batch")
     add_frames(p)
-    add_size(p)
-    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--sampler", choices=("euler", "dpm++2m"), default=None, help="default: the model's")
-    add_seed(p)
-    add_model(p)
-    add_device(p)
-    add_common(p)
-    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("extend", help="continue a video forwards (or backwards) with new frames")
+    p.add_argument("input", nargs="?", type=Path, default=None, metavar="INPUT", help="video (or image) to extend")
+    p.add_argument("prompt", nargs="?", default=None, help="what happens in the whole clip")
+    p.add_argument("--backward", action="store_true", help="add the new frames before the input")
+    add_refine(p)
+    add_task_options(p, "extend", batch_help="rows with 'caption', 'video' (a path relative to the file) and "
+                     "optional 'frames', 'backward', 'refine', 'height', 'width', 'seed'")
+    add_frames(p, help="new frames: a multiple of 4 forwards, 4m+1 backwards; the output holds the input too")
+
+    p = sub.add_parser("connect", help="generate a transition from the end of one video to the start of another")
+    p.add_argument("first", nargs="?", type=Path, default=None, metavar="A", help="the video to start from")
+    p.add_argument("second", nargs="?", type=Path, default=None, metavar="B", help="the video to end with")
+    p.add_argument("prompt", nargs="?", default=None, help="what happens in the whole clip")
+    add_refine(p)
+    add_task_options(p, "connect", batch_help="rows with 'caption', 'first', 'second' (paths relative to the "
+                     "file) and optional 'frames', 'refine', 'height', 'width', 'seed'")
+    add_frames(p, help="new frames between A and B (a multiple of 4); the output holds A, them and B")
+
+    p = sub.add_parser("edit", help="re-generate a video with a prompt, keeping more or less of it (SDEdit)")
+    p.add_argument("input", nargs="?", type=Path, default=None, metavar="INPUT", help="video (or image) to edit")
+    p.add_argument("prompt", nargs="?", default=None, help="what the result shows")
+    p.add_argument("--strength", type=unit_interval, default=None, metavar="S",
+                   help="0 returns the input, 1 ignores it (required)")
+    add_task_options(p, "edit", batch_help="rows with 'caption', 'video' (a path relative to the file) and "
+                     "optional 'strength', 'frames', 'height', 'width', 'seed'")
+    add_frames(p, help="edit the input's first N frames (default: all)")
 
     vae = sub.add_parser("vae", help="the video VAE: reconstruct clips")
     vae.set_defaults(group_help=vae.format_help)

@@ -4,8 +4,9 @@
     clip = pipe.generate("a large red circle moving left on a black background", seed=0)
     clip.video  # uint8 (F, H, W, 3); clip.metadata says how it was made
 
-The sampling loop is one function (`sample_latents`) over a velocity closure; guidance
-and the timestep convention live there, not in the model.
+The sampling loop is one function (`sample_latents`) over a velocity closure; guidance,
+the timestep convention and conditioning (given latent frames, loops, SDEdit starts: every
+task of `kino/tasks/video_tasks.py`) live there, not in the model.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kino.models.folder import (default_model_dir, load_component, load_module, 
                                 write_manifest)
 from kino.models.text.encoder import TextEncoder, load_text_encoder, text_encoder_config
 from kino.models.vae.model import VAEConfig, VideoVAE
+from kino.tasks.conditioning import Conditioning
 
 # the DiT's time input is 1000 x flow time (Wan's scale)
 T_SCALE = 1000.0
@@ -60,33 +62,49 @@ class Generation:
     video: Tensor  # uint8 (F, H, W, 3)
     fps: float
     metadata: dict[str, str] = field(default_factory=dict)
+    latents: Tensor | None = None  # (1, C, T, h, w) the normalised latents the video was decoded from
+    conditioning: Conditioning | None = None  # what the last sampling pass was given
 
 
 def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_mask: Tensor,
                    noise: Tensor, *, steps: int, guidance: float, sampler: str = "dpm++2m",
-                   shift: float | None = None, callback: Callable[[int], None] | None = None) -> Tensor:
+                   shift: float | None = None, callback: Callable[[int], None] | None = None,
+                   conditioning: Conditioning | None = None) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
-    guidance; conditional and unconditional branches run as one batch."""
+    guidance; conditional and unconditional branches run as one batch.
+
+    `conditioning` gives latent frames clean (kept exactly, at t = 0, with zero velocity),
+    ties a loop's first and last frames, or starts from noised latents (SDEdit); the math is
+    in `Conditioning`'s docstring. Without it nothing is given (text-to-video).
+    """
     if sampler not in SAMPLERS:
         raise KinoUserError(f"unknown sampler {sampler!r}: allowed {', '.join(SAMPLERS)}")
     B, _, T, H, W = noise.shape
+    cond = conditioning if conditioning is not None else Conditioning.none(noise.shape, noise.device)
+    if cond.shape != tuple(noise.shape):
+        raise KinoUserError(f"the conditioning's latents {cond.shape} do not match the noise {tuple(noise.shape)}")
     p = dit.config.patch_size
     tokens = (T // p[0]) * (H // p[1]) * (W // p[2])
-    ts = sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens))
+    ts = cond.schedule(sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens)))
     use_cfg = guidance != 1.0
     text_in = torch.cat([text, neg_text]) if use_cfg else text  # (2B | B, L, D)
     mask_in = torch.cat([mask, neg_mask]) if use_cfg else mask
 
     def velocity(x: Tensor, t: float) -> Tensor:
+        x = cond.keep_clean(x)
+        t_frames = cond.frame_times(t * T_SCALE, x.dtype)  # (B, T)
         x_in = torch.cat([x, x]) if use_cfg else x
-        t_in = torch.full((x_in.shape[0],), t * T_SCALE, device=x.device, dtype=x.dtype)
+        t_in = torch.cat([t_frames, t_frames]) if use_cfg else t_frames
         v = dit(x_in, t_in, text_in, mask_in)
-        if not use_cfg:
-            return v
-        v_cond, v_uncond = v.chunk(2)
-        return v_uncond + guidance * (v_cond - v_uncond)
+        if use_cfg:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + guidance * (v_cond - v_uncond)
+        return cond.constrain(v)
 
-    return SAMPLERS[sampler](velocity, noise, ts.tolist(), callback=callback)
+    x = cond.start(noise, float(ts[0]))
+    if len(ts) > 1:  # an SDEdit at strength 0 has no step to take
+        x = SAMPLERS[sampler](velocity, x, ts.tolist(), callback=callback)
+    return cond.keep_clean(x)
 
 
 class Pipeline:
@@ -145,27 +163,47 @@ class Pipeline:
     def generate(self, prompt: str, *, frames: int | None = None, height: int | None = None,
                  width: int | None = None, steps: int | None = None, guidance: float | None = None,
                  seed: int = 0, negative: str | None = None, sampler: str | None = None,
-                 shift: float | None = None, callback: Callable[[int], None] | None = None) -> Generation:
+                 shift: float | None = None, callback: Callable[[int], None] | None = None,
+                 conditioning: Conditioning | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
-        machine give the same clip bit for bit on CPU."""
+        machine give the same clip bit for bit on CPU.
+
+        `conditioning` (see kino/tasks/conditioning.py) must have the latent shape of the
+        request; it may hold more latent frames than `frames` needs (a loop's tied frame):
+        the decoded clip is trimmed to `frames`. The noise is drawn for the whole latent
+        shape from `seed` whatever the conditioning, so an SDEdit at strength 1 is exactly
+        text-to-video with the same seed.
+        """
         d = replace(self.defaults, **{k: v for k, v in dict(
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
             sampler=sampler, shift=shift).items() if v is not None})
         self.check_request(d.frames, d.height, d.width)
         if d.steps < 1:
             raise KinoUserError(f"--steps must be at least 1, got {d.steps}")
-        latent_frames = self.vae.config.latent_frames(d.frames)
         s = self.vae.config.space_stride
-        shape = (1, self.vae.config.z_dim, latent_frames, d.height // s, d.width // s)
+        shape = (1, self.vae.config.z_dim, self.vae.config.latent_frames(d.frames), d.height // s, d.width // s)
+        if conditioning is not None:
+            if conditioning.shape[:2] != shape[:2] or conditioning.shape[3:] != shape[3:] or \
+                    conditioning.shape[2] < shape[2]:
+                raise KinoUserError(f"the conditioning's latents {conditioning.shape} do not fit a "
+                                    f"{d.frames}x{d.height}x{d.width} clip (latents {shape})")
+            shape = conditioning.shape
+            conditioning = conditioning.to(self.device)
         # noise from a CPU generator: the same seed gives the same clip on any device
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
         text, mask = self.text_encoder.encode([prompt, d.negative])
         text, mask = text.to(self.device), mask.to(self.device)
         latents = sample_latents(self.dit, text[:1], mask[:1], text[1:], mask[1:], noise, steps=d.steps,
-                                 guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback)
-        pixels = self.vae.decode(self.vae.denormalize(latents))[0, :, : d.frames]  # (3, F, H, W)
-        video = pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu()
+                                 guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback,
+                                 conditioning=conditioning)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
-        return Generation(video, d.fps, {k: "" if v is None else str(v) for k, v in meta.items()})
+        return Generation(self.decode(latents, d.frames), d.fps,
+                          {k: "" if v is None else str(v) for k, v in meta.items()},
+                          latents=latents, conditioning=conditioning)
 
+    @torch.no_grad()
+    def decode(self, latents: Tensor, frames: int) -> Tensor:
+        """Normalised latents (1, C, T, h, w) -> the first `frames` frames as uint8 (F, H, W, 3)."""
+        pixels = self.vae.decode(self.vae.denormalize(latents))[0, :, :frames]  # (3, F, H, W)
+        return pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu()

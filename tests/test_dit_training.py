@@ -198,8 +198,10 @@ def test_batches_are_deterministic_and_bucket_pure(cache_dir, tmp_path):
         batch = task.batch(step)
         x0, t = batch["latents"], batch["t"]
         assert x0.shape[0] == 4 and batch["noise"].shape == x0.shape  # one shape per batch
-        assert t.shape == (4, x0.shape[2]) and (t > 0).all() and (t < 1).all()
-        assert torch.equal(t, t[:, :1].expand_as(t))  # one t per clip, on every frame
+        clean = batch["clean"]  # conditioning patterns: given frames are at t = 0
+        assert t.shape == (4, x0.shape[2]) and (t[~clean] > 0).all() and (t < 1).all() and (t[clean] == 0).all()
+        per_clip = t.amax(dim=1, keepdim=True).expand_as(t)
+        assert torch.equal(t, per_clip.masked_fill(clean, 0.0))  # one t per clip, on every generated frame
         seen[x0.shape[2]] = seen.get(x0.shape[2], 0) + 1
         dropped = (batch["text"] == empty).all(dim=(1, 2)) & ~batch["mask"].any(dim=1)
         drops += int(dropped.sum())

@@ -1,5 +1,18 @@
-"""Batch generation: a JSONL of prompts in, lossless clips + captions.jsonl out, in the
-`kino world sample` format so that `kino world eval DIR` scores the results directly."""
+"""Batch generation: a JSONL of prompts (and inputs) in, lossless clips + captions.jsonl out,
+in the `kino world sample` format so that `kino world eval` scores the results directly.
+
+Every generation command has a batch mode. A row holds a 'caption', the inputs its task
+needs as paths (relative to the JSONL's folder, or absolute), and optional options that
+override the command line's:
+
+    generate  {"caption", "image"?, "loop"?, "frames"?, ...}
+    extend    {"caption", "video", "frames"?, "backward"?, "refine"?, ...}
+    connect   {"caption", "first", "second", "frames"?, "refine"?, ...}
+    edit      {"caption", "video", "strength"?, "frames"?, ...}
+
+with "height", "width" and "seed" allowed everywhere. A row without 'seed' uses the
+command's seed + its index, so reruns are identical.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +21,40 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from kino.errors import KinoUserError
-from kino.pipeline import Pipeline
+from kino.pipeline import Generation, Pipeline
+from kino.tasks import video_tasks
 from kino.world.dataset import clip_filename, write_clip, write_rows
 
-ROW_OPTIONS = {"frames": int, "height": int, "width": int, "seed": int}
+OPTION_TYPES = {"frames": int, "height": int, "width": int, "seed": int, "loop": bool, "backward": bool,
+                "refine": float, "strength": float}
+# task -> (the input paths a row must name, those it may name, its options besides height/width/seed)
+TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "generate": ((), ("image",), ("frames", "loop")),
+    "extend": (("video",), (), ("frames", "backward", "refine")),
+    "connect": (("first", "second"), (), ("frames", "refine")),
+    "edit": (("video",), (), ("frames", "strength")),
+}
+RUNNERS: dict[str, Callable[..., Generation]] = {"generate": video_tasks.generate, "extend": video_tasks.extend,
+                                                  "connect": video_tasks.connect, "edit": video_tasks.edit}
 
 
-def read_prompt_rows(path: str | Path) -> list[dict]:
+def _type_ok(value, typ) -> bool:
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, typ) and not isinstance(value, bool)
+
+
+def read_prompt_rows(path: str | Path, task: str = "generate") -> list[dict]:
+    """The rows of a batch file, checked, with input paths resolved and checked to exist."""
     path = Path(path)
     if not path.is_file():
         raise KinoUserError(f"--batch {path} does not exist")
+    required, optional, options = TASKS[task]
+    options = (*options, "height", "width", "seed")
+    usage = (f"each row needs a string 'caption'{''.join(f', {k!r}' for k in required)} and may have "
+             f"{', '.join(map(repr, (*optional, *options)))}")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -27,11 +64,26 @@ def read_prompt_rows(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise KinoUserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
-            raise KinoUserError(f"{path}:{n}: each row needs a string 'caption' and may have "
-                                f"{', '.join(ROW_OPTIONS)} (integers)")
-        for key, typ in ROW_OPTIONS.items():
-            if key in row and not isinstance(row[key], typ):
-                raise KinoUserError(f"{path}:{n}: '{key}' must be an integer, got {row[key]!r}")
+            raise KinoUserError(f"{path}:{n}: {usage}")
+        unknown = sorted(set(row) - {"caption", *required, *optional, *options})
+        if unknown:
+            raise KinoUserError(f"{path}:{n}: unknown key(s) {', '.join(unknown)} for `kino {task}`: {usage}")
+        for key in (*required, *optional):
+            if key not in row:
+                if key in required:
+                    raise KinoUserError(f"{path}:{n}: '{key}' is missing: {usage}")
+                continue
+            if not isinstance(row[key], str):
+                raise KinoUserError(f"{path}:{n}: '{key}' must be a path (a string), got {row[key]!r}")
+            file = path.parent / row[key]  # an absolute row path stays absolute
+            if not file.is_file():
+                raise KinoUserError(f"{path}:{n}: {key} {file} does not exist")
+            row[key] = str(file)
+        for key in options:
+            typ = OPTION_TYPES[key]
+            if key in row and not _type_ok(row[key], typ):
+                raise KinoUserError(f"{path}:{n}: '{key}' must be {'a number' if typ is float else f'a {typ.__name__}'}"
+                                    f", got {row[key]!r}")
         rows.append(row)
     if not rows:
         raise KinoUserError(f"--batch {path} has no rows")
@@ -39,21 +91,23 @@ def read_prompt_rows(path: str | Path) -> list[dict]:
 
 
 def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defaults: dict, seed: int = 0,
-                   progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
-    """Generate every row; a row without 'seed' uses seed + its index, so reruns are identical."""
-    rows = read_prompt_rows(prompts)
+                   progress: Callable[[Iterable], Iterable] = iter, task: str = "generate") -> list[dict]:
+    """Run `task` on every row into the folder `out` (clips + captions.jsonl). `defaults`
+    are the keyword arguments of the task function the rows may override."""
+    rows = read_prompt_rows(prompts, task)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise KinoUserError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    for row in rows:  # check every request before spending time on any
-        pipe.check_request(row.get("frames") or defaults["frames"] or pipe.defaults.frames,
-                           row.get("height") or defaults["height"] or pipe.defaults.height,
-                           row.get("width") or defaults["width"] or pipe.defaults.width)
+    required, optional, options = TASKS[task]
+    for row in rows:  # check every size given before spending time on any (others come from inputs)
+        height, width = row.get("height") or defaults.get("height"), row.get("width") or defaults.get("width")
+        if height or width:
+            pipe.check_request(1, height or pipe.defaults.height, width or pipe.defaults.width)
     written = []
     for i, row in enumerate(progress(rows)):
-        options = {**defaults, **{k: row[k] for k in ("frames", "height", "width") if k in row}}
-        clip = pipe.generate(row["caption"], seed=row.get("seed", seed + i), **options)
+        kwargs = {**defaults, **{k: row[k] for k in (*required, *optional, *options, "height", "width") if k in row}}
+        clip = RUNNERS[task](pipe, row["caption"], seed=row.get("seed", seed + i), **kwargs)
         name = clip_filename(i, len(clip.video))
         written.append(write_clip(out, name, clip.video.numpy(), row["caption"], clip.fps, clip.metadata))
     write_rows(out, written)

@@ -5,6 +5,10 @@ Flow matching (kino/diffusion/flow.py): x_t = (1 - t) x_0 + t eps, the model pre
 velocity eps - x_0 from (x_t, 1000 t, text). Data come from a latent cache (kino/data/
 latent_cache.py): the VAE and the text encoder never run during training. Each step draws
 one bucket (a frame count and size), so a batch has one shape and needs no padding.
+
+One model serves every task (kino/tasks/conditioning.py) because each clip is trained with
+a conditioning pattern drawn from `ConditioningMix`: some latent frames given clean
+(t = 0, left out of the loss) or, for loops, the first latent frame tied to the last.
 """
 
 from __future__ import annotations
@@ -96,6 +100,45 @@ class FlowConfig:
             raise KinoUserError(f"flow.caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
 
+PATTERNS = ("none", "first", "first_k", "last_k", "first_last", "loop")
+
+
+@dataclass
+class ConditioningMix:
+    """P(pattern) for each training clip; the six must sum to 1. Clean latent frames get
+    t = 0 and no loss; the rest are noised and trained as usual.
+
+    - none: text-to-video, nothing given
+    - first: latent frame 0 clean (image-to-video)
+    - first_k: the first k clean, k uniform in 1..T-1 (extend forward, connect's A alone)
+    - last_k: the last k clean, k uniform in 1..T-1 (extend backward)
+    - first_last: the first a and last b clean, a uniform in 1..T-2, then b in 1..T-1-a (connect)
+    - loop: the last latent frame replaced by the first (same clean latent, same noise, same
+      t), which is what sampling a loop shows the model (first = last, tied)
+
+    A pattern that does not fit a clip falls back to none: images (T = 1) are always
+    text-to-image; first_last and loop need T >= 3 (one frame to generate between).
+    """
+
+    none: float = 0.6
+    first: float = 0.15
+    first_k: float = 0.05
+    last_k: float = 0.1
+    first_last: float = 0.05
+    loop: float = 0.05
+
+    def __post_init__(self):
+        probs = self.probabilities()
+        if any(not (math.isfinite(p) and p >= 0) for p in probs):
+            raise KinoUserError(f"conditioning probabilities must be >= 0; got {dict(zip(PATTERNS, probs))}")
+        if abs(sum(probs) - 1.0) > 1e-6:
+            raise KinoUserError(f"conditioning probabilities ({', '.join(PATTERNS)}) must sum to 1; "
+                                f"they sum to {sum(probs):g}")
+
+    def probabilities(self) -> list[float]:
+        return [getattr(self, name) for name in PATTERNS]
+
+
 @dataclass
 class DiTRunConfig:
     """`kino train dit --config FILE`: a TOML/JSON file with these sections."""
@@ -105,6 +148,7 @@ class DiTRunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     data: DiTDataConfig = field(default_factory=DiTDataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    conditioning: ConditioningMix = field(default_factory=ConditioningMix)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dit"))
 
     def __post_init__(self):
@@ -115,16 +159,50 @@ class DiTRunConfig:
 # ---------------------------------------------------------------------------- timesteps
 
 
-def frame_times(generator: torch.Generator, batch: int, frames: int, flow: FlowConfig, shift: float = 1.0) -> Tensor:
-    """Per-frame flow times (B, T) in (0, 1): one logit-normal t per clip on every latent frame.
+def frame_times(generator: torch.Generator, batch: int, frames: int, flow: FlowConfig, shift: float = 1.0,
+                clean: Tensor | None = None) -> Tensor:
+    """Per-frame flow times (B, T): one logit-normal t in (0, 1) per clip on every latent
+    frame, and t = 0 on the `clean` (B, T) frames of a conditioning pattern.
 
-    The one place a batch's noise levels are made: conditioning patterns (clean first frames,
-    t = 0 for image-to-video or extension) will set some frames here.
+    The one place a batch's noise levels are made.
     """
     t = logit_normal((batch,), flow.logit_mean, flow.logit_std, generator=generator)  # (B,)
     if shift != 1.0:
         t = shift_timesteps(t, shift)
-    return t[:, None].expand(batch, frames).contiguous()  # (B, T)
+    t = t[:, None].expand(batch, frames).contiguous()  # (B, T)
+    return t if clean is None else t.masked_fill(clean, 0.0)
+
+
+def draw_patterns(generator: torch.Generator, mix: ConditioningMix, batch: int, frames: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Pattern index into PATTERNS (B,), clean latent frames (B, T) bool and loop ties (B,)
+    bool for a batch of clips with `frames` latent frames (see ConditioningMix)."""
+    patterns = torch.multinomial(torch.tensor(mix.probabilities(), dtype=torch.float64), batch, replacement=True,
+                                 generator=generator)  # (B,)
+    clean = torch.zeros(batch, frames, dtype=torch.bool)
+    tie = torch.zeros(batch, dtype=torch.bool)
+
+    def uniform(lo: int, hi: int) -> int:  # lo..hi inclusive
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+
+    for i in range(batch):
+        name = PATTERNS[int(patterns[i])]
+        fits = frames >= (3 if name in ("first_last", "loop") else 2)
+        if not fits:
+            patterns[i] = PATTERNS.index("none")
+        elif name == "first":
+            clean[i, 0] = True
+        elif name == "first_k":
+            clean[i, : uniform(1, frames - 1)] = True
+        elif name == "last_k":
+            clean[i, frames - uniform(1, frames - 1) :] = True
+        elif name == "first_last":
+            a = uniform(1, frames - 2)
+            clean[i, :a] = True
+            clean[i, frames - uniform(1, frames - 1 - a) :] = True
+        elif name == "loop":
+            tie[i] = True
+    return patterns, clean, tie
 
 
 def time_bin_probability(lo: float, hi: float, flow: FlowConfig, shift: float = 1.0) -> float:
@@ -151,8 +229,9 @@ def bucket_tokens(latent: tuple[int, ...], patch: tuple[int, int, int]) -> int:
 
 
 class DiTTask:
-    """Text-to-video flow matching on cached latents. `vae` (optional) decodes the preview
-    videos of `samples`; without it no samples are logged."""
+    """Flow matching on cached latents, each clip with a conditioning pattern (text-to-video,
+    given frames, loops: `ConditioningMix`). `vae` (optional) decodes the preview videos of
+    `samples`; without it no samples are logged."""
 
     def __init__(self, config: DiTRunConfig, cache: LatentCache, vae: nn.Module | None = None):
         self.config = config
@@ -189,32 +268,46 @@ class DiTTask:
         bucket, n, size = self.buckets[k], self.cache.num_clips(self.buckets[k]), cfg.data.batch_size
         indices = rng.choice(n, size=size, replace=n < size)
         gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        # its own stream, drawn after the others, so the text-to-video draws are unchanged
+        cond_gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
         data = self.cache.get(bucket, indices)
         x0 = data["latents"]  # (B, C, T, h, w)
-        t = frame_times(gen, size, x0.shape[2], cfg.flow, self.shift(tuple(x0.shape[1:])))  # (B, T)
+        patterns, clean, tie = draw_patterns(cond_gen, cfg.conditioning, size, x0.shape[2])
+        t = frame_times(gen, size, x0.shape[2], cfg.flow, self.shift(tuple(x0.shape[1:])), clean)  # (B, T)
         noise = torch.randn(x0.shape, generator=gen)  # (B, C, T, h, w)
         drop = torch.rand(size, generator=gen) < cfg.flow.caption_dropout  # (B,)
         text = torch.where(drop[:, None, None], self.cache.empty_text, data["text"])  # (B, L, D)
         mask = torch.where(drop[:, None], self.cache.empty_mask, data["mask"])  # (B, L)
-        return {"latents": x0, "noise": noise, "t": t, "text": text, "mask": mask}
+        if tie.any():  # loops: the last frame is the first (clean latent, noise and t alike)
+            x0, noise = x0.clone(), noise.clone()
+            x0[tie, :, -1] = x0[tie, :, 0]
+            noise[tie, :, -1] = noise[tie, :, 0]
+        return {"latents": x0, "noise": noise, "t": t, "text": text, "mask": mask, "clean": clean,
+                "pattern": patterns}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        x0, noise, t = batch["latents"], batch["noise"], batch["t"]
+        """Mean squared velocity error over the generated (not clean) latent frames. Clean
+        frames are at t = 0 and masked out (where, not a product: their output cannot leak
+        in, not even as NaN), so they take no part in the loss or its gradient."""
+        x0, noise, t, free = batch["latents"], batch["noise"], batch["t"], ~batch["clean"]
         v = model(interpolate(x0, noise, t), 1000.0 * t, batch["text"], batch["mask"])  # (B, C, T, h, w)
         per_frame = (v.float() - velocity_target(x0, noise).float()).pow(2).mean(dim=(1, 3, 4))  # (B, T)
-        loss = per_frame.mean()
-        return loss, self._binned(per_frame.detach(), t, self.shift(tuple(x0.shape[1:])))
+        per_frame = torch.where(free, per_frame, torch.zeros((), device=per_frame.device))
+        loss = per_frame.sum() / free.sum().clamp(min=1)
+        return loss, self._binned(per_frame.detach(), t, free, self.shift(tuple(x0.shape[1:])))
 
-    def _binned(self, per_frame: Tensor, t: Tensor, shift: float) -> dict[str, Tensor]:
-        """Loss by noise level, as unbiased estimates: sum over the frames in a bin divided by
-        the bin's expected count, so a bin a batch misses counts as 0 and log averages over
-        steps converge to E[loss | t in bin] (a plain per-batch bin mean would be undefined)."""
+    def _binned(self, per_frame: Tensor, t: Tensor, free: Tensor, shift: float) -> dict[str, Tensor]:
+        """Loss by noise level, as unbiased estimates: sum over the generated frames in a bin
+        divided by the bin's expected count, so a bin a batch misses counts as 0 and log
+        averages over steps converge to E[loss | t in bin] (a plain per-batch bin mean would
+        be undefined)."""
         logs = {}
+        count = free.sum().clamp(min=1)
         for lo, hi in zip(TIME_BINS, TIME_BINS[1:]):
             # every key on every step: the trainer averages each log over all steps of a window
             p = max(time_bin_probability(lo, hi, self.config.flow, shift), 1e-12)
-            inside = (t >= lo) & ((t < hi) if hi < 1.0 else (t <= hi))  # (B, T)
-            logs[f"loss_t{lo:.2f}-{hi:.2f}"] = (per_frame * inside).sum() / (per_frame.numel() * p)
+            inside = free & (t >= lo) & ((t < hi) if hi < 1.0 else (t <= hi))  # (B, T)
+            logs[f"loss_t{lo:.2f}-{hi:.2f}"] = (per_frame * inside).sum() / (count * p)
         return logs
 
     def samples(self, model: nn.Module) -> dict[str, Tensor]:

@@ -1,0 +1,149 @@
+"""Every generation task as a thin function: choose a layout (kino/tasks/conditioning.py),
+sample with `Pipeline.generate` (one loop), record what was done.
+
+    from kino.tasks import video_tasks as tasks
+    clip = tasks.image_to_video(pipe, "a small red circle moving left ...", "first.png")
+    clip = tasks.extend(pipe, prompt, "in.mp4", frames=8)                 # 8 new frames after it
+    clip = tasks.extend(pipe, prompt, "in.mp4", frames=9, backward=True)  # 9 new frames before it
+    clip = tasks.connect(pipe, prompt, "a.mp4", "b.mp4", frames=8)        # A, 8 new frames, B
+    clip = tasks.loop(pipe, prompt, frames=17)                           # frame 17 would be frame 0
+    clip = tasks.edit(pipe, prompt, "in.mp4", strength=0.6)              # SDEdit
+
+Inputs are paths (videos are read at the model's fps, so motion keeps the speed the model
+learnt; images are one frame) or uint8 frames (F, H, W, 3) / (H, W, 3). The frame and
+size rules are in kino/tasks/conditioning.py. `sampling` options (steps, guidance,
+negative, sampler, shift, callback) mean what they mean for `Pipeline.generate`. The
+returned `Generation` holds the output video (the given frames re-decoded, not pasted),
+its latents, the conditioning of the last pass and metadata naming the task, its inputs
+and the input frames used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from kino.data.video_io import read_video
+from kino.errors import KinoUserError
+from kino.pipeline import Generation, Pipeline
+from kino.tasks.conditioning import (Given, Layout, build_conditioning, default_size, fit_video, plan_connect,
+                                     plan_edit, plan_extend, plan_generate, to_model_range)
+
+Media = str | Path | np.ndarray | Tensor
+REFINE = 0.5  # share of the schedule the second pass re-runs (extend backward, connect)
+
+
+def load_input(pipe: Pipeline, media: Media, name: str) -> tuple[Tensor, str]:
+    """(3, F, h, w) in [-1, 1] and its source path ('' for arrays)."""
+    if isinstance(media, (str, Path)):
+        path = Path(media)
+        if not path.is_file():
+            raise KinoUserError(f"{name} {path} does not exist")
+        video, _ = read_video(path, fps=pipe.defaults.fps)
+        return to_model_range(video), str(path)
+    return to_model_range(media), ""
+
+
+def output_size(pipe: Pipeline, first: Tensor | None, height: int | None, width: int | None) -> tuple[int, int]:
+    """The requested size; unset sides take the first input's (rounded down to the model's
+    stride), or the model's default without inputs."""
+    stride = pipe.vae.config.space_stride * pipe.dit.config.patch_size[1]
+    h, w = default_size(first, stride) if first is not None else (pipe.defaults.height, pipe.defaults.width)
+    h, w = height or h, width or w
+    pipe.check_request(1, h, w)
+    return h, w
+
+
+def run_layout(pipe: Pipeline, prompt: str, layout: Layout, task: str, *, seed: int = 0, refine: float = REFINE,
+               **sampling) -> Generation:
+    """Sample a layout: one pass, or two when given frames follow generated ones (see
+    kino/tasks/conditioning.py): the second starts from the first's video with the given
+    frames pasted in, re-encoded, and re-runs `refine` of the schedule."""
+    if not 0.0 <= refine <= 1.0:
+        raise KinoUserError(f"--refine must be in [0, 1], got {refine}")
+    pipe.check_request(layout.frames, layout.height, layout.width)
+    size = dict(frames=layout.frames, height=layout.height, width=layout.width, seed=seed)
+    clip = pipe.generate(prompt, **size, conditioning=build_conditioning(pipe.vae, layout), **sampling)
+    if layout.needs_refine:
+        base = to_model_range(clip.video)[None]  # (1, 3, F, H, W) the pass-1 video
+        cond = build_conditioning(pipe.vae, layout, base=base, refine=refine)
+        clip = pipe.generate(prompt, **size, conditioning=cond, **sampling)
+    clip.metadata.update(task_metadata(task, layout, refine))
+    return clip
+
+
+def task_metadata(task: str, layout: Layout, refine: float) -> dict[str, str]:
+    given = layout.given + ([layout.source] if layout.source is not None else [])
+    meta = {"task": task,
+            "inputs": json.dumps({g.name: g.source for g in given}),
+            # which input frames (start, stop of total) sit where in the output
+            "input_frames": json.dumps([{"input": g.name, "frames": list(g.used), "at": g.at} for g in given])}
+    if layout.loop:
+        meta["loop"] = "true"
+    if layout.source is not None:
+        meta["strength"] = str(layout.strength)
+    if layout.needs_refine:
+        meta["refine"] = str(refine)
+    return meta
+
+
+# ---------------------------------------------------------------------------- the tasks
+
+
+def generate(pipe: Pipeline, prompt: str, *, image: Media | None = None, loop: bool = False,
+             frames: int | None = None, height: int | None = None, width: int | None = None, seed: int = 0,
+             **sampling) -> Generation:
+    """Text-to-video, image-to-video (`image`, or a video's first frame, becomes frame 0)
+    and loops (`loop`; with an image, the loop starts and wraps around at it)."""
+    first, source = load_input(pipe, image, "--image") if image is not None else (None, "")
+    h, w = output_size(pipe, first, height, width)
+    frames = frames or pipe.defaults.frames
+    given = None if first is None else Given(fit_video(first[:, :1], h, w), 0, "image", source, (0, 1, first.shape[1]))
+    layout = plan_generate(frames, h, w, pipe.vae.config.time_stride, image=given, loop=loop)
+    task = "image-to-video" if image is not None else "text-to-video"
+    task = f"{task} loop" if loop else task
+    return run_layout(pipe, prompt, layout, task, seed=seed, **sampling)
+
+
+def image_to_video(pipe: Pipeline, prompt: str, image: Media, **options) -> Generation:
+    return generate(pipe, prompt, image=image, **options)
+
+
+def loop(pipe: Pipeline, prompt: str, **options) -> Generation:
+    return generate(pipe, prompt, loop=True, **options)
+
+
+def extend(pipe: Pipeline, prompt: str, video: Media, *, frames: int, backward: bool = False,
+           height: int | None = None, width: int | None = None, seed: int = 0, refine: float = REFINE,
+           **sampling) -> Generation:
+    """The input followed (or, `backward`, preceded) by `frames` new frames."""
+    x, source = load_input(pipe, video, "input")
+    h, w = output_size(pipe, x, height, width)
+    layout = plan_extend(fit_video(x, h, w), frames, pipe.vae.config.time_stride, backward, source)
+    task = "extend backward" if backward else "extend forward"
+    return run_layout(pipe, prompt, layout, task, seed=seed, refine=refine, **sampling)
+
+
+def connect(pipe: Pipeline, prompt: str, first: Media, second: Media, *, frames: int, height: int | None = None,
+            width: int | None = None, seed: int = 0, refine: float = REFINE, **sampling) -> Generation:
+    """A, then `frames` new frames leading from A's end into B's start, then B."""
+    a, source_a = load_input(pipe, first, "first input")
+    b, source_b = load_input(pipe, second, "second input")
+    h, w = output_size(pipe, a, height, width)
+    layout = plan_connect(fit_video(a, h, w), fit_video(b, h, w), frames, pipe.vae.config.time_stride,
+                          (source_a, source_b))
+    return run_layout(pipe, prompt, layout, "connect", seed=seed, refine=refine, **sampling)
+
+
+def edit(pipe: Pipeline, prompt: str, video: Media, *, strength: float, frames: int | None = None,
+         height: int | None = None, width: int | None = None, seed: int = 0, **sampling) -> Generation:
+    """SDEdit: the input noised to `strength` and re-generated (0 returns the input as the
+    VAE reconstructs it, 1 is text-to-video with the same seed). `frames`: use the input's
+    first `frames` frames (default all)."""
+    x, source = load_input(pipe, video, "input")
+    h, w = output_size(pipe, x, height, width)
+    layout = plan_edit(fit_video(x, h, w), strength, pipe.vae.config.time_stride, frames, source)
+    return run_layout(pipe, prompt, layout, "edit", seed=seed, **sampling)
