@@ -19,11 +19,8 @@ S = 4  # the VAE's time stride
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    pass
 
 
 def video(frames: int, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:

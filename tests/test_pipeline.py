@@ -5,37 +5,23 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_pipeline
 
 from kino.cli import main
 from kino.data.video_io import read_metadata, read_video
 from kino.errors import KinoUserError
-from kino.models.dit import DIT_SIZES, DiT
-from kino.models.text import MiniLMEncoder
-from kino.models.vae import VAE_SIZES, VideoVAE
-from kino.pipeline import GenerationDefaults, Pipeline, sample_latents
+from kino.pipeline import Pipeline, sample_latents
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    pass
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    vae = VideoVAE(VAE_SIZES["tiny"]).eval()
-    dit = DiT(DIT_SIZES["tiny"].__class__.from_dict({**DIT_SIZES["tiny"].to_dict(), "text_dim": 384}))
-    with torch.no_grad():  # a zero-initialised head would make every video the same
-        for p in dit.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    pipe = Pipeline(vae, dit.eval(), MiniLMEncoder(max_length=16),
-                    GenerationDefaults(frames=5, height=32, width=32, steps=3, guidance=3.0), name="tiny-test")
-    root = tmp_path_factory.mktemp("model")
-    pipe.save_pretrained(root)
-    return root
+    return save_tiny_pipeline(tmp_path_factory.mktemp("model"), "tiny-test", frames=5, height=32, width=32,
+                              steps=3, guidance=3.0)
 
 
 def test_from_pretrained_round_trip_and_determinism(model_dir):

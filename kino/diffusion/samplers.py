@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-import torch
 from torch import Tensor
 
 Velocity = Callable[[Tensor, float], Tensor]

@@ -1,0 +1,31 @@
+"""Shared test fixtures."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread: on a busy 2-core machine two OpenMP threads run 10-30x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def save_tiny_pipeline(root, name: str, **defaults):
+    """A tiny random pipeline (tiny VAE, tiny DiT, the real MiniLM text encoder) saved as a model folder."""
+    from kino.models.dit import DIT_SIZES, DiT, DiTConfig
+    from kino.models.text import MiniLMEncoder
+    from kino.models.vae import VAE_SIZES, VideoVAE
+    from kino.pipeline import GenerationDefaults, Pipeline
+
+    torch.manual_seed(0)
+    vae = VideoVAE(VAE_SIZES["tiny"]).eval()
+    dit = DiT(DiTConfig.from_dict({**DIT_SIZES["tiny"].to_dict(), "text_dim": 384}))
+    with torch.no_grad():  # a zero-initialised head would make every video the same
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe = Pipeline(vae, dit.eval(), MiniLMEncoder(max_length=16), GenerationDefaults(**defaults), name=name)
+    pipe.save_pretrained(root)
+    return root
