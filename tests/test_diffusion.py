@@ -1,6 +1,5 @@
 """Flow matching and samplers, checked on a Gaussian whose exact velocity field is known."""
 
-import math
 
 import pytest
 import torch
