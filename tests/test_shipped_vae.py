@@ -1,0 +1,53 @@
+"""The VAE shipped inside the package: it loads, passes its sha256 check, and reconstructs
+held-out Shapes World clips (a small check; the full measurement is in BENCHMARKS.md)."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from kino.models.folder import WeightsIntegrityError, default_model_dir
+from kino.models.vae.pretrained import load_vae
+from kino.tasks.reconstruct import psnr_uint8, reconstruct_video
+from kino.world.evaluator import evaluate_clip
+from kino.world.generator import render, scene_at
+
+# The shipped weights measure 30.7 dB mean PSNR and a 50.5% evaluator pass rate over 200 fresh
+# eval clips (BENCHMARKS.md); below the issue's targets (32 dB, 98%). This test uses other
+# clips (seed 777: 30.9 dB, 4/8 pass) and asserts floors under those, to catch regressions.
+MIN_MEAN_PSNR = 29.0
+MIN_PASSED = 3
+
+
+@pytest.fixture(scope="module")
+def vae():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_vae()
+    torch.set_num_threads(old)
+
+
+def test_shipped_vae_reconstructs_world_clips(vae):
+    psnrs, passed = [], 0
+    cases = [(1, (64, 64)), (9, (64, 96)), (17, (96, 64)), (33, (64, 64))]
+    for i, (frames, size) in enumerate(cases * 2):
+        scene = scene_at("eval", 777, i, frames=frames, size=size)
+        video = render(scene)
+        rec = reconstruct_video(vae, video)
+        assert rec.shape == video.shape
+        psnrs.append(psnr_uint8(video, rec))
+        passed += evaluate_clip(rec, scene.caption).passed
+    assert np.mean(psnrs) >= MIN_MEAN_PSNR, psnrs
+    assert passed >= MIN_PASSED, (passed, psnrs)
+
+
+def test_tampered_shipped_weights_are_refused(tmp_path):
+    copy = tmp_path / "default"
+    shutil.copytree(default_model_dir(), copy)
+    w = copy / "vae" / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    w.write_bytes(bytes(data))
+    with pytest.raises(WeightsIntegrityError, match="sha256"):
+        load_vae(copy)
