@@ -16,14 +16,13 @@ command's seed + its index, so reruns are identical.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterable
 
 from kino.errors import KinoUserError
 from kino.pipeline import Generation, Pipeline
 from kino.tasks import video_tasks
-from kino.world.dataset import clip_filename, write_clip, write_rows
+from kino.world.dataset import clip_filename, read_jsonl, write_clip, write_rows
 
 OPTION_TYPES = {"frames": int, "height": int, "width": int, "seed": int, "loop": bool, "backward": bool,
                 "refine": float, "strength": float}
@@ -56,13 +55,7 @@ def read_prompt_rows(path: str | Path, task: str = "generate") -> list[dict]:
     usage = (f"each row needs a string 'caption'{''.join(f', {k!r}' for k in required)} and may have "
              f"{', '.join(map(repr, (*optional, *options)))}")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KinoUserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
             raise KinoUserError(f"{path}:{n}: {usage}")
         unknown = sorted(set(row) - {"caption", *required, *optional, *options})

@@ -63,6 +63,18 @@ def write_samples(out_dir, n: int, split: str = "train", seed: int = 0,
     return rows
 
 
+def read_jsonl(path: Path) -> list[tuple[int, object]]:
+    """(line number, value) for each non-blank line; a KinoUserError naming the line for bad JSON."""
+    values = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                values.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise KinoUserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return values
+
+
 def read_rows(folder) -> list[dict]:
     """Rows of folder/captions.jsonl, validated; a clear KinoUserError for anything malformed."""
     path = Path(folder) / CAPTIONS
@@ -72,13 +84,7 @@ def read_rows(folder) -> list[dict]:
         raise KinoUserError(f"{path} not found: a Shapes World folder holds clips and a {CAPTIONS} "
                             "with one JSON row per clip, as `kino world sample` writes")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KinoUserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, row in read_jsonl(path):
         if not isinstance(row, dict) or not {"file", "caption"} <= row.keys():
             raise KinoUserError(f"{path}:{n}: each row needs at least 'file' and 'caption', "
                                 f"and may have {', '.join(ROW_KEYS[2:])}")
