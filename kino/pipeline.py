@@ -12,7 +12,7 @@ task of `kino/tasks/video_tasks.py`) live there, not in the model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +24,8 @@ from kino.diffusion.flow import sampling_timesteps, shift_for_tokens
 from kino.diffusion.samplers import SAMPLERS
 from kino.errors import KinoUserError
 from kino.models.dit.model import DiT, DiTConfig
-from kino.models.folder import (default_model_dir, load_component, load_module, read_manifest, save_component,
-                                write_manifest)
+from kino.models.folder import (default_model_dir, load_component, load_module, read_manifest, reject_unknown_fields,
+                                save_component, write_manifest)
 from kino.models.text.encoder import TextEncoder, load_text_encoder, text_encoder_config
 from kino.models.vae.model import VAEConfig, VideoVAE
 from kino.tasks.conditioning import Conditioning
@@ -50,10 +50,7 @@ class GenerationDefaults:
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerationDefaults:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise KinoUserError(f"unknown pipeline settings {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(cls, d, "pipeline settings", KinoUserError)
         return cls(**d)
 
 

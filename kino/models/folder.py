@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -32,6 +32,14 @@ WEIGHTS = "model.safetensors"
 
 class WeightsIntegrityError(KinoUserError):
     """A weights file whose sha256 differs from the one recorded for it."""
+
+
+def reject_unknown_fields(cls, d: dict, what: str | None = None, error: type[Exception] = ValueError) -> None:
+    """Config dicts from disk must name only fields of the dataclass `cls`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise error(f"unknown {what or cls.__name__ + ' fields'} {unknown}; known: {sorted(known)}")
 
 
 def sha256_file(path: str | Path) -> str:

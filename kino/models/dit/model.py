@@ -33,13 +33,14 @@ so its checkpoints need no renaming; `adapters.py` maps diffusers' layout.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kino.errors import KinoUserError
+from kino.models.folder import reject_unknown_fields
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each (L, head_dim / 2), fp32
 
@@ -443,10 +444,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DiTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(cls, d)
         return cls(**d)
 
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kino.errors import KinoUserError
+from kino.models.folder import reject_unknown_fields
 
 # Same bounds as diffusers' DiagonalGaussianDistribution: exp(logvar / 2) stays finite in fp16.
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -662,10 +663,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VAEConfig fields {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(cls, d)
         return cls(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
 
 
