@@ -448,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kino: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
