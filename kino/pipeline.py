@@ -26,6 +26,7 @@ from kino.errors import KinoUserError
 from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import (default_model_dir, load_component, load_module, read_manifest, reject_unknown_fields,
                                 save_component, write_manifest)
+from kino.models.lora import fuse_lora, read_lora, unfuse_lora
 from kino.models.text.encoder import TextEncoder, load_text_encoder, text_encoder_config
 from kino.models.vae.model import VAEConfig, VideoVAE
 from kino.tasks.conditioning import Conditioning
@@ -113,6 +114,8 @@ class Pipeline:
         self.vae, self.dit, self.text_encoder = vae, dit, text_encoder
         self.defaults = defaults or GenerationDefaults()
         self.name = name
+        self.loras: list[dict] = []  # fused LoRAs, in order: {"file", "sha256", "scale"}
+        self._dit_base: dict[str, Tensor] = {}  # DiT weights as they were before the first LoRA
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
@@ -143,6 +146,24 @@ class Pipeline:
         return write_manifest(root, self.name, {"vae": ("vae", "VideoVAE"), "dit": ("dit", "DiT"),
                                                 "text_encoder": ("text_encoder", type(self.text_encoder).__name__)},
                               extra={"pipeline": asdict(self.defaults)})
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Fuse a LoRA file into the DiT's weights: W += scale * alpha / rank * up @ down.
+
+        Several LoRAs add up; sampling then costs the same as without. `unload_loras()`
+        restores the DiT bit for bit. A file that is not a kino LoRA, or whose layers do not
+        fit this DiT, raises KinoUserError and changes nothing.
+        """
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise KinoUserError(f"LoRA scale must be a number, got {scale!r}")
+        lora = read_lora(path)
+        fuse_lora(self.dit, lora, float(scale), self._dit_base)
+        self.loras.append({"file": lora.path.name, "sha256": lora.sha256, "scale": float(scale)})
+
+    def unload_loras(self) -> None:
+        """Undo every `load_lora`: the DiT's original weights, bit for bit."""
+        unfuse_lora(self.dit, self._dit_base)
+        self.loras.clear()
 
     @property
     def device(self) -> torch.device:
@@ -195,6 +216,8 @@ class Pipeline:
                                  conditioning=conditioning)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
+        if self.loras:
+            meta["lora"] = json.dumps(self.loras)
         return Generation(self.decode(latents, d.frames), d.fps,
                           {k: "" if v is None else str(v) for k, v in meta.items()},
                           latents=latents, conditioning=conditioning)
