@@ -10,7 +10,8 @@ with `up` zero-initialised: the adapted model starts exactly equal to the base.
 
 Files: `save_lora` writes only the LoRA weights as safetensors, keys
 `<module>.lora_down.weight` / `<module>.lora_up.weight` naming the adapted module, and
-rank, alpha and the target patterns in the safetensors metadata (format "kino-lora").
+rank, alpha, the target patterns and the base model (its name and the sha256 of its DiT
+weights) in the safetensors metadata (format "kino-lora").
 
 Generation: `fuse_lora` adds scale * (alpha / rank) * up @ down to each named module's
 weight, so sampling costs nothing extra; the original weights are kept on the side and
@@ -150,10 +151,11 @@ def lora_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def save_lora(path: str | Path, state_dict: dict[str, Tensor], config: LoRAConfig,
-              base: str | None = None) -> str:
+              base: str | None = None, base_sha256: str | None = None) -> str:
     """Write the LoRA weights of `state_dict` (a LoRA-adapted model's; other keys are left
-    out) to a .safetensors file, atomically; returns its sha256. `base` names the model it
-    was trained on (informative: fusing checks the shapes, not the name)."""
+    out) to a .safetensors file, atomically; returns its sha256. `base` and `base_sha256`
+    name the model it was trained on and the sha256 of its weights file (informative:
+    fusing checks the shapes; a different base only draws a warning)."""
     from safetensors.torch import save_file
 
     tensors = lora_state_dict(state_dict)
@@ -163,6 +165,8 @@ def save_lora(path: str | Path, state_dict: dict[str, Tensor], config: LoRAConfi
                 "targets": json.dumps(list(config.targets)), "kino_version": __version__}
     if base is not None:
         metadata["base"] = base
+    if base_sha256 is not None:
+        metadata["base_sha256"] = base_sha256
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -183,6 +187,7 @@ class LoRAFile:
     up: dict[str, Tensor]
     sha256: str
     base: str | None = None
+    base_sha256: str | None = None
 
     @property
     def modules(self) -> list[str]:
@@ -199,8 +204,10 @@ def read_lora(path: str | Path) -> LoRAFile:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise KinoUserError(f"LoRA file {path} does not exist")
+    if not path.is_file():
+        raise KinoUserError(f"LoRA file {path} is not a file")
     digest = sha256_file(path)
     _check_record(path, digest)
     try:
@@ -232,7 +239,7 @@ def read_lora(path: str | Path) -> LoRAFile:
         if d.ndim != 2 or u.ndim != 2 or d.shape[0] != rank or u.shape[1] != rank:
             raise KinoUserError(f"LoRA file {path} is malformed: {name} has down {tuple(d.shape)} and up "
                                 f"{tuple(u.shape)}, expected (rank, in) and (out, rank) with rank {rank}")
-    return LoRAFile(path, rank, alpha, targets, down, up, digest, metadata.get("base"))
+    return LoRAFile(path, rank, alpha, targets, down, up, digest, metadata.get("base"), metadata.get("base_sha256"))
 
 
 def write_record(path: str | Path, sha256: str, **info) -> Path:
@@ -268,7 +275,7 @@ def fuse_lora(model: nn.Module, lora: LoRAFile, scale: float, originals: dict[st
     `originals` receives a copy of each weight before its first change (it may already hold
     some from earlier fusions); `unfuse_lora(model, originals)` restores them bit for bit.
     """
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise KinoUserError(f"LoRA scale must be a finite number, got {scale!r}")
     modules = dict(model.named_modules())
     problems = []

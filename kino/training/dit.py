@@ -31,8 +31,8 @@ from kino.diffusion.flow import (interpolate, logit_normal, sampling_timesteps, 
 from kino.diffusion.samplers import euler, guided
 from kino.errors import KinoUserError
 from kino.models.dit import DIT_SIZES, DiT, DiTConfig
-from kino.models.folder import (WEIGHTS, default_model_dir, read_manifest, save_component, sha256_file,
-                                write_manifest)
+from kino.models.folder import (WEIGHTS, default_model_dir, load_component, read_manifest, save_component,
+                                sha256_file, write_manifest)
 from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
 from kino.training.config import TrainConfig
 from kino.world.generator import SPLITS
@@ -171,6 +171,24 @@ def model_folder(init_from: str) -> Path:
     return default_model_dir() if init_from == "default" else Path(init_from)
 
 
+def check_init_from(init_from: str, dit_config: DiTConfig, size: str) -> Path:
+    """The folder `init_from` names, once checked to hold a DiT of exactly `dit_config` (the
+    size `model` names, with the text encoder's width). Cheap (configs only), so a run checks
+    it before spending time on the latent cache."""
+    folder = model_folder(init_from)
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if not folder.is_dir() or (manifest is not None and "dit" not in manifest.get("components", {})):
+        raise KinoUserError(f"init_from = {init_from!r}: {folder} is not a model folder with a DiT "
+                            "(a `kino train dit` output, or a folder whose kino.json lists a dit component)")
+    found = DiTConfig.from_dict(load_component(folder, "dit", weights=False).config)
+    if found != dit_config:
+        want = dit_config.to_dict()
+        diff = {k: v for k, v in found.to_dict().items() if want[k] != v}
+        raise KinoUserError(f"init_from {init_from} holds a DiT that differs from model = {size!r} with "
+                            f"{dit_config.text_dim}-d text features: it has {diff}; set model to its size")
+    return folder
+
+
 # ---------------------------------------------------------------------------- timesteps
 
 
@@ -278,11 +296,7 @@ class DiTTask:
         cfg = self.config
         if cfg.init_from is None:
             return DiT(self.dit_config)
-        model = load_dit(model_folder(cfg.init_from)).train()
-        if model.config != self.dit_config:
-            diff = {k: v for k, v in model.config.to_dict().items() if self.dit_config.to_dict()[k] != v}
-            raise KinoUserError(f"init_from {cfg.init_from} holds a DiT that differs from model = {cfg.model!r} "
-                                f"with {self.dit_config.text_dim}-d text features (the latent cache's): it has {diff}")
+        model = load_dit(check_init_from(cfg.init_from, self.dit_config, cfg.model)).train()
         if cfg.lora is None:
             return model.requires_grad_(True)
         apply_lora(model, cfg.lora)  # freezes the base; only the LoRA layers train
@@ -383,11 +397,11 @@ def export_lora(state_dict: dict[str, Tensor], config: DiTRunConfig, path: str |
     """Write the LoRA weights of a trained, LoRA-adapted DiT's state dict alone to `path`
     (.safetensors; rank, alpha, targets in its metadata) and, beside it, a JSON record of its
     sha256, the base it adapts (with the base weights' sha256) and `training` facts."""
-    base = model_folder(config.init_from)
+    base_sha256 = _dit_weights_sha256(model_folder(config.init_from))
     path = Path(path)
-    digest = save_lora(path, state_dict, config.lora, base=str(config.init_from))
+    digest = save_lora(path, state_dict, config.lora, base=str(config.init_from), base_sha256=base_sha256)
     write_record(path, digest, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets,
-                 dropout=config.lora.dropout, base=str(config.init_from), base_dit_sha256=_dit_weights_sha256(base),
+                 dropout=config.lora.dropout, base=str(config.init_from), base_sha256=base_sha256,
                  ema=config.train.ema_decay is not None, **training)
     return path
 
@@ -430,6 +444,9 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         from kino.models.text.encoder import MiniLMEncoder
 
         text_encoder = MiniLMEncoder(max_length=config.cache.text_max_length)
+    if config.init_from is not None:  # fail now, not after building the cache
+        check_init_from(config.init_from, dataclasses.replace(DIT_SIZES[config.model], text_dim=text_encoder.dim),
+                        config.model)
     c = config.cache
     show = config.train.progress
     build_world_cache(
