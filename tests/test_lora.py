@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,21 @@ def test_lora_resume_is_exact(cache_dir, base_dir, tmp_path):
     for one, two in zip(straight[:2], resumed[:2]):
         assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert straight[2]["loss"] == resumed[2]["loss"]
+
+
+def test_lora_run_refuses_to_resume_onto_changed_base_weights(cache_dir, base_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(base_dir, base)
+    cfg = run_config(tmp_path / "run", cache_dir, base, LoRAConfig(rank=2), max_steps=2)
+    assert run_train_dit(cfg, text_encoder=FakeTextEncoder()) == tmp_path / "run" / "lora.safetensors"
+    dit = random_dit(seed=9)  # same size, other weights
+    save_component(base / "dit", dit.config.to_dict(), dit.state_dict())
+    write_manifest(base, "tiny-base", {"vae": ("vae", "VideoVAE"), "dit": ("dit", "DiT")})
+    cfg.train.max_steps = 4
+    with pytest.raises(KinoUserError, match="resuming would adapt other weights"):
+        run_train_dit(cfg, text_encoder=FakeTextEncoder())
+    cfg.train.out_dir = str(tmp_path / "fresh")  # a new run folder on the new base is fine
+    assert run_train_dit(cfg, text_encoder=FakeTextEncoder()).is_file()
 
 
 def test_full_finetuning_starts_from_init_from(cache_dir, base_dir, tmp_path):

@@ -416,6 +416,28 @@ def default_vae_folder(init_from: str | None) -> Path:
     return default_model_dir()
 
 
+def pin_lora_base(config: DiTRunConfig) -> None:
+    """A LoRA run's checkpoints hold the LoRA alone and resume rebuilds the base from
+    init_from, so the run folder records the base DiT's sha256 (OUT/lora_base.json) and a
+    resume refuses a base whose weights changed since."""
+    from kino.training.checkpoint import latest_checkpoint
+
+    out = Path(config.train.out_dir)
+    sha = _dit_weights_sha256(model_folder(config.init_from))
+    record = out / "lora_base.json"
+    if record.is_file() and latest_checkpoint(out) is not None:
+        pinned = json.loads(record.read_text(encoding="utf-8"))["base_sha256"]
+        if pinned != sha:
+            raise KinoUserError(f"{out} holds a LoRA run on a base DiT with weights sha256 {pinned[:16]}..., but "
+                                f"init_from {config.init_from} now has {sha[:16]}...: resuming would adapt other "
+                                "weights. Restore that base or start a new run folder")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps({"init_from": str(config.init_from), "base_sha256": sha}) + "\n", encoding="utf-8")
+    tmp.replace(record)
+
+
 def _dit_weights_sha256(root: Path) -> str:
     manifest = read_manifest(root)
     folder = root / manifest["components"]["dit"]["path"] if manifest is not None else root
@@ -456,6 +478,8 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
     )
     cache = LatentCache(c.dir)
     task = DiTTask(config, cache, vae=vae)
+    if config.lora is not None:
+        pin_lora_base(config)
     trainer = Trainer(task, config.train, run_config=config)
     result = trainer.fit()
     if result.interrupted:
