@@ -159,6 +159,7 @@ class Pipeline:
         fit this DiT, raises KinoUserError and changes nothing. A LoRA trained on other base
         weights (its recorded base sha256 differs) still fuses when the shapes fit, with a
         warning: adapting a close relative of the base is legitimate but may not work.
+        `save_pretrained` afterwards writes the fused (merged) DiT.
         """
         lora = read_lora(path)
         fuse_lora(self.dit, lora, scale, self._dit_base)
