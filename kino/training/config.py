@@ -195,6 +195,10 @@ def _convert(tp: Any, value: Any, *, key: str, source: str) -> Any:
         members = typing.get_args(tp)
         if type(None) in members and (value is None or (isinstance(value, str) and value.lower() == "none")):
             return None
+        sections = [m for m in members if dataclasses.is_dataclass(m)]
+        if isinstance(value, dict) and len(sections) == 1:
+            # an optional section given as a table: build it, so its own errors name the bad key
+            return _build(sections[0], value, prefix=key + ".", source=source)
         for member in members:
             if member is type(None):
                 continue
