@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kino.data.datasets import VideoDatasetConfig
 from kino.data.latent_cache import (Bucket, LatentCache, bucket_name, build_world_cache, default_buckets,
                                     parse_bucket)
 from kino.diffusion.flow import (interpolate, logit_normal, sampling_timesteps, shift_for_tokens, shift_timesteps,
@@ -145,6 +146,9 @@ class DiTRunConfig:
 
     model: str = "small"  # a named size in DIT_SIZES (its text_dim is set from the text encoder)
     vae: str | None = None  # VAE model folder; none: the shipped default
+    # A real video dataset (kino/data/datasets.py), encoded into cache.dir by `kino preprocess`
+    # (its buckets replace cache.buckets). None: Shapes World, encoded on first use.
+    dataset: VideoDatasetConfig | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     data: DiTDataConfig = field(default_factory=DiTDataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -241,7 +245,7 @@ class DiTTask:
         if cache.latent_channels != self.dit_config.in_channels:
             raise KinoUserError(f"the cache holds {cache.latent_channels}-channel latents; the DiT size "
                                 f"{config.model!r} takes {self.dit_config.in_channels}")
-        wanted = config.cache.bucket_list()
+        wanted = config.cache.bucket_list() if config.dataset is None else list(cache.buckets)
         missing = [bucket_name(b) for b in wanted if b not in cache.buckets]
         if missing:
             raise KinoUserError(f"the latent cache {cache.root} has no bucket {', '.join(missing)}")
@@ -373,12 +377,17 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         text_encoder = MiniLMEncoder(max_length=config.cache.text_max_length)
     c = config.cache
     show = config.train.progress
-    build_world_cache(
-        c.dir, vae, text_encoder, clips_per_bucket=c.clips_per_bucket, split=c.split, seed=c.seed,
-        buckets=c.bucket_list(),
-        progress=lambda it: tqdm(it, desc="latent cache", unit="batch", file=sys.stderr, disable=not show),
-    )
-    cache = LatentCache(c.dir)
+    if config.dataset is None:
+        build_world_cache(
+            c.dir, vae, text_encoder, clips_per_bucket=c.clips_per_bucket, split=c.split, seed=c.seed,
+            buckets=c.bucket_list(),
+            progress=lambda it: tqdm(it, desc="latent cache", unit="batch", file=sys.stderr, disable=not show),
+        )
+        cache = LatentCache(c.dir)
+    else:  # made by `kino preprocess` (kino/data/preprocess.py)
+        from kino.data.preprocess import open_video_cache
+
+        cache = open_video_cache(c.dir, config.dataset, vae)
     task = DiTTask(config, cache, vae=vae)
     trainer = Trainer(task, config.train, run_config=config)
     result = trainer.fit()
