@@ -1,5 +1,8 @@
-"""Latent cache: Shapes World clips encoded once by the VAE and the text encoder, so that
-training the diffusion transformer never runs either of them per step.
+"""Latent cache: clips encoded once by the VAE and the text encoder, so that
+training the diffusion transformer never runs either of them per step. This module builds
+Shapes World caches; kino/data/preprocess.py writes real video datasets in the same format
+(its clips carry `keys`, where they came from, instead of scene `indices`), and
+`LatentCache` reads both.
 
 Layout::
 

@@ -254,6 +254,7 @@ def run_preprocess(config, *, text_encoder=None, progress: bool = True) -> Prepr
 
     from kino.models.folder import default_model_dir
     from kino.models.vae.pretrained import load_vae
+    from kino.training.trainer import resolve_device
 
     if config.dataset is None:
         raise KinoUserError("the config has no [dataset] section: `kino preprocess` encodes a video dataset "
@@ -263,7 +264,10 @@ def run_preprocess(config, *, text_encoder=None, progress: bool = True) -> Prepr
     vae_path = Path(config.vae) if config.vae is not None else default_model_dir()
     if not vae_path.exists():
         raise KinoUserError(f"the VAE folder {vae_path} does not exist: set vae = \"MODEL_DIR\" in the config")
-    vae = load_vae(vae_path)
+    device = resolve_device(config.train.device)
+    if device.type == "cuda":  # under torchrun: this rank's own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    vae = load_vae(vae_path, device)
     if text_encoder is None:
         from kino.models.text.encoder import MiniLMEncoder
 
