@@ -13,9 +13,11 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -371,6 +373,51 @@ def test_two_ranks_take_their_parts(tmp_path, folder_csv, built):
         json.loads((built / CACHE_JSON).read_text())["buckets"]
 
 
+KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_datasets import FakeTextEncoder, FailingVAE, dataset, tiny_vae
+from kino.data.preprocess import build_video_cache
+import torch
+torch.set_num_threads(1)
+
+class Slow(FailingVAE):  # part 0 at full speed, then slow enough to be killed inside part 1
+    def encode(self, x):
+        if self.calls >= 3:
+            time.sleep(60)
+        return super().encode(x)
+
+build_video_cache({out!r}, Slow(tiny_vae()), FakeTextEncoder(), dataset({captions!r}))
+"""
+
+
+def test_cache_resumes_after_kill_9(tmp_path, folder_csv, built):
+    out = tmp_path / "c"
+    script = KILL_SCRIPT.format(tests=str(REPO / "tests"), out=str(out), captions=str(folder_csv))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "parts" / "part-00000.json").exists():  # part 0 done, part 1 being encoded
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "parts" / "part-00001.json").exists()
+    # as if killed while writing part 1: one shard in place, another as a temp file
+    (out / "1x32x32").mkdir(exist_ok=True)
+    (out / "1x32x32" / "part-00001.safetensors").write_bytes(b"half")
+    (out / "5x32x32" / "part-00001.safetensors.tmp-99999").write_bytes(b"half")
+    again = FailingVAE(tiny_vae())
+    report = build_video_cache(out, again, FakeTextEncoder(), dataset(folder_csv))
+    assert report.complete and report.parts_done == 2 and again.calls == 2  # part 1 only (part 2 has no good clip)
+    one, two = cache_tensors(built), cache_tensors(out)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert not list(out.glob("*/part-0000[12].*.tmp-*"))
+
+
 # ---------------------------------------------------------------------------- training
 
 
@@ -455,6 +502,40 @@ def test_cli_preprocess_bad_captions_file(tmp_path, capsys):
     assert main(["preprocess", "--config", str(config), "-q"]) == 2
     err = capsys.readouterr().err
     assert "path and caption" in err and "Traceback" not in err
+
+
+def test_cli_preprocess_then_train(tmp_path, capsys, monkeypatch, folder_csv, vae_dir):
+    import kino.models.text.encoder as encoder
+
+    class Fake(FakeTextEncoder):
+        def __init__(self, max_length: int):
+            pass
+
+    monkeypatch.setattr(encoder, "MiniLMEncoder", Fake)  # the CLI's text encoder, without MiniLM's weights
+    config = tmp_path / "run.toml"
+    config.write_text(f'''model = "tiny"
+vae = "{vae_dir}"
+[dataset]
+captions = "{folder_csv}"
+buckets = {json.dumps(BUCKETS)}
+part_size = 4
+[cache]
+dir = "{tmp_path / 'cache'}"
+[data]
+batch_size = 2
+[train]
+out_dir = "{tmp_path / 'run'}"
+max_steps = 2
+sample_every = 0
+checkpoint_every = 0
+''')
+    assert main(["preprocess", "--config", str(config), "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert "(complete): 4 clips, 7 skipped" in out
+    assert {line.split(":")[0].removeprefix("skipped ") for line in err.splitlines() if line.startswith("skipped ")} \
+        >= {k.split(":")[0] for k in BAD_FOLDER}
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 0
+    assert (tmp_path / "run" / "model" / "dit" / "model.safetensors").is_file()
 
 
 def test_shipped_video_config_loads():

@@ -39,6 +39,7 @@ import glob
 import hashlib
 import json
 import math
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -280,7 +281,7 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def _iter_tar(path: Path, fps: float, buckets: list[Bucket]) -> Iterator[Clip | Skipped]:
     with tempfile.TemporaryDirectory(prefix="kino-tar-") as tmp:
-        group: dict[str, bytes] = {}
+        group: dict[str, bytes | Path] = {}  # extension -> small file's bytes, or a spooled video
         key = None
         try:
             with tarfile.open(path, mode="r|*") as tar:
@@ -289,20 +290,34 @@ def _iter_tar(path: Path, fps: float, buckets: list[Bucket]) -> Iterator[Clip | 
                         continue
                     k, ext = _split_name(member.name)
                     if k != key and group:
-                        yield _tar_sample(path, key, group, Path(tmp), fps, buckets)
-                        group = {}
+                        yield _tar_sample(path, key, group, fps, buckets)
+                        _drop(group)
                     key = k
                     data = tar.extractfile(member)
-                    group[ext] = data.read() if data is not None else b""
+                    if ext in VIDEO_EXTS or ext in IMAGE_EXTS:  # straight to disk: videos can be large
+                        target = Path(tmp) / f"{len(group)}{ext}"
+                        with open(target, "wb") as out:
+                            shutil.copyfileobj(data, out, 1 << 20)
+                        group[ext] = target
+                    else:
+                        group[ext] = data.read()
             if group:
-                yield _tar_sample(path, key, group, Path(tmp), fps, buckets)
+                yield _tar_sample(path, key, group, fps, buckets)
+                _drop(group)
         except (tarfile.TarError, OSError, EOFError) as e:
             # samples before the break were yielded; the one being read is lost with the rest
             yield Skipped(f"{path.name}" + (f":{key}" if key else ""),
                           f"tar file unreadable from here on ({type(e).__name__}: {e or 'truncated'})")
 
 
-def _tar_sample(shard: Path, key: str, group: dict[str, bytes], tmp: Path, fps: float,
+def _drop(group: dict[str, bytes | Path]) -> None:
+    for value in group.values():
+        if isinstance(value, Path):
+            value.unlink(missing_ok=True)
+    group.clear()
+
+
+def _tar_sample(shard: Path, key: str, group: dict[str, bytes | Path], fps: float,
                 buckets: list[Bucket]) -> Clip | Skipped:
     name = f"{shard.name}:{key}"
     videos = [e for e in group if e in VIDEO_EXTS or e in IMAGE_EXTS]
@@ -326,9 +341,4 @@ def _tar_sample(shard: Path, key: str, group: dict[str, bytes], tmp: Path, fps: 
     sample = _sample(name, caption, meta.get("start"), meta.get("end"))
     if isinstance(sample, Skipped):
         return sample
-    video = tmp / f"sample{videos[0]}"
-    video.write_bytes(group[videos[0]])
-    try:
-        return load_clip(video, sample, fps, buckets)
-    finally:
-        video.unlink(missing_ok=True)
+    return load_clip(group[videos[0]], sample, fps, buckets)
