@@ -304,11 +304,11 @@ class OnTheFlyLatents:
     training step. For small datasets and for checking the cache.
 
     Clips are decoded once at construction (kept in memory as float pixels); each `get`
-    encodes the clips it returns, one encoder call per clip. With `like_cache` (default)
-    latents are rounded to bfloat16 and text to float16, as the cache stores them, so
-    the two differ only where the VAE's batch size changes float rounding (the cache
-    encodes up to ENCODE_BATCH clips per call): ~1e-6 before rounding, which can move a
-    value by one bf16 step (2^-8 relative) and no more.
+    encodes the clips it returns, one VAE call per clip. With `like_cache` (default)
+    latents are rounded to bfloat16 and text to float16, as the cache stores them: on CPU
+    the batches then equal the cache's bit for bit (tests/test_datasets.py). A backend
+    whose float rounding depends on the VAE's batch size (the cache encodes up to
+    ENCODE_BATCH clips per call) could move a value by one bf16 step (2^-8 relative).
     """
 
     def __init__(self, dataset: VideoDatasetConfig, vae, text_encoder, like_cache: bool = True):
@@ -345,10 +345,14 @@ class OnTheFlyLatents:
 
     def get(self, bucket: Bucket, indices) -> dict[str, Tensor]:
         chosen = [self._clips[bucket][int(i)] for i in np.asarray(indices)]
-        latents = torch.cat([_encode_latents(self.vae, [c.video]) for c in chosen])  # (B, Z, T, h, w) bf16
-        text, mask = _encode_text(self.text_encoder, [c.caption for c in chosen])  # (B, L, D) fp16
-        if not self.like_cache:  # full precision: encode again without the storage rounding
+        captions = [c.caption for c in chosen]
+        if self.like_cache:
+            latents = torch.cat([_encode_latents(self.vae, [c.video]) for c in chosen])  # (B, Z, T, h, w) bf16
+            text, mask = _encode_text(self.text_encoder, captions)  # (B, L, D) fp16, (B, L)
+        else:
+            device = next(self.vae.parameters()).device
             with torch.no_grad():
-                latents = torch.cat([self.vae.normalize(self.vae.encode(c.video[None])[0]) for c in chosen])
-            text = self.text_encoder.encode([c.caption for c in chosen])[0]
-        return {"latents": latents.float(), "text": text.float(), "mask": mask.bool()}
+                latents = torch.cat([self.vae.normalize(self.vae.encode(c.video[None].to(device))[0]).cpu()
+                                     for c in chosen])  # (B, Z, T, h, w)
+                text, mask = self.text_encoder.encode(captions)  # (B, L, D), (B, L)
+        return {"latents": latents.float(), "text": text.float().cpu(), "mask": mask.bool().cpu()}
