@@ -49,18 +49,12 @@ from typing import Iterator
 import numpy as np
 from torch import Tensor
 
+from kino.data.latent_cache import Bucket, parse_bucket
 from kino.data.video_io import IMAGE_EXTS, VIDEO_EXTS, is_image_path, iter_frames, probe
 from kino.errors import KinoUserError
 
-Bucket = tuple[int, int, int]  # (frames, height, width) in pixels
 CAPTION_EXTS = (".txt", ".caption")
 _FRAME_EPS = 1e-6  # frames of float error tolerated when counting the frames a span holds
-
-
-def _parse_bucket(text: str) -> Bucket:
-    from kino.data.latent_cache import parse_bucket  # one parser for every bucket name
-
-    return parse_bucket(text)
 
 
 @dataclass
@@ -89,7 +83,7 @@ class VideoDatasetConfig:
             raise KinoUserError(f"dataset.buckets lists a bucket twice: {self.buckets}")
 
     def bucket_list(self) -> list[Bucket]:
-        return [_parse_bucket(b) for b in self.buckets]
+        return [parse_bucket(b) for b in self.buckets]
 
 
 @dataclass(frozen=True)
