@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -57,6 +58,23 @@ def unit_interval(text: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"{v} must be in [0, 1]")
     return v
+
+
+def lora_spec(text: str) -> tuple[Path, float]:
+    """An argparse type: 'FILE' or 'FILE:SCALE' -> (path, scale); scale 1 when not given."""
+    path, sep, scale = text.rpartition(":")
+    if not sep:
+        return Path(text), 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        if Path(text).is_file():  # a file name with a colon in it, and no scale
+            return Path(text), 1.0
+        raise argparse.ArgumentTypeError(f"invalid LoRA {text!r}: the scale after ':' must be a number, "
+                                         f"e.g. {path or 'lora.safetensors'}:0.8") from None
+    if not math.isfinite(value) or not path:
+        raise argparse.ArgumentTypeError(f"invalid LoRA {text!r}: use FILE or FILE:SCALE with a finite SCALE")
+    return Path(path), value
 
 
 positive_int = int_at_least(1)
@@ -111,6 +129,12 @@ def add_sampling(p):
     p.add_argument("--sampler", choices=("euler", "dpm++2m"), default=None, help="default: the model's")
 
 
+def add_lora(p):
+    p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse this LoRA (.safetensors from `kino train dit` with [lora]) into the model's DiT, "
+                        "scaled by SCALE (default 1); repeat to add several")
+
+
 def add_refine(p):
     p.add_argument("--refine", type=unit_interval, default=0.5, metavar="R",
                    help="share of the steps the second pass re-runs after the input is re-encoded in place "
@@ -127,6 +151,7 @@ def add_task_options(p, task: str, batch_help: str,
     add_sampling(p)
     add_seed(p)
     add_model(p)
+    add_lora(p)
     add_device(p)
     add_common(p)
     p.set_defaults(func=cmd_task, task=task)
@@ -219,6 +244,16 @@ def _step_bar(args, desc: str, total: int | None):
     return tqdm(total=total, desc=desc, disable=args.quiet, file=sys.stderr, leave=False)
 
 
+def _pipeline(args):
+    """The --model pipeline on --device, with every --lora fused in."""
+    from kino.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.model, _device(args.device))
+    for path, scale in args.lora:
+        pipe.load_lora(path, scale)
+    return pipe
+
+
 def _check_out(out: Path, frames: int | None) -> None:
     suffix = out.suffix.lower()
     if suffix not in (*VIDEO_SUFFIXES, ".png"):
@@ -230,7 +265,6 @@ def _check_out(out: Path, frames: int | None) -> None:
 def cmd_task(args) -> int:
     """generate, extend, connect, edit: one clip, or --batch FILE.jsonl into --out DIR."""
     from kino.data.video_io import write_video
-    from kino.pipeline import Pipeline
     from kino.tasks.batch import RUNNERS
 
     if args.batch is not None and getattr(args, "image", None) is not None:
@@ -248,7 +282,7 @@ def cmd_task(args) -> int:
     frames = args.frames if args.task == "generate" else None  # elsewhere --frames counts new/used frames
     out = args.out or Path("out.png" if frames == 1 else "out.mp4")
     _check_out(out, frames)
-    pipe = Pipeline.from_pretrained(args.model, _device(args.device))
+    pipe = _pipeline(args)
     steps = args.steps or pipe.defaults.steps
     # extend backward and connect may take two passes: no total there
     total = steps if args.task == "generate" else round((args.strength or 0) * steps) if args.task == "edit" else None
@@ -262,12 +296,11 @@ def cmd_task(args) -> int:
 
 
 def _task_batch(args) -> int:
-    from kino.pipeline import Pipeline
     from kino.tasks.batch import generate_batch
 
     if args.out is None:
         raise KinoUserError("--batch needs --out DIR (the folder for the clips and captions.jsonl)")
-    pipe = Pipeline.from_pretrained(args.model, _device(args.device))
+    pipe = _pipeline(args)
     rows = generate_batch(pipe, args.batch, args.out, defaults=_task_kwargs(args), seed=args.seed,
                           progress=_progress(args, "batch"), task=args.task)
     print(f"wrote {len(rows)} clips and captions.jsonl to {args.out}")
@@ -330,7 +363,7 @@ def cmd_train_dit(args) -> int:
     if out is None:
         print(f"interrupted; checkpoint saved in {cfg.train.out_dir}; run again to resume")
     else:
-        print(f"model folder {out}")
+        print(f"{'LoRA file' if cfg.lora is not None else 'model folder'} {out}")
     return 0
 
 

@@ -12,6 +12,7 @@ task of `kino/tasks/video_tasks.py`) live there, not in the model.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -24,8 +25,9 @@ from kino.diffusion.flow import sampling_timesteps, shift_for_tokens
 from kino.diffusion.samplers import SAMPLERS
 from kino.errors import KinoUserError
 from kino.models.dit.model import DiT, DiTConfig
-from kino.models.folder import (default_model_dir, load_component, load_module, read_manifest, reject_unknown_fields,
-                                save_component, write_manifest)
+from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
+                                reject_unknown_fields, save_component, write_manifest)
+from kino.models.lora import fuse_lora, read_lora, unfuse_lora
 from kino.models.text.encoder import TextEncoder, load_text_encoder, text_encoder_config
 from kino.models.vae.model import VAEConfig, VideoVAE
 from kino.tasks.conditioning import Conditioning
@@ -113,6 +115,9 @@ class Pipeline:
         self.vae, self.dit, self.text_encoder = vae, dit, text_encoder
         self.defaults = defaults or GenerationDefaults()
         self.name = name
+        self.loras: list[dict] = []  # fused LoRAs, in order: {"file", "sha256", "scale"}
+        self._dit_base: dict[str, Tensor] = {}  # DiT weights as they were before the first LoRA
+        self.dit_sha256: str | None = None  # of the DiT's weights file, when loaded from a model folder
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
@@ -129,7 +134,9 @@ class Pipeline:
         dit = load_module(root, "dit", DiTConfig, DiT, device)
         text_encoder = load_text_encoder(load_component(root, "text_encoder", weights=False).config, device)
         defaults = GenerationDefaults.from_dict(manifest.get("pipeline", {}))
-        return cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name))
+        pipe = cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name))
+        pipe.dit_sha256 = manifest["components"]["dit"].get("files", {}).get(WEIGHTS)
+        return pipe
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a model folder: vae/, dit/, text_encoder/ (a reference: its weights ship in a
@@ -143,6 +150,28 @@ class Pipeline:
         return write_manifest(root, self.name, {"vae": ("vae", "VideoVAE"), "dit": ("dit", "DiT"),
                                                 "text_encoder": ("text_encoder", type(self.text_encoder).__name__)},
                               extra={"pipeline": asdict(self.defaults)})
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Fuse a LoRA file into the DiT's weights: W += scale * alpha / rank * up @ down.
+
+        Several LoRAs add up; sampling then costs the same as without. `unload_loras()`
+        restores the DiT bit for bit. A file that is not a kino LoRA, or whose layers do not
+        fit this DiT, raises KinoUserError and changes nothing. A LoRA trained on other base
+        weights (its recorded base sha256 differs) still fuses when the shapes fit, with a
+        warning: adapting a close relative of the base is legitimate but may not work.
+        `save_pretrained` afterwards writes the fused (merged) DiT.
+        """
+        lora = read_lora(path)
+        fuse_lora(self.dit, lora, scale, self._dit_base)
+        if lora.base_sha256 and self.dit_sha256 and lora.base_sha256 != self.dit_sha256:
+            warnings.warn(f"LoRA {lora.path.name} was trained on a DiT with weights sha256 {lora.base_sha256[:12]}... "
+                          f"({lora.base}), not this model's ({self.dit_sha256[:12]}...)", stacklevel=2)
+        self.loras.append({"file": lora.path.name, "sha256": lora.sha256, "scale": float(scale)})
+
+    def unload_loras(self) -> None:
+        """Undo every `load_lora`: the DiT's original weights, bit for bit."""
+        unfuse_lora(self.dit, self._dit_base)
+        self.loras.clear()
 
     @property
     def device(self) -> torch.device:
@@ -195,6 +224,8 @@ class Pipeline:
                                  conditioning=conditioning)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
+        if self.loras:
+            meta["lora"] = json.dumps(self.loras)
         return Generation(self.decode(latents, d.frames), d.fps,
                           {k: "" if v is None else str(v) for k, v in meta.items()},
                           latents=latents, conditioning=conditioning)

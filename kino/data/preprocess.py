@@ -252,8 +252,8 @@ def run_preprocess(config, *, text_encoder=None, progress: bool = True) -> Prepr
     (`cache.text_max_length` tokens), this rank's parts only under torchrun."""
     from tqdm.auto import tqdm
 
-    from kino.models.folder import default_model_dir
     from kino.models.vae.pretrained import load_vae
+    from kino.training.dit import default_vae_folder
     from kino.training.trainer import resolve_device
 
     if config.dataset is None:
@@ -261,7 +261,7 @@ def run_preprocess(config, *, text_encoder=None, progress: bool = True) -> Prepr
                             "(see configs/dit_videos.toml); Shapes World caches are built by `kino train dit`")
     rank, world = rank_and_world()
     dataset_parts(config.dataset)  # a bad captions file or shard list fails before any model loads
-    vae_path = Path(config.vae) if config.vae is not None else default_model_dir()
+    vae_path = Path(config.vae) if config.vae is not None else default_vae_folder(config.init_from)  # as training
     if not vae_path.exists():
         raise KinoUserError(f"the VAE folder {vae_path} does not exist: set vae = \"MODEL_DIR\" in the config")
     device = resolve_device(config.train.device)

@@ -195,10 +195,10 @@ def _convert(tp: Any, value: Any, *, key: str, source: str) -> Any:
         members = typing.get_args(tp)
         if type(None) in members and (value is None or (isinstance(value, str) and value.lower() == "none")):
             return None
-        others = [m for m in members if m is not type(None)]
-        if len(others) == 1 and dataclasses.is_dataclass(others[0]) and isinstance(value, dict):
-            # an optional section given as a table: its own message says what is wrong in it
-            return _convert(others[0], value, key=key, source=source)
+        sections = [m for m in members if dataclasses.is_dataclass(m)]
+        if isinstance(value, dict) and len(sections) == 1:
+            # an optional section given as a table: build it, so its own errors name the bad key
+            return _build(sections[0], value, prefix=key + ".", source=source)
         for member in members:
             if member is type(None):
                 continue

@@ -32,7 +32,9 @@ from kino.diffusion.flow import (interpolate, logit_normal, sampling_timesteps, 
 from kino.diffusion.samplers import euler, guided
 from kino.errors import KinoUserError
 from kino.models.dit import DIT_SIZES, DiT, DiTConfig
-from kino.models.folder import default_model_dir, save_component, write_manifest
+from kino.models.folder import (WEIGHTS, default_model_dir, load_component, read_manifest, save_component,
+                                sha256_file, write_manifest)
+from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
 from kino.training.config import TrainConfig
 from kino.world.generator import SPLITS
 
@@ -145,7 +147,12 @@ class DiTRunConfig:
     """`kino train dit --config FILE`: a TOML/JSON file with these sections."""
 
     model: str = "small"  # a named size in DIT_SIZES (its text_dim is set from the text encoder)
-    vae: str | None = None  # VAE model folder; none: the shipped default
+    # VAE model folder; none: init_from's VAE when that folder has one, else the shipped default
+    vae: str | None = None
+    # Start from this model folder's DiT ("default": the shipped model; sha256-checked):
+    # full fine-tuning, or with a [lora] section the frozen base the LoRA adapts. none: random init.
+    init_from: str | None = None
+    lora: LoRAConfig | None = None  # a [lora] section trains only a LoRA of the init_from DiT
     # A real video dataset (kino/data/datasets.py), encoded into cache.dir by `kino preprocess`
     # (its buckets replace cache.buckets). None: Shapes World, encoded on first use.
     dataset: VideoDatasetConfig | None = None
@@ -158,6 +165,32 @@ class DiTRunConfig:
     def __post_init__(self):
         if self.model not in DIT_SIZES:
             raise KinoUserError(f"unknown DiT size {self.model!r}: allowed {', '.join(DIT_SIZES)}")
+        if self.lora is not None and self.init_from is None:
+            raise KinoUserError("a [lora] section needs init_from = \"MODEL_DIR\" (or \"default\"): the model "
+                                "whose DiT the LoRA adapts")
+
+
+def model_folder(init_from: str) -> Path:
+    """The folder an `init_from` value names ("default": the model shipped with kino)."""
+    return default_model_dir() if init_from == "default" else Path(init_from)
+
+
+def check_init_from(init_from: str, dit_config: DiTConfig, size: str) -> Path:
+    """The folder `init_from` names, once checked to hold a DiT of exactly `dit_config` (the
+    size `model` names, with the text encoder's width). Cheap (configs only), so a run checks
+    it before spending time on the latent cache."""
+    folder = model_folder(init_from)
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if not folder.is_dir() or (manifest is not None and "dit" not in manifest.get("components", {})):
+        raise KinoUserError(f"init_from = {init_from!r}: {folder} is not a model folder with a DiT "
+                            "(a `kino train dit` output, or a folder whose kino.json lists a dit component)")
+    found = DiTConfig.from_dict(load_component(folder, "dit", weights=False).config)
+    if found != dit_config:
+        want = dit_config.to_dict()
+        diff = {k: v for k, v in found.to_dict().items() if want[k] != v}
+        raise KinoUserError(f"init_from {init_from} holds a DiT that differs from model = {size!r} with "
+                            f"{dit_config.text_dim}-d text features: it has {diff}; set model to its size")
+    return folder
 
 
 # ---------------------------------------------------------------------------- timesteps
@@ -261,7 +294,17 @@ class DiTTask:
         return shift_for_tokens(bucket_tokens(latent, self.dit_config.patch_size))
 
     def build_model(self) -> nn.Module:
-        return DiT(self.dit_config)
+        """A fresh DiT, or init_from's (all of it trainable, or frozen under a LoRA)."""
+        from kino.models.dit.pretrained import load_dit
+
+        cfg = self.config
+        if cfg.init_from is None:
+            return DiT(self.dit_config)
+        model = load_dit(check_init_from(cfg.init_from, self.dit_config, cfg.model)).train()
+        if cfg.lora is None:
+            return model.requires_grad_(True)
+        apply_lora(model, cfg.lora)  # freezes the base; only the LoRA layers train
+        return model
 
     def batch(self, step: int) -> dict[str, Tensor]:
         """Clean latents, noise, per-frame times and text of step `step`: a pure function of
@@ -354,10 +397,62 @@ def export_dit(state_dict: dict[str, Tensor], config: DiTConfig, out_dir: str | 
     return out
 
 
+def export_lora(state_dict: dict[str, Tensor], config: DiTRunConfig, path: str | Path, **training) -> Path:
+    """Write the LoRA weights of a trained, LoRA-adapted DiT's state dict alone to `path`
+    (.safetensors; rank, alpha, targets in its metadata) and, beside it, a JSON record of its
+    sha256, the base it adapts (with the base weights' sha256) and `training` facts."""
+    base_sha256 = _dit_weights_sha256(model_folder(config.init_from))
+    path = Path(path)
+    digest = save_lora(path, state_dict, config.lora, base=str(config.init_from), base_sha256=base_sha256)
+    write_record(path, digest, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets,
+                 dropout=config.lora.dropout, base=str(config.init_from), base_sha256=base_sha256,
+                 ema=config.train.ema_decay is not None, **training)
+    return path
+
+
+def default_vae_folder(init_from: str | None) -> Path:
+    """The VAE used when the config names none: init_from's when it is a model folder with a
+    VAE (the latents its DiT was trained on), else the shipped default."""
+    if init_from is not None:
+        manifest = read_manifest(model_folder(init_from))
+        if manifest is not None and "vae" in manifest.get("components", {}):
+            return model_folder(init_from)
+    return default_model_dir()
+
+
+def pin_lora_base(config: DiTRunConfig) -> None:
+    """A LoRA run's checkpoints hold the LoRA alone and resume rebuilds the base from
+    init_from, so the run folder records the base DiT's sha256 (OUT/lora_base.json) and a
+    resume refuses a base whose weights changed since."""
+    from kino.training.checkpoint import latest_checkpoint
+
+    out = Path(config.train.out_dir)
+    sha = _dit_weights_sha256(model_folder(config.init_from))
+    record = out / "lora_base.json"
+    if record.is_file() and latest_checkpoint(out) is not None:
+        pinned = json.loads(record.read_text(encoding="utf-8"))["base_sha256"]
+        if pinned != sha:
+            raise KinoUserError(f"{out} holds a LoRA run on a base DiT with weights sha256 {pinned[:16]}..., but "
+                                f"init_from {config.init_from} now has {sha[:16]}...: resuming would adapt other "
+                                "weights. Restore that base or start a new run folder")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps({"init_from": str(config.init_from), "base_sha256": sha}) + "\n", encoding="utf-8")
+    tmp.replace(record)
+
+
+def _dit_weights_sha256(root: Path) -> str:
+    manifest = read_manifest(root)
+    folder = root / manifest["components"]["dit"]["path"] if manifest is not None else root
+    return sha256_file(folder / WEIGHTS)
+
+
 def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
     """Build the latent cache if needed, train (resuming from train.out_dir), export
     OUT/model/ (EMA weights when EMA is on) and return its path; None when stopped by a
-    signal (a checkpoint is saved: run again to resume).
+    signal (a checkpoint is saved: run again to resume). With a [lora] section the export
+    is the LoRA alone, OUT/lora.safetensors (+ OUT/lora.json), and that file is returned.
 
     `text_encoder` defaults to MiniLM (`MiniLMEncoder(max_length=cache.text_max_length)`).
     """
@@ -366,7 +461,7 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
     from kino.models.vae.pretrained import load_vae
     from kino.training.trainer import Trainer
 
-    vae_path = Path(config.vae) if config.vae is not None else default_model_dir()
+    vae_path = Path(config.vae) if config.vae is not None else default_vae_folder(config.init_from)
     if config.vae is None and not vae_path.exists():
         raise KinoUserError(f"the shipped default VAE is not installed at {vae_path}: set vae = \"MODEL_DIR\" "
                             "in the config to a trained VAE folder")
@@ -375,6 +470,9 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         from kino.models.text.encoder import MiniLMEncoder
 
         text_encoder = MiniLMEncoder(max_length=config.cache.text_max_length)
+    if config.init_from is not None:  # fail now, not after building the cache
+        check_init_from(config.init_from, dataclasses.replace(DIT_SIZES[config.model], text_dim=text_encoder.dim),
+                        config.model)
     c = config.cache
     show = config.train.progress
     if config.dataset is None:
@@ -389,10 +487,15 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
 
         cache = open_video_cache(c.dir, config.dataset, vae)
     task = DiTTask(config, cache, vae=vae)
+    if config.lora is not None:
+        pin_lora_base(config)
     trainer = Trainer(task, config.train, run_config=config)
     result = trainer.fit()
     if result.interrupted:
         return None
+    if config.lora is not None:
+        return export_lora(trainer.export_state_dict(), config, Path(config.train.out_dir) / "lora.safetensors",
+                           steps=result.step, vae_sha256=cache.vae_sha256)
     training = {
         "steps": result.step,
         "ema": config.train.ema_decay is not None,

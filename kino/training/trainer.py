@@ -197,12 +197,18 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
         try:
-            self.model.load_state_dict(ckpt.model)
+            missing, unexpected = self.model.load_state_dict(ckpt.model, strict=False)
         except RuntimeError as e:
             raise KinoUserError(
                 f"checkpoint {path} does not fit the model this config builds "
                 f"(was the model config changed?): {e}"
             ) from None
+        missing = sorted(set(missing) - _frozen_names(self.model))  # frozen ones come from build_model()
+        if missing or unexpected:
+            raise KinoUserError(
+                f"checkpoint {path} does not fit the model this config builds (was the model config "
+                f"changed?): missing {missing[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
         if self.ema is not None:
             if ckpt.ema is not None:
                 self.ema.load_state_dict(ckpt.ema)
@@ -307,9 +313,12 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint for the current step (atomically) and prune old ones."""
+        # Frozen parameters (a LoRA's base model) never change and build_model() rebuilds
+        # them, so checkpoints leave them out: a LoRA checkpoint holds the LoRA alone.
+        frozen = _frozen_names(self.model)
         ckpt = Checkpoint(
             step=self.step,
-            model=self.model.state_dict(),
+            model={k: v for k, v in self.model.state_dict().items() if k not in frozen},
             optimizer={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
             rng=capture_rng_state(),
             ema=self.ema.state_dict() if self.ema is not None else None,
@@ -383,6 +392,11 @@ def _rng_preserved() -> Iterator[None]:
         yield
     finally:
         restore_rng_state(state)
+
+
+def _frozen_names(model: nn.Module) -> set[str]:
+    """State-dict names of the parameters that do not train."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def _batch_size(batch: dict[str, Any]) -> int:

@@ -1,0 +1,121 @@
+"""Text-to-video quality of a pipeline on fresh Shapes World `eval` captions.
+
+    python benchmarks/eval_t2v.py [--model DIR] [--n 300] [--held-out 60] [--seed 4242]
+                                  [--steps 20] [--out DIR]
+
+Draws n eval scenes (frame counts 1, 9, 17, 25, 33 and the three sizes in turn, one or two
+objects as the eval split draws them) plus `--held-out` more scenes that contain a held-out
+composition (yellow triangle, cyan circle, purple square, orange moving up), with a seed
+never used in training or tuning. Their captions, frame counts and sizes become a batch file
+that runs through the same code as `kino generate --batch`, and the clips are scored with
+the same code as `kino world eval`. `--steps` may list several step counts (a table of pass
+rate against steps on the same prompts).
+
+Reports the pass rate per kind: image (1 frame), single (one object, video), pair (two
+objects, video), held_out (any clip with a held-out composition), and per check; prints
+Markdown for BENCHMARKS.md and writes report.json and the clips under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from kino.pipeline import Pipeline
+from kino.tasks.batch import generate_batch
+from kino.world.captions import FRAME_COUNTS, SIZES, is_held_out, parse_caption
+from kino.world.dataset import evaluate_rows, read_rows
+from kino.world.evaluator import summarize
+from kino.world.generator import scene_at
+
+HELD_OUT_SCAN = 200_000  # eval scenes scanned for held-out compositions (about 1 in 6 has one)
+
+
+def prompt_rows(n: int, held_out: int, seed: int) -> list[dict]:
+    """n eval scenes cycling over every frame count and size, then `held_out` scenes (from a
+    disjoint index range of the same stream) that contain a held-out composition."""
+    rows = []
+    for i in range(n):
+        frames, size = FRAME_COUNTS[i % len(FRAME_COUNTS)], SIZES[(i // len(FRAME_COUNTS)) % len(SIZES)]
+        rows.append(_row(scene_at("eval", seed, i, frames=frames, size=size), seed, i))
+    index = n
+    while sum(r["held_out"] for r in rows[n:]) < held_out and index < n + HELD_OUT_SCAN:
+        k = len(rows) - n
+        frames, size = FRAME_COUNTS[k % len(FRAME_COUNTS)], SIZES[(k // len(FRAME_COUNTS)) % len(SIZES)]
+        scene = scene_at("eval", seed, index, frames=frames, size=size)
+        if any(is_held_out(o) for o in scene.caption.objects):
+            rows.append(_row(scene, seed, index))
+        index += 1
+    return rows
+
+
+def _row(scene, seed: int, index: int) -> dict:
+    return {"caption": scene.text, "frames": scene.frames, "height": scene.height, "width": scene.width,
+            "seed": seed * 100_000 + index,
+            "held_out": any(is_held_out(o) for o in scene.caption.objects)}
+
+
+def score(folder: Path) -> dict:
+    """`kino world eval`'s report (overall, per check, per kind: image/single/pair) with a
+    held_out kind added: every clip whose caption holds a held-out composition."""
+    results = evaluate_rows(folder, read_rows(folder))
+    report = summarize(results)
+    held = [r.passed for row, r in results
+            if any(is_held_out(o) for o in parse_caption(row["caption"]).objects)]
+    report["kinds"]["held_out"] = {"clips": len(held), "passed": sum(held),
+                                   "pass_rate": round(sum(held) / len(held), 4) if held else None}
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--held-out", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=4242)
+    ap.add_argument("--steps", type=int, nargs="+", default=[None])
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    pipe = Pipeline.from_pretrained(args.model)
+    out = Path(args.out or tempfile.mkdtemp(prefix="kino-eval-t2v-"))
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = prompt_rows(args.n, args.held_out, args.seed)
+    batch = out / "prompts.jsonl"
+    batch.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "held_out"}) + "\n" for r in prompts))
+    results = {}
+    for steps in args.steps:
+        defaults = {k: v for k, v in (("steps", steps), ("guidance", args.guidance)) if v is not None}
+        folder = out / f"steps-{steps or pipe.defaults.steps}"
+        start = time.perf_counter()
+        generate_batch(pipe, batch, folder, defaults=defaults)
+        seconds = time.perf_counter() - start
+        result = score(folder)
+        result.pop("failures", None)
+        result["seconds_per_clip"] = round(seconds / len(prompts), 3)
+        results[steps or pipe.defaults.steps] = result
+        print(f"steps {steps or pipe.defaults.steps}: {json.dumps(result)}", flush=True)
+    (out / "report.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+    kinds = ("image", "single", "pair", "held_out")
+    print("\n| steps | overall | " + " | ".join(kinds) + " | s/clip |")
+    print("|---|---|" + "---|" * len(kinds) + "---|")
+    for steps, r in results.items():
+        cells = [f"{r['kinds'][k]['pass_rate']:.1%} ({r['kinds'][k]['passed']}/{r['kinds'][k]['clips']})"
+                 if k in r["kinds"] else "-" for k in kinds]
+        o = r
+        print(f"| {steps} | {o['pass_rate']:.1%} ({o['passed']}/{o['clips']}) | " + " | ".join(cells)
+              + f" | {r['seconds_per_clip']} |")
+    last = list(results.values())[-1]
+    print("\n| check | pass rate |\n|---|---|")
+    for name, r in last["checks"].items():
+        print(f"| {name} | {r['pass_rate']:.1%} ({r['passed']}/{r['clips']}) |")
+    print(f"\nclips and report.json in {out}")
+
+
+if __name__ == "__main__":
+    main()
