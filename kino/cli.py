@@ -367,6 +367,19 @@ def cmd_train_dit(args) -> int:
     return 0
 
 
+def cmd_preprocess(args) -> int:
+    from kino.data.preprocess import run_preprocess
+    from kino.training.config import load_config
+    from kino.training.dit import DiTRunConfig
+
+    report = run_preprocess(load_config(args.config, DiTRunConfig), progress=not args.quiet)
+    for s in report.skipped:
+        print(f"skipped {s.key}: {s.reason}", file=sys.stderr)
+    state = "complete" if report.complete else "this rank's parts done; other ranks' parts still missing"
+    print(f"cache {report.root} ({state}): {report.clips} clips, {len(report.skipped)} skipped")
+    return 0
+
+
 def add_train_options(p):
     p.add_argument("--config", type=Path, required=True, help="TOML or JSON run config (see configs/)")
     p.add_argument("-o", "--out", type=Path, default=None, help="run folder (overrides train.out_dir)")
@@ -450,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p)
     add_common(p)
     p.set_defaults(func=cmd_vae_reconstruct)
+
+    p = sub.add_parser("preprocess", help="encode the config's [dataset] once into its latent cache (resumable; "
+                       "under torchrun each rank takes its parts)")
+    p.add_argument("--config", type=Path, required=True, help="the DiT run config (TOML/JSON) with a [dataset]")
+    add_common(p)
+    p.set_defaults(func=cmd_preprocess)
 
     train = sub.add_parser("train", help="train a model (resumes automatically from --out)")
     train.set_defaults(group_help=train.format_help)

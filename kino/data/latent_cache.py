@@ -1,5 +1,8 @@
-"""Latent cache: Shapes World clips encoded once by the VAE and the text encoder, so that
-training the diffusion transformer never runs either of them per step.
+"""Latent cache: clips encoded once by the VAE and the text encoder, so that
+training the diffusion transformer never runs either of them per step. This module builds
+Shapes World caches; kino/data/preprocess.py writes real video datasets in the same format
+(its clips carry `keys`, where they came from, instead of scene `indices`), and
+`LatentCache` reads both.
 
 Layout::
 
@@ -63,7 +66,9 @@ ENCODE_BATCH = 8  # clips per VAE / text encoder call; recorded, since batching 
 Bucket = tuple[int, int, int]  # (frames, height, width) in pixels
 _NAME = re.compile(r"^(\d+)x(\d+)x(\d+)$")
 # Fields of cache.json that fix what a latent means; a rebuild must agree on all of them.
-_IDENTITY = ("format", "vae", "text_encoder", "split", "seed", "shard_size", "encode_batch",
+# World caches have split, seed and shard_size; video caches (kino/data/preprocess.py) have
+# source (the dataset) instead.
+_IDENTITY = ("format", "vae", "text_encoder", "split", "seed", "shard_size", "source", "encode_batch",
              "latent_dtype", "text_dtype")
 
 
@@ -158,7 +163,7 @@ def _shard_done(root: Path, bucket: Bucket, k: int, clips: range) -> bool:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # per process: ranks never share one
     write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -191,9 +196,10 @@ def _encode_text(encoder, prompts: list[str]) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _encode_latents(vae, videos: list[np.ndarray]) -> Tensor:
+def _encode_latents(vae, videos: list[np.ndarray | Tensor]) -> Tensor:
+    """uint8 (F, H, W, 3) arrays, or float (3, F, H, W) tensors in [-1, 1], of one shape."""
     device = next(vae.parameters()).device
-    x = torch.stack([_to_model_range(v) for v in videos]).to(device)  # (B, 3, F, H, W)
+    x = torch.stack([v if isinstance(v, Tensor) else _to_model_range(v) for v in videos]).to(device)  # (B, 3, F, H, W)
     mean, _ = vae.encode(x)  # posterior mean: the cache stores the distribution's centre
     return vae.normalize(mean).float().cpu().to(LATENT_DTYPE)  # (B, Z, T, h, w)
 
@@ -205,9 +211,9 @@ def _check_same(old: dict, new: dict, root: Path) -> None:
             f"the latent cache {root} was built with another VAE (sha256 {old_sha[:16]}..., "
             f"this one is {new['vae']['sha256'][:16]}...): latents of two VAEs cannot be mixed. Delete {root} "
             "or choose another cache folder")
-    differ = [k for k in _IDENTITY if old.get(k) != new[k]]
+    differ = [k for k in _IDENTITY if (k in old or k in new) and old.get(k) != new.get(k)]
     if differ:
-        details = "; ".join(f"{k}: cache has {old.get(k)!r}, asked {new[k]!r}" for k in differ)
+        details = "; ".join(f"{k}: cache has {old.get(k)!r}, asked {new.get(k)!r}" for k in differ)
         raise KinoUserError(f"the latent cache {root} was built with other settings ({details}). Delete {root} "
                             "or choose another cache folder")
 
@@ -348,6 +354,7 @@ class LatentCache:
         self._data: dict[Bucket, dict[str, Tensor]] = {}
         self._captions: dict[Bucket, list[str]] = {}
         self._indices: dict[Bucket, list[int]] = {}
+        self._keys: dict[Bucket, list[str]] = {}
         for entry in self.meta["buckets"]:
             self._load_bucket(entry)
         empty = self._load_file(self.root / EMPTY_PROMPT)
@@ -369,24 +376,26 @@ class LatentCache:
 
     def _load_bucket(self, entry: dict) -> None:
         bucket: Bucket = tuple(entry["bucket"])
-        parts, captions, indices = [], [], []
+        parts, captions, indices, keys = [], [], [], []
         for stem in entry["shards"]:
             side_path = (self.root / stem).with_suffix(".json")
             if not side_path.is_file():
                 raise KinoUserError(f"{side_path} is missing from the latent cache {self.root}: run the build again")
             side = json.loads(side_path.read_text(encoding="utf-8"))
             tensors = self._load_file((self.root / stem).with_suffix(".safetensors"))
-            n = len(side["indices"])
+            n = len(side["captions"])
             expected = (n, *entry["latent_shape"])
             if tuple(tensors["latents"].shape) != expected or tensors["text"].shape[0] != n:
                 raise KinoUserError(f"{self.root / stem} holds latents {tuple(tensors['latents'].shape)}, expected "
                                     f"{expected}: delete it and run the build again")
             parts.append(tensors)
             captions += side["captions"]
-            indices += side["indices"]
+            indices += side.get("indices", [])  # world caches: scene indices
+            keys += side.get("keys", [])  # video caches: where each clip came from
         self._data[bucket] = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "text", "mask")}
         self._captions[bucket] = captions
         self._indices[bucket] = indices
+        self._keys[bucket] = keys or [str(i) for i in indices]
 
     def __len__(self) -> int:
         return sum(len(c) for c in self._captions.values())
@@ -403,6 +412,10 @@ class LatentCache:
 
     def scene_indices(self, bucket: Bucket) -> list[int]:
         return list(self._indices[self._key(bucket)])
+
+    def keys(self, bucket: Bucket) -> list[str]:
+        """Where each clip came from: a video dataset's sample keys, or world scene indices."""
+        return list(self._keys[self._key(bucket)])
 
     def get(self, bucket: Bucket, indices: Sequence[int] | Tensor) -> dict[str, Tensor]:
         """latents (B, C, T, h, w) float32, text (B, L, D) float32, mask (B, L) bool."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kino.data.datasets import VideoDatasetConfig
 from kino.data.latent_cache import (Bucket, LatentCache, bucket_name, build_world_cache, default_buckets,
                                     parse_bucket)
 from kino.diffusion.flow import (interpolate, logit_normal, sampling_timesteps, shift_for_tokens, shift_timesteps,
@@ -152,6 +153,9 @@ class DiTRunConfig:
     # full fine-tuning, or with a [lora] section the frozen base the LoRA adapts. none: random init.
     init_from: str | None = None
     lora: LoRAConfig | None = None  # a [lora] section trains only a LoRA of the init_from DiT
+    # A real video dataset (kino/data/datasets.py), encoded into cache.dir by `kino preprocess`
+    # (its buckets replace cache.buckets). None: Shapes World, encoded on first use.
+    dataset: VideoDatasetConfig | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     data: DiTDataConfig = field(default_factory=DiTDataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -274,7 +278,7 @@ class DiTTask:
         if cache.latent_channels != self.dit_config.in_channels:
             raise KinoUserError(f"the cache holds {cache.latent_channels}-channel latents; the DiT size "
                                 f"{config.model!r} takes {self.dit_config.in_channels}")
-        wanted = config.cache.bucket_list()
+        wanted = config.cache.bucket_list() if config.dataset is None else list(cache.buckets)
         missing = [bucket_name(b) for b in wanted if b not in cache.buckets]
         if missing:
             raise KinoUserError(f"the latent cache {cache.root} has no bucket {', '.join(missing)}")
@@ -471,12 +475,17 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
                         config.model)
     c = config.cache
     show = config.train.progress
-    build_world_cache(
-        c.dir, vae, text_encoder, clips_per_bucket=c.clips_per_bucket, split=c.split, seed=c.seed,
-        buckets=c.bucket_list(),
-        progress=lambda it: tqdm(it, desc="latent cache", unit="batch", file=sys.stderr, disable=not show),
-    )
-    cache = LatentCache(c.dir)
+    if config.dataset is None:
+        build_world_cache(
+            c.dir, vae, text_encoder, clips_per_bucket=c.clips_per_bucket, split=c.split, seed=c.seed,
+            buckets=c.bucket_list(),
+            progress=lambda it: tqdm(it, desc="latent cache", unit="batch", file=sys.stderr, disable=not show),
+        )
+        cache = LatentCache(c.dir)
+    else:  # made by `kino preprocess` (kino/data/preprocess.py)
+        from kino.data.preprocess import open_video_cache
+
+        cache = open_video_cache(c.dir, config.dataset, vae)
     task = DiTTask(config, cache, vae=vae)
     if config.lora is not None:
         pin_lora_base(config)
