@@ -170,6 +170,9 @@ class Attention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        # Set from outside by `parallelize` on self-attention when a clip's tokens are split
+        # across ranks: it then attends over every rank's tokens (kino/training/sequence_parallel.py).
+        self.sequence_parallel = None
 
     def forward(
         self,
@@ -184,7 +187,10 @@ class Attention(nn.Module):
         v = self.v(source).unflatten(-1, (self.num_heads, -1))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v, context_mask)  # (B, L, H, Dh)
+        if self.sequence_parallel is None:
+            out = attention(q, k, v, context_mask)  # (B, L, H, Dh)
+        else:
+            out = self.sequence_parallel.attention(attention, q, k, v, context_mask)
         return self.o(out.flatten(2))  # (B, L, D)
 
 
@@ -261,6 +267,9 @@ class DiT(nn.Module):
         # A plain ModuleList: activation checkpointing, FSDP and compile wrap its entries from outside.
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
         self.head = Head(dim, config.out_channels, config.patch_size, config.eps)
+        # Set from outside by `parallelize` to split each clip's tokens across ranks (Ulysses):
+        # None keeps every token on this device.
+        self.sequence_parallel = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -349,9 +358,15 @@ class DiT(nn.Module):
         e, e0 = self.embed_time(self.frame_timesteps(t, b, frames, x.device))  # (B, F, D), (B, F, 6, D)
         context = self.text_embedding(text)  # (B, L, D)
         mask = None if text_mask is None else text_mask.bool()
+        sp = self.sequence_parallel
+        if sp is not None:  # keep this rank's tokens, with the RoPE angles of their global positions
+            tokens, rope = sp.shard(tokens, rope, grid)  # (B, F*h*w/P, D)
         for block in self.blocks:
             tokens = block(tokens, e0, context, mask, rope)
-        return self.unpatchify(self.head(tokens, e), grid)  # (B, C_out, T, H, W)
+        out = self.head(tokens, e)  # (B, L, pt*ph*pw*C_out)
+        if sp is not None:
+            out = sp.gather(out, grid)  # (B, F*h*w, pt*ph*pw*C_out)
+        return self.unpatchify(out, grid)  # (B, C_out, T, H, W)
 
     def _check_inputs(
         self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
