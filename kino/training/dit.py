@@ -296,6 +296,17 @@ class DiTTask:
         loss = per_frame.sum() / free.sum().clamp(min=1)
         return loss, self._binned(per_frame.detach(), t, free, self.shift(tuple(x0.shape[1:])))
 
+    def batch_tokens(self, batch: dict[str, Tensor]) -> int:
+        """Transformer tokens of a batch (for the trainer's tokens/s)."""
+        x0 = batch["latents"]
+        return x0.shape[0] * bucket_tokens(tuple(x0.shape[1:]), self.dit_config.patch_size)
+
+    def batch_flops(self, batch: dict[str, Tensor]) -> float:
+        """Training FLOPs of a batch (forward + backward = 3 forwards), for the trainer's MFU."""
+        x0 = batch["latents"]
+        grid = tuple(n // p for n, p in zip(x0.shape[2:], self.dit_config.patch_size))
+        return 3.0 * x0.shape[0] * self.dit_config.forward_flops(grid, batch["text"].shape[1])
+
     def _binned(self, per_frame: Tensor, t: Tensor, free: Tensor, shift: float) -> dict[str, Tensor]:
         """Loss by noise level, as unbiased estimates: sum over the generated frames in a bin
         divided by the bin's expected count, so a bin a batch misses counts as 0 and log

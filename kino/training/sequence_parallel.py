@@ -18,11 +18,11 @@ Gradients: every rank of the group computes the same loss from the same gathered
 so the backward of the gather is each rank's own slice of the output's gradient (not a sum
 over ranks), and the all-to-alls carry the gradient of each token back to the rank that
 computed it. Summed over the group, the ranks' parameter gradients are those of the whole
-clip on one device; `parallelize` sets FSDP's gradient divisor to the data-parallel size
-only, so that the sum over the sequence ranks is kept and the mean is over clips.
+clip on one device; the trainer scales the loss by P before backward so that FSDP2's average
+over all ranks keeps that sum over the sequence ranks (kino/training/distributed.py).
 
-The exchange is `all_to_all_single`, which NCCL and (since torch 1.x) gloo both provide; the
-tests run it on gloo with two CPU processes.
+The exchanges are `all_to_all_single` and an all-gather, which NCCL and gloo both provide;
+the tests run them on gloo with two CPU processes.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ Rope = tuple[Tensor, Tensor]
 
 def _all_to_all(x: Tensor, group) -> Tensor:
     """Exchange dim-0 chunks: chunk j of x goes to rank j; chunk i of the result came from rank i."""
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x.contiguous(), group=group)
+    x = x.contiguous()
+    out = torch.empty_like(x)  # after .contiguous(): empty_like would copy a permuted input's strides
+    dist.all_to_all_single(out, x, group=group)
     return out
 
 
@@ -55,6 +56,10 @@ def _heads_to_seq(x: Tensor, group, world: int) -> Tensor:
     chunks = x.unflatten(1, (world, -1)).permute(1, 0, 2, 3, 4)  # (P, B, Ll, H/P, Dh): chunk j = rank j's tokens
     received = _all_to_all(chunks, group)  # (P, B, Ll, H/P, Dh): chunk i = heads of rank i
     return received.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, Ll, H, Dh)
+
+
+# torch >= 2.13 renamed all_gather_into_tensor (same semantics); older releases have only the old name
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class _SeqToHeads(torch.autograd.Function):
@@ -86,8 +91,10 @@ class _GatherSpatial(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group, world: int, rank: int) -> Tensor:
         ctx.rank, ctx.local = rank, x.shape[2]
-        parts = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)  # (P, B, F, S/P, C)
-        dist.all_gather_into_tensor(parts, x.contiguous(), group=group)
+        # dim-0 concatenation (P*B, ...): the layout every backend (gloo included) accepts
+        parts = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        _all_gather(parts, x.contiguous(), group=group)
+        parts = parts.unflatten(0, (world, -1))  # (P, B, F, S/P, C)
         return parts.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, F, S, C), rank r's slice at [r*S/P, (r+1)*S/P)
 
     @staticmethod
