@@ -325,8 +325,16 @@ def cmd_train_vae(args) -> int:
 def cmd_train_dit(args) -> int:
     from kino.training.dit import DiTRunConfig, run_train_dit
 
+    from kino.training.distributed import is_main_process, shutdown_processes
+
     cfg = _run_config(args, DiTRunConfig)
-    out = run_train_dit(cfg)
+    try:  # under torchrun every process runs this; rank 0 reports
+        out = run_train_dit(cfg)
+        main = is_main_process()
+    finally:
+        shutdown_processes()
+    if not main:
+        return 0
     if out is None:
         print(f"interrupted; checkpoint saved in {cfg.train.out_dir}; run again to resume")
     else:

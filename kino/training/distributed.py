@@ -97,6 +97,17 @@ class Processes:
         return box[0]
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a lone process: the one that prints results."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def shutdown_processes() -> None:
+    """Leave the process group (if any) cleanly at the end of a run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _collective_device() -> torch.device:
     backend = dist.get_backend()
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

@@ -367,11 +367,15 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
     signal (a checkpoint is saved: run again to resume).
 
     `text_encoder` defaults to MiniLM (`MiniLMEncoder(max_length=cache.text_max_length)`).
+
+    Under torchrun every process calls this: rank 0 builds the cache while the others wait,
+    all train, and rank 0 writes the model folder (None on the other ranks).
     """
     from tqdm.auto import tqdm
 
     from kino.models.vae.pretrained import load_vae
-    from kino.training.trainer import Trainer
+    from kino.training.distributed import init_processes
+    from kino.training.trainer import Trainer, resolve_device
 
     vae_path = Path(config.vae) if config.vae is not None else default_model_dir()
     if config.vae is None and not vae_path.exists():
@@ -383,17 +387,23 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
 
         text_encoder = MiniLMEncoder(max_length=config.cache.text_max_length)
     c = config.cache
-    show = config.train.progress
-    build_world_cache(
-        c.dir, vae, text_encoder, clips_per_bucket=c.clips_per_bucket, split=c.split, seed=c.seed,
-        buckets=c.bucket_list(),
-        progress=lambda it: tqdm(it, desc="latent cache", unit="batch", file=sys.stderr, disable=not show),
-    )
+    procs = init_processes(config.train.parallel, resolve_device(config.train.device))
+    show = config.train.progress and procs.is_main
+    if procs.is_main:
+        build_world_cache(
+            c.dir, vae, text_encoder, clips_per_bucket=c.clips_per_bucket, split=c.split, seed=c.seed,
+            buckets=c.bucket_list(),
+            progress=lambda it: tqdm(it, desc="latent cache", unit="batch", file=sys.stderr, disable=not show),
+        )
+    procs.barrier()
     cache = LatentCache(c.dir)
     task = DiTTask(config, cache, vae=vae)
     trainer = Trainer(task, config.train, run_config=config)
     result = trainer.fit()
     if result.interrupted:
+        return None
+    state_dict = trainer.export_state_dict()  # collective under FSDP2
+    if not procs.is_main:
         return None
     training = {
         "steps": result.step,
@@ -403,7 +413,7 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         "text_encoder": cache.meta["text_encoder"],
         "latent_cache": str(cache.root),
     }
-    out = export_dit(trainer.export_state_dict(), task.dit_config, Path(config.train.out_dir) / "model",
+    out = export_dit(state_dict, task.dit_config, Path(config.train.out_dir) / "model",
                      training=training)
     from kino.models.text.encoder import MiniLMEncoder
 
