@@ -30,13 +30,14 @@ def main() -> None:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--ac", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--precision", default="fp32")
     args = p.parse_args()
     torch.set_num_threads(1)
     task = task_for_tests(stall_at=args.stall)
     cfg = TrainConfig(
         out_dir=args.out, max_steps=args.max_steps, lr=3e-3, warmup_steps=2, lr_schedule="cosine", decay_steps=8,
         ema_decay=0.9, checkpoint_every=args.checkpoint_every, keep_last=2, log_every=1, seed=3, device="cpu",
-        precision="fp32", progress=False, peak_tflops=args.peak_tflops,
+        precision=args.precision, progress=False, peak_tflops=args.peak_tflops,
         parallel=ParallelConfig(sequence_parallel=args.sp, activation_checkpointing=args.ac),
     )
     trainer = Trainer(task, cfg)

@@ -19,6 +19,7 @@ same but needs a PREMUL_SUM reduction, which gloo lacks.)
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,10 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, procs: Processes, *,
             block.compile()  # in place: names unchanged; one graph per block shape, reused across blocks
     if procs.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # Blocks return reshaped views; kino never modifies a block's output in place, which
+        # is the only case this warning (emitted once per module and step) is about.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         kwargs = dict(mesh=procs.fsdp_mesh, mp_policy=mp)
