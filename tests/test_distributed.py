@@ -213,6 +213,19 @@ def test_kill_9_and_resume_is_exact(tmp_path, world):
     assert [s for s, _ in list_checkpoints(killed)] == [4, 8]
 
 
+def test_two_process_checkpoint_resumes_in_one_process(tmp_path):
+    """DCP reshards on load: 4 steps on 2 ranks, then 4 more in one process, track a
+    one-process run (to FSDP's float32 reduction-order rounding)."""
+    one, moved = tmp_path / "one", tmp_path / "moved"
+    run(1, one, 8)
+    run(2, moved, 4)
+    run(1, moved, 8)
+    a, b = metrics(one), metrics(moved)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+
+
 def test_sigterm_to_one_rank_stops_all_at_one_step_with_a_checkpoint(tmp_path):
     """torchrun forwards SIGTERM to every worker, but the ranks may see it at different steps;
     they agree on the step to stop after, save one checkpoint there, exit 0 and resume."""
