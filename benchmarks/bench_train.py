@@ -1,12 +1,15 @@
 """Training throughput of the default ("small") DiT: one process vs N-process FSDP2.
 
     python benchmarks/bench_train.py [--nproc 1 2] [--steps 8] [--warmup 2] [--batch 8]
+        [--model small] [--latent 5x8x8] [--text-len 32] [--device cpu|cuda] [--precision fp32|bf16]
+        [--ac] [--compile] [--peak-tflops T]
 
 Each configuration runs in fresh processes started as torchrun starts them (gloo on CPU,
 nccl on CUDA), through the real `Trainer` on the synthetic DiT task (kino/training/
 synthetic.py: random latents, same model, loss and step as `kino train dit`). The global
-batch is the same in every configuration (N ranks take batch/N rows each); the clip is the
-shipped default's 17x64x64 bucket: 5x8x8 latents, 80 tokens, 32 text tokens. Reported:
+batch is the same in every configuration (N ranks take batch/N rows each); by default the
+clip is the shipped default's 17x64x64 bucket: 5x8x8 latents, 80 tokens, 32 text tokens
+(the GPU target: --model wan2.1-1.3b --latent 21x60x104 --text-len 512, ~32k tokens). Reported:
 the median over the measured steps of the trainer's own logged tokens/s and samples/s
 (the first `--warmup` steps are dropped), and MFU when --peak-tflops is given or the GPU is
 known. One JSON line per configuration on stdout.
@@ -38,8 +41,8 @@ def worker(args) -> None:
     from kino.training.trainer import Trainer
 
     torch.set_num_threads(args.threads)
-    task = SyntheticDiT(DIT_SIZES["small"], batch_size=args.batch, latent=(5, 8, 8), text_len=32, seed=0,
-                        perturb=0.02)
+    task = SyntheticDiT(DIT_SIZES[args.model], batch_size=args.batch, latent=_latent(args.latent),
+                        text_len=args.text_len, seed=0, perturb=0.02)
     cfg = TrainConfig(out_dir=args.out, max_steps=args.warmup + args.steps, lr=1e-4, checkpoint_every=0,
                       log_every=1, device=args.device, precision=args.precision, progress=False,
                       peak_tflops=args.peak_tflops,
@@ -48,13 +51,19 @@ def worker(args) -> None:
     shutdown_processes()
 
 
+def _latent(text: str) -> tuple[int, int, int]:
+    t, h, w = (int(n) for n in text.lower().split("x"))
+    return t, h, w
+
+
 def launch(nproc: int, args, out: Path) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--threads", str(args.threads),
-           "--device", args.device, "--precision", args.precision]
+           "--device", args.device, "--precision", args.precision, "--model", args.model,
+           "--latent", args.latent, "--text-len", str(args.text_len)]
     cmd += ["--ac"] * args.ac + ["--compile"] * args.compile
     if args.peak_tflops:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
@@ -72,7 +81,9 @@ def launch(nproc: int, args, out: Path) -> dict:
     result = {
         "nproc": nproc,
         "batch": args.batch,
-        "tokens_per_step": args.batch * 80,
+        "model": args.model,
+        "latent": args.latent,
+        "tokens_per_step": round(rows[0]["tokens_per_s"] / rows[0]["steps_per_s"]),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
         "samples_per_s": statistics.median(r["samples_per_s"] for r in rows),
         "step_s": statistics.median(1.0 / r["steps_per_s"] for r in rows),
@@ -89,6 +100,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--model", default="small", help="a DiT size (kino.models.dit.DIT_SIZES)")
+    p.add_argument("--latent", default="5x8x8", help="latent frames x height x width")
+    p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
