@@ -350,7 +350,8 @@ def cmd_train_vae(args) -> int:
         print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}; run again to resume")
         return 0
     model = trainer.ema_model() if cfg.train.ema_decay is not None else trainer.model.eval()
-    out = export_vae(model, task.vae_config, Path(cfg.train.out_dir) / "model", stats_clips=cfg.stats_clips)
+    out = export_vae(model, task.vae_config, Path(cfg.train.out_dir) / "model", stats_clips=cfg.stats_clips,
+                     keep_stats=cfg.train_only == "decoder")
     print(f"trained {result.step} steps; model folder {out}")
     return 0
 
@@ -358,8 +359,16 @@ def cmd_train_vae(args) -> int:
 def cmd_train_dit(args) -> int:
     from kino.training.dit import DiTRunConfig, run_train_dit
 
+    from kino.training.distributed import is_main_process, shutdown_processes
+
     cfg = _run_config(args, DiTRunConfig)
-    out = run_train_dit(cfg)
+    try:  # under torchrun every process runs this; rank 0 reports
+        out = run_train_dit(cfg)
+        main = is_main_process()
+    finally:
+        shutdown_processes()
+    if not main:
+        return 0
     if out is None:
         print(f"interrupted; checkpoint saved in {cfg.train.out_dir}; run again to resume")
     else:

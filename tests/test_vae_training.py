@@ -152,3 +152,34 @@ def test_init_from_a_model_folder_fine_tunes_it(tiny_model_dir, tmp_path):
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(KinoUserError, match="another size"):
         VAETask(VAERunConfig(model="small", init_from=str(tiny_model_dir))).build_model()
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_and_latent_stats(tiny_model_dir, tmp_path):
+    cfg = tmp_path / "dec.toml"
+    cfg.write_text(f'model = "tiny"\ninit_from = "{tiny_model_dir}"\ntrain_only = "decoder"\nstats_clips = 2\n'
+                   '[data]\nbatch_size = 2\ncrop_frames = [1, 5]\ncrop_size = 16\n'
+                   f'[train]\nout_dir = "{tmp_path / "run"}"\nmax_steps = 3\nlr = 1e-2\nwarmup_steps = 0\n'
+                   'checkpoint_every = 2\nsample_every = 0\nlog_every = 1\nema_decay = 0.5\nprogress = false\n')
+    assert main(["train", "vae", "--config", str(cfg)]) == 0
+    before, after = load_vae(tiny_model_dir), load_vae(tmp_path / "run" / "model")
+    b, a = before.state_dict(), after.state_dict()
+    frozen = [k for k in b if k.startswith(("encoder.", "conv1."))]
+    trained = [k for k in b if k.startswith(("decoder.", "conv2."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(b)
+    assert all(torch.equal(a[k], b[k]) for k in frozen)
+    assert any(not torch.equal(a[k], b[k]) for k in trained)
+    assert after.config.latents_mean == before.config.latents_mean
+    assert after.config.latents_std == before.config.latents_std
+    # a checkpoint holds the trained part alone; the frozen encoder comes back from init_from
+    from kino.training.checkpoint import latest_checkpoint
+    from safetensors.torch import load_file
+
+    saved = load_file(latest_checkpoint(tmp_path / "run") / "model.safetensors")
+    assert saved and all(k.startswith(("decoder.", "conv2.")) for k in saved)
+
+
+def test_decoder_only_needs_init_from():
+    with pytest.raises(KinoUserError, match="init_from"):
+        VAERunConfig(model="tiny", train_only="decoder")
+    with pytest.raises(KinoUserError, match="train_only"):
+        VAERunConfig(model="tiny", train_only="encoder")

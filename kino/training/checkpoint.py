@@ -256,3 +256,84 @@ def _other_process_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+# --- distributed checkpoints (torch.distributed.checkpoint) -------------------------------
+#
+# A run of several processes writes the same folder layout, with the sharded parts through
+# DCP, each rank writing its own shards of the model, optimizer and EMA::
+#
+#     step-00001000/
+#         dcp/                 {"model", "optimizer", "ema"} state dicts (DCP: .metadata + one file per rank)
+#         scheduler.pt         the LR schedule (rank 0)
+#         rng-00000.pt ...     each rank's RNG states
+#         state.json           {"step", "format": "dcp", "world_size", ...}; written last, by rank 0
+#
+# The data position is the step (batches are functions of the step). DCP reshards on load,
+# so the model, optimizer and EMA resume on any number of processes; RNG streams are per rank.
+# Atomicity is the single-process one: every rank writes into rank 0's `.tmp-<pid>` folder,
+# all ranks fsync and meet at a barrier, then rank 0 writes state.json and renames.
+
+
+def save_distributed_checkpoint(step: int, state: dict[str, Any], scheduler: dict[str, Any], config: dict[str, Any],
+                                out_dir: str | Path, procs, *, keep_last: int | None = None) -> Path:
+    """Collective: every rank calls it with its own `state` ({"model", "optimizer", "ema"}
+    as from `torch.distributed.checkpoint.state_dict`). Returns the final folder."""
+    import torch.distributed.checkpoint as dcp
+
+    final = checkpoint_dir(out_dir, step)
+    tmp = final.with_name(f"{final.name}.tmp-{procs.broadcast(os.getpid())}")
+    if procs.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    procs.barrier()
+    dcp.save(state, checkpoint_id=str(tmp / "dcp"))  # collective; files are fsynced (sync_files)
+    _torch_save(capture_rng_state(), tmp / f"rng-{procs.rank:05d}.pt")
+    if procs.is_main:
+        _torch_save(scheduler, tmp / "scheduler.pt")
+    procs.barrier()  # every rank's files are on disk
+    if procs.is_main:
+        files = ["dcp", "scheduler.pt"] + [f"rng-{r:05d}.pt" for r in range(procs.world_size)] + ["state.json"]
+        meta = {"step": step, "format": "dcp", "world_size": procs.world_size, "kino_version": kino.__version__,
+                "config": config, "files": files}
+        with open(tmp / "state.json", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            old = final.with_name(f"{final.name}.old-{os.getpid()}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        if keep_last is not None:
+            prune_checkpoints(out_dir, keep_last)
+    procs.barrier()
+    return final
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "dcp").is_dir()
+
+
+def load_distributed_checkpoint(path: str | Path, state: dict[str, Any], rank: int) -> tuple[int, dict, dict]:
+    """Load a DCP checkpoint in place into `state` (the same structure as saved, sharded
+    as this run shards it). Returns (step, scheduler state, this rank's RNG state: rank 0's
+    when the checkpoint was written by fewer processes)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    rng_path = path / f"rng-{rank:05d}.pt"
+    if not rng_path.is_file():
+        rng_path = path / "rng-00000.pt"
+    rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+    scheduler = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
+    return int(meta["step"]), scheduler, rng

@@ -16,11 +16,12 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 from kino.errors import KinoUserError
+from kino.training.distributed import ParallelConfig
 
 C = TypeVar("C")
 
@@ -53,6 +54,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True  # tqdm bar on stderr
+    # Peak FLOP/s of one device in TFLOP/s at the training precision, for the logged MFU;
+    # None: looked up for known GPUs (H100/H200/A100 bf16), else no MFU is logged.
+    peak_tflops: float | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # processes and devices (torchrun)
 
     def __post_init__(self):
         _check_literals(self)
@@ -71,6 +76,8 @@ class TrainConfig:
             problems.append("min_lr_ratio must be in [0, 1]")
         if self.decay_steps is not None and self.decay_steps < 1:
             problems.append("decay_steps must be >= 1 (or none)")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            problems.append("peak_tflops must be > 0 (or none)")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append("grad_clip must be > 0 (or none to disable clipping)")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

@@ -343,6 +343,17 @@ class DiTTask:
         loss = per_frame.sum() / free.sum().clamp(min=1)
         return loss, self._binned(per_frame.detach(), t, free, self.shift(tuple(x0.shape[1:])))
 
+    def batch_tokens(self, batch: dict[str, Tensor]) -> int:
+        """Transformer tokens of a batch (for the trainer's tokens/s)."""
+        x0 = batch["latents"]
+        return x0.shape[0] * bucket_tokens(tuple(x0.shape[1:]), self.dit_config.patch_size)
+
+    def batch_flops(self, batch: dict[str, Tensor]) -> float:
+        """Training FLOPs of a batch (forward + backward = 3 forwards), for the trainer's MFU."""
+        x0 = batch["latents"]
+        grid = tuple(n // p for n, p in zip(x0.shape[2:], self.dit_config.patch_size))
+        return 3.0 * x0.shape[0] * self.dit_config.forward_flops(grid, batch["text"].shape[1])
+
     def _binned(self, per_frame: Tensor, t: Tensor, free: Tensor, shift: float) -> dict[str, Tensor]:
         """Loss by noise level, as unbiased estimates: sum over the generated frames in a bin
         divided by the bin's expected count, so a bin a batch misses counts as 0 and log
@@ -455,11 +466,15 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
     is the LoRA alone, OUT/lora.safetensors (+ OUT/lora.json), and that file is returned.
 
     `text_encoder` defaults to MiniLM (`MiniLMEncoder(max_length=cache.text_max_length)`).
+
+    Under torchrun every process calls this: rank 0 builds the cache while the others wait,
+    all train, and rank 0 writes the model folder (None on the other ranks).
     """
     from tqdm.auto import tqdm
 
     from kino.models.vae.pretrained import load_vae
-    from kino.training.trainer import Trainer
+    from kino.training.distributed import init_processes
+    from kino.training.trainer import Trainer, resolve_device
 
     vae_path = Path(config.vae) if config.vae is not None else default_vae_folder(config.init_from)
     if config.vae is None and not vae_path.exists():
@@ -474,13 +489,16 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         check_init_from(config.init_from, dataclasses.replace(DIT_SIZES[config.model], text_dim=text_encoder.dim),
                         config.model)
     c = config.cache
-    show = config.train.progress
+    procs = init_processes(config.train.parallel, resolve_device(config.train.device))
+    show = config.train.progress and procs.is_main
     if config.dataset is None:
-        build_world_cache(
-            c.dir, vae, text_encoder, clips_per_bucket=c.clips_per_bucket, split=c.split, seed=c.seed,
-            buckets=c.bucket_list(),
-            progress=lambda it: tqdm(it, desc="latent cache", unit="batch", file=sys.stderr, disable=not show),
-        )
+        if procs.is_main:
+            build_world_cache(
+                c.dir, vae, text_encoder, clips_per_bucket=c.clips_per_bucket, split=c.split, seed=c.seed,
+                buckets=c.bucket_list(),
+                progress=lambda it: tqdm(it, desc="latent cache", unit="batch", file=sys.stderr, disable=not show),
+            )
+        procs.barrier()
         cache = LatentCache(c.dir)
     else:  # made by `kino preprocess` (kino/data/preprocess.py)
         from kino.data.preprocess import open_video_cache
@@ -493,8 +511,11 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
     result = trainer.fit()
     if result.interrupted:
         return None
+    state_dict = trainer.export_state_dict()  # collective under FSDP2
+    if not procs.is_main:
+        return None
     if config.lora is not None:
-        return export_lora(trainer.export_state_dict(), config, Path(config.train.out_dir) / "lora.safetensors",
+        return export_lora(state_dict, config, Path(config.train.out_dir) / "lora.safetensors",
                            steps=result.step, vae_sha256=cache.vae_sha256)
     training = {
         "steps": result.step,
@@ -504,7 +525,7 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         "text_encoder": cache.meta["text_encoder"],
         "latent_cache": str(cache.root),
     }
-    out = export_dit(trainer.export_state_dict(), task.dit_config, Path(config.train.out_dir) / "model",
+    out = export_dit(state_dict, task.dit_config, Path(config.train.out_dir) / "model",
                      training=training)
     from kino.models.text.encoder import MiniLMEncoder
 

@@ -8,6 +8,11 @@ produces the batch for a step and computes the loss.
 Resume is exact: the batch is a function of the step, and a checkpoint carries the
 model, optimizer, scheduler, EMA and every RNG state, so on CPU N straight steps and
 N/2 steps + restart + N/2 steps end with the same weights bit for bit.
+
+Under `torchrun` (kino/training/distributed.py) every process builds the same model,
+`parallelize()` shards it with FSDP2 (and splits clips for sequence parallelism), each
+data-parallel rank trains on its rows of the step's global batch, and checkpoints go through
+torch.distributed.checkpoint. One process without options runs exactly as before.
 """
 
 from __future__ import annotations
@@ -37,13 +42,17 @@ from kino.errors import KinoUserError
 from kino.training.checkpoint import (
     Checkpoint,
     capture_rng_state,
+    is_distributed_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    load_distributed_checkpoint,
     remove_stale_temp,
     restore_rng_state,
     save_checkpoint,
+    save_distributed_checkpoint,
 )
 from kino.training.config import TrainConfig, config_to_dict
+from kino.training.distributed import Processes, init_processes, parallelize
 
 SAMPLE_FPS = 8  # frame rate of the GIFs logged from task.samples
 
@@ -60,6 +69,11 @@ class TrainTask(Protocol):
     - `loss(model, batch)` under autocast, in train mode: the scalar loss to minimise and
       a dict of extra values to log (floats or 0-dim tensors; tensors are only read at
       log steps, so returning them avoids a device sync every step).
+      Under data parallelism each rank gets its rows of the batch (dim 0 split evenly)
+      and the gradient is the mean over ranks of each rank's loss.
+    - `batch_tokens(batch)` and `batch_flops(batch)` (optional): transformer tokens and training FLOPs
+      (forward + backward, from the model's own count) of the whole batch, for the logged
+      tokens/s and MFU.
     - `samples(model)` (optional method) every `sample_every` steps, in eval mode under
       `torch.no_grad()`, with the EMA weights when EMA is on: uint8 videos
       (F, H, W, 3) by name, logged to TensorBoard as animated GIFs. Random draws here do
@@ -150,6 +164,7 @@ class Trainer:
         self.step = 0
         self.start_step = 0
         self._saved_step: int | None = None
+        self.procs = Processes()  # this process's place in a torchrun job (set in setup)
 
     # --- setup and resume ---------------------------------------------------------------
 
@@ -159,16 +174,22 @@ class Trainer:
         if self.model is not None:
             return
         cfg = self.config
-        _seed_everything(cfg.seed)
+        self.procs = init_processes(cfg.parallel, self.device)
+        if self.procs.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.procs.local_rank)
+        _seed_everything(cfg.seed)  # the same seed everywhere: every rank builds the same weights
         model = self.task.build_model().to(self.device)
         model.train()
+        model = parallelize(model, cfg.parallel, self.procs, param_dtype=self.autocast_dtype)
         self.model = model
         if cfg.ema_decay is not None:
             self.ema = EMA(model, cfg.ema_decay, cfg.ema_start)
         self.optimizer = self._build_optimizer(model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
 
-        remove_stale_temp(self.out_dir)
+        if self.procs.is_main:
+            remove_stale_temp(self.out_dir)
+        self.procs.barrier()
         path = latest_checkpoint(self.out_dir)
         if path is not None:
             self._resume(path)
@@ -195,6 +216,11 @@ class Trainer:
         return {"fused": True} if self.device.type == "cuda" else {"fused": None, "foreach": None}
 
     def _resume(self, path: Path) -> None:
+        if is_distributed_checkpoint(path):
+            return self._resume_distributed(path)
+        if self.procs.distributed:
+            raise KinoUserError(f"{path} was written by a single-process run; a run of several processes "
+                                "resumes only from its own (torch.distributed.checkpoint) checkpoints")
         ckpt = load_checkpoint(path)
         try:
             missing, unexpected = self.model.load_state_dict(ckpt.model, strict=False)
@@ -222,6 +248,33 @@ class Trainer:
         restore_rng_state(ckpt.rng)  # last: nothing above may draw from the restored streams
         self.step = ckpt.step
 
+    def _sharded_state(self) -> dict[str, Any]:
+        """Model, optimizer and EMA as torch.distributed.checkpoint saves and loads them in place."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {"model": get_model_state_dict(self.model),
+                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()  # shards like the parameters; loaded in place
+        return state
+
+    def _resume_distributed(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = self._sharded_state()
+        try:
+            step, scheduler, rng = load_distributed_checkpoint(path, state, self.procs.rank)
+        except Exception as e:  # DCP reports a missing or misshapen key as a CheckpointException
+            raise KinoUserError(f"checkpoint {path} does not fit the model and training this config builds "
+                                f"(was the model config or EMA changed?): {e}") from None
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(scheduler)
+        for group in self.optimizer.param_groups:
+            group.update(self._optimizer_impl())
+        restore_rng_state(rng)  # last, as in _resume
+        self.step = step
+
     # --- the loop -----------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
@@ -230,23 +283,28 @@ class Trainer:
         current step, saves a checkpoint and returns (interrupted=True); a second aborts."""
         self.setup()
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.out_dir / "config.json", config_to_dict(self.run_config))
+        main = self.procs.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(self.out_dir / "config.json", config_to_dict(self.run_config))
         if self.step >= cfg.max_steps and self._saved_step == self.step:
             return TrainResult(self.step, self.start_step, {}, False, latest_checkpoint(self.out_dir))
 
         losses: dict[str, float] = {}
-        window = _Window(self.device)
-        with _StopOnSignal() as stop, _RunLog(self.out_dir, self.step) as log, tqdm(
-            total=cfg.max_steps, initial=self.step, disable=not cfg.progress, file=sys.stderr,
+        window = _Window(self.device, self.procs, peak_flops(cfg.peak_tflops, self.device, self.autocast_dtype))
+        with _StopOnSignal() as stop, _RunLog(self.out_dir, self.step, enabled=main) as log, tqdm(
+            total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and main), file=sys.stderr,
             unit="step", desc="train", dynamic_ncols=True,
         ) as bar:
             while self.step < cfg.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
-                loss, logs, grad_norm, batch_size = self._train_step()
-                window.add(loss, logs, batch_size)
+                loss, logs, grad_norm, sizes = self._train_step()
+                window.add(loss, logs, *sizes)
                 bar.update(1)
                 step = self.step
+                # every rank stops after the same step, or the next collective would wait forever
+                if self.procs.any(stop.requested is not None) and stop.requested is None:
+                    stop.requested = "a signal to another process"
                 if step % cfg.log_every == 0 or step == cfg.max_steps or stop.requested:
                     row = window.flush(step, lr=lr, grad_norm=float(grad_norm))
                     losses = {k: v for k, v in row.items() if k in window.names}
@@ -266,28 +324,33 @@ class Trainer:
                     with window.paused():
                         self.save_checkpoint()
             path = self.save_checkpoint() if self._saved_step != self.step else latest_checkpoint(self.out_dir)
-        if stop.requested:
+        if stop.requested and main:
             print(f"kino: stopped by {stop.requested} at step {self.step}; saved {path}", file=sys.stderr)
         return TrainResult(self.step, self.start_step, losses, stop.requested is not None, path)
 
-    def _train_step(self) -> tuple[Tensor, dict[str, float | Tensor], Tensor, int]:
+    def _train_step(self) -> tuple[Tensor, dict[str, float | Tensor], Tensor, tuple[int, int, float]]:
         cfg = self.config
+        full = self.task.batch(self.step)
+        sizes = (_batch_size(full), _task_count(self.task, "batch_tokens", full),
+                 _task_count(self.task, "batch_flops", full))
         batch = {
             k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
-            for k, v in self.task.batch(self.step).items()
+            for k, v in _rows(full, self.procs.dp_rank, self.procs.dp_size).items()
         }
         with self._autocast():
             loss, logs = self.task.loss(self.model, batch)
-        loss.backward()
+        (loss * self.procs.grad_scale if self.procs.sp_size > 1 else loss).backward()
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf  # inf: measure only
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2: already reduced over ranks
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model, self.step)
-        return loss.detach(), logs, grad_norm, _batch_size(batch)
+        return loss.detach(), logs, grad_norm, sizes
 
     def _autocast(self):
         return torch.autocast(
@@ -298,7 +361,7 @@ class Trainer:
 
     def _log_samples(self, log: _RunLog, step: int) -> None:
         sample = getattr(self.task, "samples", None)
-        if sample is None:
+        if sample is None or self.procs.distributed:  # previews are single-process only, for now
             return
         model = self.ema_model() if self.ema is not None else self.model
         with _rng_preserved(), torch.no_grad(), self._autocast():
@@ -312,7 +375,15 @@ class Trainer:
     # --- checkpoints and export ---------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint for the current step (atomically) and prune old ones."""
+        """Write a checkpoint for the current step (atomically) and prune old ones. Under
+        several processes: a collective torch.distributed.checkpoint save."""
+        if self.procs.distributed:
+            path = save_distributed_checkpoint(
+                self.step, self._sharded_state(), self.scheduler.state_dict(), config_to_dict(self.run_config),
+                self.out_dir, self.procs, keep_last=self.config.keep_last,
+            )
+            self._saved_step = self.step
+            return path
         # Frozen parameters (a LoRA's base model) never change and build_model() rebuilds
         # them, so checkpoints leave them out: a LoRA checkpoint holds the LoRA alone.
         frozen = _frozen_names(self.model)
@@ -330,7 +401,8 @@ class Trainer:
 
     def export_state_dict(self, ema: bool | None = None) -> dict[str, Tensor]:
         """The model's state dict on CPU (copies), with the EMA weights in place of the
-        trained ones when `ema` is True (default: whenever EMA is on)."""
+        trained ones when `ema` is True (default: whenever EMA is on). Collective under
+        FSDP2: every rank must call it (each gets the whole state dict)."""
         self.setup()
         use_ema = self.ema is not None if ema is None else ema
         if use_ema and self.ema is None:
@@ -342,6 +414,8 @@ class Trainer:
             name = names.get(id(value))
             if use_ema and name in self.ema.shadow:
                 value = self.ema.shadow[name].to(value.dtype)
+            if hasattr(value, "full_tensor"):  # an FSDP2 shard (DTensor): gather the whole tensor
+                value = value.full_tensor()
             out[key] = value.detach().to("cpu", copy=True)
         return out
 
@@ -378,6 +452,39 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16
 
 
+# bf16 dense tensor-core peaks (FLOP/s) of GPUs whose MFU the trainer reports without being told
+_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def peak_flops(peak_tflops: float | None, device: torch.device, dtype: torch.dtype | None) -> float | None:
+    """Peak FLOP/s of one device for MFU: the configured value, else a known GPU's bf16 peak."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, value in _PEAK_BF16.items():
+            if key in name:
+                return value
+    return None
+
+
+def _rows(batch: dict[str, Any], rank: int, ranks: int) -> dict[str, Any]:
+    """Data-parallel rank `rank`'s contiguous share of every batch tensor's rows."""
+    if ranks == 1:
+        return batch
+    size = _batch_size(batch)
+    if size % ranks:
+        raise KinoUserError(f"the batch of {size} does not split evenly over {ranks} data-parallel ranks")
+    share = size // ranks
+    return {k: v[rank * share:(rank + 1) * share] if isinstance(v, Tensor) and v.ndim else v
+            for k, v in batch.items()}
+
+
+def _task_count(task: TrainTask, name: str, batch: dict[str, Any]) -> float:
+    fn = getattr(task, name, None)
+    return float(fn(batch)) if fn is not None else 0.0
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
     np.random.seed(seed % 2**32)
@@ -412,8 +519,10 @@ def _batch_size(batch: dict[str, Any]) -> int:
 class _Window:
     """Accumulates losses between log steps and times them, without a device sync per step."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, procs: Processes | None = None, peak: float | None = None):
         self.device = device
+        self.procs = procs or Processes()
+        self.peak = peak  # FLOP/s of one device, for MFU
         self.names: list[str] = ["loss"]
         self._reset()
 
@@ -421,10 +530,14 @@ class _Window:
         self.sums: dict[str, Tensor | float] = {}
         self.steps = 0
         self.samples = 0
+        self.tokens = 0.0
+        self.flops = 0.0
         self.excluded = 0.0
         self.start = time.perf_counter()
 
-    def add(self, loss: Tensor, logs: dict[str, float | Tensor], batch_size: int) -> None:
+    def add(self, loss: Tensor, logs: dict[str, float | Tensor], batch_size: int, tokens: float = 0.0,
+            flops: float = 0.0) -> None:
+        """`batch_size`, `tokens` and `flops` count the step's whole (global) batch."""
         for name, value in {"loss": loss, **logs}.items():
             value = value.detach().float() if isinstance(value, Tensor) else float(value)
             self.sums[name] = self.sums[name] + value if name in self.sums else value
@@ -432,6 +545,8 @@ class _Window:
                 self.names.append(name)
         self.steps += 1
         self.samples += batch_size
+        self.tokens += tokens
+        self.flops += flops
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -442,17 +557,27 @@ class _Window:
             self.excluded += time.perf_counter() - t
 
     def flush(self, step: int, *, lr: float, grad_norm: float) -> dict[str, float]:
-        means = {name: float(total) / self.steps for name, total in self.sums.items()}
+        names = list(self.sums)
+        means = [float(self.sums[name]) / self.steps for name in names]
         seconds = max(time.perf_counter() - self.start - self.excluded, 1e-9)
+        if self.procs.distributed:  # losses and time: the mean over ranks (one collective)
+            reduced = self.procs.mean(torch.tensor([*means, seconds], dtype=torch.float64)).tolist()
+            means, seconds = reduced[:-1], reduced[-1]
         row = {
             "step": step,
-            **means,
+            **dict(zip(names, means)),
             "lr": lr,
             "grad_norm": grad_norm,
             "steps_per_s": self.steps / seconds,
             "samples_per_s": self.samples / seconds,
-            "time": time.time(),
         }
+        if self.tokens:
+            row["tokens_per_s"] = self.tokens / seconds
+        if self.flops:
+            row["tflops_per_s"] = self.flops / seconds / 1e12
+            if self.peak:
+                row["mfu"] = self.flops / seconds / (self.peak * self.procs.world_size)
+        row["time"] = time.time()
         self._reset()
         return row
 
@@ -463,24 +588,30 @@ _warned_no_tensorboard = False
 class _RunLog:
     """TensorBoard events in OUT/tb and one JSON row per log step in OUT/metrics.jsonl."""
 
-    def __init__(self, out_dir: Path, start_step: int):
+    def __init__(self, out_dir: Path, start_step: int, enabled: bool = True):
         self.metrics_path = out_dir / "metrics.jsonl"
         self.start_step = start_step
+        self.enabled = enabled  # False on every rank but 0 of a distributed run
         self.writer = None
         self._metrics = None
 
     def __enter__(self) -> _RunLog:
+        if not self.enabled:
+            return self
         _drop_rows_after(self.metrics_path, self.start_step)  # from a run that died after its last checkpoint
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")
         self.writer = _summary_writer(self.metrics_path.parent / "tb", purge_step=self.start_step + 1)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self.writer is not None:
             self.writer.close()
 
     def scalars(self, step: int, row: dict[str, float], task_keys: list[str]) -> None:
+        if not self.enabled:
+            return
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         if self.writer is None:

@@ -46,7 +46,11 @@ class VAERunConfig:
 
     model: str = "small"  # a named size in VAE_SIZES
     stats_clips: int = 64  # train clips whose latents set the exported latents_mean/std
-    init_from: str | None = None  # start from this model folder's VAE weights (fine-tuning)
+    init_from: str | None = None  # start from this model folder's VAE ("default": the shipped one)
+    # "all", or "decoder": fine-tune only the decoder (and post-quant conv) of init_from's VAE.
+    # The encoder, hence every latent and the latent normalisation, stays bit for bit, so a DiT
+    # trained on this VAE's latents stays valid with the new decoder.
+    train_only: str = "all"
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/vae"))
@@ -56,6 +60,11 @@ class VAERunConfig:
             raise KinoUserError(f"unknown VAE size {self.model!r}: allowed {', '.join(VAE_SIZES)}")
         if any(f < 1 or (f - 1) % 4 for f in self.data.crop_frames):
             raise KinoUserError(f"data.crop_frames must be 4k+1 values, got {self.data.crop_frames}")
+        if self.train_only not in ("all", "decoder"):
+            raise KinoUserError(f"train_only must be 'all' or 'decoder', got {self.train_only!r}")
+        if self.train_only == "decoder" and self.init_from is None:
+            raise KinoUserError("train_only = \"decoder\" fine-tunes a trained VAE's decoder: set init_from = "
+                                "\"MODEL_DIR\" (or \"default\")")
         if self.data.crop_size % 8 or self.data.crop_size < 0:
             raise KinoUserError(f"data.crop_size must be a multiple of 8 (0 = whole frame), got {self.data.crop_size}")
 
@@ -103,11 +112,15 @@ class VAETask:
             return VideoVAE(self.vae_config)
         from kino.models.vae.pretrained import load_vae
 
-        model = load_vae(self.config.init_from).requires_grad_(True).train()
+        source = None if self.config.init_from == "default" else self.config.init_from  # None: the shipped VAE
+        model = load_vae(source).requires_grad_(True).train()
         if model.config.to_dict() | {"latents_mean": None, "latents_std": None} != \
                 self.vae_config.to_dict() | {"latents_mean": None, "latents_std": None}:
             raise KinoUserError(f"init_from {self.config.init_from} holds a VAE of another size than "
                                 f"model = {self.config.model!r}")
+        if self.config.train_only == "decoder":
+            model.encoder.requires_grad_(False)
+            model.conv1.requires_grad_(False)
         return model
 
     def batch(self, step: int) -> dict[str, Tensor]:
@@ -115,7 +128,8 @@ class VAETask:
 
     def loss(self, model: VideoVAE, batch: dict[str, Tensor]):
         x = batch["video"]  # (B, 3, T, H, W)
-        mean, logvar = model.encode(x)
+        with torch.set_grad_enabled(self.config.train_only != "decoder"):
+            mean, logvar = model.encode(x)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         rec = model.decode(z, clamp=False)[:, :, : x.shape[2]]  # a clamp would stop gradients on overshoot
         w = self.config.loss
@@ -144,9 +158,13 @@ def latent_stats(model: VideoVAE, n: int = 64, seed: int = 12345) -> tuple[list[
 
 
 def export_vae(model: VideoVAE, config: VAEConfig, out_dir: str | Path, name: str = "kino-vae",
-               stats_clips: int = 64) -> Path:
-    """Write a model folder (kino.json + vae/) with latent statistics measured on world clips."""
-    mean, std = latent_stats(model, stats_clips)
+               stats_clips: int = 64, keep_stats: bool = False) -> Path:
+    """Write a model folder (kino.json + vae/) with latent statistics measured on world clips,
+    or, `keep_stats`, the model's own (a decoder fine-tune: the encoder did not change)."""
+    if keep_stats:
+        mean, std = model.config.latents_mean, model.config.latents_std
+    else:
+        mean, std = latent_stats(model, stats_clips)
     cfg = VAEConfig.from_dict({**config.to_dict(), "latents_mean": mean, "latents_std": std})
     out = Path(out_dir)
     save_component(out / "vae", cfg.to_dict(), model.state_dict())

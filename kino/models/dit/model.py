@@ -170,6 +170,9 @@ class Attention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        # Set from outside by `parallelize` on self-attention when a clip's tokens are split
+        # across ranks: it then attends over every rank's tokens (kino/training/sequence_parallel.py).
+        self.sequence_parallel = None
 
     def forward(
         self,
@@ -184,7 +187,10 @@ class Attention(nn.Module):
         v = self.v(source).unflatten(-1, (self.num_heads, -1))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v, context_mask)  # (B, L, H, Dh)
+        if self.sequence_parallel is None:
+            out = attention(q, k, v, context_mask)  # (B, L, H, Dh)
+        else:
+            out = self.sequence_parallel.attention(attention, q, k, v, context_mask)
         return self.o(out.flatten(2))  # (B, L, D)
 
 
@@ -261,6 +267,9 @@ class DiT(nn.Module):
         # A plain ModuleList: activation checkpointing, FSDP and compile wrap its entries from outside.
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
         self.head = Head(dim, config.out_channels, config.patch_size, config.eps)
+        # Set from outside by `parallelize` to split each clip's tokens across ranks (Ulysses):
+        # None keeps every token on this device.
+        self.sequence_parallel = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -349,9 +358,15 @@ class DiT(nn.Module):
         e, e0 = self.embed_time(self.frame_timesteps(t, b, frames, x.device))  # (B, F, D), (B, F, 6, D)
         context = self.text_embedding(text)  # (B, L, D)
         mask = None if text_mask is None else text_mask.bool()
+        sp = self.sequence_parallel
+        if sp is not None:  # keep this rank's tokens, with the RoPE angles of their global positions
+            tokens, rope = sp.shard(tokens, rope, grid)  # (B, F*h*w/P, D)
         for block in self.blocks:
             tokens = block(tokens, e0, context, mask, rope)
-        return self.unpatchify(self.head(tokens, e), grid)  # (B, C_out, T, H, W)
+        out = self.head(tokens, e)  # (B, L, pt*ph*pw*C_out)
+        if sp is not None:
+            out = sp.gather(out, grid)  # (B, F*h*w, pt*ph*pw*C_out)
+        return self.unpatchify(out, grid)  # (B, C_out, T, H, W)
 
     def _check_inputs(
         self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
@@ -436,6 +451,24 @@ class DiTConfig:
         """Channels of each head rotated by the (t, h, w) position; all even, summing to head_dim."""
         hw = 2 * (self.head_dim // 6)
         return self.head_dim - 2 * hw, hw, hw
+
+    def forward_flops(self, grid: tuple[int, int, int], text_len: int) -> float:
+        """Matmul FLOPs (2 per multiply-add) of one clip's forward pass with a (F, h, w) token
+        grid and `text_len` text tokens: the model's own count, for MFU (training = 3x this;
+        activation checkpointing's recompute is not counted, by convention). Norms, RoPE,
+        softmax and the time embedding (one row per frame) are left out: under 1% here."""
+        d, n, lt = self.dim, math.prod(grid), text_len
+        patch = math.prod(self.patch_size)
+        block = (
+            4 * n * d * d  # self-attention q, k, v, o
+            + 2 * n * n * d  # scores and weighted values
+            + 2 * n * d * d + 2 * lt * d * d  # cross-attention q, o on tokens; k, v on text
+            + 2 * n * lt * d  # cross-attention scores and values
+            + 2 * n * d * self.ffn_dim  # feed-forward
+        )
+        embed = n * self.in_channels * patch * d + lt * (self.text_dim * d + d * d)
+        head = n * d * self.out_channels * patch
+        return 2.0 * (self.num_layers * block + embed + head)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -1,0 +1,102 @@
+"""Generation speed of a pipeline on this machine, and its DiT against diffusers' Wan DiT.
+
+    python benchmarks/bench_generate.py [--model DIR] [--repeats 5] [--threads N]
+
+clip: the model time of one default clip (text encoding, every sampling step with
+      classifier-free guidance, VAE decode; file writing excluded) for each world clip
+      shape, median of --repeats runs, with the share spent in the DiT, the text encoder
+      and the VAE.
+peer: one guided DiT call (batch 2) of kino's DiT and, in the same run with the same
+      weights, diffusers' WanTransformer3DModel built with the same size (the peer), as a
+      time ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+
+def _median(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _peer(dit):
+    from diffusers import WanTransformer3DModel
+
+    from kino.models.dit.adapters import to_diffusers
+
+    c = dit.config
+    peer = WanTransformer3DModel(
+        patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.head_dim,
+        in_channels=c.in_channels, out_channels=c.out_channels, text_dim=c.text_dim, freq_dim=c.freq_dim,
+        ffn_dim=c.ffn_dim, num_layers=c.num_layers, cross_attn_norm=c.cross_attn_norm,
+        qk_norm="rms_norm_across_heads", eps=c.eps, rope_max_seq_len=c.rope_max_len).eval()
+    missing, unexpected = peer.load_state_dict(to_diffusers(dit.state_dict()), strict=False)
+    if unexpected or any("rope" not in k for k in missing):
+        raise RuntimeError(f"weights do not map onto diffusers' Wan DiT: {missing[:4]} {unexpected[:4]}")
+    return peer
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from kino.pipeline import Pipeline, sample_latents
+
+    pipe = Pipeline.from_pretrained(args.model)
+    d = pipe.defaults
+    print(f"# {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{d.steps} {d.sampler} steps, guidance {d.guidance}, medians of {args.repeats}")
+    print("| clip | model time s | DiT sampling s | text s | VAE decode s | clip lasts s |")
+    print("|---|---|---|---|---|---|")
+    prompt = "a large red circle moving left and a small blue square growing on a black background"
+    for frames, h, w in [(1, 64, 64), (17, 64, 64), (17, 64, 96), (33, 64, 96)]:
+        total = _median(lambda: pipe.generate(prompt, frames=frames, height=h, width=w, seed=1), args.repeats)
+        text_s = _median(lambda: pipe.text_encoder.encode([prompt, d.negative]), args.repeats)
+        text, mask = pipe.text_encoder.encode([prompt, d.negative])
+        latents = pipe.generate(prompt, frames=frames, height=h, width=w, seed=1).latents
+        noise = torch.randn(latents.shape)
+        dit_s = _median(lambda: sample_latents(pipe.dit, text[:1], mask[:1], text[1:], mask[1:], noise,
+                                               steps=d.steps, guidance=d.guidance, sampler=d.sampler), args.repeats)
+        vae_s = _median(lambda: pipe.decode(latents, frames), args.repeats)
+        print(f"| {frames}x{h}x{w} | {total:.2f} | {dit_s:.2f} | {text_s:.3f} | {vae_s:.2f} | "
+              f"{frames / d.fps:.2f} |")
+
+    dit = pipe.dit
+    peer = _peer(dit)
+    print("\n| DiT call (batch 2, as with guidance) | tokens | kino s | diffusers s | kino/diffusers time |")
+    print("|---|---|---|---|---|")
+    s = pipe.vae.config.space_stride
+    for frames, h, w in [(17, 64, 64), (33, 64, 96)]:
+        T = pipe.vae.config.latent_frames(frames)
+        x = torch.randn(2, dit.config.in_channels, T, h // s, w // s)
+        t = torch.full((2,), 500.0)
+        text, mask = pipe.text_encoder.encode([prompt, ""])
+        ours = _median(lambda: dit(x, t, text, mask), args.repeats)
+        # diffusers' Wan takes unpadded text features (no mask): give it the same tokens
+        theirs = _median(lambda: peer(x, t, text, return_dict=False), args.repeats)
+        p = dit.config.patch_size
+        tokens = T // p[0] * (h // s // p[1]) * (w // s // p[2])
+        print(f"| {frames}x{h}x{w} | {tokens} | {ours * 1000:.1f} ms | {theirs * 1000:.1f} ms | "
+              f"{ours / theirs:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
