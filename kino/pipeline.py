@@ -28,7 +28,7 @@ from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
 from kino.models.lora import fuse_lora, read_lora, unfuse_lora
-from kino.models.text.encoder import TextEncoder, load_text_encoder, text_encoder_config
+from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
 from kino.models.vae.model import VAEConfig, VideoVAE
 from kino.tasks.conditioning import Conditioning
 
@@ -120,33 +120,42 @@ class Pipeline:
         self.dit_sha256: str | None = None  # of the DiT's weights file, when loaded from a model folder
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
-        """Load a model folder (kino.json with vae, dit and text_encoder); None = the shipped default."""
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
+                        text_device: str | torch.device | None = None, text_dtype: str | None = None) -> Pipeline:
+        """Load a model folder (kino.json with vae, dit and text_encoder); None = the shipped default.
+        A Wan2.1 folder in its original or diffusers layout loads too (kino/convert/wan.py).
+        `text_device` puts the text encoder elsewhere (e.g. "cpu" beside a GPU DiT);
+        `text_dtype` overrides a UMT5 encoder's recorded compute dtype."""
         root = Path(path) if path is not None else default_model_dir()
         manifest = read_manifest(root)
         if manifest is None:
-            raise KinoUserError(f"{root} is not a kino model folder: kino.json is missing")
+            from kino.convert.wan import detect_layout, load_wan_pipeline
+
+            if root.is_dir() and detect_layout(root) in ("original", "diffusers"):
+                return load_wan_pipeline(root, device, text_device, text_dtype or "bfloat16")
+            raise KinoUserError(f"{root} is not a kino model folder (kino.json is missing) nor a Wan2.1 folder")
         missing = [c for c in ("vae", "dit", "text_encoder") if c not in manifest.get("components", {})]
         if missing:
             raise KinoUserError(f"{root / 'kino.json'} lacks the component(s) {', '.join(missing)}; "
                                 "a generation model needs vae, dit and text_encoder")
         vae = load_module(root, "vae", VAEConfig, VideoVAE, device)
         dit = load_module(root, "dit", DiTConfig, DiT, device)
-        text_encoder = load_text_encoder(load_component(root, "text_encoder", weights=False).config, device)
+        text = load_component(root, "text_encoder", weights=False)
+        text_encoder = load_text_encoder(text.config, text_device if text_device is not None else device, text.folder,
+                                         text_dtype)
         defaults = GenerationDefaults.from_dict(manifest.get("pipeline", {}))
         pipe = cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name))
         pipe.dit_sha256 = manifest["components"]["dit"].get("files", {}).get(WEIGHTS)
         return pipe
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write a model folder: vae/, dit/, text_encoder/ (a reference: its weights ship in a
-        package) and kino.json with every file's sha256 and the generation defaults."""
+        """Write a model folder: vae/, dit/, text_encoder/ (MiniLM: a reference, its weights ship
+        in a package; UMT5: weights and tokenizer too) and kino.json with every file's sha256
+        and the generation defaults."""
         root = Path(path)
         save_component(root / "vae", self.vae.config.to_dict(), self.vae.state_dict())
         save_component(root / "dit", self.dit.config.to_dict(), self.dit.state_dict())
-        (root / "text_encoder").mkdir(parents=True, exist_ok=True)
-        (root / "text_encoder" / "config.json").write_text(
-            json.dumps(text_encoder_config(self.text_encoder), indent=2) + "\n")
+        save_text_encoder(self.text_encoder, root / "text_encoder")
         return write_manifest(root, self.name, {"vae": ("vae", "VideoVAE"), "dit": ("dit", "DiT"),
                                                 "text_encoder": ("text_encoder", type(self.text_encoder).__name__)},
                               extra={"pipeline": asdict(self.defaults)})
