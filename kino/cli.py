@@ -126,7 +126,7 @@ def add_sampling(p):
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--sampler", choices=("euler", "dpm++2m"), default=None, help="default: the model's")
+    p.add_argument("--sampler", choices=("euler", "dpm++2m", "unipc"), default=None, help="default: the model's")
 
 
 def add_lora(p):

@@ -12,6 +12,7 @@ task of `kino/tasks/video_tasks.py`) live there, not in the model.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -49,6 +50,11 @@ class GenerationDefaults:
     sampler: str = "dpm++2m"
     shift: float | None = None  # None: grows with the token count (shift_for_tokens)
     negative: str = ""
+    t_max: float = 1.0  # the schedule runs from t_max to t_min, then 0 (Wan2.1: 0.999 to 0; sampling_timesteps)
+    t_min: float = 0.0
+    # Wan2.1 (and diffusers' WanPipeline) hand the DiT int64 timesteps, floor(1000 t), while the
+    # solver steps between the exact times: True reproduces that.
+    integer_dit_time: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerationDefaults:
@@ -68,7 +74,8 @@ class Generation:
 def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_mask: Tensor,
                    noise: Tensor, *, steps: int, guidance: float, sampler: str = "dpm++2m",
                    shift: float | None = None, callback: Callable[[int], None] | None = None,
-                   conditioning: Conditioning | None = None) -> Tensor:
+                   conditioning: Conditioning | None = None, t_max: float = 1.0, t_min: float = 0.0,
+                   integer_dit_time: bool = False) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
     guidance; conditional and unconditional branches run as one batch.
 
@@ -84,14 +91,16 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         raise KinoUserError(f"the conditioning's latents {cond.shape} do not match the noise {tuple(noise.shape)}")
     p = dit.config.patch_size
     tokens = (T // p[0]) * (H // p[1]) * (W // p[2])
-    ts = cond.schedule(sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens)))
+    ts = cond.schedule(sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens), t_max,
+                                          t_min))
     use_cfg = guidance != 1.0
     text_in = torch.cat([text, neg_text]) if use_cfg else text  # (2B | B, L, D)
     mask_in = torch.cat([mask, neg_mask]) if use_cfg else mask
 
     def velocity(x: Tensor, t: float) -> Tensor:
         x = cond.keep_clean(x)
-        t_frames = cond.frame_times(t * T_SCALE, x.dtype)  # (B, T)
+        t_dit = math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE
+        t_frames = cond.frame_times(t_dit, x.dtype)  # (B, T)
         x_in = torch.cat([x, x]) if use_cfg else x
         t_in = torch.cat([t_frames, t_frames]) if use_cfg else t_frames
         v = dit(x_in, t_in, text_in, mask_in)
@@ -230,7 +239,8 @@ class Pipeline:
         text, mask = text.to(self.device), mask.to(self.device)
         latents = sample_latents(self.dit, text[:1], mask[:1], text[1:], mask[1:], noise, steps=d.steps,
                                  guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback,
-                                 conditioning=conditioning)
+                                 conditioning=conditioning, t_max=d.t_max, t_min=d.t_min,
+                                 integer_dit_time=d.integer_dit_time)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if self.loras:

@@ -41,14 +41,15 @@ WAN_NEGATIVE_PROMPT = (
 
 
 def wan_defaults():
-    """Wan2.1 T2V's recommended settings: 81 frames of 832x480 at 16 fps, 50 steps, guidance
-    5, flow shift 5 (Wan's generate.py for t2v at every size; diffusers' docs suggest 3 at
-    480p), Wan's negative prompt. Wan samples with UniPC; kino's closest sampler is DPM-Solver++(2M)
-    (Wan's other solver, `--sample_solver dpm++`)."""
+    """Wan2.1 T2V's recommended settings: 81 frames of 832x480 at 16 fps, 50 steps of UniPC
+    from t = 0.999 with integer DiT times (as Wan's sampler does), guidance 5, flow shift 5
+    (Wan's generate.py for t2v at every size; diffusers' docs suggest 3 at 480p), Wan's
+    negative prompt."""
     from kino.pipeline import GenerationDefaults
 
     return GenerationDefaults(frames=81, height=480, width=832, fps=16.0, steps=50, guidance=5.0,
-                              sampler="dpm++2m", shift=5.0, negative=WAN_NEGATIVE_PROMPT)
+                              sampler="unipc", shift=5.0, negative=WAN_NEGATIVE_PROMPT, t_max=0.999,
+                              integer_dit_time=True)
 
 
 ORIGINAL_VAE = "Wan2.1_VAE.pth"
