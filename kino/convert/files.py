@@ -22,7 +22,12 @@ def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise KinoUserError(f"{path} is missing")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KinoUserError(f"{path} is not a weights-only checkpoint (it holds pickled objects that "
