@@ -126,7 +126,7 @@ def add_sampling(p):
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--sampler", choices=("euler", "dpm++2m"), default=None, help="default: the model's")
+    p.add_argument("--sampler", choices=("euler", "dpm++2m", "unipc"), default=None, help="default: the model's")
 
 
 def add_lora(p):
@@ -153,6 +153,8 @@ def add_task_options(p, task: str, batch_help: str,
     add_model(p)
     add_lora(p)
     add_device(p)
+    p.add_argument("--text-device", default=None, metavar="DEVICE",
+                   help="run the text encoder here instead (e.g. cpu beside a cuda --device)")
     add_common(p)
     p.set_defaults(func=cmd_task, task=task)
 
@@ -248,7 +250,8 @@ def _pipeline(args):
     """The --model pipeline on --device, with every --lora fused in."""
     from kino.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(args.model, _device(args.device))
+    text_device = _device(args.text_device) if args.text_device is not None else None
+    pipe = Pipeline.from_pretrained(args.model, _device(args.device), text_device=text_device)
     for path, scale in args.lora:
         pipe.load_lora(path, scale)
     return pipe
@@ -319,6 +322,16 @@ def cmd_vae_reconstruct(args) -> int:
         print(f"{name}\tPSNR {value:.2f} dB")
     mean = sum(v for _, v in results) / len(results)
     print(f"mean PSNR {mean:.2f} dB over {len(results)} clips; wrote {args.out}")
+    return 0
+
+
+# ---- kino convert ---------------------------------------------------------------------
+
+def cmd_convert_wan(args) -> int:
+    from kino.convert.wan import convert_wan
+
+    manifest = convert_wan(args.src, args.dst)
+    print(f"wrote kino model folder {manifest.parent}")
     return 0
 
 
@@ -472,6 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p)
     add_common(p)
     p.set_defaults(func=cmd_vae_reconstruct)
+
+    convert = sub.add_parser("convert", help="third-party weights into a kino model folder")
+    convert.set_defaults(group_help=convert.format_help)
+    csub = convert.add_subparsers(dest="convert_command", metavar="COMMAND", parser_class=_Parser)
+    p = csub.add_parser("wan", help="a Wan2.1 text-to-video folder (original or diffusers layout) -> kino")
+    p.add_argument("src", type=Path, metavar="SRC", help="Wan2.1 folder (e.g. Wan2.1-T2V-1.3B or its -Diffusers)")
+    p.add_argument("dst", type=Path, metavar="DST", help="new kino model folder (must not exist or be empty)")
+    add_common(p)
+    p.set_defaults(func=cmd_convert_wan)
 
     p = sub.add_parser("preprocess", help="encode the config's [dataset] once into its latent cache (resumable; "
                        "under torchrun each rank takes its parts)")

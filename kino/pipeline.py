@@ -12,6 +12,7 @@ task of `kino/tasks/video_tasks.py`) live there, not in the model.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
 from kino.models.lora import fuse_lora, read_lora, unfuse_lora
-from kino.models.text.encoder import TextEncoder, load_text_encoder, text_encoder_config
+from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
 from kino.models.vae.model import VAEConfig, VideoVAE
 from kino.tasks.conditioning import Conditioning
 
@@ -49,6 +50,11 @@ class GenerationDefaults:
     sampler: str = "dpm++2m"
     shift: float | None = None  # None: grows with the token count (shift_for_tokens)
     negative: str = ""
+    t_max: float = 1.0  # the schedule runs from t_max to t_min, then 0 (Wan2.1: 0.999 to 0; sampling_timesteps)
+    t_min: float = 0.0
+    # Wan2.1 (and diffusers' WanPipeline) hand the DiT int64 timesteps, floor(1000 t), while the
+    # solver steps between the exact times: True reproduces that.
+    integer_dit_time: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerationDefaults:
@@ -68,7 +74,8 @@ class Generation:
 def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_mask: Tensor,
                    noise: Tensor, *, steps: int, guidance: float, sampler: str = "dpm++2m",
                    shift: float | None = None, callback: Callable[[int], None] | None = None,
-                   conditioning: Conditioning | None = None) -> Tensor:
+                   conditioning: Conditioning | None = None, t_max: float = 1.0, t_min: float = 0.0,
+                   integer_dit_time: bool = False) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
     guidance; conditional and unconditional branches run as one batch.
 
@@ -84,14 +91,16 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         raise KinoUserError(f"the conditioning's latents {cond.shape} do not match the noise {tuple(noise.shape)}")
     p = dit.config.patch_size
     tokens = (T // p[0]) * (H // p[1]) * (W // p[2])
-    ts = cond.schedule(sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens)))
+    ts = cond.schedule(sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens), t_max,
+                                          t_min))
     use_cfg = guidance != 1.0
     text_in = torch.cat([text, neg_text]) if use_cfg else text  # (2B | B, L, D)
     mask_in = torch.cat([mask, neg_mask]) if use_cfg else mask
 
     def velocity(x: Tensor, t: float) -> Tensor:
         x = cond.keep_clean(x)
-        t_frames = cond.frame_times(t * T_SCALE, x.dtype)  # (B, T)
+        t_dit = math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE
+        t_frames = cond.frame_times(t_dit, x.dtype)  # (B, T)
         x_in = torch.cat([x, x]) if use_cfg else x
         t_in = torch.cat([t_frames, t_frames]) if use_cfg else t_frames
         v = dit(x_in, t_in, text_in, mask_in)
@@ -120,33 +129,42 @@ class Pipeline:
         self.dit_sha256: str | None = None  # of the DiT's weights file, when loaded from a model folder
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
-        """Load a model folder (kino.json with vae, dit and text_encoder); None = the shipped default."""
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
+                        text_device: str | torch.device | None = None, text_dtype: str | None = None) -> Pipeline:
+        """Load a model folder (kino.json with vae, dit and text_encoder); None = the shipped default.
+        A Wan2.1 folder in its original or diffusers layout loads too (kino/convert/wan.py).
+        `text_device` puts the text encoder elsewhere (e.g. "cpu" beside a GPU DiT);
+        `text_dtype` overrides a UMT5 encoder's recorded compute dtype."""
         root = Path(path) if path is not None else default_model_dir()
         manifest = read_manifest(root)
         if manifest is None:
-            raise KinoUserError(f"{root} is not a kino model folder: kino.json is missing")
+            from kino.convert.wan import detect_layout, load_wan_pipeline
+
+            if root.is_dir() and detect_layout(root) in ("original", "diffusers"):
+                return load_wan_pipeline(root, device, text_device, text_dtype or "bfloat16")
+            raise KinoUserError(f"{root} is not a kino model folder (kino.json is missing) nor a Wan2.1 folder")
         missing = [c for c in ("vae", "dit", "text_encoder") if c not in manifest.get("components", {})]
         if missing:
             raise KinoUserError(f"{root / 'kino.json'} lacks the component(s) {', '.join(missing)}; "
                                 "a generation model needs vae, dit and text_encoder")
         vae = load_module(root, "vae", VAEConfig, VideoVAE, device)
         dit = load_module(root, "dit", DiTConfig, DiT, device)
-        text_encoder = load_text_encoder(load_component(root, "text_encoder", weights=False).config, device)
+        text = load_component(root, "text_encoder", weights=False)
+        text_encoder = load_text_encoder(text.config, text_device if text_device is not None else device, text.folder,
+                                         text_dtype)
         defaults = GenerationDefaults.from_dict(manifest.get("pipeline", {}))
         pipe = cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name))
         pipe.dit_sha256 = manifest["components"]["dit"].get("files", {}).get(WEIGHTS)
         return pipe
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write a model folder: vae/, dit/, text_encoder/ (a reference: its weights ship in a
-        package) and kino.json with every file's sha256 and the generation defaults."""
+        """Write a model folder: vae/, dit/, text_encoder/ (MiniLM: a reference, its weights ship
+        in a package; UMT5: weights and tokenizer too) and kino.json with every file's sha256
+        and the generation defaults."""
         root = Path(path)
         save_component(root / "vae", self.vae.config.to_dict(), self.vae.state_dict())
         save_component(root / "dit", self.dit.config.to_dict(), self.dit.state_dict())
-        (root / "text_encoder").mkdir(parents=True, exist_ok=True)
-        (root / "text_encoder" / "config.json").write_text(
-            json.dumps(text_encoder_config(self.text_encoder), indent=2) + "\n")
+        save_text_encoder(self.text_encoder, root / "text_encoder")
         return write_manifest(root, self.name, {"vae": ("vae", "VideoVAE"), "dit": ("dit", "DiT"),
                                                 "text_encoder": ("text_encoder", type(self.text_encoder).__name__)},
                               extra={"pipeline": asdict(self.defaults)})
@@ -221,7 +239,8 @@ class Pipeline:
         text, mask = text.to(self.device), mask.to(self.device)
         latents = sample_latents(self.dit, text[:1], mask[:1], text[1:], mask[1:], noise, steps=d.steps,
                                  guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback,
-                                 conditioning=conditioning)
+                                 conditioning=conditioning, t_max=d.t_max, t_min=d.t_min,
+                                 integer_dit_time=d.integer_dit_time)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if self.loras:

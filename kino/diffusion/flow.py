@@ -64,8 +64,17 @@ def shift_for_tokens(tokens: int, base_tokens: int = 64, max_tokens: int = 4096,
     return math.exp((1 - a) * math.log(base_shift) + a * math.log(max_shift))
 
 
-def sampling_timesteps(steps: int, shift: float = 1.0) -> Tensor:
-    """steps + 1 decreasing times from 1 to 0, shifted."""
+def sampling_timesteps(steps: int, shift: float = 1.0, t_max: float = 1.0, t_min: float = 0.0) -> Tensor:
+    """steps + 1 decreasing times: steps evenly spaced from t_max to t_min, shifted, then 0.
+
+    kino's own models use (1, 0). Wan2.1's sampler starts at t_max = 0.999 (the last of its
+    1000 training times) with t_min = 0; diffusers' UniPC with flow sigmas, as WanPipeline
+    sets it up, uses t_max = 1 and t_min = 0.001 instead (the same grid shifted by one
+    training step), a small difference between the two releases of the same model."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+    if not 0.0 <= t_min < t_max <= 1.0:
+        raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min {t_min}, t_max {t_max}")
+    ts = shift_timesteps(torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64), shift)
+    ts[-1] = 0.0
+    return ts

@@ -73,7 +73,72 @@ def dpm_solver_2m(velocity: Velocity, x: Tensor, timesteps: Sequence[float],
     return x
 
 
-SAMPLERS = {"euler": euler, "dpm++2m": dpm_solver_2m}
+def _uni_update(x: Tensor, t_s: float, t: float, d_s: Tensor, older: list[tuple[float, Tensor]],
+                d_t: Tensor | None) -> Tensor:
+    """One UniPC update of x (at t_s, data estimate d_s) to time t, in flow form.
+
+    With alpha = 1 - t, sigma = t, lambda = log(alpha / sigma), h = lambda(t) - lambda(t_s):
+        x' = (t / t_s) x - (1 - t) (e^{-h} - 1) d_s - (1 - t) B(h) sum_k rho_k D_k,
+    B(h) = e^{-h} - 1 (UniPC's "bh2"). The D_k are scaled differences of data estimates:
+    (d_older - d_s) / r with r = (lambda_older - lambda_s) / h for a second-order predictor
+    (rho = 1/2), and d_t - d_s as well for the corrector UniC (`d_t` given; first order:
+    rho = 1/2; second order: rho from the 2x2 system of UniPC's order conditions).
+    """
+    exp_neg_h = (t * (1.0 - t_s)) / ((1.0 - t) * t_s)  # finite at t_s = 1 (0) and t = 0 (0)
+    h = _log_snr(t) - _log_snr(t_s)
+    phi1 = math.expm1(-h) if math.isfinite(h) else exp_neg_h - 1.0
+    x_next = (t / t_s) * x - (1.0 - t) * phi1 * d_s
+    older = [(lam, d) for lam, d in older if math.isfinite(lam) and math.isfinite(h)]  # no slope from t = 1
+    if not older and d_t is None:
+        return x_next
+    b_h = phi1
+    if older:
+        lam_old, d_old = older[0]
+        r = (lam_old - _log_snr(t_s)) / h
+        d1 = (d_old - d_s) / r
+    if d_t is None:  # second-order predictor
+        return x_next - (1.0 - t) * b_h * 0.5 * d1
+    if not older:  # first-order corrector
+        return x_next - (1.0 - t) * b_h * 0.5 * (d_t - d_s)
+    hh = -h
+    g1 = phi1 / hh - 1.0
+    b1 = g1 / b_h
+    b2 = (g1 / hh - 0.5) * 2.0 / b_h
+    rho0 = (b1 - b2) / (1.0 - r)  # [[1, 1], [r, 1]] (rho0, rho1) = (b1, b2)
+    rho1 = b1 - rho0
+    return x_next - (1.0 - t) * b_h * (rho0 * d1 + rho1 * (d_t - d_s))
+
+
+def unipc(velocity: Velocity, x: Tensor, timesteps: Sequence[float],
+          callback: Callable[[int], None] | None = None) -> Tensor:
+    """UniPC (Zhao et al., 2023) in flow form: a multistep predictor of order up to 2 (UniP)
+    and the corrector UniC, on data estimates, with B(h) = e^{-h} - 1 ("bh2").
+
+    This is Wan2.1's default solver and diffusers' `UniPCMultistepScheduler` as WanPipeline
+    uses it (solver_order 2, flow prediction, lower_order_final): order 1 on the first step
+    (no history) and on the last; the corrector refines each x_i with the model output at the
+    uncorrected x_i, so it costs no extra model call.
+    """
+    ts = _times(timesteps)
+    n = len(ts) - 1
+    estimates: list[tuple[float, Tensor]] = []  # (lambda, data estimate) of the last two steps
+    x_before, order_before = x, 0
+    for i in range(n):
+        t = ts[i]
+        d = x - t * velocity(x, t)  # (B, C, T, H, W) data estimate at the uncorrected x
+        if i > 0:  # UniC: redo the last step with the new estimate
+            older = estimates[-2:-1] if order_before == 2 else []
+            x = _uni_update(x_before, ts[i - 1], t, estimates[-1][1], older, d)
+        estimates = (estimates + [(_log_snr(t), d)])[-2:]
+        order = min(2, n - i, i + 1)
+        x_before, order_before = x, order
+        x = _uni_update(x, t, ts[i + 1], d, estimates[-2:-1] if order == 2 else [], None)
+        if callback:
+            callback(i)
+    return x
+
+
+SAMPLERS = {"euler": euler, "dpm++2m": dpm_solver_2m, "unipc": unipc}
 
 
 def guided(velocity_cond: Callable[[Tensor, float], Tensor], velocity_uncond: Callable[[Tensor, float], Tensor],

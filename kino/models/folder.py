@@ -75,12 +75,13 @@ def save_component(folder: str | Path, config: dict, state_dict: dict[str, torch
 
 def write_manifest(root: str | Path, name: str, components: dict[str, tuple[str, str]],
                    extra: dict | None = None) -> Path:
-    """components: {component: (subfolder, class name)}; hashes every file of each subfolder.
+    """components: {component: (subfolder, class name)}; hashes every file under each subfolder.
     `extra` adds top-level sections (e.g. the pipeline's generation defaults)."""
     root = Path(root)
     entries = {}
     for comp, (sub, cls) in components.items():
-        files = {p.name: sha256_file(p) for p in sorted((root / sub).iterdir()) if p.is_file()}
+        folder = root / sub  # nested files too (a UMT5 text encoder keeps umt5/ and tokenizer/ inside)
+        files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
         entries[comp] = {"path": sub, "class": cls, "files": files}
     _atomic_json(root / MANIFEST, {"name": name, "kino_version": __version__, "components": entries,
                                    **(extra or {})})

@@ -6,6 +6,10 @@ projections are to_q/to_k/to_v/to_out.0 inside attn1 (self) and attn2 (cross), i
 cross-attention norm is `norm2` (Wan's `norm3`), its modulation tables are
 `scale_shift_table`, and the embeddings sit in `condition_embedder`. The renames are
 regex rules applied in order; shapes are identical, so no tensor is touched.
+
+Wan2.1's original release (`diffusion_pytorch_model*.safetensors` beside a `WanModel`
+config.json) has kino's names already: `from_wan` only checks that every key is one
+kino's DiT has (and names image-to-video parts, which it has not yet).
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ _TO_DIFFUSERS: list[tuple[str, str]] = [
 _SHARED = re.compile(r"^patch_embedding\.(weight|bias)$")
 # Wan2.1 image-to-video parts (CLIP image embedder, added key/value projections): not in kino's DiT yet.
 _IMAGE_TO_VIDEO = re.compile(r"image_embedder|add_[kv]_proj|norm_added_[kq]")
+# The same parts in Wan's original names.
+_WAN_IMAGE_TO_VIDEO = re.compile(r"img_emb\.|\.(k|v)_img\.|\.norm_k_img\.")
+# Every key of a kino (= Wan2.1 original) T2V DiT.
+_WAN_KEY = re.compile(
+    r"^(patch_embedding\.(weight|bias)|(text|time)_embedding\.[02]\.(weight|bias)|time_projection\.1\.(weight|bias)"
+    r"|blocks\.\d+\.((self|cross)_attn\.([qkvo]|norm_[qk])\.(weight|bias)|norm3\.(weight|bias)"
+    r"|ffn\.[02]\.(weight|bias)|modulation)|head\.(head\.(weight|bias)|modulation))$"
+)
 
 
 def _rename(key: str, rules: list[tuple[str, str]]) -> tuple[str, bool]:
@@ -94,6 +106,63 @@ def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             "diffusers' WanTransformer3DModel always has q/k norms; a qk_norm=False DiT cannot be converted"
         )
     return _convert(state_dict, _TO_DIFFUSERS, "kino")
+
+
+def from_wan(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Wan2.1 original release (WanModel, T2V) state dict -> kino DiT state dict: the same dict,
+    checked. Image-to-video weights and unknown keys raise ValueError."""
+    image = [k for k in state_dict if _WAN_IMAGE_TO_VIDEO.search(k)]
+    if image:
+        raise ValueError(f"Wan2.1 image-to-video weights are not supported by kino's DiT yet: {image[:4]}")
+    unknown = [k for k in state_dict if not _WAN_KEY.match(k)]
+    if unknown:
+        raise ValueError(f"keys not in the Wan2.1 layout of a T2V DiT: {unknown[:8]}")
+    return dict(state_dict)
+
+
+def to_wan(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kino DiT state dict -> Wan2.1 original release state dict (the same names)."""
+    return from_wan(state_dict)
+
+
+def config_from_wan(wan_config: dict) -> DiTConfig:
+    """A Wan2.1 original `WanModel` config.json (as a dict) -> DiTConfig.
+
+    WanModel leaves patch_size, text_dim, qk_norm, cross_attn_norm and window_size out of
+    its config.json (they take the class defaults, listed here); keys starting with "_"
+    are ignored. Only the T2V model type is this architecture yet.
+    """
+    defaults = {
+        "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16, "dim": 2048,
+        "ffn_dim": 8192, "freq_dim": 256, "text_dim": 4096, "out_dim": 16, "num_heads": 16,
+        "num_layers": 32, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+    }  # WanModel's signature defaults
+    config = {k: v for k, v in wan_config.items() if not k.startswith("_")}
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise ValueError(f"keys not in a Wan2.1 WanModel config: {unknown}")
+    c = {**defaults, **config}
+    if c["model_type"] != "t2v":
+        raise ValueError(f"Wan2.1 model_type {c['model_type']!r} is not supported by kino's DiT yet (only 't2v')")
+    if tuple(c["window_size"]) != (-1, -1):
+        raise ValueError(f"Wan2.1 local attention (window_size {c['window_size']}) is not supported by kino's DiT")
+    if not c["qk_norm"]:
+        raise ValueError("Wan2.1 DiTs without q/k norms are not supported")
+    return DiTConfig(
+        patch_size=tuple(c["patch_size"]),
+        in_channels=c["in_dim"],
+        out_channels=c["out_dim"],
+        dim=c["dim"],
+        ffn_dim=c["ffn_dim"],
+        freq_dim=c["freq_dim"],
+        text_dim=c["text_dim"],
+        num_heads=c["num_heads"],
+        num_layers=c["num_layers"],
+        qk_norm=True,
+        cross_attn_norm=c["cross_attn_norm"],
+        eps=c["eps"],
+        rope_max_len=1024,  # Wan's rope_params(1024, ...)
+    )
 
 
 def config_from_diffusers(diffusers_config: dict) -> DiTConfig:

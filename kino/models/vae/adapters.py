@@ -1,5 +1,10 @@
 """State-dict adapters between kino's VideoVAE and third-party layouts.
 
+Wan2.1's original release (`Wan2.1_VAE.pth`) keeps kino's module tree but indexes the
+layers inside its nn.Sequential blocks: a residual block's norm1/conv1/norm2/conv2 are
+`residual.{0,2,3,6}`, a head's norm/conv are `head.{0,2}`, a resample's conv is
+`resample.1`. `from_wan` / `to_wan` rename those and nothing else.
+
 diffusers' `AutoencoderKLWan` (Wan2.1 VAE, `is_residual=False`) differs from kino only in
 names: kino keeps Wan's original release names (encoder.conv1, encoder.downsamples.N,
 middle.{0,1,2}, head, conv1/conv2 quant convs). The renames are a few regex rules; the one
@@ -105,6 +110,100 @@ def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         new = _KINO_UP.sub(nested_decoder_index, new)
         out[new] = value
     return out
+
+
+_FROM_WAN: list[tuple[str, str]] = [
+    (r"\.residual\.0\.gamma$", ".norm1.gamma"),
+    (r"\.residual\.2\.", ".conv1."),
+    (r"\.residual\.3\.gamma$", ".norm2.gamma"),
+    (r"\.residual\.6\.", ".conv2."),
+    (r"^(encoder|decoder)\.head\.0\.", r"\1.head.norm."),
+    (r"^(encoder|decoder)\.head\.2\.", r"\1.head.conv."),
+    (r"\.resample\.1\.", ".conv."),
+]
+
+_TO_WAN: list[tuple[str, str]] = [
+    (r"\.norm1\.gamma$", ".residual.0.gamma"),
+    (r"\.conv1\.(weight|bias)$", r".residual.2.\1"),
+    (r"\.norm2\.gamma$", ".residual.3.gamma"),
+    (r"\.conv2\.(weight|bias)$", r".residual.6.\1"),
+    (r"^(encoder|decoder)\.head\.norm\.", r"\1.head.0."),
+    (r"^(encoder|decoder)\.head\.conv\.", r"\1.head.2."),
+    (r"^((?:encoder|decoder)\.\w+\.\d+)\.conv\.", r"\1.resample.1."),
+]
+
+# Keys no rule touches in either direction (same name in both layouts).
+_WAN_SAME = re.compile(
+    r"^(conv[12]\.|(encoder|decoder)\.conv1\.|.*\.shortcut\.|.*\.time_conv\.|"
+    r"(encoder|decoder)\.middle\.1\.|.*\.(to_qkv|proj|norm)\.)"
+)
+
+
+def from_wan(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Wan2.1 original release (Wan2.1_VAE.pth) state dict -> kino VideoVAE state dict (same tensors)."""
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        new = _rename(key, _FROM_WAN)
+        if new == key and not _WAN_SAME.match(key):
+            unknown.append(key)
+        out[new] = value
+    if unknown:
+        raise ValueError(f"keys not in the layout of Wan2.1's VAE: {unknown[:8]}")
+    return out
+
+
+def to_wan(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kino VideoVAE state dict -> Wan2.1 original release state dict (same tensors)."""
+    # the quant convs conv1/conv2 and encoder/decoder.conv1 sit at the top: no rule matches them
+    return {(key if re.match(r"^(conv[12]|(encoder|decoder)\.conv1)\.", key) else _rename(key, _TO_WAN)): value
+            for key, value in state_dict.items()}
+
+
+def config_from_wan(state_dict: dict[str, torch.Tensor]) -> VAEConfig:
+    """The VAEConfig a Wan2.1-layout VAE state dict was built with, read off its shapes.
+
+    Wan ships no config for its VAE (the released one is `VAE_SIZES["wan2.1"]`); reading
+    the widths, block counts and temporal downsampling from the tensors also takes smaller
+    models of the same family. Latent statistics are Wan2.1's (they are fixed in Wan's code).
+    """
+    wan = VAE_SIZES["wan2.1"]
+    try:
+        base_dim = state_dict["encoder.conv1.weight"].shape[0]
+        z_dim = state_dict["conv1.weight"].shape[0] // 2
+    except KeyError as e:
+        raise ValueError(f"not a Wan2.1 VAE state dict: {e.args[0]} is missing") from None
+    layers = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"^encoder\.downsamples\.(\d+)\.", k))})
+    widths, temporal, res_blocks, blocks_in_stage = [], [], set(), 0
+    for i in layers:
+        prefix = f"encoder.downsamples.{i}."
+        if prefix + "resample.1.weight" in state_dict:  # end of a stage
+            temporal.append(prefix + "time_conv.weight" in state_dict)
+            res_blocks.add(blocks_in_stage)
+            blocks_in_stage = 0
+        elif prefix + "residual.6.weight" in state_dict:
+            if blocks_in_stage == 0:
+                widths.append(state_dict[prefix + "residual.6.weight"].shape[0])
+            blocks_in_stage += 1
+        else:
+            raise ValueError(f"Wan2.1 VAE layer encoder.downsamples.{i} is neither a residual block nor a "
+                             "resample (attention inside stages, attn_scales, is not supported)")
+    res_blocks.add(blocks_in_stage)
+    if len(res_blocks) != 1 or not widths or any(w % base_dim for w in widths):
+        raise ValueError("the Wan2.1 VAE state dict's encoder stages do not form a VAEConfig")
+    if z_dim != len(wan.latents_mean):
+        raise ValueError(f"a Wan2.1 VAE has {len(wan.latents_mean)} latent channels; this one has {z_dim}")
+    return VAEConfig(
+        base_dim=base_dim,
+        z_dim=z_dim,
+        dim_mult=[w // base_dim for w in widths],
+        num_res_blocks=res_blocks.pop(),
+        attn_scales=[],
+        temporal_downsample=temporal,
+        mid_attention=True,
+        dropout=0.0,
+        latents_mean=list(wan.latents_mean),
+        latents_std=list(wan.latents_std),
+    )
 
 
 def config_from_diffusers(diffusers_config: dict) -> VAEConfig:

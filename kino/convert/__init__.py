@@ -1,0 +1,1 @@
+"""Third-party weights into kino's classes and model folders (`kino convert`)."""

@@ -1,0 +1,77 @@
+"""Reading third-party weight files safely, with errors that name the file.
+
+`.pth` files are pickles: only `torch.load(weights_only=True)` touches them, so a file that
+would run code (or holds anything but tensors and plain containers) is refused, not loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from kino.errors import KinoUserError
+
+
+def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} state dict from a `.pth`, loaded weights-only on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise KinoUserError(f"{path} is missing")
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KinoUserError(f"{path} is not a weights-only checkpoint (it holds pickled objects that "
+                            f"torch.load(weights_only=True) refuses to run: {first}); kino loads no other kind") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise KinoUserError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise KinoUserError(f"{path} is not a state dict (a flat mapping of names to tensors)")
+    return state
+
+
+def load_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The union of one or more safetensors files (the shards of one model)."""
+    if not paths:
+        raise KinoUserError("no .safetensors files to load")
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        try:
+            part = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise KinoUserError(f"{path} is not a valid safetensors file ({e})") from None
+        clash = set(part) & set(state)
+        if clash:
+            raise KinoUserError(f"{path} repeats tensors of another shard: {sorted(clash)[:4]}")
+        state.update(part)
+    return state
+
+
+def shards(folder: Path, stem: str) -> list[Path]:
+    """`stem.safetensors`, or its shards `stem-0000i-of-0000n.safetensors`, in `folder`."""
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    return sorted(folder.glob(f"{stem}-*-of-*.safetensors"))
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise KinoUserError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KinoUserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise KinoUserError(f"{path} does not hold a JSON object")
+    return data

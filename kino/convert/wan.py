@@ -1,0 +1,229 @@
+"""Wan2.1 text-to-video weights -> kino: read either release layout, build kino's classes,
+or write a kino model folder (`kino convert wan SRC DST`).
+
+Layouts read (T2V-1.3B and T2V-14B; found by their files, not by their folder names):
+
+    original (Wan-AI/Wan2.1-T2V-*)         diffusers (Wan-AI/Wan2.1-T2V-*-Diffusers)
+      config.json          (WanModel)         model_index.json     (WanPipeline)
+      diffusion_pytorch_model*.safetensors    transformer/ config.json + diffusion_pytorch_model*.safetensors
+      Wan2.1_VAE.pth                          vae/         config.json + diffusion_pytorch_model.safetensors
+      models_t5_umt5-xxl-enc-bf16.pth         text_encoder/ config.json + model*.safetensors (UMT5EncoderModel)
+      google/umt5-xxl/     (tokenizer)        tokenizer/
+
+`.pth` files are read only with `torch.load(weights_only=True)`. The kino folder written
+holds vae/ and dit/ in kino's layout, text_encoder/ with a kino reference config.json
+beside the UMT5 weights in transformers' layout (umt5/) and the tokenizer (tokenizer/),
+and Wan's recommended generation settings (`wan_defaults()`) in kino.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kino.convert.files import load_pth, load_safetensors, read_json, shards
+from kino.errors import KinoUserError
+from kino.models.dit import adapters as dit_adapters
+from kino.models.dit.model import DiT, DiTConfig
+from kino.models.folder import MANIFEST
+from kino.models.vae import adapters as vae_adapters
+from kino.models.vae.model import VAEConfig, VideoVAE
+
+# Wan's default negative prompt (wan/configs/shared_config.py, sample_neg_prompt), verbatim:
+# the model was tuned with it, so it is the unconditional branch of classifier-free guidance.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+def wan_defaults():
+    """Wan2.1 T2V's recommended settings: 81 frames of 832x480 at 16 fps, 50 steps of UniPC
+    from t = 0.999 with integer DiT times (as Wan's sampler does), guidance 5, flow shift 5
+    (Wan's generate.py for t2v at every size; diffusers' docs suggest 3 at 480p), Wan's
+    negative prompt."""
+    from kino.pipeline import GenerationDefaults
+
+    return GenerationDefaults(frames=81, height=480, width=832, fps=16.0, steps=50, guidance=5.0,
+                              sampler="unipc", shift=5.0, negative=WAN_NEGATIVE_PROMPT, t_max=0.999,
+                              integer_dit_time=True)
+
+
+ORIGINAL_VAE = "Wan2.1_VAE.pth"
+ORIGINAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+ORIGINAL_TOKENIZER = "google/umt5-xxl"
+DIT_STEM = "diffusion_pytorch_model"
+
+
+@dataclass
+class TextSource:
+    """Where the UMT5 weights and tokenizer are: `kind` "wan" (a .pth) or "transformers" (a folder)."""
+
+    kind: str
+    weights: Path
+    tokenizer: Path
+
+    def load(self, device: str | torch.device = "cpu", dtype: str | None = "bfloat16"):
+        from kino.models.text.umt5 import UMT5Encoder
+
+        build = UMT5Encoder.from_wan if self.kind == "wan" else UMT5Encoder.from_folder
+        return build(self.weights, self.tokenizer, dtype=dtype, device=device)
+
+
+@dataclass
+class WanSource:
+    """A Wan2.1 folder read into kino's configs and state dicts (the text encoder stays on disk)."""
+
+    root: Path
+    layout: str  # "original" | "diffusers"
+    dit_config: DiTConfig
+    dit_state: dict[str, torch.Tensor]
+    dit_file: Path
+    vae_config: VAEConfig
+    vae_state: dict[str, torch.Tensor]
+    vae_file: Path
+    text: TextSource
+
+
+def detect_layout(root: Path) -> str | None:
+    """"kino", "original", "diffusers", or None when the folder is none of them."""
+    if (root / MANIFEST).is_file():
+        return "kino"
+    if (root / "model_index.json").is_file():
+        return "diffusers"
+    if (root / ORIGINAL_VAE).is_file() or (root / ORIGINAL_T5).is_file() or shards(root, DIT_STEM):
+        return "original"
+    return None
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise KinoUserError(f"{path} is missing: a Wan2.1 folder needs {what}")
+    return path
+
+
+def _adapt(adapter, state: dict, source: Path) -> dict:
+    try:
+        return adapter(state)
+    except ValueError as e:
+        raise KinoUserError(f"{source}: {e}") from None
+
+
+def _config(build, data: dict, source: Path):
+    try:
+        return build(data)
+    except (TypeError, ValueError) as e:
+        raise KinoUserError(f"{source} is not a supported Wan2.1 config: {e}") from None
+
+
+def read_wan(root: str | Path) -> WanSource:
+    """Read a Wan2.1 T2V folder (original or diffusers layout) into kino's configs and state dicts."""
+    root = Path(root)
+    if not root.is_dir():
+        raise KinoUserError(f"Wan2.1 folder {root} does not exist")
+    layout = detect_layout(root)
+    if layout == "original":
+        return _read_original(root)
+    if layout == "diffusers":
+        return _read_diffusers(root)
+    if layout == "kino":
+        raise KinoUserError(f"{root} is already a kino model folder (it has {MANIFEST})")
+    raise KinoUserError(f"{root} is not a Wan2.1 folder: it has neither {ORIGINAL_VAE} + {DIT_STEM}*.safetensors "
+                        "(Wan's original release) nor model_index.json (diffusers)")
+
+
+def _read_original(root: Path) -> WanSource:
+    config_file = _need(root / "config.json", "the DiT's config.json (WanModel)")
+    dit_files = shards(root, DIT_STEM)
+    if not dit_files:
+        raise KinoUserError(f"{root / (DIT_STEM + '.safetensors')} is missing (nor are there shards "
+                            f"{DIT_STEM}-*-of-*.safetensors): a Wan2.1 folder needs the DiT's weights")
+    dit_config = _config(dit_adapters.config_from_wan, read_json(config_file), config_file)
+    dit_state = _adapt(dit_adapters.from_wan, load_safetensors(dit_files), dit_files[0])
+    vae_file = _need(root / ORIGINAL_VAE, f"the VAE's weights {ORIGINAL_VAE}")
+    wan_vae = load_pth(vae_file)
+    vae_config = _config(vae_adapters.config_from_wan, wan_vae, vae_file)
+    vae_state = _adapt(vae_adapters.from_wan, wan_vae, vae_file)
+    text = TextSource("wan", _need(root / ORIGINAL_T5, f"the text encoder's weights {ORIGINAL_T5}"),
+                      _need(root / ORIGINAL_TOKENIZER, f"the tokenizer folder {ORIGINAL_TOKENIZER}/"))
+    return WanSource(root, "original", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_file, text)
+
+
+def _read_diffusers(root: Path) -> WanSource:
+    index = read_json(root / "model_index.json")
+    if index.get("_class_name") not in ("WanPipeline", None):
+        raise KinoUserError(f"{root / 'model_index.json'} describes a {index.get('_class_name')}, not a Wan2.1 "
+                            "text-to-video WanPipeline")
+    tdir = _need(root / "transformer", "transformer/ (the DiT)")
+    dit_files = shards(tdir, DIT_STEM)
+    if not dit_files:
+        raise KinoUserError(f"{tdir / (DIT_STEM + '.safetensors')} is missing: transformer/ needs its weights")
+    dit_config = _config(dit_adapters.config_from_diffusers, read_json(tdir / "config.json"), tdir / "config.json")
+    dit_state = _adapt(dit_adapters.from_diffusers, load_safetensors(dit_files), dit_files[0])
+    vdir = _need(root / "vae", "vae/")
+    vae_files = shards(vdir, DIT_STEM)
+    if not vae_files:
+        raise KinoUserError(f"{vdir / (DIT_STEM + '.safetensors')} is missing: vae/ needs its weights")
+    vae_config = _config(vae_adapters.config_from_diffusers,
+                         {k: v for k, v in read_json(vdir / "config.json").items() if not k.startswith("_")},
+                         vdir / "config.json")
+    vae_state = _adapt(vae_adapters.from_diffusers, load_safetensors(vae_files), vae_files[0])
+    text = TextSource("transformers", _need(root / "text_encoder", "text_encoder/ (UMT5)"),
+                      _need(root / "tokenizer", "tokenizer/"))
+    return WanSource(root, "diffusers", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_files[0],
+                     text)
+
+
+def build_models(src: WanSource, device: str | torch.device = "cpu") -> tuple[VideoVAE, DiT]:
+    """kino's VAE and DiT with the source's weights, frozen, in eval mode."""
+    models = []
+    for cls, config, state, source in ((VideoVAE, src.vae_config, src.vae_state, src.vae_file),
+                                       (DiT, src.dit_config, src.dit_state, src.dit_file)):
+        with torch.device("meta"):  # no random init of weights about to be replaced
+            model = cls(config)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise KinoUserError(f"{source} holds weights that do not fit its config: {_one_line(e)}") from None
+        models.append(model.float().to(device).eval().requires_grad_(False))
+    return models[0], models[1]
+
+
+def _one_line(e: Exception, limit: int = 400) -> str:
+    """torch's load_state_dict report (one line per problem) as one line."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def load_wan_pipeline(root: str | Path, device: str | torch.device = "cpu",
+                      text_device: str | torch.device | None = None, text_dtype: str = "bfloat16"):
+    """A kino Pipeline straight from a Wan2.1 folder (original or diffusers), Wan's defaults."""
+    return load_wan_pipeline_from(read_wan(root), device, text_device, text_dtype)
+
+
+def load_wan_pipeline_from(src: WanSource, device: str | torch.device = "cpu",
+                           text_device: str | torch.device | None = None, text_dtype: str | None = "bfloat16"):
+    """load_wan_pipeline from a folder already read; text_dtype None keeps the stored dtype."""
+    from kino.pipeline import Pipeline
+
+    vae, dit = build_models(src, device)
+    encoder = src.text.load(text_device if text_device is not None else device, text_dtype)
+    return Pipeline(vae, dit, encoder, wan_defaults(), name=src.root.resolve().name)
+
+
+def convert_wan(src_root: str | Path, dst: str | Path, name: str | None = None) -> Path:
+    """Write a kino model folder from a Wan2.1 folder; returns the path of its kino.json.
+
+    The DiT and VAE are written in float32, the dtype kino computes them in; the UMT5 encoder
+    keeps the dtype it is stored in (bfloat16 in Wan's releases).
+    """
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise KinoUserError(f"{dst} exists and is not an empty folder: convert into a new folder")
+    src = read_wan(src_root)
+    pipe = load_wan_pipeline_from(src, "cpu", None, text_dtype=None)  # every shape is checked before writing
+    pipe.name = name or f"{Path(src_root).resolve().name} (kino)"
+    return pipe.save_pretrained(dst)

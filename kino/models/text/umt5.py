@@ -1,0 +1,212 @@
+"""UMT5 text encoder (Wan2.1's UMT5-XXL) through `transformers`, from local files only.
+
+    encoder = UMT5Encoder.from_folder("text_encoder/umt5", "text_encoder/tokenizer")
+    tokens, mask = encoder.encode(["a cat walks on the grass"])   # (B, 512, 4096), (B, 512)
+
+Two weight layouts load: a transformers `UMT5EncoderModel` folder (config.json +
+*.safetensors; diffusers' `text_encoder/`) and Wan's original `models_t5_umt5-xxl-enc-bf16.pth`
+(its own T5 module names, read with `torch.load(weights_only=True)` and renamed by
+`umt5_from_wan`). The tokenizer is a local transformers tokenizer folder (Wan's
+`google/umt5-xxl/`, diffusers' `tokenizer/`).
+
+What Wan computes, and so what this returns by default (`attend_padding=True`): prompts are
+cleaned (HTML unescaped, whitespace collapsed), tokenized to at most 512 tokens with the
+end-of-sequence token, encoded with the padding masked inside the encoder, and the features
+of the padding positions are set to zero. Wan's DiT then cross-attends to all 512 positions,
+zeros included (it was trained that way; diffusers' WanPipeline does the same), so the mask
+returned marks every position as attendable. `attend_padding=False` returns the real-token
+mask instead (kino's usual contract), for models trained with masked padding.
+
+The encoder may live on another device than the DiT (e.g. CPU beside a GPU DiT): `encode`
+returns tensors on the encoder's device in float32, and the pipeline moves them.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kino.errors import KinoUserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# ---------------------------------------------------------------------------- Wan's T5 names
+
+
+# Wan's T5 encoder (wan/modules/t5.py) -> transformers' UMT5EncoderModel, per block N.
+# Wan's feed-forward is fc1(x) * gelu(gate(x)), transformers' wi_1(x) * gelu(wi_0(x)).
+_FROM_WAN: list[tuple[str, str]] = [
+    (r"^blocks\.(\d+)\.norm1\.weight$", r"encoder.block.\1.layer.0.layer_norm.weight"),
+    (r"^blocks\.(\d+)\.attn\.([qkvo])\.weight$", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+    (r"^blocks\.(\d+)\.pos_embedding\.embedding\.weight$",
+     r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (r"^blocks\.(\d+)\.norm2\.weight$", r"encoder.block.\1.layer.1.layer_norm.weight"),
+    (r"^blocks\.(\d+)\.ffn\.gate\.0\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
+    (r"^blocks\.(\d+)\.ffn\.fc1\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
+    (r"^blocks\.(\d+)\.ffn\.fc2\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
+    (r"^norm\.weight$", "encoder.final_layer_norm.weight"),
+]
+
+
+def umt5_from_wan(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Wan2.1's T5 encoder state dict -> transformers UMT5EncoderModel state dict (same tensors;
+    the token embedding goes to both of transformers' tied names)."""
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if key == "token_embedding.weight":
+            out["shared.weight"] = out["encoder.embed_tokens.weight"] = value
+            continue
+        for pattern, replacement in _FROM_WAN:
+            new = re.sub(pattern, replacement, key)
+            if new != key:
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"keys not in the layout of Wan2.1's UMT5 encoder: {unknown[:8]}")
+    if "shared.weight" not in out:
+        raise ValueError("not a Wan2.1 UMT5 encoder state dict: token_embedding.weight is missing")
+    return out
+
+
+def umt5_config_from_wan(state_dict: dict[str, Tensor]):
+    """A transformers UMT5Config for a Wan-layout T5 encoder state dict, read off its shapes
+    (Wan's umt5-xxl: vocab 256384, d_model 4096, 64 heads of 64, d_ff 10240, 24 layers)."""
+    from transformers import UMT5Config
+
+    try:
+        vocab, d_model = state_dict["token_embedding.weight"].shape
+        buckets, heads = state_dict["blocks.0.pos_embedding.embedding.weight"].shape
+        inner = state_dict["blocks.0.attn.q.weight"].shape[0]
+        d_ff = state_dict["blocks.0.ffn.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not a Wan2.1 UMT5 encoder state dict: {e.args[0]} is missing") from None
+    layers = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    return UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
+                      num_heads=heads, relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
+                      feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
+                      is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+
+
+# ---------------------------------------------------------------------------- the encoder
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: ftfy's fix_text when ftfy is installed (Wan requires it, kino does
+    not), HTML entities unescaped twice, whitespace collapsed."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class UMT5Encoder:
+    """Frozen UMT5 encoder: prompts -> (tokens (B, max_length, dim) float32, mask (B, max_length))."""
+
+    def __init__(self, model, tokenizer, max_length: int = 512, attend_padding: bool = True):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.attend_padding = attend_padding
+        self.dim = model.config.d_model
+
+    @classmethod
+    def from_folder(cls, weights: str | Path, tokenizer: str | Path, *, max_length: int = 512,
+                    dtype: str | None = "bfloat16", device: str | torch.device = "cpu",
+                    attend_padding: bool = True) -> UMT5Encoder:
+        """A transformers UMT5EncoderModel folder (config.json + safetensors) and a tokenizer folder.
+        dtype None keeps the dtype the weights are stored in."""
+        from transformers import UMT5EncoderModel
+
+        weights = Path(weights)
+        if not (weights / "config.json").is_file():
+            raise KinoUserError(f"{weights / 'config.json'} is missing: the UMT5 text encoder folder holds "
+                                "transformers' config.json and model*.safetensors")
+        try:
+            model = UMT5EncoderModel.from_pretrained(weights, dtype="auto" if dtype is None else _dtype(dtype),
+                                                     local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise KinoUserError(f"cannot load the UMT5 text encoder from {weights}: {e}") from None
+        return cls(model.to(device), _tokenizer(tokenizer), max_length, attend_padding)
+
+    @classmethod
+    def from_wan(cls, pth: str | Path, tokenizer: str | Path, *, max_length: int = 512,
+                 dtype: str | None = "bfloat16", device: str | torch.device = "cpu",
+                 attend_padding: bool = True) -> UMT5Encoder:
+        """Wan's original `models_t5_umt5-xxl-enc-bf16.pth` and its tokenizer folder. dtype None
+        keeps the dtype the weights are stored in (bfloat16 in Wan's release)."""
+        from transformers import UMT5EncoderModel
+
+        from kino.convert.files import load_pth
+
+        wan_state = load_pth(pth)
+        try:
+            config = umt5_config_from_wan(wan_state)
+            state = umt5_from_wan(wan_state)
+        except ValueError as e:
+            raise KinoUserError(f"{pth}: {e}") from None
+        with torch.device("meta"):  # no 22 GB fp32 init of weights about to be replaced
+            model = UMT5EncoderModel(config)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise KinoUserError(f"{pth} holds weights that do not fit a UMT5 encoder: {e}") from None
+        model = model.to(device) if dtype is None else model.to(device=device, dtype=_dtype(dtype))
+        return cls(model, _tokenizer(tokenizer), max_length, attend_padding)
+
+    def reference(self) -> dict:
+        """text_encoder/config.json of a kino folder whose UMT5 lives in umt5/ and tokenizer/."""
+        dtype = {v: k for k, v in DTYPES.items()}[next(self.model.parameters()).dtype]
+        return {"kind": "umt5", "weights": "umt5", "tokenizer": "tokenizer", "max_length": self.max_length,
+                "attend_padding": self.attend_padding, "dtype": dtype, "dim": self.dim}
+
+    def save(self, folder: str | Path) -> None:
+        """Weights (transformers layout, safetensors) into folder/umt5, tokenizer into folder/tokenizer."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder / "umt5")
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts")
+        tok = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
+                             max_length=self.max_length, add_special_tokens=True, return_attention_mask=True,
+                             return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+        real = tok["attention_mask"].bool()  # (B, L)
+        tokens = hidden.float() * real[..., None]  # (B, L, D): padding features are zeros, as in Wan
+        mask = torch.ones_like(real) if self.attend_padding else real
+        return tokens, mask
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise KinoUserError(f"unknown text encoder dtype {name!r}: allowed {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise KinoUserError(f"tokenizer folder {folder} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise KinoUserError(f"cannot load a tokenizer from {folder}: {e}") from None

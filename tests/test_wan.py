@@ -1,0 +1,418 @@
+"""Wan2.1 weights in kino (kino/convert/wan.py, kino/models/text/umt5.py): tiny random models
+written in diffusers' layout and in Wan's original layout load through `kino convert wan` and
+`--model` into kino's classes and compute what diffusers / transformers compute.
+
+The original layout is written by this test with its own key table (from the names in Wan's
+wan/modules/{model,vae,t5}.py), independent of kino's adapters, so a wrong adapter rule cannot
+be mirrored here. No downloads: the tokenizer is a small word-level `tokenizers` model built
+here (no sentencepiece UMT5 tokenizer can be made offline), saved as a transformers fast
+tokenizer folder with T5's conventions (<pad> = 0, </s> = 1 appended, <unk> = 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kino.cli import main
+from kino.models.dit import DIT_SIZES
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+DIT = DIT_SIZES["tiny"]  # dim 32, 2 heads, 2 layers, text_dim 24
+VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+           temperal_downsample=[False, True, True])
+WORDS = "a cat walks on the grass red circle moving left dog runs in snow".split()
+TEXT_LEN = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _perturb(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Seeded noise on every parameter, so zero-initialised layers and unit norms take part."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+# ---------------------------------------------------------------------------- tiny components
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _components(seed: int = 0):
+    torch.manual_seed(seed)
+    dit = diffusers.WanTransformer3DModel(
+        patch_size=DIT.patch_size, num_attention_heads=DIT.num_heads, attention_head_dim=DIT.head_dim,
+        in_channels=16, out_channels=16, text_dim=DIT.text_dim, freq_dim=DIT.freq_dim, ffn_dim=DIT.ffn_dim,
+        num_layers=DIT.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=DIT.eps,
+        rope_max_seq_len=DIT.rope_max_len)
+    vae = diffusers.AutoencoderKLWan(**VAE)
+    config = transformers.UMT5Config(
+        vocab_size=len(WORDS) + 3, d_model=DIT.text_dim, d_kv=8, d_ff=40, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
+    text = transformers.UMT5EncoderModel(config)
+    return (_perturb(dit, seed + 1).eval(), _perturb(vae, seed + 2).eval(), _perturb(text, seed + 3).eval(),
+            _tokenizer())
+
+
+@pytest.fixture(scope="module")
+def components():
+    return _components()
+
+
+# ---------------------------------------------------------------------------- the two layouts on disk
+
+
+def write_diffusers(root, components):
+    dit, vae, text, tokenizer = components
+    root.mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"]}))
+    dit.save_pretrained(root / "transformer")
+    vae.save_pretrained(root / "vae")
+    text.save_pretrained(root / "text_encoder")
+    tokenizer.save_pretrained(root / "tokenizer")
+    return root
+
+
+# diffusers name -> Wan2.1 original name (wan/modules/model.py), as in diffusers' conversion script.
+DIT_TO_WAN = [
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1.to_out.0", "self_attn.o"), ("attn2.to_out.0", "cross_attn.o"),
+    ("attn1.to_", "self_attn."), ("attn2.to_", "cross_attn."),
+    ("attn1.norm_", "self_attn.norm_"), ("attn2.norm_", "cross_attn.norm_"),
+    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+    (".norm2.", ".norm3."),  # diffusers' norm2 is Wan's cross-attention norm3
+]
+
+
+def dit_to_wan(state):
+    out = {}
+    for key, value in state.items():
+        if key == "scale_shift_table":
+            out["head.modulation"] = value
+            continue
+        key = key.replace("proj_out.", "head.head.").replace(".scale_shift_table", ".modulation")
+        for old, new in DIT_TO_WAN:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def vae_to_wan(state, num_res_blocks: int):
+    """diffusers AutoencoderKLWan -> Wan2.1_VAE.pth names (wan/modules/vae.py)."""
+    per_stage = num_res_blocks + 2  # residual blocks + upsample, in Wan's flat decoder list
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)", key)
+        if m:
+            j = int(m.group(3)) if m.group(3) is not None else per_stage - 1
+            key = f"decoder.upsamples.{int(m.group(1)) * per_stage + j}.{m.group(4)}"
+        for old, new in [("quant_conv.", "conv1."), ("post_conv1.", "conv2."), ("conv_in.", "conv1."),
+                         ("norm_out.", "head.0."), ("conv_out.", "head.2."), ("mid_block.resnets.0.", "middle.0."),
+                         ("mid_block.attentions.0.", "middle.1."), ("mid_block.resnets.1.", "middle.2."),
+                         ("down_blocks.", "downsamples."), ("conv_shortcut.", "shortcut.")]:
+            key = key.replace(old, new)
+        key = re.sub(r"\.norm1\.gamma$", ".residual.0.gamma", key)
+        key = re.sub(r"\.norm2\.gamma$", ".residual.3.gamma", key)
+        key = re.sub(r"\.(middle\.[02]|downsamples\.\d+|upsamples\.\d+)\.conv1\.", r".\1.residual.2.", key)
+        key = re.sub(r"\.(middle\.[02]|downsamples\.\d+|upsamples\.\d+)\.conv2\.", r".\1.residual.6.", key)
+        out[key] = value
+    assert "conv2.weight" in out and "decoder.conv1.weight" in out
+    return out
+
+
+def umt5_to_wan(state):
+    """transformers UMT5EncoderModel -> Wan's T5Encoder names (wan/modules/t5.py)."""
+    out = {"token_embedding.weight": state["shared.weight"]}
+    table = {"layer.0.layer_norm": "norm1", "layer.0.SelfAttention.relative_attention_bias": "pos_embedding.embedding",
+             "layer.1.layer_norm": "norm2", "layer.1.DenseReluDense.wi_0": "ffn.gate.0",
+             "layer.1.DenseReluDense.wi_1": "ffn.fc1", "layer.1.DenseReluDense.wo": "ffn.fc2"}
+    for key, value in state.items():
+        m = re.match(r"encoder\.block\.(\d+)\.(.*)\.weight$", key)
+        if m:
+            inner = m.group(2)
+            name = table.get(inner) or inner.replace("layer.0.SelfAttention.", "attn.")
+            out[f"blocks.{m.group(1)}.{name}.weight"] = value
+    out["norm.weight"] = state["encoder.final_layer_norm.weight"]
+    return out
+
+
+def write_original(root, components):
+    dit, vae, text, tokenizer = components
+    root.mkdir(parents=True)
+    # WanModel's config.json; text_dim and patch_size are left out of the released ones (class
+    # defaults 4096 and 1x2x2) but the tiny model needs text_dim 24.
+    (root / "config.json").write_text(json.dumps({
+        "_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "t2v", "dim": DIT.dim,
+        "ffn_dim": DIT.ffn_dim, "freq_dim": DIT.freq_dim, "in_dim": 16, "out_dim": 16, "num_heads": DIT.num_heads,
+        "num_layers": DIT.num_layers, "eps": DIT.eps, "text_len": 512, "text_dim": DIT.text_dim}))
+    save_file({k: v.contiguous() for k, v in dit_to_wan(dit.state_dict()).items()},
+              str(root / "diffusion_pytorch_model.safetensors"))
+    torch.save(vae_to_wan(vae.state_dict(), VAE["num_res_blocks"]), root / "Wan2.1_VAE.pth")
+    torch.save(umt5_to_wan(text.state_dict()), root / "models_t5_umt5-xxl-enc-bf16.pth")
+    tokenizer.save_pretrained(root / "google" / "umt5-xxl")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, components):
+    root = tmp_path_factory.mktemp("wan")
+    return {"original": write_original(root / "Wan2.1-T2V-tiny", components),
+            "diffusers": write_diffusers(root / "Wan2.1-T2V-tiny-Diffusers", components)}
+
+
+# ---------------------------------------------------------------------------- reference computations
+
+
+def _dit_inputs(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, 3, 4, 6, generator=gen)  # (B, C, T, H, W)
+    t = torch.tensor([999.0, 321.5])
+    text = torch.randn(2, 7, DIT.text_dim, generator=gen)
+    return x, t, text
+
+
+def check_pipeline_matches(pipe, components):
+    """kino's DiT, VAE and text encoder against diffusers / transformers on the same inputs."""
+    dit, vae, text, tokenizer = components
+    x, t, ctx = _dit_inputs()
+    video = torch.rand(1, 3, 5, 32, 48, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        expected = dit(x, t, ctx).sample
+        assert expected.std() > 0.1
+        torch.testing.assert_close(pipe.dit(x, t, ctx), expected, rtol=0, atol=1e-5)
+
+        posterior = vae.encode(video).latent_dist
+        mean, logvar = pipe.vae.encode(video)
+        torch.testing.assert_close(mean, posterior.mean, rtol=0, atol=1e-4)
+        torch.testing.assert_close(logvar, posterior.logvar, rtol=0, atol=1e-4)
+        torch.testing.assert_close(pipe.vae.decode(mean), vae.decode(posterior.mean).sample, rtol=0, atol=1e-4)
+    assert pipe.vae.config.latents_mean == list(vae.config.latents_mean)
+    check_text_matches(pipe.text_encoder, text, tokenizer)
+
+
+def check_text_matches(encoder, text, tokenizer, prompts=("a cat walks on the  grass", "red circle moving left")):
+    """kino's (tokens, mask) == transformers' last hidden state on the real tokens, zeros after."""
+    tokens, mask = encoder.encode(list(prompts))
+    assert tokens.shape == (2, encoder.max_length, text.config.d_model) and tokens.dtype == torch.float32
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(" ".join(prompt.split()), return_tensors="pt")["input_ids"]  # cleaned, + </s>
+        n = ids.shape[1]
+        with torch.no_grad():
+            expected = text(input_ids=ids).last_hidden_state[0]
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(tokens[i, :n], expected, rtol=0, atol=1e-5)
+        assert (tokens[i, n:] == 0).all()
+    assert mask.all()  # Wan attends to the zero padding too: the DiT sees all max_length positions
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_wan_folder_loads_as_is_and_matches_diffusers(folders, components, layout):
+    from kino.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(folders[layout], text_dtype="float32")
+    assert pipe.dit.config == DIT
+    assert (pipe.defaults.frames, pipe.defaults.height, pipe.defaults.width, pipe.defaults.fps) == (81, 480, 832, 16)
+    assert (pipe.defaults.steps, pipe.defaults.guidance, pipe.defaults.shift) == (50, 5.0, 5.0)
+    assert pipe.defaults.negative.startswith("色调艳丽")
+    check_pipeline_matches(pipe, components)
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_kino_convert_wan_writes_a_kino_folder_that_matches_diffusers(folders, components, layout, tmp_path,
+                                                                      capsys):
+    from kino.pipeline import Pipeline
+
+    dst = tmp_path / "kino-wan"
+    assert main(["convert", "wan", str(folders[layout]), str(dst)]) == 0
+    assert str(dst) in capsys.readouterr().out
+    manifest = json.loads((dst / "kino.json").read_text())
+    assert set(manifest["components"]) == {"vae", "dit", "text_encoder"}
+    text_files = manifest["components"]["text_encoder"]["files"]
+    assert "umt5/model.safetensors" in text_files and any(f.startswith("tokenizer/") for f in text_files)
+    pipe = Pipeline.from_pretrained(dst)  # sha256-checked; the text encoder keeps its stored dtype
+    assert next(pipe.text_encoder.model.parameters()).dtype == torch.float32
+    check_pipeline_matches(pipe, components)
+
+    # an altered file of the text encoder is refused like any other component's
+    weights = dst / "text_encoder" / "umt5" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    code = main(["generate", "x", "--model", str(dst), "-o", str(tmp_path / "o.mp4"), "-q"])
+    assert code == 2 and "integrity" in capsys.readouterr().err
+
+
+def test_umt5_encoder_matches_transformers(tmp_path, components):
+    from kino.models.text.umt5 import UMT5Encoder
+
+    _, _, text, tokenizer = components
+    text.save_pretrained(tmp_path / "umt5")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    encoder = UMT5Encoder.from_folder(tmp_path / "umt5", tmp_path / "tok", max_length=TEXT_LEN, dtype="float32")
+    check_text_matches(encoder, text, tokenizer)
+    # kino's usual contract instead of Wan's: the mask marks the real tokens only
+    encoder.attend_padding = False
+    _, mask = encoder.encode(["a cat", "dog runs in snow"])
+    assert mask.sum(1).tolist() == [3, 5]
+    # bf16 (Wan's choice) stays close to fp32
+    bf16 = UMT5Encoder.from_folder(tmp_path / "umt5", tmp_path / "tok", max_length=TEXT_LEN)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    a, _ = encoder.encode(["a cat walks"])
+    b, _ = bf16.encode(["a cat walks"])
+    assert b.dtype == torch.float32 and (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_generate_on_a_wan_folder(folders, tmp_path, capsys):
+    from kino.data.video_io import read_metadata, read_video
+
+    out = tmp_path / "clip.mp4"
+    code = main(["generate", "a cat walks on the grass", "--model", str(folders["original"]), "--frames", "5",
+                 "--size", "16x32", "--steps", "2", "--text-device", "cpu", "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    video, fps = read_video(out)
+    assert video.shape == (5, 16, 32, 3) and fps == 16
+    meta = read_metadata(out)
+    assert meta["negative"].startswith("色调艳丽") and meta["guidance"] == "5.0" and meta["shift"] == "5.0"
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+class NotATensor:
+    pass
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["no-vae", "no-t5", "no-tokenizer", "no-dit", "diffusers-no-vae", "shapes",
+                                  "pickle", "i2v"])
+def test_bad_wan_folders_exit_2_naming_the_file(folders, tmp_path, capsys, case):
+    layout = "diffusers" if case.startswith("diffusers") else "original"
+    root = _copy(folders[layout], tmp_path / "wan")
+    if case == "no-vae":
+        (root / "Wan2.1_VAE.pth").unlink()
+        named = "Wan2.1_VAE.pth is missing"
+    elif case == "no-t5":
+        (root / "models_t5_umt5-xxl-enc-bf16.pth").unlink()
+        named = "models_t5_umt5-xxl-enc-bf16.pth is missing"
+    elif case == "no-tokenizer":
+        import shutil
+
+        shutil.rmtree(root / "google")
+        named = "umt5-xxl is missing"
+    elif case == "no-dit":
+        (root / "diffusion_pytorch_model.safetensors").unlink()
+        named = "diffusion_pytorch_model.safetensors is missing"
+    elif case == "diffusers-no-vae":
+        (root / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+        named = "vae/diffusion_pytorch_model.safetensors is missing"
+    elif case == "shapes":
+        config = json.loads((root / "config.json").read_text())
+        (root / "config.json").write_text(json.dumps({**config, "ffn_dim": 48}))
+        named = "diffusion_pytorch_model.safetensors holds weights that do not fit its config"
+    elif case == "pickle":
+        torch.save({"encoder.conv1.weight": torch.zeros(1), "note": NotATensor()}, root / "Wan2.1_VAE.pth")
+        named = "Wan2.1_VAE.pth is not a weights-only checkpoint"
+    else:  # an image-to-video checkpoint: not this architecture yet
+        config = json.loads((root / "config.json").read_text())
+        (root / "config.json").write_text(json.dumps({**config, "model_type": "i2v"}))
+        named = "model_type 'i2v' is not supported"
+    for argv in (["convert", "wan", str(root), str(tmp_path / "out")],
+                 ["generate", "x", "--model", str(root), "-o", str(tmp_path / "x.mp4"), "-q"]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert named in err and "Traceback" not in err
+        assert err.startswith("kino: error: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_non_empty_destination_and_non_wan_folders(folders, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert main(["convert", "wan", str(folders["original"]), str(dst)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert main(["convert", "wan", str(tmp_path / "nowhere"), str(tmp_path / "d2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["convert", "wan", str(empty), str(tmp_path / "d3")]) == 2
+    assert "is not a Wan2.1 folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- sampling parity
+
+
+def test_sampling_matches_diffusers_wan_pipeline(folders, components):
+    """Same tiny components, same initial noise: kino's UniPC + flow shift + CFG + Wan's prompt
+    handling == diffusers' WanPipeline with UniPCMultistepScheduler (flow sigmas, shift 5)."""
+    from kino.pipeline import Pipeline
+
+    dit, vae, text, tokenizer = components
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  num_train_timesteps=1000, flow_shift=5.0)
+    reference = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text, transformer=dit, vae=vae,
+                                      scheduler=scheduler)
+    reference.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(folders["diffusers"], text_dtype="float32")
+    assert (pipe.defaults.sampler, pipe.defaults.t_max, pipe.defaults.t_min) == ("unipc", 0.999, 0.0)  # Wan's own
+    # diffusers' grid (see sampling_timesteps): from 1 to 0.001, then its first time moved from 1
+    # to 1 - 1e-6 after the shift; kino starts at the unshifted time that shifts to 1 - 1e-6
+    start = (1 - 1e-6) / (5.0 - 4.0 * (1 - 1e-6))
+    pipe.defaults = dataclasses.replace(pipe.defaults, t_max=start, t_min=0.001)
+    prompt, negative, steps = "a cat walks on the grass", "dog in snow", 6
+    clip = pipe.generate(prompt, negative=negative, frames=5, height=16, width=32, steps=steps, seed=3)
+    noise = torch.randn(clip.latents.shape, generator=torch.Generator().manual_seed(3))  # kino's noise
+    kw = dict(prompt=prompt, negative_prompt=negative, height=16, width=32, num_frames=5, num_inference_steps=steps,
+              guidance_scale=5.0, max_sequence_length=512)
+    with torch.no_grad():
+        latents = reference(latents=noise.clone(), output_type="latent", **kw).frames
+        frames = reference(latents=noise.clone(), output_type="np", **kw).frames[0]  # (F, H, W, 3) in [0, 1]
+    assert latents.std() > 0.1
+    torch.testing.assert_close(clip.latents, latents, rtol=0, atol=1e-4)  # seen: < 1e-5
+    assert abs(clip.video.float() / 255 - torch.from_numpy(frames)).max() <= 1 / 255 + 1e-3
+    # a kino sampler other than Wan's gives a different clip: the comparison above is not vacuous
+    other = pipe.generate(prompt, negative=negative, frames=5, height=16, width=32, steps=steps, seed=3,
+                          sampler="euler")
+    assert (other.latents - latents).abs().max() > 1e-2
