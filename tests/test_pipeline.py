@@ -112,6 +112,18 @@ def test_generate_cli_batch_writes_world_format(model_dir, tmp_path, capsys):
     assert main(["world", "eval", str(out), "-q"]) == 0  # scored directly (random weights fail, but it runs)
 
 
+def test_a_world_folder_is_a_generate_batch(model_dir, tmp_path):
+    world = tmp_path / "world"
+    assert main(["world", "sample", "--out", str(world), "--n", "2", "--split", "eval", "--size", "32x32", "-q"]) == 0
+    rows = [json.loads(x) for x in (world / "captions.jsonl").read_text().splitlines()]
+    out = tmp_path / "gen"
+    assert main(["generate", "--batch", str(world / "captions.jsonl"), "--out", str(out), "--steps", "2",
+                 "--model", str(model_dir), "-q"]) == 0
+    got = [json.loads(x) for x in (out / "captions.jsonl").read_text().splitlines()]
+    assert [(r["caption"], r["frames"], r["height"], r["width"]) for r in got] == \
+        [(r["caption"], r["frames"], r["height"], r["width"]) for r in rows]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["generate"], "PROMPT"),
     (["generate", "x", "--batch", "p.jsonl"], "not both"),

@@ -11,7 +11,10 @@ override the command line's:
     edit      {"caption", "video", "strength"?, "frames"?, ...}
 
 with "height", "width" and "seed" allowed everywhere. A row without 'seed' uses the
-command's seed + its index, so reruns are identical.
+command's seed + its index, so reruns are identical. A `captions.jsonl` written by `kino
+world sample` is a valid `generate` batch: its rows' "file" and "fps" are ignored (outputs get
+their own names and the model's fps), so the captions are generated at their frame counts
+and sizes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "connect": (("first", "second"), (), ("frames", "refine")),
     "edit": (("video",), (), ("frames", "strength")),
 }
+IGNORED = {"generate": ("file", "fps")}  # keys of a world captions.jsonl row, so it can be a batch
 RUNNERS: dict[str, Callable[..., Generation]] = {"generate": video_tasks.generate, "extend": video_tasks.extend,
                                                   "connect": video_tasks.connect, "edit": video_tasks.edit}
 
@@ -58,6 +62,8 @@ def read_prompt_rows(path: str | Path, task: str = "generate") -> list[dict]:
     for n, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
             raise KinoUserError(f"{path}:{n}: {usage}")
+        for key in IGNORED.get(task, ()):
+            row.pop(key, None)
         unknown = sorted(set(row) - {"caption", *required, *optional, *options})
         if unknown:
             raise KinoUserError(f"{path}:{n}: unknown key(s) {', '.join(unknown)} for `kino {task}`: {usage}")
