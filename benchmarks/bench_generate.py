@@ -15,20 +15,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
-
-
-def _median(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from timing import median_time
 
 
 def _peer(dit):
@@ -68,14 +57,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     prompt = "a large red circle moving left and a small blue square growing on a black background"
     for frames, h, w in [(1, 64, 64), (17, 64, 64), (17, 64, 96), (33, 64, 96)]:
-        total = _median(lambda: pipe.generate(prompt, frames=frames, height=h, width=w, seed=1), args.repeats)
-        text_s = _median(lambda: pipe.text_encoder.encode([prompt, d.negative]), args.repeats)
+        total = median_time(lambda: pipe.generate(prompt, frames=frames, height=h, width=w, seed=1), args.repeats)
+        text_s = median_time(lambda: pipe.text_encoder.encode([prompt, d.negative]), args.repeats)
         text, mask = pipe.text_encoder.encode([prompt, d.negative])
         latents = pipe.generate(prompt, frames=frames, height=h, width=w, seed=1).latents
         noise = torch.randn(latents.shape)
-        dit_s = _median(lambda: sample_latents(pipe.dit, text[:1], mask[:1], text[1:], mask[1:], noise,
+        dit_s = median_time(lambda: sample_latents(pipe.dit, text[:1], mask[:1], text[1:], mask[1:], noise,
                                                steps=d.steps, guidance=d.guidance, sampler=d.sampler), args.repeats)
-        vae_s = _median(lambda: pipe.decode(latents, frames), args.repeats)
+        vae_s = median_time(lambda: pipe.decode(latents, frames), args.repeats)
         print(f"| {frames}x{h}x{w} | {total:.2f} | {dit_s:.2f} | {text_s:.3f} | {vae_s:.2f} | "
               f"{frames / d.fps:.2f} |")
 
@@ -89,9 +78,9 @@ def main() -> None:
         x = torch.randn(2, dit.config.in_channels, T, h // s, w // s)
         t = torch.full((2,), 500.0)
         text, mask = pipe.text_encoder.encode([prompt, ""])
-        ours = _median(lambda: dit(x, t, text, mask), args.repeats)
+        ours = median_time(lambda: dit(x, t, text, mask), args.repeats)
         # diffusers' Wan takes unpadded text features (no mask): give it the same tokens
-        theirs = _median(lambda: peer(x, t, text, return_dict=False), args.repeats)
+        theirs = median_time(lambda: peer(x, t, text, return_dict=False), args.repeats)
         p = dit.config.patch_size
         tokens = T // p[0] * (h // s // p[1]) * (w // s // p[2])
         print(f"| {frames}x{h}x{w} | {tokens} | {ours * 1000:.1f} ms | {theirs * 1000:.1f} ms | "

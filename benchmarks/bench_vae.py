@@ -15,12 +15,11 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from timing import median_time
 
 
 def _load(model_dir):
@@ -37,16 +36,6 @@ def _clip(frames: int, h: int, w: int) -> torch.Tensor:
     x = to_model_range(video)[None]
     reps = -(-frames // x.shape[2])
     return x.repeat(1, 1, reps, 1, 1)[:, :, :frames]
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -68,10 +57,10 @@ def speed(args):
     for frames, h, w in [(1, 64, 64), (17, 64, 64), (33, 64, 96)]:
         x = _clip(frames, h, w)
         z = vae.encode(x)[0]
-        k_enc = _median_time(lambda: vae.encode(x), args.repeats)
-        k_dec = _median_time(lambda: vae.decode(z), args.repeats)
-        d_enc = _median_time(lambda: peer.encode(x), args.repeats)
-        d_dec = _median_time(lambda: peer.decode(z), args.repeats)
+        k_enc = median_time(lambda: vae.encode(x), args.repeats)
+        k_dec = median_time(lambda: vae.decode(z), args.repeats)
+        d_enc = median_time(lambda: peer.encode(x), args.repeats)
+        d_dec = median_time(lambda: peer.decode(z), args.repeats)
         print(f"| {frames}x{h}x{w} | {frames / k_enc:.1f} | {frames / k_dec:.1f} | {frames / d_enc:.1f} | "
               f"{frames / d_dec:.1f} | {k_enc / d_enc:.2f} | {k_dec / d_dec:.2f} |")
 

@@ -56,15 +56,20 @@ def launch(world: int, *args) -> list[subprocess.Popen]:
 
 
 def run(world: int, *args) -> None:
-    procs = launch(world, *args)
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    for attempt in range(2):
+        procs = launch(world, *args)
+        outputs = []
+        try:
+            for p in procs:
+                outputs.append(p.communicate(timeout=TIMEOUT)[0])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        # the free port can be taken between _free_port() and rank 0 binding it: launch again
+        if attempt == 0 and any(p.returncode and "ddress already in use" in out for p, out in zip(procs, outputs)):
+            continue
+        break
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out
 

@@ -305,8 +305,10 @@ def build_world_cache(
     return root
 
 
-def _write_shard(root: Path, bucket: Bucket, k: int, clips: range, parts: list) -> None:
-    stem = root / _shard_stem(bucket, k)
+def write_shard_files(stem: Path, bucket: Bucket, parts: list, **side) -> int:
+    """One shard from encoded parts [(latents, text, mask, captions, ...)]: STEM.safetensors,
+    then STEM.json (bucket, captions, `side`, bytes), written last: its presence marks the
+    shard done. Returns the tensor file's size."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "latents": torch.cat([p[0] for p in parts]).contiguous(),  # (N, Z, T, h, w)
@@ -315,13 +317,15 @@ def _write_shard(root: Path, bucket: Bucket, k: int, clips: range, parts: list) 
     }
     data = stem.with_suffix(".safetensors")
     _write_atomic(data, lambda p: save_file(tensors, str(p), metadata={"kino_version": __version__}))
-    side = {
-        "bucket": list(bucket),
-        "indices": [clip_index(bucket, i) for i in clips],
-        "captions": [c for p in parts for c in p[3]],
-        "bytes": data.stat().st_size,
-    }
-    _write_json(stem.with_suffix(".json"), side)  # last: its presence marks the shard done
+    size = data.stat().st_size
+    _write_json(stem.with_suffix(".json"), {"bucket": list(bucket), **side,
+                                            "captions": [c for p in parts for c in p[3]], "bytes": size})
+    return size
+
+
+def _write_shard(root: Path, bucket: Bucket, k: int, clips: range, parts: list) -> None:
+    write_shard_files(root / _shard_stem(bucket, k), bucket, parts,
+                      indices=[clip_index(bucket, i) for i in clips])
 
 
 # ---------------------------------------------------------------------------- reading

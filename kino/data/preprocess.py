@@ -47,7 +47,7 @@ from kino.data.datasets import Bucket, Clip, Part, Skipped, VideoDatasetConfig, 
 from kino.data.latent_cache import (CACHE_JSON, EMPTY_PROMPT, ENCODE_BATCH, FORMAT, LATENT_DTYPE, TEXT_DTYPE,
                                     LatentCache, _check_bucket, _check_same, _encode_latents, _encode_text,
                                     _write_atomic, _write_json, bucket_name, latent_shape, model_sha256,
-                                    text_encoder_info)
+                                    text_encoder_info, write_shard_files)
 from kino.errors import KinoUserError
 from kino.training.config import config_to_dict
 
@@ -199,18 +199,7 @@ def _encode_clips(vae, text_encoder, clips: Sequence[Clip]) -> tuple[Tensor, Ten
 
 
 def _write_part_shard(stem: Path, bucket: Bucket, parts: list) -> int:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "latents": torch.cat([p[0] for p in parts]).contiguous(),  # (N, Z, T, h, w)
-        "text": torch.cat([p[1] for p in parts]).contiguous(),  # (N, L, D)
-        "mask": torch.cat([p[2] for p in parts]).contiguous(),  # (N, L)
-    }
-    data = stem.with_suffix(".safetensors")
-    _write_atomic(data, lambda p: save_file(tensors, str(p), metadata={"kino_version": __version__}))
-    side = {"bucket": list(bucket), "captions": [c for p in parts for c in p[3]],
-            "keys": [k for p in parts for k in p[4]], "bytes": data.stat().st_size}
-    _write_json(stem.with_suffix(".json"), side)
-    return side["bytes"]
+    return write_shard_files(stem, bucket, parts, keys=[k for p in parts for k in p[4]])
 
 
 def _finish(root: Path, meta: dict, parts: list[Part], buckets: list[Bucket], vae_config) -> dict:

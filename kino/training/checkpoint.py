@@ -104,16 +104,7 @@ def save_checkpoint(ckpt: Checkpoint, out_dir: str | Path, *, keep_last: int | N
         os.fsync(f.fileno())
     _fsync_dir(tmp)
 
-    if final.exists():  # same step saved again: move the old one aside, then drop it
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    publish_folder(tmp, final)
 
     if keep_last is not None:
         prune_checkpoints(out_dir, keep_last)
@@ -242,6 +233,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Rename a fully written temp folder to `final`, atomically; a `final` already there
+    (the same step saved again) is moved aside first, then dropped."""
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
 def _other_process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False
@@ -304,14 +310,7 @@ def save_distributed_checkpoint(step: int, state: dict[str, Any], scheduler: dic
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():
-            old = final.with_name(f"{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        publish_folder(tmp, final)
         if keep_last is not None:
             prune_checkpoints(out_dir, keep_last)
     procs.barrier()
