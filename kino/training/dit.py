@@ -525,6 +525,8 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         "text_encoder": cache.meta["text_encoder"],
         "latent_cache": str(cache.root),
     }
+    if config.init_from is not None:  # a later stage: say what it started from
+        training["init_from"] = str(config.init_from)
     out = export_dit(state_dict, task.dit_config, Path(config.train.out_dir) / "model",
                      training=training)
     from kino.models.text.encoder import MiniLMEncoder
