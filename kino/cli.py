@@ -378,8 +378,10 @@ def cmd_train_dit(args) -> int:
     try:  # under torchrun every process runs this; rank 0 reports
         out = run_train_dit(cfg)
         main = is_main_process()
-    finally:
-        shutdown_processes()
+    except BaseException:
+        shutdown_processes(wait=False)  # other ranks may never reach a barrier now
+        raise
+    shutdown_processes()
     if not main:
         return 0
     if out is None:

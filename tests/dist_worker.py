@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from kino.models.dit import DIT_SIZES
 from kino.training.config import TrainConfig
-from kino.training.distributed import ParallelConfig
+from kino.training.distributed import ParallelConfig, shutdown_processes
 from kino.training.synthetic import SyntheticDiT
 from kino.training.trainer import Trainer
 
@@ -48,6 +48,7 @@ def main() -> None:
         save_file(weights, f"{args.out}/final.safetensors")
         save_file(ema, f"{args.out}/final_ema.safetensors")
         print(f"done {result.step}")
+    shutdown_processes()
 
 
 def task_for_tests(stall_at: int | None = None) -> SyntheticDiT:

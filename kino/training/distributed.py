@@ -103,9 +103,14 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def shutdown_processes() -> None:
-    """Leave the process group (if any) cleanly at the end of a run."""
+def shutdown_processes(wait: bool = True) -> None:
+    """Leave the process group (if any) cleanly at the end of a run: wait for every rank,
+    then destroy it. A process that exits with the group alive can abort in gloo's
+    teardown ('terminate called without an active exception') when another rank is slower.
+    `wait=False` (after an error, when other ranks may never arrive) skips the barrier."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
