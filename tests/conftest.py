@@ -29,3 +29,18 @@ def save_tiny_pipeline(root, name: str, **defaults):
     pipe = Pipeline(vae, dit.eval(), MiniLMEncoder(max_length=16), GenerationDefaults(**defaults), name=name)
     pipe.save_pretrained(root)
     return root
+
+
+def tampered_default_copy(root, component: str):
+    """A copy of the shipped model folder under `root` with one bit of `component`'s weights flipped."""
+    import shutil
+
+    from kino.models.folder import default_model_dir
+
+    copy = root / "default"
+    shutil.copytree(default_model_dir(), copy)
+    w = copy / component / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    w.write_bytes(bytes(data))
+    return copy

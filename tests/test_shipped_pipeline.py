@@ -3,15 +3,14 @@ checks, `kino generate PROMPT` works with nothing else, and it does every task o
 fresh Shapes World cases with the checks of the task benchmark (the full measurement, on
 hundreds of cases, is in BENCHMARKS.md; these are small samples with floors under it)."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
 from kino.cli import main
 from kino.data.video_io import read_video
-from kino.models.folder import WeightsIntegrityError, default_model_dir
+from conftest import tampered_default_copy
+from kino.models.folder import WeightsIntegrityError
 from kino.pipeline import Pipeline
 from kino.tasks import video_tasks
 from kino.tasks.checks import JUMP_BOUND, edited_caption, kept_psnr, seam_jumps, trajectory_offset
@@ -44,12 +43,7 @@ def test_shipped_model_is_a_whole_pipeline(pipe):
 
 
 def test_tampered_shipped_dit_is_refused(tmp_path):
-    copy = tmp_path / "default"
-    shutil.copytree(default_model_dir(), copy)
-    w = copy / "dit" / "model.safetensors"
-    data = bytearray(w.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    w.write_bytes(bytes(data))
+    copy = tampered_default_copy(tmp_path, "dit")
     with pytest.raises(WeightsIntegrityError, match="sha256"):
         Pipeline.from_pretrained(copy)
 

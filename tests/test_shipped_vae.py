@@ -1,13 +1,12 @@
 """The VAE shipped inside the package: it loads, passes its sha256 check, and reconstructs
 held-out Shapes World clips (a small check; the full measurement is in BENCHMARKS.md)."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
-from kino.models.folder import WeightsIntegrityError, default_model_dir
+from conftest import tampered_default_copy
+from kino.models.folder import WeightsIntegrityError
 from kino.models.vae.pretrained import load_vae
 from kino.tasks.reconstruct import psnr_uint8, reconstruct_video
 from kino.world.evaluator import evaluate_clip
@@ -43,11 +42,6 @@ def test_shipped_vae_reconstructs_world_clips(vae):
 
 
 def test_tampered_shipped_weights_are_refused(tmp_path):
-    copy = tmp_path / "default"
-    shutil.copytree(default_model_dir(), copy)
-    w = copy / "vae" / "model.safetensors"
-    data = bytearray(w.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    w.write_bytes(bytes(data))
+    copy = tampered_default_copy(tmp_path, "vae")
     with pytest.raises(WeightsIntegrityError, match="sha256"):
         load_vae(copy)
