@@ -1,5 +1,7 @@
 """Shared test fixtures."""
 
+import hashlib
+
 import pytest
 import torch
 
@@ -44,3 +46,21 @@ def tampered_default_copy(root, component: str):
     data[len(data) // 2] ^= 0x10
     w.write_bytes(bytes(data))
     return copy
+
+
+class FakeTextEncoder:
+    """Deterministic per-word features from a hash of the word; "" has no real token."""
+
+    name = "fake-hash-encoder"
+    dim = 24
+    max_length = 8
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        text = torch.zeros(len(prompts), self.max_length, self.dim)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            for j, word in enumerate(prompt.split()[: self.max_length]):
+                seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+                text[i, j] = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+                mask[i, j] = True
+        return text, mask

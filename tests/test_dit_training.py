@@ -7,13 +7,13 @@ encoder (no MiniLM), the tiny DiT and 32x32 buckets.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import FakeTextEncoder
 import torch
 
 from kino.data.latent_cache import (CACHE_JSON, EMPTY_PROMPT, LatentCache, build_world_cache, clip_index,
@@ -41,24 +41,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class FakeTextEncoder:
-    """Deterministic per-word features from a hash of the word; "" has no real token."""
-
-    name = "fake-hash-encoder"
-    dim = 24
-    max_length = 8
-
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        text = torch.zeros(len(prompts), self.max_length, self.dim)
-        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
-        for i, prompt in enumerate(prompts):
-            for j, word in enumerate(prompt.split()[: self.max_length]):
-                seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
-                text[i, j] = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
-                mask[i, j] = True
-        return text, mask
 
 
 class CountingVAE:

@@ -97,17 +97,7 @@ def save_checkpoint(ckpt: Checkpoint, out_dir: str | Path, *, keep_last: int | N
     _torch_save(ckpt.optimizer, tmp / "optimizer.pt")
     _torch_save(ckpt.rng, tmp / "rng.pt")
     state = {"step": ckpt.step, "kino_version": ckpt.kino_version, "config": ckpt.config, "files": files}
-    with open(tmp / "state.json", "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-
-    publish_folder(tmp, final)
-
-    if keep_last is not None:
-        prune_checkpoints(out_dir, keep_last)
+    finish_checkpoint(tmp, final, state, out_dir, keep_last)
     return final
 
 
@@ -233,6 +223,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def finish_checkpoint(tmp: Path, final: Path, state: dict, out_dir, keep_last: int | None) -> None:
+    """Write state.json last (its presence marks a complete checkpoint), fsync, publish the
+    folder atomically as `final`, then prune to the newest `keep_last`."""
+    with open(tmp / "state.json", "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    publish_folder(tmp, final)
+    if keep_last is not None:
+        prune_checkpoints(out_dir, keep_last)
+
+
 def publish_folder(tmp: Path, final: Path) -> None:
     """Rename a fully written temp folder to `final`, atomically; a `final` already there
     (the same step saved again) is moved aside first, then dropped."""
@@ -304,15 +308,7 @@ def save_distributed_checkpoint(step: int, state: dict[str, Any], scheduler: dic
         files = ["dcp", "scheduler.pt"] + [f"rng-{r:05d}.pt" for r in range(procs.world_size)] + ["state.json"]
         meta = {"step": step, "format": "dcp", "world_size": procs.world_size, "kino_version": kino.__version__,
                 "config": config, "files": files}
-        with open(tmp / "state.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        publish_folder(tmp, final)
-        if keep_last is not None:
-            prune_checkpoints(out_dir, keep_last)
+        finish_checkpoint(tmp, final, meta, out_dir, keep_last)
     procs.barrier()
     return final
 
