@@ -155,8 +155,34 @@ def add_task_options(p, task: str, batch_help: str,
     add_device(p)
     p.add_argument("--text-device", default=None, metavar="DEVICE",
                    help="run the text encoder here instead (e.g. cpu beside a cuda --device)")
+    add_memory(p)
     add_common(p)
     p.set_defaults(func=cmd_task, task=task)
+
+
+def add_memory(p):
+    g = p.add_argument_group("memory (small-GPU mode; see kino/models/memory.py)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="the DiT's compute dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--weights-dtype", choices=("bf16", "fp8"), default=None,
+                   help="store the DiT's block weights in bf16 or fp8 (per-row scaled float8 e4m3), "
+                        "converted one block at a time as it runs")
+    g.add_argument("--swap-blocks", type=nonneg_int, default=0, metavar="N",
+                   help="keep the last N DiT blocks in CPU memory, copied to the device one at a time")
+    g.add_argument("--offload", choices=("none", "model"), default="none",
+                   help="model: text encoder, DiT and VAE wait in CPU memory, each on the device only while it runs")
+    g.add_argument("--vae-tile", type=positive_int, default=None, metavar="PIXELS",
+                   help="encode/decode frames larger than PIXELSxPIXELS in blended tiles (multiple of 32, >= 64)")
+    g.add_argument("--cfg", choices=("batch", "sequential"), default="batch",
+                   help="guided and unguided DiT calls as one batch (default) or one after the other "
+                        "(half the activations)")
+
+
+def memory_plan(args):
+    from kino.models.memory import MemoryPlan
+
+    return MemoryPlan(dtype=args.dtype, weights=args.weights_dtype, swap_blocks=args.swap_blocks,
+                      offload=args.offload, vae_tile=args.vae_tile, cfg=args.cfg)
 
 
 def _progress(args, desc: str):
@@ -251,9 +277,11 @@ def _pipeline(args):
     from kino.pipeline import Pipeline
 
     text_device = _device(args.text_device) if args.text_device is not None else None
-    pipe = Pipeline.from_pretrained(args.model, _device(args.device), text_device=text_device)
+    plan = memory_plan(args)  # checked before anything loads
+    pipe = Pipeline.from_pretrained(args.model, "cpu")
     for path, scale in args.lora:
         pipe.load_lora(path, scale)
+    pipe.set_memory(plan, _device(args.device), text_device)
     return pipe
 
 

@@ -29,6 +29,7 @@ from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
 from kino.models.lora import fuse_lora, read_lora, unfuse_lora
+from kino.models.memory import BlockStreamer, MemoryPlan, placed
 from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
 from kino.models.vae.model import VAEConfig, VideoVAE
 from kino.tasks.conditioning import Conditioning
@@ -75,9 +76,11 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
                    noise: Tensor, *, steps: int, guidance: float, sampler: str = "dpm++2m",
                    shift: float | None = None, callback: Callable[[int], None] | None = None,
                    conditioning: Conditioning | None = None, t_max: float = 1.0, t_min: float = 0.0,
-                   integer_dit_time: bool = False) -> Tensor:
+                   integer_dit_time: bool = False, cfg_batch: bool = True) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
-    guidance; conditional and unconditional branches run as one batch.
+    guidance; conditional and unconditional branches run as one batch (`cfg_batch=False`:
+    one after the other, half the activations). The DiT computes in its own dtype (that of
+    its patch embedding); the solver's state stays float32.
 
     `conditioning` gives latent frames clean (kept exactly, at t = 0, with zero velocity),
     ties a loop's first and last frames, or starts from noised latents (SDEdit); the math is
@@ -94,18 +97,23 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     ts = cond.schedule(sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens), t_max,
                                           t_min))
     use_cfg = guidance != 1.0
-    text_in = torch.cat([text, neg_text]) if use_cfg else text  # (2B | B, L, D)
-    mask_in = torch.cat([mask, neg_mask]) if use_cfg else mask
+    dtype = dit.patch_embedding.weight.dtype
+    text, neg_text = text.to(dtype), neg_text.to(dtype)
 
     def velocity(x: Tensor, t: float) -> Tensor:
         x = cond.keep_clean(x)
         t_dit = math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE
         t_frames = cond.frame_times(t_dit, x.dtype)  # (B, T)
-        x_in = torch.cat([x, x]) if use_cfg else x
-        t_in = torch.cat([t_frames, t_frames]) if use_cfg else t_frames
-        v = dit(x_in, t_in, text_in, mask_in)
+        x_dit = x.to(dtype)
+        if not use_cfg:
+            v = dit(x_dit, t_frames, text, mask).float()
+        elif cfg_batch:
+            v_cond, v_uncond = dit(torch.cat([x_dit, x_dit]), torch.cat([t_frames, t_frames]),
+                                   torch.cat([text, neg_text]), torch.cat([mask, neg_mask])).float().chunk(2)
+        else:
+            v_cond = dit(x_dit, t_frames, text, mask).float()
+            v_uncond = dit(x_dit, t_frames, neg_text, neg_mask).float()
         if use_cfg:
-            v_cond, v_uncond = v.chunk(2)
             v = v_uncond + guidance * (v_cond - v_uncond)
         return cond.constrain(v)
 
@@ -127,14 +135,24 @@ class Pipeline:
         self.loras: list[dict] = []  # fused LoRAs, in order: {"file", "sha256", "scale"}
         self._dit_base: dict[str, Tensor] = {}  # DiT weights as they were before the first LoRA
         self.dit_sha256: str | None = None  # of the DiT's weights file, when loaded from a model folder
+        self.memory = MemoryPlan(dtype="float32")  # what set_memory last applied
+        self._device = next(dit.parameters()).device  # where the models run
+        self._offloaded: set[str] = set()  # components kept in CPU memory between uses
+        self._streamer: BlockStreamer | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
-                        text_device: str | torch.device | None = None, text_dtype: str | None = None) -> Pipeline:
+                        text_device: str | torch.device | None = None, text_dtype: str | None = None,
+                        memory: MemoryPlan | None = None) -> Pipeline:
         """Load a model folder (kino.json with vae, dit and text_encoder); None = the shipped default.
         A Wan2.1 folder in its original or diffusers layout loads too (kino/convert/wan.py).
         `text_device` puts the text encoder elsewhere (e.g. "cpu" beside a GPU DiT);
-        `text_dtype` overrides a UMT5 encoder's recorded compute dtype."""
+        `text_dtype` overrides a UMT5 encoder's recorded compute dtype. With `memory` the
+        weights load into CPU memory and `set_memory(memory, device)` places them."""
+        if memory is not None:
+            pipe = cls.from_pretrained(path, "cpu", None, text_dtype)
+            pipe.set_memory(memory, device, text_device)
+            return pipe
         root = Path(path) if path is not None else default_model_dir()
         manifest = read_manifest(root)
         if manifest is None:
@@ -169,6 +187,53 @@ class Pipeline:
                                                 "text_encoder": ("text_encoder", type(self.text_encoder).__name__)},
                               extra={"pipeline": asdict(self.defaults)})
 
+    def set_memory(self, plan: MemoryPlan, device: str | torch.device | None = None,
+                   text_device: str | torch.device | None = None) -> None:
+        """Place the models for generation on `device` (default: where they run now) as `plan`
+        says (kino/models/memory.py): the DiT's compute dtype, its blocks' storage dtype and
+        how many stay in CPU memory, whole-model offload, VAE tiling, sequential guidance.
+
+        Apply once, after any `load_lora` (fusing needs the weights in place). With
+        `offload="model"` and a block storage dtype, every block's stored weights live in
+        CPU memory. The VAE and text encoder keep their dtypes. The text encoder goes to
+        `text_device` when given (and stays there), else it follows the other models.
+        """
+        if self._streamer is not None:
+            raise KinoUserError("this pipeline's memory plan is already set; load it again to change it")
+        device = torch.device(device) if device is not None else self._device
+        dtype = plan.compute_dtype(device)
+        offload = plan.offload == "model"
+        home = torch.device("cpu") if offload else device
+        text_model = getattr(self.text_encoder, "model", None)
+        self.dit.to(dtype=dtype)
+        self.dit.to(home)
+        self.vae.to(home)
+        if plan.streams_blocks:
+            n = len(self.dit.blocks)
+            self._streamer = BlockStreamer(self.dit.blocks, device, dtype, plan.weights,
+                                           n if offload else plan.swap_blocks)
+        self._offloaded = {"dit", "vae"} if offload else set()
+        if text_model is not None:
+            text_model.to(text_device if text_device is not None else home)
+            if offload and text_device is None:
+                self._offloaded.add("text_encoder")
+        if plan.vae_tile is not None:
+            from kino.models.vae.model import TileConfig
+
+            self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
+        self._device, self.memory = device, plan
+
+    def using(self, component: str):
+        """Context in which `component` ("dit", "vae", "text_encoder") sits on the pipeline's
+        device: a no-op unless the memory plan offloads whole models."""
+        module = {"dit": self.dit, "vae": self.vae, "text_encoder": getattr(self.text_encoder, "model", None)}
+        return placed(module[component], self._device, component in self._offloaded)
+
+    def _check_fusable(self) -> None:
+        if self._streamer is not None:
+            raise KinoUserError("fuse LoRAs before setting a memory plan (the DiT's blocks are streamed): "
+                                "load the pipeline, load_lora, then set_memory")
+
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Fuse a LoRA file into the DiT's weights: W += scale * alpha / rank * up @ down.
 
@@ -179,6 +244,7 @@ class Pipeline:
         warning: adapting a close relative of the base is legitimate but may not work.
         `save_pretrained` afterwards writes the fused (merged) DiT.
         """
+        self._check_fusable()
         lora = read_lora(path)
         fuse_lora(self.dit, lora, scale, self._dit_base)
         if lora.base_sha256 and self.dit_sha256 and lora.base_sha256 != self.dit_sha256:
@@ -188,12 +254,14 @@ class Pipeline:
 
     def unload_loras(self) -> None:
         """Undo every `load_lora`: the DiT's original weights, bit for bit."""
+        self._check_fusable()
         unfuse_lora(self.dit, self._dit_base)
         self.loras.clear()
 
     @property
     def device(self) -> torch.device:
-        return next(self.dit.parameters()).device
+        """Where the models run (with model offload they wait in CPU memory between uses)."""
+        return self._device
 
     def check_request(self, frames: int, height: int, width: int) -> None:
         stride = self.vae.config.space_stride * self.dit.config.patch_size[1]
@@ -235,12 +303,14 @@ class Pipeline:
             conditioning = conditioning.to(self.device)
         # noise from a CPU generator: the same seed gives the same clip on any device
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
-        text, mask = self.text_encoder.encode([prompt, d.negative])
+        with self.using("text_encoder"):
+            text, mask = self.text_encoder.encode([prompt, d.negative])
         text, mask = text.to(self.device), mask.to(self.device)
-        latents = sample_latents(self.dit, text[:1], mask[:1], text[1:], mask[1:], noise, steps=d.steps,
-                                 guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback,
-                                 conditioning=conditioning, t_max=d.t_max, t_min=d.t_min,
-                                 integer_dit_time=d.integer_dit_time)
+        with self.using("dit"):
+            latents = sample_latents(self.dit, text[:1], mask[:1], text[1:], mask[1:], noise, steps=d.steps,
+                                     guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback,
+                                     conditioning=conditioning, t_max=d.t_max, t_min=d.t_min,
+                                     integer_dit_time=d.integer_dit_time, cfg_batch=self.memory.cfg == "batch")
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if self.loras:
@@ -252,5 +322,6 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: Tensor, frames: int) -> Tensor:
         """Normalised latents (1, C, T, h, w) -> the first `frames` frames as uint8 (F, H, W, 3)."""
-        pixels = self.vae.decode(self.vae.denormalize(latents))[0, :, :frames]  # (3, F, H, W)
+        with self.using("vae"):
+            pixels = self.vae.decode(self.vae.denormalize(latents.to(self.device)))[0, :, :frames]  # (3, F, H, W)
         return pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu()

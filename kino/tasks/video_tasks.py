@@ -66,10 +66,13 @@ def run_layout(pipe: Pipeline, prompt: str, layout: Layout, task: str, *, seed: 
         raise KinoUserError(f"--refine must be in [0, 1], got {refine}")
     pipe.check_request(layout.frames, layout.height, layout.width)
     size = dict(frames=layout.frames, height=layout.height, width=layout.width, seed=seed)
-    clip = pipe.generate(prompt, **size, conditioning=build_conditioning(pipe.vae, layout), **sampling)
+    with pipe.using("vae"):
+        cond = build_conditioning(pipe.vae, layout)
+    clip = pipe.generate(prompt, **size, conditioning=cond, **sampling)
     if layout.needs_refine:
         base = to_model_range(clip.video)[None]  # (1, 3, F, H, W) the pass-1 video
-        cond = build_conditioning(pipe.vae, layout, base=base, refine=refine)
+        with pipe.using("vae"):
+            cond = build_conditioning(pipe.vae, layout, base=base, refine=refine)
         clip = pipe.generate(prompt, **size, conditioning=cond, **sampling)
     clip.metadata.update(task_metadata(task, layout, refine))
     return clip

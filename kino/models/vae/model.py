@@ -394,7 +394,17 @@ class VideoVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * z, 2 * z, 1)  # moments -> moments ("quant conv")
         self.conv2 = CausalConv3d(z, z, 1)  # latent -> decoder input ("post-quant conv")
         self.decoder = Decoder(config)
+        # tiles used when encode/decode are called without `tile` (enable_tiling); None = whole frames
+        self.tiling: TileConfig | None = None
         self.init_weights()
+
+    def enable_tiling(self, tile: TileConfig | None = None) -> None:
+        """Encode and decode frames larger than the tile in blended spatial tiles by default
+        (a `tile` argument still wins): bounds the activations' memory by the tile, not the frame."""
+        self.tiling = tile if tile is not None else TileConfig()
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
 
     def init_weights(self) -> None:
         for m in self.modules():
@@ -451,6 +461,7 @@ class VideoVAE(nn.Module):
     def _encode_chunks(self, video: torch.Tensor, tile: TileConfig | None) -> Iterator[torch.Tensor]:
         s = self.config.space_stride
         h, w = video.shape[-2] // s, video.shape[-1] // s
+        tile = tile if tile is not None else self.tiling
         regions = self._tile_regions(h, w, tile)
         caches = [CausalCache() for _ in regions]
         for chunk in time_chunks(video, self.config.time_stride):
@@ -474,6 +485,7 @@ class VideoVAE(nn.Module):
         s = self.config.space_stride
         x = self.conv2(z)  # (B, Z, T, h, w)
         h, w = x.shape[-2:]
+        tile = tile if tile is not None else self.tiling
         regions = self._tile_regions(h, w, tile)
         caches = [CausalCache() for _ in regions]
         for t in range(x.shape[2]):
