@@ -12,11 +12,13 @@ from kino.tasks.reconstruct import psnr_uint8, reconstruct_video
 from kino.world.evaluator import evaluate_clip
 from kino.world.generator import render, scene_at
 
-# The shipped weights measure 30.7 dB mean PSNR and a 50.5% evaluator pass rate over 200 fresh
-# eval clips (BENCHMARKS.md); below the targets (32 dB, 98%). This test uses other
-# clips (seed 777: 30.9 dB, 4/8 pass) and asserts floors under those, to catch regressions.
-MIN_MEAN_PSNR = 29.0
-MIN_PASSED = 3
+# The shipped weights (encoder 7,000 steps, then 4,000 decoder-only steps) measure 31.96 dB mean
+# PSNR and a 58.5% evaluator pass rate over 200 fresh eval clips (BENCHMARKS.md); below the
+# issue's targets (32 dB, 98%). This test uses other clips (seed 777: 32.0 dB, 6/8 pass; the
+# weights shipped before the decoder fine-tune gave 30.9 dB, 4/8) and asserts floors under
+# those, to catch regressions.
+MIN_MEAN_PSNR = 31.0
+MIN_PASSED = 5
 
 
 @pytest.fixture(scope="module")
