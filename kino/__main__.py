@@ -1,5 +1,3 @@
-import sys
+from kino.cli import run
 
-from kino.cli import main
-
-sys.exit(main())
+run()

@@ -568,5 +568,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def run() -> None:
+    """The `kino` command (console script and `python -m kino`): main(), then exit.
+
+    A process that was part of a torch.distributed group (torchrun) ends with os._exit once
+    the group is destroyed and every output is flushed: in the interpreter's teardown gloo's
+    threads can still abort it ('terminate called without an active exception', an upstream
+    torch issue, pytorch/pytorch#190489), which turns a finished run into a failed exit code.
+    Everything of value is on disk by then (checkpoints are fsynced before they are published).
+    """
+    rc = main()
+    distributed = sys.modules.get("kino.training.distributed")
+    if distributed is not None and distributed.left_process_group():
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -38,8 +38,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, *args) -> list[subprocess.Popen]:
-    """Start `world` worker processes in one new session (torchrun's environment)."""
+def launch(world: int, *args, command: list[str] | None = None) -> list[subprocess.Popen]:
+    """Start `world` worker processes in one new session (torchrun's environment); each runs
+    tests/dist_worker.py with `args`, or `command`."""
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -49,7 +50,7 @@ def launch(world: int, *args) -> list[subprocess.Popen]:
         if world == 1:
             for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
                 env.pop(key)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=env,
+        procs.append(subprocess.Popen(command or [sys.executable, str(WORKER), *map(str, args)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True))
     return procs
@@ -294,3 +295,50 @@ def test_dit_flop_count_matches_torch_flop_counter(monkeypatch):
             model(x, torch.full((2, grid[0]), 500.0), torch.randn(2, text_len, config.text_dim))
         assert 2 * config.forward_flops(grid, text_len) == pytest.approx(counter.get_total_flops(), rel=0.02)
 
+
+
+# --- the CLI under torchrun ---------------------------------------------------------------
+
+
+def test_cli_train_dit_in_two_processes_exits_cleanly(tmp_path):
+    """`torchrun --nproc-per-node 2 -m kino train dit`: both ranks train, rank 0 exports the
+    model and reports it, and both exit 0 (the gloo-teardown abort must not turn a finished
+    run into a failure: kino.cli.run)."""
+    from kino.data.latent_cache import build_world_cache
+    from kino.models.folder import load_component, save_component, write_manifest
+    from kino.models.text import MiniLMEncoder
+    from kino.models.vae import VAE_SIZES, VideoVAE
+
+    torch.manual_seed(0)
+    vae = VideoVAE(VAE_SIZES["tiny"]).eval()
+    save_component(tmp_path / "vae" / "vae", vae.config.to_dict(), vae.state_dict())
+    write_manifest(tmp_path / "vae", "tiny-vae", {"vae": ("vae", "VideoVAE")})
+    buckets = ["1x32x32", "5x32x32"]
+    build_world_cache(tmp_path / "cache", vae, MiniLMEncoder(max_length=16), clips_per_bucket=4,
+                      buckets=[tuple(int(v) for v in b.split("x")) for b in buckets], shard_size=256)
+    config = tmp_path / "run.toml"
+    config.write_text(f"""model = "tiny"
+vae = "{tmp_path / 'vae'}"
+[cache]
+dir = "{tmp_path / 'cache'}"
+clips_per_bucket = 4
+buckets = {json.dumps(buckets)}
+text_max_length = 16
+[data]
+batch_size = 4
+[train]
+out_dir = "{tmp_path / 'run'}"
+max_steps = 2
+lr = 1e-3
+log_every = 1
+checkpoint_every = 0
+progress = false
+device = "cpu"
+""")
+    procs = launch(2, command=[sys.executable, "-m", "kino", "train", "dit", "--config", str(config)])
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    assert "model folder" in outputs[0] and "model folder" not in outputs[1]
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+    load_component(tmp_path / "run" / "model", "dit")  # sha256-checked

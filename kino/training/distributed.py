@@ -103,15 +103,26 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+_LEFT_GROUP = False
+
+
 def shutdown_processes(wait: bool = True) -> None:
     """Leave the process group (if any) cleanly at the end of a run: wait for every rank,
     then destroy it. A process that exits with the group alive can abort in gloo's
     teardown ('terminate called without an active exception') when another rank is slower.
     `wait=False` (after an error, when other ranks may never arrive) skips the barrier."""
+    global _LEFT_GROUP
     if dist.is_initialized():
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+        _LEFT_GROUP = True
+
+
+def left_process_group() -> bool:
+    """Whether this process was in a process group that shutdown_processes destroyed: such a
+    process should end without the interpreter's teardown (see kino.cli.run)."""
+    return _LEFT_GROUP
 
 
 def _collective_device() -> torch.device:
