@@ -254,6 +254,21 @@ def test_folder_dataset_skips_exactly_the_bad_files(tmp_path, fmt):
     assert "too short" in reasons["late_start.mp4"] and "truncated" in reasons["truncated.mp4"]
 
 
+def test_a_world_sample_folder_is_a_dataset(tmp_path):
+    """`kino world sample` names clips `file` in captions.jsonl: such a folder trains as it is,
+    each clip (and image) in the bucket of its own shape, frames unchanged."""
+    from kino.world.dataset import write_samples
+
+    rows = write_samples(tmp_path / "w", 3, frames=5, size=(32, 32)) + write_samples(tmp_path / "img", 1, frames=1,
+                                                                                     size=(32, 32))
+    lines = [json.dumps(r) for r in rows[:3]] + [json.dumps({**rows[3], "file": "../img/" + rows[3]["file"]})]
+    (tmp_path / "w" / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = dataset(tmp_path / "w" / "captions.jsonl")
+    items = [item for part in dataset_parts(cfg) for item in iter_clips(part, 8.0, cfg.bucket_list())]
+    assert [getattr(i, "bucket", None) for i in items] == [(5, 32, 32)] * 3 + [(1, 32, 32)]
+    assert [i.caption for i in items] == [r["caption"] for r in rows]
+
+
 def test_tar_shards_skip_exactly_the_bad_samples(tmp_path):
     cfg = dataset(shards=make_shards(tmp_path / "t"))
     items = [item for part in dataset_parts(cfg) for item in iter_clips(part, cfg.fps, cfg.bucket_list())]

@@ -159,7 +159,8 @@ def _digest(text: str) -> str:
 
 def read_captions(path: Path) -> list[tuple[Path | None, Sample | Skipped]]:
     """(video path, sample) per row of a CSV or JSONL captions file; a row with an unusable
-    field (no path, empty caption, bad start/end) is a Skipped sample (path None)."""
+    field (no path, empty caption, bad start/end) is a Skipped sample (path None). JSONL rows
+    may name the video `file` instead of `path`, so a `kino world sample` folder is a dataset."""
     from kino.world.dataset import read_jsonl
 
     if not path.is_file():
@@ -186,6 +187,8 @@ def read_captions(path: Path) -> list[tuple[Path | None, Sample | Skipped]]:
         raise KinoUserError(f"{path} has no rows")
     out = []
     for n, row in records:
+        if "path" not in row and "file" in row:  # a Shapes World folder (`kino world sample`) names clips `file`
+            row = {**row, "path": row["file"]}
         if not isinstance(row.get("path"), str) or not row["path"].strip():
             out.append((None, Skipped(f"{path.name}:{n}", "no path")))
             continue
