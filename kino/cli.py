@@ -278,10 +278,11 @@ def _pipeline(args):
 
     text_device = _device(args.text_device) if args.text_device is not None else None
     plan = memory_plan(args)  # checked before anything loads
-    pipe = Pipeline.from_pretrained(args.model, "cpu")
+    device = _device(args.device)
+    pipe = Pipeline.from_pretrained(args.model, "cpu", dit_dtype=plan.compute_dtype(device))
     for path, scale in args.lora:
         pipe.load_lora(path, scale)
-    pipe.set_memory(plan, _device(args.device), text_device)
+    pipe.set_memory(plan, device, text_device)
     return pipe
 
 

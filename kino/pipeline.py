@@ -143,14 +143,17 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
                         text_device: str | torch.device | None = None, text_dtype: str | None = None,
-                        memory: MemoryPlan | None = None) -> Pipeline:
+                        memory: MemoryPlan | None = None, dit_dtype: torch.dtype = torch.float32) -> Pipeline:
         """Load a model folder (kino.json with vae, dit and text_encoder); None = the shipped default.
         A Wan2.1 folder in its original or diffusers layout loads too (kino/convert/wan.py).
         `text_device` puts the text encoder elsewhere (e.g. "cpu" beside a GPU DiT);
-        `text_dtype` overrides a UMT5 encoder's recorded compute dtype. With `memory` the
-        weights load into CPU memory and `set_memory(memory, device)` places them."""
+        `text_dtype` overrides a UMT5 encoder's recorded compute dtype; `dit_dtype` is the
+        dtype the DiT's weights are converted to as they are read. With `memory` the weights
+        load into CPU memory, the DiT straight in the plan's compute dtype, and
+        `set_memory(memory, device)` places them."""
         if memory is not None:
-            pipe = cls.from_pretrained(path, "cpu", None, text_dtype)
+            dtype = memory.compute_dtype(torch.device(device))
+            pipe = cls.from_pretrained(path, "cpu", None, text_dtype, dit_dtype=dtype)
             pipe.set_memory(memory, device, text_device)
             return pipe
         root = Path(path) if path is not None else default_model_dir()
@@ -159,14 +162,14 @@ class Pipeline:
             from kino.convert.wan import detect_layout, load_wan_pipeline
 
             if root.is_dir() and detect_layout(root) in ("original", "diffusers"):
-                return load_wan_pipeline(root, device, text_device, text_dtype or "bfloat16")
+                return load_wan_pipeline(root, device, text_device, text_dtype or "bfloat16", dit_dtype)
             raise KinoUserError(f"{root} is not a kino model folder (kino.json is missing) nor a Wan2.1 folder")
         missing = [c for c in ("vae", "dit", "text_encoder") if c not in manifest.get("components", {})]
         if missing:
             raise KinoUserError(f"{root / 'kino.json'} lacks the component(s) {', '.join(missing)}; "
                                 "a generation model needs vae, dit and text_encoder")
         vae = load_module(root, "vae", VAEConfig, VideoVAE, device)
-        dit = load_module(root, "dit", DiTConfig, DiT, device)
+        dit = load_module(root, "dit", DiTConfig, DiT, device, dit_dtype)
         text = load_component(root, "text_encoder", weights=False)
         text_encoder = load_text_encoder(text.config, text_device if text_device is not None else device, text.folder,
                                          text_dtype)

@@ -159,3 +159,15 @@ def test_generate_cli_memory_flags(model_dir, tmp_path, capsys):
     capsys.readouterr()
     rc = main(["generate", "a blue square", "--model", str(model_dir), "-o", str(out), "--vae-tile", "50", "-q"])
     assert rc == 2 and "multiple of 32" in capsys.readouterr().err
+
+
+def test_weights_are_read_in_the_compute_dtype(model_dir):
+    from kino.models.folder import read_safetensors
+
+    stored = read_safetensors(model_dir / "dit" / "model.safetensors")
+    pipe = Pipeline.from_pretrained(model_dir, memory=MemoryPlan(dtype="bfloat16"))
+    assert pipe.dit.patch_embedding.weight.dtype == torch.bfloat16
+    assert torch.equal(pipe.dit.patch_embedding.weight, stored["patch_embedding.weight"].to(torch.bfloat16))
+    assert pipe.vae.conv2.weight.dtype == torch.float32  # the VAE keeps float32
+    halves = read_safetensors(model_dir / "dit" / "model.safetensors", torch.float16)
+    assert halves.keys() == stored.keys() and {t.dtype for t in halves.values()} == {torch.float16}

@@ -310,6 +310,23 @@ def test_generate_on_a_wan_folder(folders, tmp_path, capsys):
     assert meta["negative"].startswith("色调艳丽") and meta["guidance"] == "5.0" and meta["shift"] == "5.0"
 
 
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_wan_folder_in_small_gpu_mode(folders, layout):
+    """A memory plan reads the DiT straight into its compute dtype (here bf16, tensor by tensor)
+    and streams fp8 blocks; the result stays close to the float32 pipeline's."""
+    from kino.models.memory import MemoryPlan
+    from kino.pipeline import Pipeline
+
+    kw = dict(frames=5, height=16, width=32, steps=2, seed=1)
+    base = Pipeline.from_pretrained(folders[layout], text_dtype="float32").generate("a cat", **kw)
+    pipe = Pipeline.from_pretrained(folders[layout], text_dtype="float32",
+                                    memory=MemoryPlan(dtype="bfloat16", weights="fp8", offload="model"))
+    assert pipe.dit.patch_embedding.weight.dtype == torch.bfloat16 and pipe.vae.conv2.weight.dtype == torch.float32
+    small = pipe.generate("a cat", **kw)
+    err = (small.latents - base.latents).abs().mean() / base.latents.abs().mean()
+    assert 0 < err < 0.05, err
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

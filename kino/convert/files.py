@@ -11,7 +11,6 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from kino.errors import KinoUserError
 
@@ -40,14 +39,17 @@ def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
-    """The union of one or more safetensors files (the shards of one model)."""
+def load_safetensors(paths: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The union of one or more safetensors files (the shards of one model), floating-point
+    tensors converted to `dtype` as they are read."""
+    from kino.models.folder import read_safetensors
+
     if not paths:
         raise KinoUserError("no .safetensors files to load")
     state: dict[str, torch.Tensor] = {}
     for path in paths:
         try:
-            part = load_file(str(path))
+            part = read_safetensors(path, dtype)
         except Exception as e:  # safetensors raises its own error types for a damaged header
             raise KinoUserError(f"{path} is not a valid safetensors file ({e})") from None
         clash = set(part) & set(state)

@@ -119,30 +119,32 @@ def _config(build, data: dict, source: Path):
         raise KinoUserError(f"{source} is not a supported Wan2.1 config: {e}") from None
 
 
-def read_wan(root: str | Path) -> WanSource:
-    """Read a Wan2.1 T2V folder (original or diffusers layout) into kino's configs and state dicts."""
+def read_wan(root: str | Path, dit_dtype: torch.dtype = torch.float32) -> WanSource:
+    """Read a Wan2.1 T2V folder (original or diffusers layout) into kino's configs and state
+    dicts; the DiT's floating-point weights are converted to `dit_dtype` tensor by tensor as
+    they are read (the 14B DiT in bf16 needs 28 GB of RAM, not its 57 GB in fp32)."""
     root = Path(root)
     if not root.is_dir():
         raise KinoUserError(f"Wan2.1 folder {root} does not exist")
     layout = detect_layout(root)
     if layout == "original":
-        return _read_original(root)
+        return _read_original(root, dit_dtype)
     if layout == "diffusers":
-        return _read_diffusers(root)
+        return _read_diffusers(root, dit_dtype)
     if layout == "kino":
         raise KinoUserError(f"{root} is already a kino model folder (it has {MANIFEST})")
     raise KinoUserError(f"{root} is not a Wan2.1 folder: it has neither {ORIGINAL_VAE} + {DIT_STEM}*.safetensors "
                         "(Wan's original release) nor model_index.json (diffusers)")
 
 
-def _read_original(root: Path) -> WanSource:
+def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
     config_file = _need(root / "config.json", "the DiT's config.json (WanModel)")
     dit_files = shards(root, DIT_STEM)
     if not dit_files:
         raise KinoUserError(f"{root / (DIT_STEM + '.safetensors')} is missing (nor are there shards "
                             f"{DIT_STEM}-*-of-*.safetensors): a Wan2.1 folder needs the DiT's weights")
     dit_config = _config(dit_adapters.config_from_wan, read_json(config_file), config_file)
-    dit_state = _adapt(dit_adapters.from_wan, load_safetensors(dit_files), dit_files[0])
+    dit_state = _adapt(dit_adapters.from_wan, load_safetensors(dit_files, dit_dtype), dit_files[0])
     vae_file = _need(root / ORIGINAL_VAE, f"the VAE's weights {ORIGINAL_VAE}")
     wan_vae = load_pth(vae_file)
     vae_config = _config(vae_adapters.config_from_wan, wan_vae, vae_file)
@@ -152,7 +154,7 @@ def _read_original(root: Path) -> WanSource:
     return WanSource(root, "original", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_file, text)
 
 
-def _read_diffusers(root: Path) -> WanSource:
+def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     index = read_json(root / "model_index.json")
     if index.get("_class_name") not in ("WanPipeline", None):
         raise KinoUserError(f"{root / 'model_index.json'} describes a {index.get('_class_name')}, not a Wan2.1 "
@@ -162,7 +164,7 @@ def _read_diffusers(root: Path) -> WanSource:
     if not dit_files:
         raise KinoUserError(f"{tdir / (DIT_STEM + '.safetensors')} is missing: transformer/ needs its weights")
     dit_config = _config(dit_adapters.config_from_diffusers, read_json(tdir / "config.json"), tdir / "config.json")
-    dit_state = _adapt(dit_adapters.from_diffusers, load_safetensors(dit_files), dit_files[0])
+    dit_state = _adapt(dit_adapters.from_diffusers, load_safetensors(dit_files, dit_dtype), dit_files[0])
     vdir = _need(root / "vae", "vae/")
     vae_files = shards(vdir, DIT_STEM)
     if not vae_files:
@@ -178,7 +180,8 @@ def _read_diffusers(root: Path) -> WanSource:
 
 
 def build_models(src: WanSource, device: str | torch.device = "cpu") -> tuple[VideoVAE, DiT]:
-    """kino's VAE and DiT with the source's weights, frozen, in eval mode."""
+    """kino's VAE (float32) and DiT (in the dtype its state dict was read in) with the source's
+    weights, frozen, in eval mode."""
     models = []
     for cls, config, state, source in ((VideoVAE, src.vae_config, src.vae_state, src.vae_file),
                                        (DiT, src.dit_config, src.dit_state, src.dit_file)):
@@ -188,7 +191,8 @@ def build_models(src: WanSource, device: str | torch.device = "cpu") -> tuple[Vi
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
             raise KinoUserError(f"{source} holds weights that do not fit its config: {_one_line(e)}") from None
-        models.append(model.float().to(device).eval().requires_grad_(False))
+        dtype = torch.float32 if cls is VideoVAE else next(t.dtype for t in state.values() if t.is_floating_point())
+        models.append(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
     return models[0], models[1]
 
 
@@ -199,9 +203,11 @@ def _one_line(e: Exception, limit: int = 400) -> str:
 
 
 def load_wan_pipeline(root: str | Path, device: str | torch.device = "cpu",
-                      text_device: str | torch.device | None = None, text_dtype: str = "bfloat16"):
-    """A kino Pipeline straight from a Wan2.1 folder (original or diffusers), Wan's defaults."""
-    return load_wan_pipeline_from(read_wan(root), device, text_device, text_dtype)
+                      text_device: str | torch.device | None = None, text_dtype: str = "bfloat16",
+                      dit_dtype: torch.dtype = torch.float32):
+    """A kino Pipeline straight from a Wan2.1 folder (original or diffusers), Wan's defaults;
+    the DiT's weights are converted to `dit_dtype` as they are read."""
+    return load_wan_pipeline_from(read_wan(root, dit_dtype), device, text_device, text_dtype)
 
 
 def load_wan_pipeline_from(src: WanSource, device: str | torch.device = "cpu",

@@ -20,7 +20,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from kino import __version__
 from kino.errors import KinoUserError
@@ -107,10 +108,23 @@ def read_manifest(root: str | Path) -> dict | None:
         raise KinoUserError(f"{path} is not valid JSON ({e.msg})") from None
 
 
-def load_component(path: str | Path, component: str, weights: bool = True) -> Component:
+def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, floating-point ones converted to `dtype` one tensor
+    at a time as they are read (a 14B model stored in fp32 never sits in memory in fp32)."""
+    state = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return state
+
+
+def load_component(path: str | Path, component: str, weights: bool = True,
+                   dtype: torch.dtype | None = None) -> Component:
     """Load `component` from a model folder (checking sha256 sums) or a bare component folder.
     weights=False: a component described by its config alone (e.g. a reference to a text
-    encoder whose files ship in a package)."""
+    encoder whose files ship in a package). `dtype` converts floating-point weights as they
+    are read."""
     root = Path(path)
     if not root.exists():
         raise KinoUserError(f"model folder {root} does not exist")
@@ -144,24 +158,26 @@ def load_component(path: str | Path, component: str, weights: bool = True) -> Co
     if not weights:
         return Component(folder, config, {}, name)
     try:
-        state = load_file(str(folder / WEIGHTS))
+        state = read_safetensors(folder / WEIGHTS, dtype)
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise KinoUserError(f"{folder / WEIGHTS} is not a valid safetensors file ({e})") from None
     return Component(folder, config, state, name)
 
 
 def load_module(path: str | Path | None, component: str, config_cls, model_cls,
-                device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A frozen model of `model_cls(config_cls.from_dict(config.json))` in eval mode, from a
-    model folder (sha256-checked) or a bare component folder; None = the shipped default."""
-    comp = load_component(default_model_dir() if path is None else path, component)
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A frozen model of `model_cls(config_cls.from_dict(config.json))` in eval mode, in `dtype`,
+    from a model folder (sha256-checked) or a bare component folder; None = the shipped default.
+    Built on the meta device and given the file's tensors (no random init, no second copy)."""
+    comp = load_component(default_model_dir() if path is None else path, component, dtype=dtype)
     try:
         config = config_cls.from_dict(comp.config)
     except (TypeError, ValueError) as e:
         raise KinoUserError(f"{comp.folder / CONFIG} is not a valid {component} config: {e}") from None
-    model = model_cls(config)
+    with torch.device("meta"):
+        model = model_cls(config)
     try:
-        model.load_state_dict(comp.state_dict, strict=True)
+        model.load_state_dict(comp.state_dict, strict=True, assign=True)
     except RuntimeError as e:
         raise KinoUserError(f"{comp.folder} holds weights that do not fit its config: {e}") from None
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
