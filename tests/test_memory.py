@@ -9,7 +9,7 @@ import torch
 from conftest import save_tiny_pipeline
 from kino.cli import main
 from kino.errors import KinoUserError
-from kino.models.dit import DIT_SIZES, DiT, DiTConfig
+from kino.models.dit import DIT_SIZES, DiT
 from kino.models.memory import FP8, BlockStreamer, MemoryPlan, dequantize_fp8, quantize_fp8
 from kino.pipeline import Pipeline
 
