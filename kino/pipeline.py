@@ -209,12 +209,12 @@ class Pipeline:
         home = torch.device("cpu") if offload else device
         text_model = getattr(self.text_encoder, "model", None)
         self.dit.to(dtype=dtype)
-        self.dit.to(home)
-        self.vae.to(home)
-        if plan.streams_blocks:
+        if plan.streams_blocks:  # before the move: only what stays on the device goes there
             n = len(self.dit.blocks)
             self._streamer = BlockStreamer(self.dit.blocks, device, dtype, plan.weights,
                                            n if offload else plan.swap_blocks)
+        self.dit.to(home)  # the blocks' parameters are empty placeholders by now
+        self.vae.to(home)
         self._offloaded = {"dit", "vae"} if offload else set()
         if text_model is not None:
             text_model.to(text_device if text_device is not None else home)
