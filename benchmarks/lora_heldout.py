@@ -134,16 +134,16 @@ def main() -> None:
         for cmd in (["preprocess", "--config", str(config)], ["train", "dit", "--config", str(config)]):
             if kino(cmd) != 0:
                 raise SystemExit(f"kino {' '.join(cmd)} failed")
-    prompts = work / "eval_prompts.jsonl"
+    prompts = work / f"eval{args.eval}_prompts.jsonl"
     prompts.write_text("".join(
         json.dumps({"caption": s.text, "frames": s.frames, "height": s.height, "width": s.width,
                     "seed": EVAL_SEED * 100_000 + i}) + "\n"
         for i, s in scenes_with(EVAL_SEED, args.eval, color, shape)))
     pipe = Pipeline.from_pretrained()
-    before = evaluate(pipe, prompts, work / "eval_before")
+    before = evaluate(pipe, prompts, work / f"eval{args.eval}_before")
     pipe.load_lora(lora)
-    after = evaluate(pipe, prompts, work / "eval_after")
-    (work / "report.json").write_text(json.dumps({"args": {**vars(args), "work": str(work)},
+    after = evaluate(pipe, prompts, work / f"eval{args.eval}_after")
+    (work / f"report_eval{args.eval}.json").write_text(json.dumps({"args": {**vars(args), "work": str(work)},
                                                   "before": before, "after": after}, indent=2))
 
     def cell(r):
