@@ -97,7 +97,8 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     ts = cond.schedule(sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens), t_max,
                                           t_min))
     use_cfg = guidance != 1.0
-    dtype = dit.patch_embedding.weight.dtype
+    embed = getattr(dit, "patch_embedding", None)  # any velocity model with a DiT's call signature will do
+    dtype = embed.weight.dtype if embed is not None else noise.dtype
     text, neg_text = text.to(dtype), neg_text.to(dtype)
 
     def velocity(x: Tensor, t: float) -> Tensor:
