@@ -31,7 +31,7 @@ from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load
 from kino.models.lora import fuse_lora, read_lora, unfuse_lora
 from kino.models.memory import BlockStreamer, MemoryPlan, placed
 from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
-from kino.models.vae.model import VAEConfig, VideoVAE
+from kino.models.vae.model import TileConfig, VAEConfig, VideoVAE
 from kino.tasks.conditioning import Conditioning
 
 # the DiT's time input is 1000 x flow time (Wan's scale)
@@ -222,8 +222,6 @@ class Pipeline:
             if offload and text_device is None:
                 self._offloaded.add("text_encoder")
         if plan.vae_tile is not None:
-            from kino.models.vae.model import TileConfig
-
             self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
         self._device, self.memory = device, plan
 
