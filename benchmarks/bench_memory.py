@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import proc_status_kib  # noqa: E402
+
 from kino.models.dit import DIT_SIZES, DiT  # noqa: E402
 from kino.models.memory import MemoryPlan  # noqa: E402
 
@@ -50,14 +52,6 @@ def parse_plan(name: str) -> MemoryPlan:
         else:
             raise SystemExit(f"unknown plan part {p!r}")
     return MemoryPlan(weights=weights, swap_blocks=swap, cfg=cfg)
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _reset_peak_rss() -> bool:
@@ -79,11 +73,7 @@ def _trim() -> None:
 
 
 def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return (proc_status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
 def child(args) -> dict:
@@ -135,7 +125,7 @@ def child(args) -> dict:
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / MIB
     else:
         _trim()  # hand the freed fp32 build copies back to the OS, or RSS keeps them
-        out["setup_mib"] = _rss_mib()
+        out["setup_mib"] = proc_status_kib("VmRSS") / 1024
         out["peak_reset"] = _reset_peak_rss()
         t0 = time.perf_counter()
         run()

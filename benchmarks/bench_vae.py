@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import torch
-from timing import median_time
+from timing import median_time, proc_status_kib
 
 
 def _load(model_dir):
@@ -76,19 +76,11 @@ def _decode_peak(args):
     z = torch.randn(1, vae.config.z_dim, vae.config.latent_frames(args.frames), args.height // s, args.width // s)
     vae.decode(z[:, :, :2])  # warm-up: allocator pools and lazy initialisation
     gc.collect()
-    base = _rss_kib()
+    base = proc_status_kib("VmRSS")
     out = vae.decode(z)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"frames": args.frames, "base_mib": base / 1024, "peak_mib": peak / 1024,
                       "added_mib": (peak - base) / 1024, "output_mib": out.numel() * 4 / 2**20}))
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def memory(args):
