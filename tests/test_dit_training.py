@@ -166,6 +166,51 @@ def test_cache_refuses_another_vae(cache_dir, tmp_path):
                           shard_size=SHARD)
 
 
+def test_cache_is_kept_for_a_vae_with_another_decoder(cache_dir, vae_dir, tmp_path):
+    """A decoder fine-tune leaves every latent the same, so the cache stays (and grows); a
+    changed encoder, conv1 or latent statistics is another VAE. A cache written before caches
+    recorded the latent identity is matched on the whole model."""
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    base = load_vae(vae_dir)
+    meta = json.loads((copy / CACHE_JSON).read_text())
+    assert meta["vae"]["latent_sha256"] != meta["vae"]["sha256"]
+
+    def changed(prefix: str) -> VideoVAE:
+        vae = load_vae(vae_dir)
+        with torch.no_grad():
+            next(p for n, p in vae.named_parameters() if n.startswith(prefix)).add_(0.01)
+        return vae
+
+    new_decoder = CountingVAE(changed("decoder."))
+    before = torch.cat([LatentCache(copy).get(b, range(CLIPS))["latents"] for b in BUCKETS[:1]])
+    build_world_cache(copy, new_decoder, FakeTextEncoder(), clips_per_bucket=CLIPS + 2, buckets=BUCKETS,
+                      shard_size=SHARD)
+    assert new_decoder.calls == 2  # only the grown last shard of each bucket
+    cache = LatentCache(copy)
+    assert cache.num_clips((1, 32, 32)) == CLIPS + 2
+    assert torch.equal(cache.get((1, 32, 32), range(CLIPS))["latents"], before)
+    assert cache.vae_latent_sha256 == meta["vae"]["latent_sha256"] and cache.vae_sha256 != meta["vae"]["sha256"]
+    for prefix in ("encoder.", "conv1."):
+        with pytest.raises(KinoUserError, match="another VAE"):
+            build_world_cache(copy, changed(prefix), FakeTextEncoder(), clips_per_bucket=CLIPS + 2, buckets=BUCKETS,
+                              shard_size=SHARD)
+    stats = load_vae(vae_dir)
+    stats.config.latents_mean = [m + 0.5 for m in stats.config.latents_mean]
+    with pytest.raises(KinoUserError, match="another VAE"):
+        build_world_cache(copy, stats, FakeTextEncoder(), clips_per_bucket=CLIPS + 2, buckets=BUCKETS,
+                          shard_size=SHARD)
+
+    old_style = tmp_path / "old"
+    shutil.copytree(cache_dir, old_style)
+    del meta["vae"]["latent_sha256"]
+    (old_style / CACHE_JSON).write_text(json.dumps(meta))
+    with pytest.raises(KinoUserError, match="another VAE"):
+        build_world_cache(old_style, changed("decoder."), FakeTextEncoder(), clips_per_bucket=CLIPS, buckets=BUCKETS,
+                          shard_size=SHARD)
+    build_world_cache(old_style, base, FakeTextEncoder(), clips_per_bucket=CLIPS, buckets=BUCKETS, shard_size=SHARD)
+
+
 # ---------------------------------------------------------------------------- batches and timesteps
 
 

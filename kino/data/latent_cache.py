@@ -65,10 +65,10 @@ ENCODE_BATCH = 8  # clips per VAE / text encoder call; recorded, since batching 
 
 Bucket = tuple[int, int, int]  # (frames, height, width) in pixels
 _NAME = re.compile(r"^(\d+)x(\d+)x(\d+)$")
-# Fields of cache.json that fix what a latent means; a rebuild must agree on all of them.
-# World caches have split, seed and shard_size; video caches (kino/data/preprocess.py) have
-# source (the dataset) instead.
-_IDENTITY = ("format", "vae", "text_encoder", "split", "seed", "shard_size", "source", "encode_batch",
+# Fields of cache.json that fix what a latent means; a rebuild must agree on all of them (and on
+# "vae", matched by same_latents). World caches have split, seed and shard_size; video caches
+# (kino/data/preprocess.py) have source (the dataset) instead.
+_IDENTITY = ("format", "text_encoder", "split", "seed", "shard_size", "source", "encode_batch",
              "latent_dtype", "text_dtype")
 
 
@@ -118,15 +118,41 @@ def latent_shape(bucket: Bucket, vae_config) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------- identity
 
 
-def model_sha256(model: nn.Module, config: dict) -> str:
+def model_sha256(model: nn.Module, config: dict, skip: tuple[str, ...] = ()) -> str:
     """sha256 of a model's config (latent statistics included) and every tensor of its state
-    dict, in name order: the identity of a VAE whether or not it came from a file."""
+    dict, in name order, but those whose name starts with one of `skip`: the identity of a VAE
+    whether or not it came from a file."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(skip):
+            continue
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+# The decoder half of a VideoVAE: it takes no part in making latents.
+DECODER_PREFIXES = ("decoder.", "conv2.")
+
+
+def vae_identity(vae) -> dict:
+    """A cache's record of the VAE its latents came from: `sha256` of the whole model and
+    `latent_sha256` of what makes latents (config, latent statistics, encoder and conv1; not
+    the decoder). Caches are matched on the latter, so a decoder fine-tune (which leaves every
+    latent bit for bit the same) keeps a cache, and the DiTs trained on it, valid."""
+    config = vae.config.to_dict()
+    return {"sha256": model_sha256(vae, config), "latent_sha256": model_sha256(vae, config, DECODER_PREFIXES),
+            "config": config}
+
+
+def same_latents(recorded: dict, vae_record: dict) -> bool:
+    """Whether a cache's recorded VAE (`meta["vae"]`) makes the latents `vae_record`'s VAE makes:
+    the latent identity when both have one (caches written before it existed only have the
+    whole model's sha256, which must then match)."""
+    if "latent_sha256" in recorded and "latent_sha256" in vae_record:
+        return recorded["latent_sha256"] == vae_record["latent_sha256"]
+    return recorded.get("sha256") == vae_record["sha256"]
 
 
 def text_encoder_info(encoder) -> dict:
@@ -205,11 +231,12 @@ def _encode_latents(vae, videos: list[np.ndarray | Tensor]) -> Tensor:
 
 
 def _check_same(old: dict, new: dict, root: Path) -> None:
-    old_sha = str(old.get("vae", {}).get("sha256"))
-    if old_sha != new["vae"]["sha256"]:
+    if not same_latents(old.get("vae", {}), new["vae"]):
+        key = "latent_sha256" if "latent_sha256" in old.get("vae", {}) else "sha256"
+        old_sha = str(old.get("vae", {}).get(key))
         raise KinoUserError(
-            f"the latent cache {root} was built with another VAE (sha256 {old_sha[:16]}..., "
-            f"this one is {new['vae']['sha256'][:16]}...): latents of two VAEs cannot be mixed. Delete {root} "
+            f"the latent cache {root} was built with another VAE ({key} {old_sha[:16]}..., "
+            f"this one is {new['vae'][key][:16]}...): latents of two VAEs cannot be mixed. Delete {root} "
             "or choose another cache folder")
     differ = [k for k in _IDENTITY if (k in old or k in new) and old.get(k) != new.get(k)]
     if differ:
@@ -248,12 +275,11 @@ def build_world_cache(
     if shard_size < 1:
         raise KinoUserError(f"shard_size must be >= 1, got {shard_size}")
 
-    vae_config = vae.config.to_dict()
     meta = {
         "format": FORMAT,
         "complete": False,
         "kino_version": __version__,
-        "vae": {"sha256": model_sha256(vae, vae_config), "config": vae_config},
+        "vae": vae_identity(vae),
         "text_encoder": text_encoder_info(text_encoder),
         "split": split,
         "seed": seed,
@@ -368,6 +394,7 @@ class LatentCache:
         self.text_length = int(self.empty_mask.shape[1])
         self.latent_channels = int(self.meta["vae"]["config"]["z_dim"])
         self.vae_sha256: str = self.meta["vae"]["sha256"]
+        self.vae_latent_sha256: str | None = self.meta["vae"].get("latent_sha256")
 
     def _load_file(self, path: Path) -> dict[str, Tensor]:
         if not path.is_file():

@@ -46,7 +46,7 @@ from kino import __version__
 from kino.data.datasets import Bucket, Clip, Part, Skipped, VideoDatasetConfig, dataset_parts, iter_clips
 from kino.data.latent_cache import (CACHE_JSON, EMPTY_PROMPT, ENCODE_BATCH, FORMAT, LATENT_DTYPE, TEXT_DTYPE,
                                     LatentCache, _check_bucket, _check_same, _encode_latents, _encode_text,
-                                    _write_atomic, _write_json, bucket_name, latent_shape, model_sha256,
+                                    _write_atomic, _write_json, bucket_name, latent_shape, same_latents, vae_identity,
                                     text_encoder_info, write_shard_files)
 from kino.errors import KinoUserError
 from kino.training.config import config_to_dict
@@ -76,12 +76,11 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def _identity(vae, text_encoder, dataset: VideoDatasetConfig) -> dict:
-    vae_config = vae.config.to_dict()
     return {
         "format": FORMAT,
         "complete": False,
         "kino_version": __version__,
-        "vae": {"sha256": model_sha256(vae, vae_config), "config": vae_config},
+        "vae": vae_identity(vae),
         "text_encoder": text_encoder_info(text_encoder),
         "source": {"kind": "videos", **config_to_dict(dataset)},
         "encode_batch": ENCODE_BATCH,
@@ -279,7 +278,7 @@ def open_video_cache(path: str | Path, dataset: VideoDatasetConfig, vae=None) ->
     if source != {"kind": "videos", **config_to_dict(dataset)}:
         raise KinoUserError(f"the cache {root} was not made from this config's [dataset] (it holds {source}): "
                             "run `kino preprocess` with this config, or point cache.dir elsewhere")
-    if vae is not None and cache.vae_sha256 != model_sha256(vae, vae.config.to_dict()):
+    if vae is not None and not same_latents(cache.meta["vae"], vae_identity(vae)):
         raise KinoUserError(f"the cache {root} was made with another VAE than this config's: preprocess again")
     return cache
 

@@ -521,6 +521,7 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         "steps": result.step,
         "ema": config.train.ema_decay is not None,
         "vae_sha256": cache.vae_sha256,
+        **({"vae_latent_sha256": cache.vae_latent_sha256} if cache.vae_latent_sha256 else {}),
         "vae": str(vae_path),
         "text_encoder": cache.meta["text_encoder"],
         "latent_cache": str(cache.root),
