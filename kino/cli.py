@@ -141,6 +141,12 @@ def add_refine(p):
                         "(0..1, default 0.5; see kino/tasks/conditioning.py)")
 
 
+def add_given(p):
+    p.add_argument("--given", choices=("exact", "decoded"), default="exact",
+                   help="how the given frames come back: exact (default: as given, pasted over the decoded "
+                        "video) or decoded (from the final latents, like the new frames; see kino/tasks/video_tasks.py)")
+
+
 def add_task_options(p, task: str, batch_help: str,
                      out_help: str = "output file (.mp4 or .gif; default out.mp4), or folder with --batch"):
     """What every generation command shares: output, batch mode, size, sampling, seed, model."""
@@ -254,8 +260,8 @@ def _size_kwargs(args) -> dict:
 
 def _task_kwargs(args) -> dict:
     """The task function's options for this command (shared ones, then its own)."""
-    own = {"generate": ("frames", "loop"), "extend": ("frames", "backward", "refine"),
-           "connect": ("frames", "refine"), "edit": ("frames", "strength")}[args.task]
+    own = {"generate": ("frames", "loop", "given"), "extend": ("frames", "backward", "refine", "given"),
+           "connect": ("frames", "refine", "given"), "edit": ("frames", "strength")}[args.task]
     return {**_sampling_kwargs(args), **_size_kwargs(args), **{k: getattr(args, k) for k in own}}
 
 
@@ -474,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this image (frame 0; resized and center-cropped to --size)")
     p.add_argument("--loop", action="store_true",
                    help="a seamless loop: frame N would be frame 0 again (--frames 4k+1)")
+    add_given(p)
     add_task_options(p, "generate", batch_help="rows with 'caption' and optional 'image', 'loop', 'frames', "
-                     "'height', 'width', 'seed'", out_help="output file (.mp4, .gif, .png for one frame; default "
+                     "'given', 'height', 'width', 'seed'", out_help="output file (.mp4, .gif, .png for one frame; default "
                      "out.mp4), or folder with --batch")
     add_frames(p)
 
@@ -484,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=None, help="what happens in the whole clip")
     p.add_argument("--backward", action="store_true", help="add the new frames before the input")
     add_refine(p)
+    add_given(p)
     add_task_options(p, "extend", batch_help="rows with 'caption', 'video' (a path relative to the file) and "
-                     "optional 'frames', 'backward', 'refine', 'height', 'width', 'seed'")
+                     "optional 'frames', 'backward', 'refine', 'given', 'height', 'width', 'seed'")
     add_frames(p, help="new frames: a multiple of 4 forwards, 4m+1 backwards; the output holds the input too")
 
     p = sub.add_parser("connect", help="generate a transition from the end of one video to the start of another")
@@ -493,8 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("second", nargs="?", type=Path, default=None, metavar="B", help="the video to end with")
     p.add_argument("prompt", nargs="?", default=None, help="what happens in the whole clip")
     add_refine(p)
+    add_given(p)
     add_task_options(p, "connect", batch_help="rows with 'caption', 'first', 'second' (paths relative to the "
-                     "file) and optional 'frames', 'refine', 'height', 'width', 'seed'")
+                     "file) and optional 'frames', 'refine', 'given', 'height', 'width', 'seed'")
     add_frames(p, help="new frames between A and B (a multiple of 4); the output holds A, them and B")
 
     p = sub.add_parser("edit", help="re-generate a video with a prompt, keeping more or less of it (SDEdit)")

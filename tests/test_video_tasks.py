@@ -14,7 +14,8 @@ from kino.cli import main
 from kino.data.video_io import read_metadata, read_video, write_video
 from kino.pipeline import Pipeline
 from kino.tasks import video_tasks as tasks
-from kino.tasks.conditioning import to_model_range
+from kino.errors import KinoUserError
+from kino.tasks.conditioning import fit_video, to_model_range
 from kino.tasks.reconstruct import reconstruct_video
 
 PROMPT = "a small red circle moving left on a black background"
@@ -75,16 +76,24 @@ def encode_spy(pipe, monkeypatch):
 
 def test_image_to_video_keeps_the_image_latent(pipe):
     image = clip(1, seed=3)[0]  # (H, W, 3)
-    g = tasks.image_to_video(pipe, PROMPT, image, frames=9, seed=1)
+    g = tasks.image_to_video(pipe, PROMPT, image, frames=9, seed=1, given="decoded")
     z = encode(pipe, image)  # (1, C, 1, h, w)
     assert g.video.shape == (9, 32, 32, 3) and g.latents.shape[2] == 3
     assert torch.equal(g.latents[:, :, :1], z)
     assert torch.equal(g.video[0], pipe.decode(z, 1)[0])  # frame 0 decodes from the image's latent alone
     assert g.metadata["task"] == "image-to-video" and json.loads(g.metadata["inputs"]) == {"image": ""}
     assert g.conditioning.clean.tolist() == [[True, False, False]]
-    # an image of another size is resized and center-cropped
-    wide = tasks.image_to_video(pipe, PROMPT, clip(1, seed=3, size=(32, 64))[0], frames=5, height=32, width=32)
+    assert g.metadata["given_frames"] == "decoded"
+    # by default the image itself is frame 0, the rest as decoded
+    exact = tasks.image_to_video(pipe, PROMPT, image, frames=9, seed=1)
+    assert torch.equal(exact.video[0], image) and torch.equal(exact.video[1:], g.video[1:])
+    assert torch.equal(exact.latents, g.latents) and exact.metadata["given_frames"] == "exact"
+    # an image of another size is resized and center-cropped (and that is what is pasted)
+    wide_image = clip(1, seed=3, size=(32, 64))[0]
+    wide = tasks.image_to_video(pipe, PROMPT, wide_image, frames=5, height=32, width=32)
     assert wide.video.shape == (5, 32, 32, 3)
+    fitted = fit_video(to_model_range(wide_image), 32, 32)[:, 0].add(1).mul(127.5).round().to(torch.uint8)
+    assert torch.equal(wide.video[0], fitted.permute(1, 2, 0))
     assert tasks.image_to_video(pipe, PROMPT, clip(1, size=(48, 64))[0], frames=5).video.shape == (5, 48, 64, 3)
 
 
@@ -94,8 +103,11 @@ def test_extend_forward_keeps_the_input(pipe):
     kept = x[2:]  # the last 4k + 1 = 9 frames
     assert g.video.shape == (17, 32, 32, 3)
     assert torch.equal(g.latents[:, :, :3], encode(pipe, kept))
-    # the causal decoder gives the input back exactly as the VAE reconstructs it
-    assert np.array_equal(g.video[:9].numpy(), reconstruct_video(pipe.vae, kept.numpy()))
+    assert torch.equal(g.video[:9], kept)  # the input comes back as given
+    decoded = tasks.extend(pipe, PROMPT, x, frames=8, seed=2, given="decoded")
+    # decoded, the causal decoder gives the input back exactly as the VAE reconstructs it
+    assert np.array_equal(decoded.video[:9].numpy(), reconstruct_video(pipe.vae, kept.numpy()))
+    assert torch.equal(decoded.video[9:], g.video[9:]) and torch.equal(decoded.video, pipe.decode(g.latents, 17))
     assert not torch.equal(g.video[9:], g.video[8:9].expand(8, -1, -1, -1))
     meta = json.loads(g.metadata["input_frames"])
     assert g.metadata["task"] == "extend forward" and meta == [{"input": "video", "frames": [2, 11, 11], "at": 0}]
@@ -115,9 +127,12 @@ def test_extend_backward_uses_exact_latents_of_the_input_in_place(pipe, encode_s
     # ... and those latents are what the result keeps for the input's frames
     assert torch.equal(g.latents[:, :, 2:], pipe.vae.normalize(mean)[:, :, 2:])
     assert torch.equal(g.conditioning.start_latents, pipe.vae.normalize(mean))
-    # the input is re-decoded in the context of the new frames, not pasted
-    assert torch.equal(g.video, pipe.decode(g.latents, 13))
+    # the input comes back as given after new frames decoded from the final latents ...
+    decoded = pipe.decode(g.latents, 13)
+    assert torch.equal(g.video[5:], x[:8]) and torch.equal(g.video[:5], decoded[:5])
     assert g.metadata["task"] == "extend backward" and g.metadata["refine"] == "0.5"
+    # ... or, decoded, re-decoded in the context of the new frames
+    assert torch.equal(tasks.extend(pipe, PROMPT, x, frames=5, backward=True, seed=3, given="decoded").video, decoded)
     # refine 0: the second pass only re-encodes (the composite's latents decoded)
     g0 = tasks.extend(pipe, PROMPT, x, frames=5, backward=True, seed=3, refine=0.0)
     assert torch.equal(g0.latents, g0.conditioning.start_latents)
@@ -133,8 +148,13 @@ def test_connect_keeps_both_inputs(pipe, encode_spy):
     assert torch.equal(composite[0, :, :9], to_model_range(a))
     assert torch.equal(composite[0, :, 13:], to_model_range(b[:8]))
     assert torch.equal(g.latents[:, :, 4:], pipe.vae.normalize(mean)[:, :, 4:])
-    assert np.array_equal(g.video[:9].numpy(), reconstruct_video(pipe.vae, a.numpy()))
+    assert torch.equal(g.video[:9], a) and torch.equal(g.video[13:], b[:8])  # both as given
+    assert torch.equal(g.video[9:13], pipe.decode(g.latents, 21)[9:13])
+    decoded = tasks.connect(pipe, PROMPT, a, b, frames=4, seed=4, given="decoded")
+    assert np.array_equal(decoded.video[:9].numpy(), reconstruct_video(pipe.vae, a.numpy()))
     assert json.loads(g.metadata["inputs"]) == {"first": "", "second": ""}
+    with pytest.raises(KinoUserError, match="--given must be one of exact, decoded"):
+        tasks.connect(pipe, PROMPT, a, b, frames=4, given="pasted")
 
 
 def test_loop_ties_first_and_last_latent(pipe):
@@ -218,6 +238,8 @@ def test_cli_tasks_write_files(model_dir, inputs, tmp_path, capsys):
     (["extend", "--batch", "rows.jsonl"], "--out DIR"),
     (["extend", "--batch", "bad_rows.jsonl", "-o", "d"], "'video' is missing"),
     (["edit", "--batch", "bad_types.jsonl", "-o", "d"], "'strength' must be a number"),
+    (["extend", "--batch", "bad_given.jsonl", "-o", "d"], "'given' must be one of exact, decoded"),
+    (["extend", "a.mp4", "x", "--frames", "4", "--given", "pasted"], "invalid choice"),
     (["connect", "--batch", "bad_paths.jsonl", "-o", "d"], "does not exist"),
 ])
 def test_cli_bad_input_exits_2(model_dir, inputs, tmp_path, monkeypatch, capsys, argv, needle):
@@ -225,6 +247,7 @@ def test_cli_bad_input_exits_2(model_dir, inputs, tmp_path, monkeypatch, capsys,
     (inputs / "rows.jsonl").write_text(json.dumps({"caption": "x", "video": "a.mp4"}) + "\n")
     (inputs / "bad_rows.jsonl").write_text(json.dumps({"caption": "x", "frames": 4}) + "\n")
     (inputs / "bad_types.jsonl").write_text(json.dumps({"caption": "x", "video": "a.mp4", "strength": "high"}) + "\n")
+    (inputs / "bad_given.jsonl").write_text(json.dumps({"caption": "x", "video": "a.mp4", "given": "all"}) + "\n")
     (inputs / "bad_paths.jsonl").write_text(json.dumps({"caption": "x", "first": "a.mp4", "second": "nope.mp4"}) + "\n")
     assert main(argv + ["--model", str(model_dir), "--steps", "1", "-q"]) == 2
     err = capsys.readouterr().err
@@ -236,7 +259,8 @@ def test_cli_batch_mode_for_every_task(model_dir, inputs, tmp_path, capsys):
         "generate": [{"caption": PROMPT, "image": "first.png", "frames": 5},
                      {"caption": PROMPT, "loop": True, "frames": 5, "seed": 3}],
         "extend": [{"caption": PROMPT, "video": "a.mp4", "frames": 4},
-                   {"caption": PROMPT, "video": str(inputs / "a.mp4"), "frames": 1, "backward": True}],
+                   {"caption": PROMPT, "video": str(inputs / "a.mp4"), "frames": 1, "backward": True,
+                    "given": "decoded"}],
         "connect": [{"caption": PROMPT, "first": "a.mp4", "second": "b.mp4", "frames": 4}],
         "edit": [{"caption": PROMPT, "video": "a.mp4", "strength": 0.3}, {"caption": PROMPT, "video": "a.mp4"}],
     }
@@ -255,4 +279,7 @@ def test_cli_batch_mode_for_every_task(model_dir, inputs, tmp_path, capsys):
     edits = [read_metadata(tmp_path / "edit" / r["file"])["strength"]
              for r in map(json.loads, (tmp_path / "edit" / "captions.jsonl").read_text().splitlines())]
     assert edits == ["0.3", "1.0"]  # the row's strength, else the command line's
+    given = [read_metadata(tmp_path / "extend" / r["file"])["given_frames"]
+             for r in map(json.loads, (tmp_path / "extend" / "captions.jsonl").read_text().splitlines())]
+    assert given == ["exact", "decoded"]
     assert main(["world", "eval", str(tmp_path / "extend"), "-q"]) == 0  # kino world eval scores the folder

@@ -5,9 +5,9 @@ Every generation command has a batch mode. A row holds a 'caption', the inputs i
 needs as paths (relative to the JSONL's folder, or absolute), and optional options that
 override the command line's:
 
-    generate  {"caption", "image"?, "loop"?, "frames"?, ...}
-    extend    {"caption", "video", "frames"?, "backward"?, "refine"?, ...}
-    connect   {"caption", "first", "second", "frames"?, "refine"?, ...}
+    generate  {"caption", "image"?, "loop"?, "frames"?, "given"?, ...}
+    extend    {"caption", "video", "frames"?, "backward"?, "refine"?, "given"?, ...}
+    connect   {"caption", "first", "second", "frames"?, "refine"?, "given"?, ...}
     edit      {"caption", "video", "strength"?, "frames"?, ...}
 
 with "height", "width" and "seed" allowed everywhere. A row without 'seed' uses the
@@ -28,12 +28,13 @@ from kino.tasks import video_tasks
 from kino.world.dataset import clip_filename, read_jsonl, write_clip, write_rows
 
 OPTION_TYPES = {"frames": int, "height": int, "width": int, "seed": int, "loop": bool, "backward": bool,
-                "refine": float, "strength": float}
+                "refine": float, "strength": float, "given": str}
+OPTION_CHOICES = {"given": video_tasks.GIVEN_MODES}
 # task -> (the input paths a row must name, those it may name, its options besides height/width/seed)
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "generate": ((), ("image",), ("frames", "loop")),
-    "extend": (("video",), (), ("frames", "backward", "refine")),
-    "connect": (("first", "second"), (), ("frames", "refine")),
+    "generate": ((), ("image",), ("frames", "loop", "given")),
+    "extend": (("video",), (), ("frames", "backward", "refine", "given")),
+    "connect": (("first", "second"), (), ("frames", "refine", "given")),
     "edit": (("video",), (), ("frames", "strength")),
 }
 IGNORED = {"generate": ("file", "fps")}  # keys of a world captions.jsonl row, so it can be a batch
@@ -83,6 +84,9 @@ def read_prompt_rows(path: str | Path, task: str = "generate") -> list[dict]:
             if key in row and not _type_ok(row[key], typ):
                 raise KinoUserError(f"{path}:{n}: '{key}' must be {'a number' if typ is float else f'a {typ.__name__}'}"
                                     f", got {row[key]!r}")
+            if key in row and key in OPTION_CHOICES and row[key] not in OPTION_CHOICES[key]:
+                raise KinoUserError(f"{path}:{n}: '{key}' must be one of {', '.join(OPTION_CHOICES[key])}, got "
+                                    f"{row[key]!r}")
         rows.append(row)
     if not rows:
         raise KinoUserError(f"--batch {path} has no rows")

@@ -58,11 +58,13 @@ them. So such tasks take two passes (`Layout.needs_refine`):
 Frames at the start need one pass: the first 4k + 1 frames' latents are the latents of
 those frames alone (causality), so they are exact from the start.
 
-The returned video is decoded from the final latents: the given frames are re-decoded,
-not pasted. Given frames at the start come back exactly as the VAE reconstructs them
-(the decoder is causal too); frames at the end are decoded in the context of the new
-frames before them, so they blend in seamlessly and differ from a stand-alone
-reconstruction of the input by the VAE's context effects.
+Decoding the final latents re-decodes the given frames too. Given frames at the start come
+back as the VAE reconstructs them (the decoder is causal too); frames at the end are
+decoded in the context of the new frames before them, so they blend in but differ from a
+stand-alone reconstruction of the input by the VAE's context effects, more so when the
+second pass changed the new frames. By default the tasks therefore paste the given frames
+over the decoded video (`given="exact"`, kino/tasks/video_tasks.py); `given="decoded"`
+returns the decoding as it is.
 """
 
 from __future__ import annotations

@@ -13,9 +13,18 @@ Inputs are paths (videos are read at the model's fps, so motion keeps the speed 
 learnt; images are one frame) or uint8 frames (F, H, W, 3) / (H, W, 3). The frame and
 size rules are in kino/tasks/conditioning.py. `sampling` options (steps, guidance,
 negative, sampler, shift, callback) mean what they mean for `Pipeline.generate`. The
-returned `Generation` holds the output video (the given frames re-decoded, not pasted),
-its latents, the conditioning of the last pass and metadata naming the task, its inputs
-and the input frames used.
+returned `Generation` holds the output video, its latents, the conditioning of the last
+pass and metadata naming the task, its inputs and the input frames used.
+
+Given frames in the output (`given`, for image-to-video, extend and connect):
+- "exact" (default): the frames the user gave come back as given (at the output size),
+  pasted over the decoded video. An extended or connected video holds its inputs unchanged;
+  only the new frames are the model's.
+- "decoded": every frame is decoded from the final latents, the given ones too. They blend
+  into the new frames through the causal decoder, but come back as the VAE reconstructs them
+  and, after generated frames (extend backward, connect's B), in the context of the new
+  frames, which can alter them (see kino/tasks/conditioning.py).
+In both cases `latents` are the final latents (which decode to the "decoded" video).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from kino.data.video_io import read_video
@@ -34,6 +44,7 @@ from kino.tasks.conditioning import (Given, Layout, build_conditioning, default_
 
 Media = str | Path | np.ndarray | Tensor
 REFINE = 0.5  # share of the schedule the second pass re-runs (extend backward, connect)
+GIVEN_MODES = ("exact", "decoded")  # how given frames come back (see the module docstring)
 
 
 def load_input(pipe: Pipeline, media: Media, name: str) -> tuple[Tensor, str]:
@@ -58,12 +69,15 @@ def output_size(pipe: Pipeline, first: Tensor | None, height: int | None, width:
 
 
 def run_layout(pipe: Pipeline, prompt: str, layout: Layout, task: str, *, seed: int = 0, refine: float = REFINE,
-               **sampling) -> Generation:
+               given: str = "exact", **sampling) -> Generation:
     """Sample a layout: one pass, or two when given frames follow generated ones (see
     kino/tasks/conditioning.py): the second starts from the first's video with the given
-    frames pasted in, re-encoded, and re-runs `refine` of the schedule."""
+    frames pasted in, re-encoded, and re-runs `refine` of the schedule. `given`: how the
+    given frames come back (GIVEN_MODES; module docstring)."""
     if not 0.0 <= refine <= 1.0:
         raise KinoUserError(f"--refine must be in [0, 1], got {refine}")
+    if given not in GIVEN_MODES:
+        raise KinoUserError(f"--given must be one of {', '.join(GIVEN_MODES)}; got {given!r}")
     pipe.check_request(layout.frames, layout.height, layout.width)
     size = dict(frames=layout.frames, height=layout.height, width=layout.width, seed=seed)
     with pipe.using("vae"):
@@ -74,8 +88,23 @@ def run_layout(pipe: Pipeline, prompt: str, layout: Layout, task: str, *, seed: 
         with pipe.using("vae"):
             cond = build_conditioning(pipe.vae, layout, base=base, refine=refine)
         clip = pipe.generate(prompt, **size, conditioning=cond, **sampling)
+    if given == "exact" and layout.given:
+        clip.video = paste_given(clip.video, layout.given)
     clip.metadata.update(task_metadata(task, layout, refine))
+    if layout.given:
+        clip.metadata["given_frames"] = given
     return clip
+
+
+def paste_given(video: Tensor, given: list[Given]) -> Tensor:
+    """uint8 (F, H, W, 3) with each given clip's frames written in at its place (an input
+    already at the output size comes back bit for bit)."""
+    video = video.clone()
+    for g in given:
+        end = min(g.at + g.frames, video.shape[0])  # a loop's tied frame lies past the output
+        pixels = g.pixels[:, : end - g.at].add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+        video[g.at : end] = pixels.permute(1, 2, 3, 0).to(video.device)  # (F, H, W, 3)
+    return video
 
 
 def task_metadata(task: str, layout: Layout, refine: float) -> dict[str, str]:
