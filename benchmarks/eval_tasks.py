@@ -2,7 +2,7 @@
 edit) of a pipeline on fresh Shapes World `eval` scenes.
 
     python benchmarks/eval_tasks.py [--model DIR] [--n 100] [--tasks i2v extend_fwd ...]
-                                    [--strength 0.7] [--seed 5151] [--out DIR]
+                                    [--strength 0.7] [--given exact] [--seed 5151] [--out DIR]
 
 Every case starts from a world clip rendered exactly as `kino world sample` writes it
 (lossless files), cycling over the three world sizes. The inputs and a batch file per task
@@ -24,6 +24,8 @@ go under --out, and each task runs through the same code as its `--batch` CLI co
               within 0.1 of the frame size of the input's in every frame.
 
 A jump is a centroid step larger than the evaluator's smoothness bound (0.15 of max(H, W)).
+--given is the tasks' option: with exact (their default) given frames come back as given, so
+"kept" holds by construction; decoded measures how the decoding keeps them.
 Prints a Markdown table for BENCHMARKS.md and writes report.json under --out.
 """
 
@@ -145,6 +147,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="cases per task")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--strength", type=float, default=0.7, help="edit strength")
+    ap.add_argument("--given", choices=("exact", "decoded"), default="exact",
+                    help="how given frames come back (i2v, extend, connect)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=5151)
     ap.add_argument("--out", default=None)
@@ -157,6 +161,8 @@ def main() -> None:
         inputs, results = out / task / "inputs", out / task / "outputs"
         rows = build_cases(task, args.n, args.seed, inputs)
         defaults = {"strength": args.strength} if task == "edit" else {}
+        if task in ("i2v", "extend_fwd", "extend_bwd", "connect"):
+            defaults["given"] = args.given
         if args.steps:
             defaults["steps"] = args.steps
         start = time.perf_counter()
