@@ -13,7 +13,11 @@ rate against steps on the same prompts).
 
 Reports the pass rate per kind: image (1 frame), single (one object, video), pair (two
 objects, video), held_out (any clip with a held-out composition), and per check; prints
-Markdown for BENCHMARKS.md and writes report.json and the clips under --out.
+Markdown for BENCHMARKS.md and writes report.json and the clips under --out. A diagnostic,
+"direction", looks past the motion check's thresholds: of the objects captioned as moving
+left/right/up/down that are present in at least 90% of their clip's frames, the share whose
+displacement (first quarter to last quarter of the frames) points mostly the named way
+(chance is 25%).
 """
 
 from __future__ import annotations
@@ -67,7 +71,28 @@ def score(folder: Path) -> dict:
             if any(is_held_out(o) for o in parse_caption(row["caption"]).objects)]
     report["kinds"]["held_out"] = {"clips": len(held), "passed": sum(held),
                                    "pass_rate": round(sum(held) / len(held), 4) if held else None}
+    report["direction"] = direction_rate(results)
     return report
+
+
+DIRECTIONS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1)}
+
+
+def direction_rate(results) -> dict:
+    """Of the objects captioned as moving in a direction and present in >= 90% of the frames,
+    how many moved mostly that way (the larger of |dx|, |dy| on the named axis, with its sign)."""
+    right = total = 0
+    for row, result in results:
+        frames = row["frames"]
+        for obj, info in zip(parse_caption(row["caption"]).objects, result.details["objects"]):
+            if obj.motion not in DIRECTIONS or "dx" not in info or info["present_frames"] < 0.9 * frames:
+                continue
+            ux, uy = DIRECTIONS[obj.motion]
+            dx, dy = info["dx"], info["dy"]
+            along, across = (dx * ux, abs(dy)) if ux else (dy * uy, abs(dx))
+            total += 1
+            right += along > across
+    return {"objects": total, "right_way": right, "rate": round(right / total, 4) if total else None}
 
 
 def main() -> None:
@@ -114,6 +139,9 @@ def main() -> None:
     print("\n| check | pass rate |\n|---|---|")
     for name, r in last["checks"].items():
         print(f"| {name} | {r['pass_rate']:.1%} ({r['passed']}/{r['clips']}) |")
+    d = last["direction"]
+    if d["objects"]:
+        print(f"| direction (diagnostic) | {d['rate']:.1%} ({d['right_way']}/{d['objects']}) |")
     print(f"\nclips and report.json in {out}")
 
 
