@@ -51,6 +51,66 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------------------- hashes of big files, once
+#
+# Checking a 14B model's 28 GB on every load costs a minute. `checked_sha256` hashes a file
+# once and records the digest with the file's identity (device, inode, size, mtime and ctime
+# in ns); while that identity is unchanged, a later load takes the recorded digest. Writing
+# to a file changes its mtime and ctime, and ctime cannot be set back by ordinary means, so an
+# altered file is hashed again. The record is a JSON file in the user's cache folder
+# ($KINO_CACHE_DIR, else $XDG_CACHE_HOME/kino, else ~/.cache/kino); KINO_VERIFY_CACHE=0 hashes
+# every time. Files under RECORD_MIN_BYTES are always hashed (it is as fast as a lookup).
+RECORD_MIN_BYTES = 256 << 20
+RECORD_NAME = "verified-sha256.json"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("KINO_CACHE_DIR"):
+        return Path(os.environ["KINO_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kino"
+
+
+def _file_identity(stat: os.stat_result) -> list[int]:
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: start afresh
+    return data if isinstance(data, dict) else {}
+
+
+def checked_sha256(path: str | Path) -> str:
+    """sha256 of a file, taken from the record of an earlier hash while the file is unchanged
+    (see above); otherwise computed (and recorded, for big files)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    use_record = stat.st_size >= RECORD_MIN_BYTES and os.environ.get("KINO_VERIFY_CACHE", "1") != "0"
+    if not use_record:
+        return sha256_file(path)
+    record_path = cache_dir() / RECORD_NAME
+    entry = _read_record(record_path).get(str(path))
+    if isinstance(entry, dict) and entry.get("identity") == _file_identity(stat):
+        return str(entry["sha256"])
+    digest = sha256_file(path)
+    if _file_identity(path.stat()) != _file_identity(stat):
+        return digest  # changed while it was read: hash it again next time
+    try:  # best effort: a read-only home only costs the next load a hash
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record = _read_record(record_path)
+        record = {k: v for k, v in record.items() if Path(k).exists()}  # forget deleted files
+        record[str(path)] = {"identity": _file_identity(stat), "sha256": digest}
+        tmp = record_path.with_name(f"{record_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        os.replace(tmp, record_path)
+    except OSError:
+        pass
+    return digest
+
+
 def default_model_dir() -> Path:
     """The model shipped inside the package."""
     return Path(__file__).resolve().parent.parent / "weights" / "default"
@@ -140,7 +200,7 @@ def load_component(path: str | Path, component: str, weights: bool = True,
             f = folder / fname
             if not f.is_file():
                 raise KinoUserError(f"{f} is missing: {manifest} lists it for component {component!r}")
-            actual = sha256_file(f)
+            actual = checked_sha256(f)
             if actual != expected:
                 raise WeightsIntegrityError(
                     f"{f} failed its integrity check: sha256 {actual} but {manifest} records {expected}; "

