@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from kino import __version__
 from kino.errors import KinoUserError
@@ -118,32 +118,26 @@ def latent_shape(bucket: Bucket, vae_config) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------- identity
 
 
-def model_sha256(model: nn.Module, config: dict, skip: tuple[str, ...] = ()) -> str:
-    """sha256 of a model's config (latent statistics included) and every tensor of its state
-    dict, in name order, but those whose name starts with one of `skip`: the identity of a VAE
-    whether or not it came from a file."""
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith(skip):
-            continue
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 # The decoder half of a VideoVAE: it takes no part in making latents.
 DECODER_PREFIXES = ("decoder.", "conv2.")
 
 
 def vae_identity(vae) -> dict:
-    """A cache's record of the VAE its latents came from: `sha256` of the whole model and
-    `latent_sha256` of what makes latents (config, latent statistics, encoder and conv1; not
-    the decoder). Caches are matched on the latter, so a decoder fine-tune (which leaves every
-    latent bit for bit the same) keeps a cache, and the DiTs trained on it, valid."""
+    """A cache's record of the VAE its latents came from: `sha256` of the whole model (config,
+    latent statistics included, and every tensor of its state dict in name order) and
+    `latent_sha256` of what makes latents (the same without the decoder: config, encoder and
+    conv1), both in one pass. Caches are matched on the latter, so a decoder fine-tune (which
+    leaves every latent bit for bit the same) keeps a cache, and the DiTs trained on it, valid."""
     config = vae.config.to_dict()
-    return {"sha256": model_sha256(vae, config), "latent_sha256": model_sha256(vae, config, DECODER_PREFIXES),
-            "config": config}
+    whole = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    latent = whole.copy()
+    for name, tensor in sorted(vae.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        parts = (f"{name}:{t.dtype}:{tuple(t.shape)}".encode(), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for h in (whole,) if name.startswith(DECODER_PREFIXES) else (whole, latent):
+            for part in parts:
+                h.update(part)
+    return {"sha256": whole.hexdigest(), "latent_sha256": latent.hexdigest(), "config": config}
 
 
 def same_latents(recorded: dict, vae_record: dict) -> bool:
