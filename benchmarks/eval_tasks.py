@@ -42,6 +42,7 @@ import numpy as np
 from kino.data.video_io import read_video, write_image
 from kino.pipeline import Pipeline
 from kino.tasks.batch import generate_batch
+from kino.tasks.video_tasks import GIVEN_MODES
 from kino.tasks.checks import (JUMP_BOUND, KEEP_PSNR, edited_caption, kept_psnr, loop_steps, seam_jumps,
                                trajectory_offset)
 from kino.world.captions import SIZES
@@ -147,7 +148,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="cases per task")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--strength", type=float, default=0.7, help="edit strength")
-    ap.add_argument("--given", choices=("exact", "decoded"), default="exact",
+    ap.add_argument("--given", choices=GIVEN_MODES, default="exact",
                     help="how given frames come back (i2v, extend, connect)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=5151)

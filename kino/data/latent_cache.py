@@ -140,13 +140,16 @@ def vae_identity(vae) -> dict:
     return {"sha256": whole.hexdigest(), "latent_sha256": latent.hexdigest(), "config": config}
 
 
+def identity_key(recorded: dict, vae_record: dict) -> str:
+    """The field two VAE records are compared on: the latent identity when both have one
+    (caches written before it existed only have the whole model's sha256)."""
+    return "latent_sha256" if "latent_sha256" in recorded and "latent_sha256" in vae_record else "sha256"
+
+
 def same_latents(recorded: dict, vae_record: dict) -> bool:
-    """Whether a cache's recorded VAE (`meta["vae"]`) makes the latents `vae_record`'s VAE makes:
-    the latent identity when both have one (caches written before it existed only have the
-    whole model's sha256, which must then match)."""
-    if "latent_sha256" in recorded and "latent_sha256" in vae_record:
-        return recorded["latent_sha256"] == vae_record["latent_sha256"]
-    return recorded.get("sha256") == vae_record["sha256"]
+    """Whether a cache's recorded VAE (`meta["vae"]`) makes the latents `vae_record`'s VAE makes."""
+    key = identity_key(recorded, vae_record)
+    return recorded.get(key) == vae_record[key]
 
 
 def text_encoder_info(encoder) -> dict:
@@ -226,7 +229,7 @@ def _encode_latents(vae, videos: list[np.ndarray | Tensor]) -> Tensor:
 
 def _check_same(old: dict, new: dict, root: Path) -> None:
     if not same_latents(old.get("vae", {}), new["vae"]):
-        key = "latent_sha256" if "latent_sha256" in old.get("vae", {}) else "sha256"
+        key = identity_key(old.get("vae", {}), new["vae"])
         old_sha = str(old.get("vae", {}).get(key))
         raise KinoUserError(
             f"the latent cache {root} was built with another VAE ({key} {old_sha[:16]}..., "
