@@ -90,6 +90,12 @@ def _convert(state_dict: dict[str, torch.Tensor], rules: list[tuple[str, str]], 
     return out
 
 
+def _reject_abs_pos(state_dict: dict[str, torch.Tensor], target: str) -> None:
+    if any(k.startswith("pos_embedding.") for k in state_dict):
+        raise ValueError(f"this DiT has kino's absolute-position embedding (abs_pos_embed), which {target} "
+                         "does not have: it cannot be converted")
+
+
 def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers WanTransformer3DModel (Wan2.1 T2V) state dict -> kino DiT state dict (same tensors)."""
     image = [k for k in state_dict if _IMAGE_TO_VIDEO.search(k)]
@@ -100,6 +106,7 @@ def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """kino DiT state dict -> diffusers WanTransformer3DModel state dict (same tensors)."""
+    _reject_abs_pos(state_dict, "diffusers' WanTransformer3DModel")
     if not any(".self_attn.norm_q." in k for k in state_dict):
         # diffusers builds the q/k RMSNorms whatever its qk_norm says: no layout without them.
         raise ValueError(
@@ -122,6 +129,7 @@ def from_wan(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def to_wan(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """kino DiT state dict -> Wan2.1 original release state dict (the same names)."""
+    _reject_abs_pos(state_dict, "Wan2.1's WanModel")
     return from_wan(state_dict)
 
 

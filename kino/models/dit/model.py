@@ -19,6 +19,16 @@ Sizes are native: the token grid and the RoPE positions come from the input's
 shape, so any T and any H, W divisible by the patch size go through the same
 weights (up to `rope_max_len` patches along each axis).
 
+Absolute positions (optional, `abs_pos_embed`; off in Wan2.1's sizes): RoPE only
+tells a token where the others are relative to it, so from pure noise (t = 1000,
+translation-invariant) a RoPE-only model cannot say "early frames hold the object
+on the right, late frames on the left", which is what "moving left" means on
+average. With `abs_pos_embed`, every token also gets a linear map of Fourier
+features of its normalised place in the clip: time i / (F - 1) (0 for one
+frame), height and width (index + 0.5) / count, each in [0, 1], so any size and
+length is covered without interpolation. The map starts at zero: a model grown
+from a RoPE-only one computes the same function until it has trained.
+
 Text: tokens (B, L, text_dim) with an optional bool mask (B, L), True for real
 tokens. Padded tokens get no attention weight; a row with no real token at all
 (an unconditional prompt encoded as pure padding) makes cross-attention add
@@ -43,6 +53,7 @@ from kino.errors import KinoUserError
 from kino.models.folder import reject_unknown_fields
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each (L, head_dim / 2), fp32
+POSITION_BANDS = 4  # Fourier frequencies per axis of the absolute-position embedding
 
 
 class DiTInputError(KinoUserError, ValueError):
@@ -250,6 +261,19 @@ class Head(nn.Module):
 # ---------------------------------------------------------------------------- the model
 
 
+def position_features(grid: tuple[int, int, int], bands: int, device) -> torch.Tensor:
+    """(F*h*w, 6 * bands) Fourier features of each token's normalised (time, height, width)
+    place, in the token order of the patch embedding: sin and cos of pi * k * a, k = 1..bands,
+    for a = i / (F - 1) (0 when F = 1), (j + 0.5) / h and (l + 0.5) / w."""
+    f, h, w = grid
+    time = torch.arange(f, device=device, dtype=torch.float32) / max(f - 1, 1)
+    height = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    width = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    coords = torch.stack(torch.meshgrid(time, height, width, indexing="ij"), dim=-1).reshape(-1, 3)  # (L, 3)
+    angles = math.pi * coords[:, :, None] * torch.arange(1, bands + 1, device=device, dtype=torch.float32)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (L, 3 * 2 * bands)
+
+
 class DiT(nn.Module):
     """Velocity model: latents (B, C, T, H, W), t (B, T) in [0, 1000], text (B, L, text_dim) -> (B, C_out, T, H, W)."""
 
@@ -267,6 +291,8 @@ class DiT(nn.Module):
         # A plain ModuleList: activation checkpointing, FSDP and compile wrap its entries from outside.
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
         self.head = Head(dim, config.out_channels, config.patch_size, config.eps)
+        # kino's addition, off for Wan2.1 (see the module doc): absolute place -> token offset.
+        self.pos_embedding = nn.Linear(6 * POSITION_BANDS, dim) if config.abs_pos_embed else None
         # Set from outside by `parallelize` to split each clip's tokens across ranks (Ulysses):
         # None keeps every token on this device.
         self.sequence_parallel = None
@@ -302,6 +328,10 @@ class DiT(nn.Module):
         # only the head receives gradient (everything else reaches the loss through its weight).
         nn.init.zeros_(self.head.head.weight)
         nn.init.zeros_(self.head.head.bias)
+        # Zero too: absolute positions start as no change, so a RoPE-only model grows one exactly.
+        if self.pos_embedding is not None:
+            nn.init.zeros_(self.pos_embedding.weight)
+            nn.init.zeros_(self.pos_embedding.bias)
 
     # -- pieces of the forward pass, public so that callers and tests can look inside
 
@@ -354,6 +384,9 @@ class DiT(nn.Module):
         grid = self._check_inputs(x, text, text_mask)
         b, _, frames = x.shape[:3]
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, F*h*w, D), in (t, h, w) order
+        if self.pos_embedding is not None:
+            weight = self.pos_embedding.weight
+            tokens = tokens + self.pos_embedding(position_features(grid, POSITION_BANDS, x.device).to(weight.dtype))
         rope = rope_frequencies(grid, self.config.rope_dims, self.config.rope_theta, x.device)
         e, e0 = self.embed_time(self.frame_timesteps(t, b, frames, x.device))  # (B, F, D), (B, F, 6, D)
         context = self.text_embedding(text)  # (B, L, D)
@@ -430,6 +463,7 @@ class DiTConfig:
     eps: float = 1e-6
     rope_max_len: int = 1024
     rope_theta: float = 10000.0
+    abs_pos_embed: bool = False  # kino's absolute-position embedding (module doc); Wan2.1 has none
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -467,6 +501,8 @@ class DiTConfig:
             + 2 * n * d * self.ffn_dim  # feed-forward
         )
         embed = n * self.in_channels * patch * d + lt * (self.text_dim * d + d * d)
+        if self.abs_pos_embed:
+            embed += n * 6 * POSITION_BANDS * d
         head = n * d * self.out_channels * patch
         return 2.0 * (self.num_layers * block + embed + head)
 
@@ -490,6 +526,9 @@ DIT_SIZES: dict[str, DiTConfig] = {
     # 64x96 images (1x8x12 latents, 24 tokens) fwd 0.07 s, fwd+bwd 0.22-0.26 s. (384 wide, 6 heads:
     # 20.4M params, 0.61 s / 1.54 s on the clips: twice the step time for a world this simple.)
     "small": DiTConfig(),
+    # "small" with kino's absolute-position embedding (the shipped default from stage 5 on; a
+    # "small" DiT grows into it exactly: the new layer starts at zero).
+    "small-abspos": DiTConfig(abs_pos_embed=True),
     # Wan2.1 T2V 1.3B and 14B (UMT5-XXL text); their weights load into these via adapters.
     "wan2.1-1.3b": DiTConfig(dim=1536, ffn_dim=8960, text_dim=4096, num_heads=12, num_layers=30),
     "wan2.1-14b": DiTConfig(dim=5120, ffn_dim=13824, text_dim=4096, num_heads=40, num_layers=40),
