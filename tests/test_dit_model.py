@@ -20,7 +20,8 @@ from kino.models.dit import (
     from_diffusers,
     to_diffusers,
 )
-from kino.models.dit.model import apply_rope, rope_frequencies
+from kino.models.dit.adapters import to_wan
+from kino.models.dit.model import POSITION_BANDS, apply_rope, position_features, rope_frequencies
 
 TINY = DIT_SIZES["tiny"]
 
@@ -79,7 +80,7 @@ def test_config_json_roundtrip_and_sizes():
     for name, config in DIT_SIZES.items():
         with torch.device("meta"):
             counts[name] = sum(p.numel() for p in DiT(config).parameters())
-    assert counts == {"tiny": 40_608, "small": 9_164_096, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584}
+    assert counts == {"tiny": 40_608, "tiny-abspos": 41_408, "small": 9_164_096, "small-abspos": 9_170_496, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584}
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -292,6 +293,50 @@ def test_adapters_reject_unknown_layouts(tiny):
     no_qk_norm = DiT(DiTConfig(**{**TINY.to_dict(), "qk_norm": False}))
     with pytest.raises(ValueError, match="q/k norms"):
         to_diffusers(no_qk_norm.state_dict())
+
+
+# ---------------------------------------------------------------------------- absolute positions
+
+
+def test_position_features_follow_the_token_order():
+    f, h, w = 3, 2, 5
+    feats = position_features((f, h, w), POSITION_BANDS, "cpu")
+    assert feats.shape == (f * h * w, 6 * POSITION_BANDS)
+    k = torch.arange(1, POSITION_BANDS + 1, dtype=torch.float32)
+    for i, j, l in [(0, 0, 0), (2, 1, 4), (1, 0, 3)]:
+        coords = torch.tensor([i / (f - 1), (j + 0.5) / h, (l + 0.5) / w])
+        angles = torch.pi * coords[:, None] * k
+        expected = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten()
+        torch.testing.assert_close(feats[(i * h + j) * w + l], expected)
+    # one frame sits at time 0; a grid twice as fine covers the same [0, 1] places
+    assert torch.equal(position_features((1, 2, 2), 1, "cpu")[:, 0], torch.zeros(4))
+    coarse, fine = position_features((2, 1, 2), 2, "cpu"), position_features((3, 1, 4), 2, "cpu")
+    torch.testing.assert_close(coarse[0], position_features((9, 1, 2), 2, "cpu")[0])
+    assert not torch.allclose(coarse[1], fine[1])
+
+
+def test_abs_pos_embedding_starts_at_zero_then_sees_absolute_places():
+    plain = _model()
+    grown = DiT(DIT_SIZES["tiny-abspos"])
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing) == {"pos_embedding.weight", "pos_embedding.bias"} and not unexpected
+    grown.eval()
+    x, t, text = _inputs(2, 3, 4, 6)
+    with torch.no_grad():
+        assert torch.equal(grown(x, t, text), plain(x, t, text))  # zero-init: the same function
+        _perturb(grown.pos_embedding, seed=5, std=0.5)
+        out = grown(x, t, text)
+        assert not torch.allclose(out, plain(x, t, text), atol=1e-3)
+        # a RoPE-only model cannot tell a constant input's frames apart; positions can
+        flat = torch.ones(1, 16, 3, 4, 4)
+        same = plain(flat, 500.0, text[:1])
+        assert torch.allclose(same[:, :, 0], same[:, :, 2], atol=1e-5)
+        moved = grown(flat, 500.0, text[:1])
+        assert not torch.allclose(moved[:, :, 0], moved[:, :, 2], atol=1e-3)
+    # no counterpart in Wan2.1 or diffusers: converting says so
+    for convert, needle in [(to_diffusers, "diffusers"), (to_wan, "Wan2.1")]:
+        with pytest.raises(ValueError, match=f"absolute-position embedding.*{needle}"):
+            convert(grown.state_dict())
 
 
 # ---------------------------------------------------------------------------- init, numerics, training

@@ -226,6 +226,28 @@ def test_full_finetuning_starts_from_init_from(cache_dir, base_dir, tmp_path):
         assert first["loss"] == pytest.approx(task.loss(load_dit(base_dir).train(), batch)[0].item(), rel=1e-5)
 
 
+def test_a_rope_only_dit_grows_the_absolute_position_embedding(cache_dir, base_dir, tmp_path):
+    cfg = run_config(tmp_path / "run", cache_dir, base_dir, None, max_steps=2)
+    cfg.model = "tiny-abspos"
+    task = DiTTask(cfg, LatentCache(cache_dir))
+    model = task.build_model()
+    on_disk = load_dit(base_dir)
+    assert model.config.abs_pos_embed and not on_disk.config.abs_pos_embed
+    state = model.state_dict()
+    assert set(state) - set(on_disk.state_dict()) == {"pos_embedding.weight", "pos_embedding.bias"}
+    assert all(torch.equal(state[k], v) for k, v in on_disk.state_dict().items())
+    assert not state["pos_embedding.weight"].any() and all(p.requires_grad for p in model.parameters())
+    batch = task.batch(0)
+    with torch.no_grad():  # step 0 computes what the base computes
+        assert task.loss(model, batch)[0].item() == task.loss(on_disk.train(), batch)[0].item()
+    trained = load_dit(run_train_dit(cfg, text_encoder=FakeTextEncoder()))
+    assert trained.config == DIT_SIZES["tiny-abspos"] and trained.pos_embedding.weight.abs().sum() > 0
+    # a LoRA adapts its base as it is: growing a layer under it is refused
+    cfg.lora, cfg.train.out_dir = LoRAConfig(rank=2), str(tmp_path / "lora")
+    with pytest.raises(KinoUserError, match="no absolute-position embedding"):
+        DiTTask(cfg, LatentCache(cache_dir)).build_model()
+
+
 def test_init_from_is_checked_before_the_cache(cache_dir, base_dir, tmp_path):
     wrong_size = run_config(tmp_path / "r", tmp_path / "never-built", base_dir, None)
     wrong_size.model = "small"

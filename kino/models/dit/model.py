@@ -520,6 +520,8 @@ class DiTConfig:
 DIT_SIZES: dict[str, DiTConfig] = {
     # Every layer kind at the smallest widths RoPE allows: tests only.
     "tiny": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=2),
+    "tiny-abspos": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=2,
+                             abs_pos_embed=True),
     # kino's default for Shapes World, trained on a CPU (MiniLM text tokens, 384 wide): 256 wide,
     # 8 layers, 4 heads of 64. 9.16M params. Batch 8, 32 text tokens, one CPU thread beside a busy
     # process: 17x64x64 clips (5x8x8 latents, 80 tokens) fwd 0.21-0.24 s, fwd+bwd 0.53-0.75 s;
