@@ -274,11 +274,12 @@ class FakeCache:
     latent_channels = 16
     buckets = [(9, 32, 32)]
 
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
+    def __init__(self, seed: int = 0, vae: str = "v"):
+        g = torch.Generator().manual_seed(seed)
         self.latents = torch.randn(6, 16, 3, 4, 4, generator=g)
         self.text = torch.randn(6, 8, 24, generator=g)
         self.empty_text, self.empty_mask = torch.zeros(1, 8, 24), torch.zeros(1, 8, dtype=torch.bool)
+        self.meta = {"vae": {"sha256": vae, "latent_sha256": vae}, "text_encoder": {"dim": 24}}
 
     def latent_shape(self, bucket):
         return (16, 3, 4, 4)
@@ -291,10 +292,35 @@ class FakeCache:
         return {"latents": self.latents[idx], "text": self.text[idx], "mask": torch.ones(len(idx), 8, dtype=torch.bool)}
 
 
-def fake_task(mix: ConditioningMix) -> DiTTask:
+def fake_task(mix: ConditioningMix, loop_cache=None) -> DiTTask:
     cfg = DiTRunConfig(model="tiny", cache=CacheConfig(buckets=["9x32x32"]), data=DiTDataConfig(batch_size=8),
                        conditioning=mix, train=TrainConfig(out_dir="unused"))
-    return DiTTask(cfg, FakeCache())
+    return DiTTask(cfg, FakeCache(), loop_cache=loop_cache)
+
+
+def test_loop_rows_come_from_the_loop_cache():
+    mix = ConditioningMix(none=0.5, first=0.1, first_k=0.1, last_k=0.1, first_last=0.0, loop=0.2)
+    plain, looped = fake_task(mix), fake_task(mix, loop_cache=FakeCache(seed=1))
+    loops = looped.loop_cache
+    seen = 0
+    for step in range(30):
+        a, b = plain.batch(step), looped.batch(step)
+        tie = b["pattern"] == PATTERNS.index("loop")
+        assert torch.equal(a["pattern"], b["pattern"]) and torch.equal(a["t"], b["t"])  # same draws otherwise
+        assert torch.equal(a["latents"][~tie], b["latents"][~tie]) and torch.equal(a["text"][~tie], b["text"][~tie])
+        for row in b["latents"][tie]:  # a loop clip, its last latent frame tied to its first
+            assert torch.equal(row[:, -1], row[:, 0])
+            assert any(torch.equal(row[:, :-1], clip[:, :-1]) for clip in loops.latents)
+        for text, mask in zip(b["text"][tie], b["mask"][tie]):  # its caption (unless dropped)
+            assert any(torch.equal(text, x) for x in loops.text) if mask.any() else not text.any()
+        seen += int(tie.sum())
+    assert seen > 10
+    with pytest.raises(KinoUserError, match="another VAE"):
+        fake_task(mix, loop_cache=FakeCache(seed=1, vae="w"))
+    no_bucket = FakeCache(seed=1)
+    no_bucket.buckets = [(17, 32, 32)]
+    with pytest.raises(KinoUserError, match="has no bucket 9x32x32"):
+        fake_task(mix, loop_cache=no_bucket)
 
 
 def test_training_batches_and_loss_ignore_clean_frames(dit):

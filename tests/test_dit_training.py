@@ -27,7 +27,7 @@ from kino.training.config import TrainConfig, load_config
 from kino.training.dit import (CacheConfig, DiTDataConfig, DiTRunConfig, DiTTask, FlowConfig, export_dit,
                                frame_times, run_train_dit, time_bin_probability)
 from kino.training.trainer import Trainer
-from kino.world.generator import scene_at
+from kino.world.generator import loop_progress, render, scene_at
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKETS = [(1, 32, 32), (5, 32, 32)]
@@ -164,6 +164,26 @@ def test_cache_refuses_another_vae(cache_dir, tmp_path):
     with pytest.raises(KinoUserError, match="another VAE"):
         build_world_cache(copy, tiny_vae(seed=1), FakeTextEncoder(), clips_per_bucket=CLIPS, buckets=BUCKETS,
                           shard_size=SHARD)
+
+
+def test_loop_cache_holds_clips_that_loop(cache_dir, vae_dir, tmp_path):
+    vae = load_vae(vae_dir)
+    root = build_world_cache(tmp_path / "loops", vae, FakeTextEncoder(), clips_per_bucket=2, buckets=[(9, 32, 32)],
+                             motion="loop")
+    loops = LatentCache(root)
+    assert loops.meta["motion"] == "loop" and "motion" not in LatentCache(cache_dir).meta
+    scene = scene_at("train", 0, clip_index((9, 32, 32), 1), frames=9, size=(32, 32))
+    video = render(scene, loop_progress(9, 5))  # period: 9 frames less one latent frame's 4
+    with torch.no_grad():
+        expected = vae.normalize(vae.encode(torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)[0])
+    torch.testing.assert_close(loops.get((9, 32, 32), [1])["latents"], expected, atol=0.02, rtol=0.02)  # bf16
+    with pytest.raises(KinoUserError, match="motion"):  # a folder holds one kind of clip
+        build_world_cache(root, vae, FakeTextEncoder(), clips_per_bucket=2, buckets=[(9, 32, 32)])
+    with pytest.raises(KinoUserError, match="three latent frames"):
+        build_world_cache(tmp_path / "x", vae, FakeTextEncoder(), clips_per_bucket=2, buckets=[(5, 32, 32)],
+                          motion="loop")
+    with pytest.raises(KinoUserError, match="unknown cache motion"):
+        build_world_cache(tmp_path / "x", vae, FakeTextEncoder(), clips_per_bucket=2, motion="palindrome")
 
 
 def test_cache_is_kept_for_a_vae_with_another_decoder(cache_dir, vae_dir, tmp_path):

@@ -104,6 +104,27 @@ def test_rendered_clips_follow_the_contract():
                 assert max(gap_x, gap_y) >= 2
 
 
+def test_loop_renders_repeat_with_their_period():
+    from kino.world.generator import loop_progress, trajectory
+
+    u = loop_progress(21, 16)
+    assert u[0] == 0.0 and u[8] == 1.0 and np.allclose(u[16:], u[:5]) and (np.diff(u[:9]) > 0).all()
+    for i in range(30):
+        scene = scene_at("train", 3, i, frames=21, size=(64, 96))
+        loop = render(scene, loop_progress(21, 16))
+        assert np.array_equal(loop[16:], loop[:5])  # frame 16 is frame 0 again: a seamless loop
+        assert np.array_equal(loop[0], render(scene)[0])
+        for obj, center in zip(scene.caption.objects, scene.centers):  # never past the linear path's ends
+            ends = trajectory(obj, center, 2, 64, 96)
+            path = trajectory(obj, center, 21, 64, 96, loop_progress(21, 16))
+            for a, lo_hi in zip(path, ends):
+                assert lo_hi.min() - 1e-9 <= a.min() and a.max() <= lo_hi.max() + 1e-9
+    with pytest.raises(ValueError, match="progress"):
+        render(scene_at("train", 3, 0, frames=9), np.full(9, 1.5))
+    with pytest.raises(ValueError, match="period"):
+        loop_progress(9, 1)
+
+
 def test_nominal_side_rounds_to_the_nearest_pixel():
     assert nominal_side("small", 64, 96) == 12  # 0.18 * 64 = 11.52
     assert nominal_side("large", 96, 64) == 20  # 0.32 * 64 = 20.48

@@ -53,7 +53,7 @@ from torch import Tensor
 from kino import __version__
 from kino.errors import KinoUserError
 from kino.world.captions import FRAME_COUNTS, SIZES
-from kino.world.generator import render, scene_at
+from kino.world.generator import loop_progress, render, scene_at
 
 CACHE_JSON = "cache.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
@@ -69,7 +69,8 @@ _NAME = re.compile(r"^(\d+)x(\d+)x(\d+)$")
 # "vae", matched by same_latents). World caches have split, seed and shard_size; video caches
 # (kino/data/preprocess.py) have source (the dataset) instead.
 _IDENTITY = ("format", "text_encoder", "split", "seed", "shard_size", "source", "encode_batch",
-             "latent_dtype", "text_dtype")
+             "latent_dtype", "text_dtype", "motion")
+MOTIONS = ("linear", "loop")  # how a world cache's clips move (build_world_cache)
 
 
 # ---------------------------------------------------------------------------- buckets
@@ -253,9 +254,16 @@ def build_world_cache(
     buckets: Sequence[Bucket] | None = None,
     shard_size: int = 256,
     progress: Callable[[Iterable], Iterable] | None = None,
+    motion: str = "linear",
 ) -> Path:
     """Render, encode and write `clips_per_bucket` Shapes World clips for every bucket (default:
     `default_buckets()`); returns the cache folder. Resumable: shards already written are kept.
+
+    `motion`: "linear" renders the world's clips as the contract says; "loop" renders the same
+    scenes going there and back (`loop_progress`) with a period of F - time_stride frames, so
+    the clip's last latent frame shows what its first shows: the data of the loop pattern in
+    training (a loop is sampled with one latent frame past its end tied to frame 0). Loop
+    caches need at least three latent frames per bucket.
 
     `vae` is a VideoVAE (posterior means are normalised with its latent statistics);
     `text_encoder` anything with `dim`, `max_length` and `encode(prompts) -> (tokens, mask)`.
@@ -265,8 +273,14 @@ def build_world_cache(
     buckets = [tuple(int(n) for n in b) for b in (default_buckets() if buckets is None else buckets)]
     if not buckets or len(set(buckets)) != len(buckets):
         raise KinoUserError(f"a cache needs at least one bucket and no repeats; got {buckets}")
+    if motion not in MOTIONS:
+        raise KinoUserError(f"unknown cache motion {motion!r}: allowed {', '.join(MOTIONS)}")
+    stride = vae.config.time_stride
     for b in buckets:
         _check_bucket(b, vae.config)
+        if motion == "loop" and b[0] < 1 + 2 * stride:
+            raise KinoUserError(f"a loop cache needs clips of at least {1 + 2 * stride} frames (three latent "
+                                f"frames); got bucket {bucket_name(b)}")
     if not 1 <= clips_per_bucket <= CLIPS_PER_BUCKET_MAX:
         raise KinoUserError(f"clips_per_bucket must be in [1, {CLIPS_PER_BUCKET_MAX}], got {clips_per_bucket}")
     if shard_size < 1:
@@ -285,6 +299,7 @@ def build_world_cache(
         "latent_dtype": str(LATENT_DTYPE).removeprefix("torch."),
         "text_dtype": str(TEXT_DTYPE).removeprefix("torch."),
         "clips_per_bucket": clips_per_bucket,
+        **({"motion": motion} if motion != "linear" else {}),  # linear caches predate the key
         "buckets": [
             {"name": bucket_name(b), "bucket": list(b), "latent_shape": list(latent_shape(b, vae.config)),
              "clips": clips_per_bucket,
@@ -317,7 +332,8 @@ def build_world_cache(
     for bucket, k, clips, chunk in (progress or iter)(batches):
         f, h, w = bucket
         scenes = [scene_at(split, seed, clip_index(bucket, i), frames=f, size=(h, w)) for i in chunk]
-        latents = _encode_latents(vae, [render(s) for s in scenes])  # (b, Z, T, h, w)
+        moves = None if motion == "linear" else loop_progress(f, f - stride)
+        latents = _encode_latents(vae, [render(s, moves) for s in scenes])  # (b, Z, T, h, w)
         text, mask = _encode_text(text_encoder, [s.text for s in scenes])  # (b, L, D), (b, L)
         got = parts.setdefault((bucket, k), [])
         got.append((latents, text, mask, [s.text for s in scenes]))

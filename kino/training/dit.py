@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from kino.data.datasets import VideoDatasetConfig
 from kino.data.latent_cache import (Bucket, LatentCache, bucket_name, build_world_cache, default_buckets,
-                                    parse_bucket)
+                                    parse_bucket, same_latents)
 from kino.diffusion.flow import (interpolate, logit_normal, sampling_timesteps, shift_for_tokens, shift_timesteps,
                                  velocity_target)
 from kino.diffusion.samplers import euler, guided
@@ -57,8 +57,15 @@ class CacheConfig:
     seed: int = 0
     buckets: list[str] = field(default_factory=lambda: [bucket_name(b) for b in default_buckets()])
     text_max_length: int = 32  # text tokens per caption (captions are 10-25 MiniLM tokens)
+    # Clips that really loop for the loop pattern (`build_world_cache(motion="loop")`): every
+    # bucket of at least three latent frames, same split and seed. None: the loop pattern ties
+    # the ends of ordinary clips.
+    loop_dir: str | None = None
+    loop_clips_per_bucket: int = 256
 
     def __post_init__(self):
+        if self.loop_clips_per_bucket < 1:
+            raise KinoUserError(f"cache.loop_clips_per_bucket must be >= 1, got {self.loop_clips_per_bucket}")
         if self.split not in SPLITS:
             raise KinoUserError(f"cache.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.clips_per_bucket < 1:
@@ -165,6 +172,9 @@ class DiTRunConfig:
     def __post_init__(self):
         if self.model not in DIT_SIZES:
             raise KinoUserError(f"unknown DiT size {self.model!r}: allowed {', '.join(DIT_SIZES)}")
+        if self.dataset is not None and self.cache.loop_dir is not None:
+            raise KinoUserError("cache.loop_dir renders Shapes World loops: it cannot go with a [dataset] (a video "
+                                "dataset has no loops to render); remove one of them")
         if self.lora is not None and self.init_from is None:
             raise KinoUserError("a [lora] section needs init_from = \"MODEL_DIR\" (or \"default\"): the model "
                                 "whose DiT the LoRA adapts")
@@ -276,10 +286,12 @@ class DiTTask:
     given frames, loops: `ConditioningMix`). `vae` (optional) decodes the preview videos of
     `samples`; without it no samples are logged."""
 
-    def __init__(self, config: DiTRunConfig, cache: LatentCache, vae: nn.Module | None = None):
+    def __init__(self, config: DiTRunConfig, cache: LatentCache, vae: nn.Module | None = None,
+                 loop_cache: LatentCache | None = None):
         self.config = config
         self.cache = cache
         self.vae = vae
+        self.loop_cache = loop_cache
         self.dit_config = dataclasses.replace(DIT_SIZES[config.model], text_dim=cache.text_dim)
         if cache.latent_channels != self.dit_config.in_channels:
             raise KinoUserError(f"the cache holds {cache.latent_channels}-channel latents; the DiT size "
@@ -289,6 +301,15 @@ class DiTTask:
         if missing:
             raise KinoUserError(f"the latent cache {cache.root} has no bucket {', '.join(missing)}")
         self.buckets = wanted
+        if loop_cache is not None:
+            if not same_latents(loop_cache.meta["vae"], cache.meta["vae"]) or \
+                    loop_cache.meta["text_encoder"] != cache.meta["text_encoder"]:
+                raise KinoUserError(f"the loop cache {loop_cache.root} was encoded by another VAE or text encoder "
+                                    f"than {cache.root}")
+            need = [b for b in wanted if cache.latent_shape(b)[1] >= 3]
+            missing = [bucket_name(b) for b in need if b not in loop_cache.buckets]
+            if missing:
+                raise KinoUserError(f"the loop cache {loop_cache.root} has no bucket {', '.join(missing)}")
         patch = self.dit_config.patch_size
         self.tokens = [bucket_tokens(cache.latent_shape(b), patch) for b in self.buckets]
         w = np.array([n ** -config.data.bucket_weight_power for n in self.tokens], dtype=np.float64)
@@ -334,6 +355,12 @@ class DiTTask:
         data = self.cache.get(bucket, indices)
         x0 = data["latents"]  # (B, C, T, h, w)
         patterns, clean, tie = draw_patterns(cond_gen, cfg.conditioning, size, x0.shape[2])
+        if self.loop_cache is not None and tie.any():  # loops: clips that loop, in place of the drawn ones
+            rows = rng.choice(self.loop_cache.num_clips(bucket), size=int(tie.sum()))
+            loops = self.loop_cache.get(bucket, rows)
+            for key in ("latents", "text", "mask"):  # `get` returns fresh tensors: safe to write
+                data[key][tie] = loops[key]
+            x0 = data["latents"]
         t = frame_times(gen, size, x0.shape[2], cfg.flow, self.shift(tuple(x0.shape[1:])), clean)  # (B, T)
         noise = torch.randn(x0.shape, generator=gen)  # (B, C, T, h, w)
         drop = torch.rand(size, generator=gen) < cfg.flow.caption_dropout  # (B,)
@@ -512,13 +539,21 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
                 buckets=c.bucket_list(),
                 progress=lambda it: tqdm(it, desc="latent cache", unit="batch", file=sys.stderr, disable=not show),
             )
+            if c.loop_dir is not None:
+                build_world_cache(
+                    c.loop_dir, vae, text_encoder, clips_per_bucket=c.loop_clips_per_bucket, split=c.split,
+                    seed=c.seed, buckets=[b for b in c.bucket_list() if b[0] >= 1 + 2 * vae.config.time_stride],
+                    motion="loop",
+                    progress=lambda it: tqdm(it, desc="loop cache", unit="batch", file=sys.stderr, disable=not show),
+                )
         procs.barrier()
         cache = LatentCache(c.dir)
     else:  # made by `kino preprocess` (kino/data/preprocess.py)
         from kino.data.preprocess import open_video_cache
 
         cache = open_video_cache(c.dir, config.dataset, vae)
-    task = DiTTask(config, cache, vae=vae)
+    loop_cache = LatentCache(c.loop_dir) if config.dataset is None and c.loop_dir is not None else None
+    task = DiTTask(config, cache, vae=vae, loop_cache=loop_cache)
     if config.lora is not None:
         pin_lora_base(config)
     trainer = Trainer(task, config.train, run_config=config)

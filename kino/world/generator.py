@@ -48,10 +48,28 @@ def nominal_side(size: str, height: int, width: int) -> int:
     return int(round(OBJECT_SIZES[size] * min(height, width)))
 
 
+def loop_progress(frames: int, period: int) -> np.ndarray:
+    """A clip that loops: per-frame progress along the motion (0 = start, 1 = the motion's end)
+    going there and back once every `period` frames (a triangle wave, frame `period` equal to
+    frame 0), so the clip cut after `period` frames plays as a seamless loop. Every progress
+    value is one the ordinary clip passes through, so positions stay valid (inside the frame,
+    objects apart)."""
+    if period < 2:
+        raise ValueError(f"a loop period must be >= 2 frames, got {period}")
+    phase = (np.arange(frames) % period) / period  # [0, 1)
+    return 1.0 - np.abs(1.0 - 2.0 * phase)
+
+
 def trajectory(obj: WorldObject, center: tuple[float, float], frames: int, height: int,
-               width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-frame center x, center y and side of one object: three (F,) float arrays."""
-    u = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
+               width: int, progress: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-frame center x, center y and side of one object: three (F,) float arrays. `progress`
+    (F,) in [0, 1] replaces the contract's linear u = f / (F - 1) (e.g. `loop_progress`)."""
+    if progress is None:
+        u = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
+    else:
+        u = np.asarray(progress, dtype=np.float64)
+        if u.shape != (frames,) or u.min(initial=0.0) < 0.0 or u.max(initial=0.0) > 1.0:
+            raise ValueError(f"progress must be ({frames},) values in [0, 1]; got shape {u.shape}")
     s = nominal_side(obj.size, height, width)
     cx = np.full(frames, center[0])
     cy = np.full(frames, center[1])
@@ -95,13 +113,14 @@ def shape_masks(shape: str, cx: np.ndarray, cy: np.ndarray, side: np.ndarray, he
     raise ValueError(f"unknown shape {shape!r}: allowed {', '.join(SHAPES)}")
 
 
-def render(scene: Scene) -> np.ndarray:
-    """Render a scene to uint8 (F, H, W, 3)."""
+def render(scene: Scene, progress: np.ndarray | None = None) -> np.ndarray:
+    """Render a scene to uint8 (F, H, W, 3); `progress` as for `trajectory` (default: the
+    contract's linear motion)."""
     F, H, W = scene.frames, scene.height, scene.width
     video = np.empty((F, H, W, 3), np.uint8)
     video[:] = np.array(BACKGROUNDS[scene.caption.background], np.uint8)
     for obj, center in zip(scene.caption.objects, scene.centers):
-        cx, cy, side = trajectory(obj, center, F, H, W)
+        cx, cy, side = trajectory(obj, center, F, H, W, progress)
         video[shape_masks(obj.shape, cx, cy, side, H, W)] = np.array(COLORS[obj.color], np.uint8)
     return video
 
