@@ -24,8 +24,8 @@ from kino.models.folder import load_component, save_component, write_manifest
 from kino.models.vae import VAE_SIZES, VideoVAE
 from kino.models.vae.pretrained import load_vae
 from kino.training.config import TrainConfig, load_config
-from kino.training.dit import (CacheConfig, DiTDataConfig, DiTRunConfig, DiTTask, FlowConfig, export_dit,
-                               frame_times, run_train_dit, time_bin_probability)
+from kino.training.dit import (CacheConfig, ConditioningMix, DiTDataConfig, DiTRunConfig, DiTTask, FlowConfig,
+                               export_dit, frame_times, run_train_dit, time_bin_probability)
 from kino.training.trainer import Trainer
 from kino.world.generator import loop_progress, render, scene_at
 
@@ -337,6 +337,11 @@ def test_run_trains_and_exports_a_loadable_dit(vae_dir, tmp_path):
 def test_shipped_config_loads():
     cfg = load_config(REPO / "configs" / "dit_small.toml", DiTRunConfig)
     assert cfg.model == "small" and len(cfg.cache.bucket_list()) == 15
+    stages = {p.name: load_config(p, DiTRunConfig) for p in sorted((REPO / "configs").glob("dit_small*.toml"))}
+    assert len(stages) >= 6 and all(len(c.cache.bucket_list()) == 15 for c in stages.values())
+    assert stages["dit_small_stage5.toml"].model == "small-abspos"  # grows from stage 4's "small"
+    loops = stages["dit_small_stage6.toml"]
+    assert loops.cache.loop_dir and loops.conditioning.loop > ConditioningMix().loop
     with pytest.raises(KinoUserError, match="allowed"):
         DiTRunConfig(model="huge")
     with pytest.raises(KinoUserError, match="caption_dropout"):
