@@ -574,6 +574,7 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         "vae": str(vae_path),
         "text_encoder": cache.meta["text_encoder"],
         "latent_cache": str(cache.root),
+        **({"loop_cache": str(config.cache.loop_dir)} if config.cache.loop_dir is not None else {}),
     }
     if config.init_from is not None:  # a later stage: say what it started from
         training["init_from"] = str(config.init_from)
