@@ -296,16 +296,21 @@ class Trainer:
             total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and main), file=sys.stderr,
             unit="step", desc="train", dynamic_ncols=True,
         ) as bar:
+            interrupted = False  # stopped early by agreement of all ranks (a late signal is not)
             while self.step < cfg.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 loss, logs, grad_norm, sizes = self._train_step()
                 window.add(loss, logs, *sizes)
                 bar.update(1)
                 step = self.step
-                # every rank stops after the same step, or the next collective would wait forever
-                if self.procs.any(stop.requested is not None) and stop.requested is None:
+                # every rank stops after the same step, or the next collective would wait forever:
+                # decide once, here, for all ranks. A signal landing after this agreement (the
+                # handler can run between any two bytecodes) waits for the next step's; acting on
+                # it now would send this rank alone into the log's and the checkpoint's collectives.
+                stopping = self.procs.any(stop.requested is not None)
+                if stopping and stop.requested is None:
                     stop.requested = "a signal to another process"
-                if step % cfg.log_every == 0 or step == cfg.max_steps or stop.requested:
+                if step % cfg.log_every == 0 or step == cfg.max_steps or stopping:
                     row = window.flush(step, lr=lr, grad_norm=float(grad_norm))
                     losses = {k: v for k, v in row.items() if k in window.names}
                     log.scalars(step, row, task_keys=window.names)
@@ -315,7 +320,8 @@ class Trainer:
                             f"loss is {row['loss']} at step {step}; the last good checkpoint is "
                             f"{latest_checkpoint(self.out_dir)}"
                         )
-                if stop.requested:
+                if stopping:
+                    interrupted = True
                     break
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
                     with window.paused():
@@ -324,9 +330,9 @@ class Trainer:
                     with window.paused():
                         self.save_checkpoint()
             path = self.save_checkpoint() if self._saved_step != self.step else latest_checkpoint(self.out_dir)
-        if stop.requested and main:
+        if interrupted and main:
             print(f"kino: stopped by {stop.requested} at step {self.step}; saved {path}", file=sys.stderr)
-        return TrainResult(self.step, self.start_step, losses, stop.requested is not None, path)
+        return TrainResult(self.step, self.start_step, losses, interrupted, path)
 
     def _train_step(self) -> tuple[Tensor, dict[str, float | Tensor], Tensor, tuple[int, int, float]]:
         cfg = self.config
