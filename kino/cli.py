@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from kino import __version__
@@ -554,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"kino: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -564,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(getattr(args, "group_help", parser.format_help)())
         return EXIT_USER_ERROR
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # warnings as one line, like errors (no file and line)
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except KinoUserError as e:
         print(f"kino: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -34,6 +34,9 @@ from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_e
 from kino.models.vae.model import TileConfig, VAEConfig, VideoVAE
 from kino.tasks.conditioning import Conditioning
 
+SHAPES_WORLD_NAME = "kino-shapes"  # the name of Shapes World pipelines (the shipped default, `kino train dit`)
+EXAMPLE_PROMPT = "a large red circle moving left on a black background"
+
 # the DiT's time input is 1000 x flow time (Wan's scale)
 T_SCALE = 1000.0
 
@@ -274,6 +277,24 @@ class Pipeline:
                                 f"multiples of {stride}")
 
     @torch.no_grad()
+    def check_prompt(self, prompt: str) -> None:
+        """An empty prompt is an error. A Shapes World model (kino's default, named
+        `SHAPES_WORLD_NAME`) given a prompt outside the world's caption grammar still generates,
+        with a warning saying so."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise KinoUserError(f"the prompt is empty: say what the clip shows, e.g. {EXAMPLE_PROMPT!r}")
+        if self.name == SHAPES_WORLD_NAME:
+            from kino.errors import CaptionError
+            from kino.world.captions import parse_caption
+
+            try:
+                parse_caption(prompt)
+            except CaptionError:
+                warnings.warn(f"the {self.name} model knows only Shapes World captions, such as "
+                              f"{EXAMPLE_PROMPT!r} ('a SIZE COLOR SHAPE MOTION [and a ...] on a BACKGROUND background'); "
+                              f"{prompt!r} is not one, "
+                              "so the clip is generated but will not show it", stacklevel=3)
+
     def generate(self, prompt: str, *, frames: int | None = None, height: int | None = None,
                  width: int | None = None, steps: int | None = None, guidance: float | None = None,
                  seed: int = 0, negative: str | None = None, sampler: str | None = None,
@@ -288,6 +309,7 @@ class Pipeline:
         shape from `seed` whatever the conditioning, so an SDEdit at strength 1 is exactly
         text-to-video with the same seed.
         """
+        self.check_prompt(prompt)
         d = replace(self.defaults, **{k: v for k, v in dict(
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
             sampler=sampler, shift=shift).items() if v is not None})

@@ -1,6 +1,7 @@
 """Text to video end to end with tiny random components (and the real MiniLM text encoder)."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from conftest import save_tiny_pipeline
 from kino.cli import main
 from kino.data.video_io import read_metadata, read_video
 from kino.errors import KinoUserError
-from kino.pipeline import Pipeline, sample_latents
+from kino.pipeline import SHAPES_WORLD_NAME, Pipeline, sample_latents
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,6 +135,8 @@ def test_a_world_folder_is_a_generate_batch(model_dir, tmp_path):
     (["generate", "--batch", "missing.jsonl", "--out", "d"], "does not exist"),
     (["generate", "--batch", "bad.jsonl", "--out", "d"], "caption"),
     (["generate", "x", "--model", "nowhere"], "kino.json"),
+    (["generate", ""], "the prompt is empty"),
+    (["generate", "  "], "the prompt is empty"),
 ])
 def test_generate_bad_input_exits_2(model_dir, tmp_path, capsys, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)
@@ -142,3 +145,25 @@ def test_generate_bad_input_exits_2(model_dir, tmp_path, capsys, monkeypatch, ar
         argv = argv + ["--model", str(model_dir)]
     assert main(argv + ["-q"]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_a_shapes_world_model_warns_about_prompts_outside_its_world(tmp_path, capsys):
+    shapes = save_tiny_pipeline(tmp_path / "shapes", SHAPES_WORLD_NAME, frames=5, height=32, width=32, steps=2)
+    out = tmp_path / "dog.mp4"
+    assert main(["generate", "a dog surfing", "-o", str(out), "--model", str(shapes), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert out.is_file() and "kino: warning:" in err and "only Shapes World captions" in err and "dog surfing" in err
+    assert "Traceback" not in err and "pipeline.py" not in err  # one line, like an error
+    assert main(["generate", "a small red circle growing on a black background", "-o", str(tmp_path / "ok.mp4"),
+                 "--model", str(shapes), "-q"]) == 0
+    assert "warning" not in capsys.readouterr().err  # a world caption: no warning
+    pipe = Pipeline.from_pretrained(shapes)
+    with pytest.warns(UserWarning, match="only Shapes World"):
+        pipe.generate("a cat", steps=1)
+    other = Pipeline.from_pretrained(tmp_path / "shapes")
+    other.name = "not-a-world-model"  # other models take any prompt silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.generate("a cat", steps=1)
+    with pytest.raises(KinoUserError, match="empty"):
+        pipe.generate("", steps=1)

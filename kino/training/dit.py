@@ -584,7 +584,7 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
 
     if isinstance(text_encoder, MiniLMEncoder):  # a real encoder: make the folder a whole pipeline
         from kino.models.dit.pretrained import load_dit
-        from kino.pipeline import Pipeline
+        from kino.pipeline import SHAPES_WORLD_NAME, Pipeline
 
-        Pipeline(vae, load_dit(out), text_encoder, name="kino-shapes").save_pretrained(out)
+        Pipeline(vae, load_dit(out), text_encoder, name=SHAPES_WORLD_NAME).save_pretrained(out)
     return out
