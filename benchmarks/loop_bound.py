@@ -20,10 +20,10 @@ import torch
 from kino.models.vae.pretrained import load_vae
 from kino.tasks.checks import loop_steps
 from kino.tasks.reconstruct import reconstruct_video
-from kino.world.generator import render, scene_at
+from kino.world.generator import loop_progress, render, scene_at
 
 PROGRESS = {
-    "triangle": lambda n: 1.0 - np.abs(1.0 - 2.0 * np.arange(n) / n),
+    "triangle": lambda n: loop_progress(n, n),  # the loop cache's motion (period: the whole clip)
     "cosine": lambda n: (1.0 - np.cos(2.0 * np.pi * np.arange(n) / n)) / 2.0,
 }
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from kino import __version__
 from kino.diffusion.flow import sampling_timesteps, shift_for_tokens
 from kino.diffusion.samplers import SAMPLERS
-from kino.errors import KinoUserError
+from kino.errors import CaptionError, KinoUserError
 from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
@@ -33,6 +33,7 @@ from kino.models.memory import BlockStreamer, MemoryPlan, placed
 from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
 from kino.models.vae.model import TileConfig, VAEConfig, VideoVAE
 from kino.tasks.conditioning import Conditioning
+from kino.world.captions import parse_caption
 
 SHAPES_WORLD_NAME = "kino-shapes"  # the name of Shapes World pipelines (the shipped default, `kino train dit`)
 EXAMPLE_PROMPT = "a large red circle moving left on a black background"
@@ -284,9 +285,6 @@ class Pipeline:
         if not isinstance(prompt, str) or not prompt.strip():
             raise KinoUserError(f"the prompt is empty: say what the clip shows, e.g. {EXAMPLE_PROMPT!r}")
         if self.name == SHAPES_WORLD_NAME:
-            from kino.errors import CaptionError
-            from kino.world.captions import parse_caption
-
             try:
                 parse_caption(prompt)
             except CaptionError:
