@@ -16,9 +16,10 @@ go under --out, and each task runs through the same code as its `--batch` CLI co
               seam 16|17; pass as above.
   connect     A = frames 0-8 and B = frames 25-32 of one 33-frame clip, 16 frames between.
               Kept: both ends; seams 8|9 and 24|25; pass as above.
-  loop        a 17-frame loop of an eval caption. Loop ok: the step from the last frame to
-              the first is no larger than the mean frame-to-frame step; pass: background,
-              presence, shape and no_extras (motion is not scored).
+  loop        a 16-frame loop of an eval caption. Loop ok: the step from the last frame to
+              the first (where the loop's last latent frame leads back into its first) is
+              no larger than the mean frame-to-frame step; pass: background, presence,
+              shape and no_extras (motion is not scored).
   edit        a 17-frame clip and its caption with one object's colour or shape changed,
               --strength S. Pass: the new caption; trajectory: the edited object's centroid
               within 0.1 of the frame size of the input's in every frame.
@@ -82,7 +83,7 @@ def build_cases(task: str, n: int, seed: int, folder: Path) -> list[dict]:
             write_clip(folder, row["first"], video[:9], scene.text)
             write_clip(folder, row["second"], video[25:], scene.text)
         elif task == "loop":
-            row.update(loop=True, frames=17)
+            row.update(loop=True, frames=16)
         elif task == "edit":
             new, k, what = edited_caption(scene.caption, i)
             row.update(video=row["_source"], caption=str(new), _old_color=scene.caption.objects[k].color,

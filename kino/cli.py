@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, default=None, metavar="IMAGE",
                    help="start from this image (frame 0; resized and center-cropped to --size)")
     p.add_argument("--loop", action="store_true",
-                   help="a seamless loop: frame N would be frame 0 again (--frames 4k+1)")
+                   help="a seamless loop: frame N would be frame 0 again (--frames 4k; default: the most "
+                        "whole latent frames the default length holds, 16 for kino's default)")
     add_given(p)
     add_task_options(p, "generate", batch_help="rows with 'caption' and optional 'image', 'loop', 'frames', "
                      "'given', 'height', 'width', 'seed'", out_help="output file (.mp4, .gif, .png for one frame; default "

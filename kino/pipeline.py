@@ -32,7 +32,7 @@ from kino.models.lora import fuse_lora, read_lora, unfuse_lora
 from kino.models.memory import BlockStreamer, MemoryPlan, placed
 from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
 from kino.models.vae.model import TileConfig, VAEConfig, VideoVAE
-from kino.tasks.conditioning import Conditioning
+from kino.tasks.conditioning import Conditioning, loop_cycle, loop_frames
 from kino.world.captions import parse_caption
 
 SHAPES_WORLD_NAME = "kino-shapes"  # the name of Shapes World pipelines (the shipped default, `kino train dit`)
@@ -337,13 +337,19 @@ class Pipeline:
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if self.loras:
             meta["lora"] = json.dumps(self.loras)
-        return Generation(self.decode(latents, d.frames), d.fps,
+        loop = conditioning is not None and conditioning.loop
+        video = self.decode(latents, d.frames, loop=loop, image_first=loop and bool(conditioning.clean[0, 0]))
+        return Generation(video, d.fps,
                           {k: "" if v is None else str(v) for k, v in meta.items()},
                           latents=latents, conditioning=conditioning)
 
     @torch.no_grad()
-    def decode(self, latents: Tensor, frames: int) -> Tensor:
-        """Normalised latents (1, C, T, h, w) -> the first `frames` frames as uint8 (F, H, W, 3)."""
+    def decode(self, latents: Tensor, frames: int, loop: bool = False, image_first: bool = False) -> Tensor:
+        """Normalised latents (1, C, T, h, w) -> the first `frames` frames as uint8 (F, H, W, 3).
+        `loop`: the latents of a loop, decoded as a cycle (kino/tasks/conditioning.py;
+        `image_first`: the loop starts at a given image)."""
+        z = loop_cycle(latents) if loop else latents
         with self.using("vae"):
-            pixels = self.vae.decode(self.vae.denormalize(latents.to(self.device)))[0, :, :frames]  # (3, F, H, W)
+            pixels = self.vae.decode(self.vae.denormalize(z.to(self.device)))[0]  # (3, F', H, W)
+        pixels = loop_frames(pixels, frames, image_first) if loop else pixels[:, :frames]  # (3, F, H, W)
         return pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu()

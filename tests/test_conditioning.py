@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kino.data.latent_cache import LOOP_RENDER
 from kino.errors import KinoUserError
 from kino.models.dit import DIT_SIZES, DiT
 from kino.pipeline import T_SCALE, sample_latents
-from kino.tasks.conditioning import (Conditioning, Given, Layout, default_size, fit_video, plan_connect, plan_edit,
-                                     plan_extend, plan_generate, to_model_range)
+from kino.tasks.conditioning import (LOOP_DECODE_CYCLES, Conditioning, Given, Layout, default_size, fit_video,
+                                     loop_cycle, loop_frames, plan_connect, plan_edit, plan_extend, plan_generate,
+                                     to_model_range)
 from kino.training.config import TrainConfig
 from kino.training.dit import (PATTERNS, CacheConfig, ConditioningMix, DiTDataConfig, DiTRunConfig, DiTTask,
                                FlowConfig, draw_patterns, frame_times)
@@ -41,8 +43,8 @@ def test_layouts_masks_and_timesteps_per_task():
         # task: (layout, output frames, clean latent frames)
         "text-to-video": (plan_generate(9, 32, 32, S), 9, [False] * 3),
         "image-to-video": (plan_generate(9, 32, 32, S, image=image), 9, [True, False, False]),
-        "loop": (plan_generate(9, 32, 32, S, loop=True), 9, [False] * 4),  # + the tied latent frame
-        "image loop": (plan_generate(9, 32, 32, S, image=image, loop=True), 9, [True, False, False, False]),
+        "loop": (plan_generate(8, 32, 32, S, loop=True), 8, [False] * 4),  # + the tied latent frame
+        "image loop": (plan_generate(8, 32, 32, S, image=image, loop=True), 8, [True, False, False, False]),
         "extend forward": (plan_extend(video(11), 8, S), 17, [True, True, True, False, False]),
         "extend backward": (plan_extend(video(11), 5, S, backward=True), 13, [False, False, True, True]),
         "connect": (plan_connect(video(9), video(10), 4, S), 21, [True, True, True, False, True, True]),
@@ -56,11 +58,21 @@ def test_layouts_masks_and_timesteps_per_task():
         cond = Conditioning(latents, layout.clean_mask(), loop=layout.loop)
         t = cond.frame_times(700.0)
         assert t.shape == (1, len(clean))
-        expected_clean = torch.tensor(clean)
-        if layout.loop and clean[0]:
-            expected_clean[-1] = True  # an image loop: the tied last frame is given too
-        assert torch.equal(cond.clean[0], expected_clean), task
+        assert torch.equal(cond.clean[0], torch.tensor(clean)), task  # an image loop: the tie is after it
         assert (t[cond.clean] == 0).all() and (t[~cond.clean] == 700.0).all(), task
+
+
+def test_a_loop_is_decoded_as_a_cycle():
+    z = torch.randn(1, 16, 4, 2, 2)  # latent 0, the loop's latents 1 and 2, the tied one
+    cycle = loop_cycle(z, cycles=3)
+    assert torch.equal(cycle, torch.cat([z[:, :, :1]] + [z[:, :, 1:3]] * 3, dim=2))
+    assert torch.equal(loop_cycle(z), loop_cycle(z, LOOP_DECODE_CYCLES)) and LOOP_DECODE_CYCLES >= 2
+    with pytest.raises(KinoUserError, match="3 latent frames"):
+        loop_cycle(z[:, :, :2])
+    pixels = torch.arange(25.0).view(1, 25, 1, 1)  # 1 + 3 cycles of 8 frames
+    assert loop_frames(pixels, 8).flatten().tolist() == list(range(17, 25))  # the last cycle's frames 1..8
+    # through an image: frame 8 (frame 0's place) first, then 1..7
+    assert loop_frames(pixels, 8, image_first=True).flatten().tolist() == [24] + list(range(17, 24))
 
 
 def test_input_frames_are_trimmed_to_whole_latent_frames():
@@ -90,8 +102,9 @@ def test_input_frames_are_trimmed_to_whole_latent_frames():
     (lambda: plan_extend(video(3), 5, S, backward=True), "at least 4"),
     (lambda: plan_connect(video(9), video(2), 4, S), "at least 4"),
     (lambda: plan_connect(video(9), video(9), 5, S), "multiple of 4"),
-    (lambda: plan_generate(6, 32, 32, S, loop=True), "4k + 1"),
-    (lambda: plan_generate(1, 32, 32, S, loop=True), "4k + 1"),
+    (lambda: plan_generate(6, 32, 32, S, loop=True), "got 6 (nearest allowed: --frames 4 or 8)"),
+    (lambda: plan_generate(17, 32, 32, S, loop=True), "nearest allowed: --frames 16 or 20"),
+    (lambda: plan_generate(1, 32, 32, S, loop=True), "nearest allowed: --frames 4"),
     (lambda: plan_generate(1, 32, 32, S, image=Given(video(1), 0, "image")), "nothing to generate"),
     (lambda: plan_edit(video(5), 1.5, S), "[0, 1]"),
     (lambda: plan_edit(video(5), None, S), "required"),
@@ -132,18 +145,20 @@ def test_layout_refuses_misaligned_frames():
 
 def test_conditioning_velocity_start_and_schedule():
     latents = torch.randn(2, 4, 5, 2, 2)
-    clean = torch.tensor([[True, False, False, False, False], [False, False, False, False, False]])
+    clean = torch.tensor([[False, True, False, False, False], [True, False, False, False, False]])
     cond = Conditioning(latents, clean, loop=True)
-    # one given end of a loop makes both ends given, with the same value
-    assert cond.clean[0].tolist() == [True, False, False, False, True] and not cond.clean[1].any()
-    assert torch.equal(cond.latents[0, :, -1], latents[0, :, 0])
+    # a loop ties latent frame 1 to the last: one of them given makes both given, with the same value
+    assert cond.clean.tolist() == [[False, True, False, False, True], [True, False, False, False, False]]
+    assert torch.equal(cond.latents[0, :, -1], latents[0, :, 1])
     v = torch.randn(2, 4, 5, 2, 2)
     w = cond.constrain(v)
-    assert (w[0, :, [0, -1]] == 0).all() and torch.equal(w[0, :, 1:4], v[0, :, 1:4])
-    assert torch.equal(w[1, :, 0], w[1, :, -1]) and torch.allclose(w[1, :, 0], (v[1, :, 0] + v[1, :, -1]) / 2)
+    assert (w[0, :, [1, -1]] == 0).all() and torch.equal(w[0, :, [0, 2, 3]], v[0, :, [0, 2, 3]])
+    assert (w[1, :, 0] == 0).all() and torch.equal(w[1, :, 2:4], v[1, :, 2:4])
+    assert torch.equal(w[1, :, 1], w[1, :, -1]) and torch.allclose(w[1, :, 1], (v[1, :, 1] + v[1, :, -1]) / 2)
     noise = torch.randn(2, 4, 5, 2, 2)
     x = cond.start(noise, 1.0)
-    assert torch.equal(x[0, :, 0], latents[0, :, 0]) and torch.equal(x[1, :, -1], x[1, :, 0])
+    assert torch.equal(x[0, :, 1], latents[0, :, 1]) and torch.equal(x[1, :, 0], latents[1, :, 0])
+    assert torch.equal(x[1, :, -1], x[1, :, 1]) and torch.equal(x[0, :, -1], x[0, :, 1])
     ts = torch.linspace(1, 0, 11, dtype=torch.float64)
     sde = Conditioning(torch.zeros_like(latents), torch.zeros(2, 5, dtype=torch.bool), start_latents=latents,
                        strength=0.3)
@@ -203,8 +218,8 @@ def test_sampling_keeps_clean_frames_exact_at_every_step(dit, sampler, guidance)
         out = sample_latents(spy, text, mask_, text * 0, mask_, torch.randn(1, 16, 5, 4, 4, generator=g), steps=4,
                              guidance=guidance, sampler=sampler,
                              conditioning=Conditioning(c, torch.zeros(1, 5, dtype=torch.bool), loop=True))
-    assert all(torch.equal(x[:, :, 0], x[:, :, -1]) for x, _ in spy.calls) and torch.equal(out[:, :, 0], out[:, :, -1])
-    assert not torch.equal(out[:, :, 0], out[:, :, 1])
+    assert all(torch.equal(x[:, :, 1], x[:, :, -1]) for x, _ in spy.calls) and torch.equal(out[:, :, 1], out[:, :, -1])
+    assert not torch.equal(out[:, :, 0], out[:, :, -1]) and not torch.equal(out[:, :, 1], out[:, :, 2])
 
 
 def test_sdedit_strength_ends(dit):
@@ -238,7 +253,9 @@ def test_patterns_follow_the_mix():
         share = (patterns == i).float().mean().item()
         assert share == pytest.approx(mix.probabilities()[i], abs=0.012), name
     by = {name: patterns == i for i, name in enumerate(PATTERNS)}
-    assert not clean[by["none"]].any() and not clean[by["loop"]].any() and tie.equal(by["loop"])
+    assert not clean[by["none"]].any() and tie.equal(by["loop"])
+    # loops: latent frame 0 given (a loop through an image) for half of them, nothing else
+    assert not clean[by["loop"]][:, 1:].any() and clean[by["loop"]][:, 0].float().mean() == pytest.approx(0.5, abs=0.04)
     assert (clean[by["first"]] == torch.tensor([True, False, False, False, False])).all()
     k = clean.sum(1)
     prefix = clean == (torch.arange(T)[None] < k[:, None])
@@ -274,12 +291,14 @@ class FakeCache:
     latent_channels = 16
     buckets = [(9, 32, 32)]
 
-    def __init__(self, seed: int = 0, vae: str = "v"):
+    def __init__(self, seed: int = 0, vae: str = "v", loop: dict | None = None):
         g = torch.Generator().manual_seed(seed)
         self.latents = torch.randn(6, 16, 3, 4, 4, generator=g)
         self.text = torch.randn(6, 8, 24, generator=g)
         self.empty_text, self.empty_mask = torch.zeros(1, 8, 24), torch.zeros(1, 8, dtype=torch.bool)
         self.meta = {"vae": {"sha256": vae, "latent_sha256": vae}, "text_encoder": {"dim": 24}}
+        if loop is not None:
+            self.meta.update(motion="loop", loop=loop)
 
     def latent_shape(self, bucket):
         return (16, 3, 4, 4)
@@ -300,7 +319,7 @@ def fake_task(mix: ConditioningMix, loop_cache=None) -> DiTTask:
 
 def test_loop_rows_come_from_the_loop_cache():
     mix = ConditioningMix(none=0.5, first=0.1, first_k=0.1, last_k=0.1, first_last=0.0, loop=0.2)
-    plain, looped = fake_task(mix), fake_task(mix, loop_cache=FakeCache(seed=1))
+    plain, looped = fake_task(mix), fake_task(mix, loop_cache=FakeCache(seed=1, loop=LOOP_RENDER))
     loops = looped.loop_cache
     seen = 0
     for step in range(30):
@@ -308,16 +327,19 @@ def test_loop_rows_come_from_the_loop_cache():
         tie = b["pattern"] == PATTERNS.index("loop")
         assert torch.equal(a["pattern"], b["pattern"]) and torch.equal(a["t"], b["t"])  # same draws otherwise
         assert torch.equal(a["latents"][~tie], b["latents"][~tie]) and torch.equal(a["text"][~tie], b["text"][~tie])
-        for row in b["latents"][tie]:  # a loop clip, its last latent frame tied to its first
-            assert torch.equal(row[:, -1], row[:, 0])
+        for row in b["latents"][tie]:  # a loop clip, its last latent frame tied to frame 1
+            assert torch.equal(row[:, -1], row[:, 1])
             assert any(torch.equal(row[:, :-1], clip[:, :-1]) for clip in loops.latents)
         for text, mask in zip(b["text"][tie], b["mask"][tie]):  # its caption (unless dropped)
             assert any(torch.equal(text, x) for x in loops.text) if mask.any() else not text.any()
         seen += int(tie.sum())
     assert seen > 10
     with pytest.raises(KinoUserError, match="another VAE"):
-        fake_task(mix, loop_cache=FakeCache(seed=1, vae="w"))
-    no_bucket = FakeCache(seed=1)
+        fake_task(mix, loop_cache=FakeCache(seed=1, vae="w", loop=LOOP_RENDER))
+    for old in (None, {"wave": "triangle", "period": "frames - time_stride"}):  # not loops, or the old kind
+        with pytest.raises(KinoUserError, match="not a loop cache of this kino"):
+            fake_task(mix, loop_cache=FakeCache(seed=1, loop=old))
+    no_bucket = FakeCache(seed=1, loop=LOOP_RENDER)
     no_bucket.buckets = [(17, 32, 32)]
     with pytest.raises(KinoUserError, match="has no bucket 9x32x32"):
         fake_task(mix, loop_cache=no_bucket)
@@ -329,11 +351,11 @@ def test_training_batches_and_loss_ignore_clean_frames(dit):
     assert torch.equal(batch["latents"], task.batch(0)["latents"])  # a pure function of the step
     clean, t = batch["clean"], batch["t"]
     assert clean.any() and (~clean).any() and (t[clean] == 0).all() and (t[~clean] > 0).all()
-    for step in range(20):  # loops: the last latent frame is the first (clean latent and noise)
+    for step in range(20):  # loops: the last latent frame is frame 1 (clean latent and noise)
         b = task.batch(step)
         loop = b["pattern"] == PATTERNS.index("loop")
-        assert torch.equal(b["latents"][loop, :, -1], b["latents"][loop, :, 0])
-        assert torch.equal(b["noise"][loop, :, -1], b["noise"][loop, :, 0])
+        assert torch.equal(b["latents"][loop, :, -1], b["latents"][loop, :, 1])
+        assert torch.equal(b["noise"][loop, :, -1], b["noise"][loop, :, 1])
 
     free = ~clean
 

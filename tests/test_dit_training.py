@@ -12,12 +12,13 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import FakeTextEncoder
 import torch
 
-from kino.data.latent_cache import (CACHE_JSON, EMPTY_PROMPT, LatentCache, build_world_cache, clip_index,
-                                    default_buckets)
+from kino.data.latent_cache import (CACHE_JSON, EMPTY_PROMPT, LOOP_RENDER, LatentCache, build_world_cache,
+                                    clip_index, default_buckets)
 from kino.errors import KinoUserError
 from kino.models.dit import DiT, DiTConfig
 from kino.models.folder import load_component, save_component, write_manifest
@@ -172,8 +173,10 @@ def test_loop_cache_holds_clips_that_loop(cache_dir, vae_dir, tmp_path):
                              motion="loop")
     loops = LatentCache(root)
     assert loops.meta["motion"] == "loop" and "motion" not in LatentCache(cache_dir).meta
+    assert loops.meta["loop"] == LOOP_RENDER
     scene = scene_at("train", 0, clip_index((9, 32, 32), 1), frames=9, size=(32, 32))
-    video = render(scene, loop_progress(9, 5))  # period: 9 frames less one latent frame's 4
+    video = render(scene, loop_progress(9, 4))  # period 4: frames 5..8 (latent 2) show frames 1..4 (latent 1)
+    assert np.array_equal(video[5:], video[1:5])
     with torch.no_grad():
         expected = vae.normalize(vae.encode(torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)[0])
     torch.testing.assert_close(loops.get((9, 32, 32), [1])["latents"], expected, atol=0.02, rtol=0.02)  # bf16

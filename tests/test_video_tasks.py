@@ -15,7 +15,7 @@ from kino.data.video_io import read_metadata, read_video, write_video
 from kino.pipeline import Pipeline
 from kino.tasks import video_tasks as tasks
 from kino.errors import KinoUserError
-from kino.tasks.conditioning import fit_video, to_model_range
+from kino.tasks.conditioning import LOOP_DECODE_CYCLES, fit_video, loop_cycle, to_model_range
 from kino.tasks.reconstruct import reconstruct_video
 
 PROMPT = "a small red circle moving left on a black background"
@@ -157,15 +157,26 @@ def test_connect_keeps_both_inputs(pipe, encode_spy):
         tasks.connect(pipe, PROMPT, a, b, frames=4, given="pasted")
 
 
-def test_loop_ties_first_and_last_latent(pipe):
-    g = tasks.loop(pipe, PROMPT, frames=9, seed=5)
-    assert g.video.shape == (9, 32, 32, 3) and g.latents.shape[2] == 4  # one tied latent frame beyond the output
-    assert torch.equal(g.latents[:, :, 0], g.latents[:, :, -1])
+def test_loop_ties_latent_one_to_the_last_and_decodes_a_cycle(pipe):
+    g = tasks.loop(pipe, PROMPT, frames=8, seed=5)
+    assert g.video.shape == (8, 32, 32, 3) and g.latents.shape[2] == 4  # latent 0, the loop's 1..2, the tied one
+    assert torch.equal(g.latents[:, :, 1], g.latents[:, :, -1])
     assert not torch.equal(g.latents[:, :, 0], g.latents[:, :, 1])
+    # decoded as a cycle: the last of LOOP_DECODE_CYCLES repeats of latents 1..k, not straight
+    assert torch.equal(g.video, pipe.decode(g.latents, 8, loop=True))
+    with torch.no_grad():
+        cycle = pipe.vae.decode(pipe.vae.denormalize(loop_cycle(g.latents)))[0]  # (3, 1 + 3 * 8, H, W)
+    assert cycle.shape[1] == 1 + LOOP_DECODE_CYCLES * 8
+    expected = cycle[:, -8:].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
+    assert torch.equal(g.video, expected) and not torch.equal(g.video, pipe.decode(g.latents, 8))
+    assert tasks.loop(pipe, PROMPT, seed=5).video.shape[0] == pipe.defaults.frames // 4 * 4  # the default length
     image = clip(1, seed=8)[0]
-    gi = tasks.generate(pipe, PROMPT, image=image, loop=True, frames=9, seed=5)
+    gi = tasks.generate(pipe, PROMPT, image=image, loop=True, frames=8, seed=5)
     z = encode(pipe, image)[:, :, 0]
-    assert torch.equal(gi.latents[:, :, 0], z) and torch.equal(gi.latents[:, :, -1], z)
+    assert torch.equal(gi.latents[:, :, 0], z) and torch.equal(gi.latents[:, :, -1], gi.latents[:, :, 1])
+    assert torch.equal(gi.video[0], torch.as_tensor(image))  # the loop starts at the image (given exactly)
+    decoded = tasks.generate(pipe, PROMPT, image=image, loop=True, frames=8, seed=5, given="decoded").video
+    assert torch.equal(decoded[1:], gi.video[1:]) and torch.equal(decoded, pipe.decode(gi.latents, 8, True, True))
     assert gi.metadata["task"] == "image-to-video loop" and gi.metadata["loop"] == "true"
 
 
@@ -199,7 +210,7 @@ def test_cli_tasks_write_files(model_dir, inputs, tmp_path, capsys):
     common = ["--model", str(model_dir), "--steps", "2", "-q"]
     runs = {
         "i2v.mp4": (["generate", PROMPT, "--image", str(inputs / "first.png"), "--frames", "5"], 5, "image-to-video"),
-        "loop.gif": (["generate", PROMPT, "--loop", "--frames", "5"], 5, "text-to-video loop"),
+        "loop.gif": (["generate", PROMPT, "--loop", "--frames", "4"], 4, "text-to-video loop"),
         "fwd.mp4": (["extend", str(inputs / "a.mp4"), PROMPT, "--frames", "4"], 13, "extend forward"),
         "bwd.mp4": (["extend", str(inputs / "a.mp4"), PROMPT, "--frames", "5", "--backward"], 13, "extend backward"),
         "con.mp4": (["connect", str(inputs / "a.mp4"), str(inputs / "b.mp4"), PROMPT, "--frames", "4"], 21,
@@ -232,7 +243,7 @@ def test_cli_tasks_write_files(model_dir, inputs, tmp_path, capsys):
     (["edit", "a.mp4", "x"], "--strength S is required"),
     (["edit", "a.mp4", "x", "--strength", "2"], "must be in [0, 1]"),
     (["edit", "a.mp4", "x", "--strength", "0.5", "--frames", "20"], "only 9"),
-    (["generate", "x", "--loop", "--frames", "6"], "4k + 1"),
+    (["generate", "x", "--loop", "--frames", "6"], "--frames 4k with k >= 1"),
     (["generate", "x", "--image", "missing.png"], "does not exist"),
     (["generate", "--batch", "rows.jsonl", "--image", "first.png", "-o", "d"], "in the row"),
     (["extend", "--batch", "rows.jsonl"], "--out DIR"),
@@ -257,14 +268,14 @@ def test_cli_bad_input_exits_2(model_dir, inputs, tmp_path, monkeypatch, capsys,
 def test_cli_batch_mode_for_every_task(model_dir, inputs, tmp_path, capsys):
     rows = {
         "generate": [{"caption": PROMPT, "image": "first.png", "frames": 5},
-                     {"caption": PROMPT, "loop": True, "frames": 5, "seed": 3}],
+                     {"caption": PROMPT, "loop": True, "frames": 4, "seed": 3}],
         "extend": [{"caption": PROMPT, "video": "a.mp4", "frames": 4},
                    {"caption": PROMPT, "video": str(inputs / "a.mp4"), "frames": 1, "backward": True,
                     "given": "decoded"}],
         "connect": [{"caption": PROMPT, "first": "a.mp4", "second": "b.mp4", "frames": 4}],
         "edit": [{"caption": PROMPT, "video": "a.mp4", "strength": 0.3}, {"caption": PROMPT, "video": "a.mp4"}],
     }
-    frames = {"generate": [5, 5], "extend": [13, 9], "connect": [21], "edit": [9, 9]}
+    frames = {"generate": [5, 4], "extend": [13, 9], "connect": [21], "edit": [9, 9]}
     for task, task_rows in rows.items():
         batch = inputs / f"{task}.jsonl"
         batch.write_text("".join(json.dumps(r) + "\n" for r in task_rows))

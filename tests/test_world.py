@@ -123,6 +123,12 @@ def test_loop_renders_repeat_with_their_period():
         render(scene_at("train", 3, 0, frames=9), np.full(9, 1.5))
     with pytest.raises(ValueError, match="period"):
         loop_progress(9, 1)
+    # the default wave slows down at both turns; the triangle moves at constant speed
+    assert np.allclose(np.diff(loop_progress(9, 8, "triangle")[:5]), 0.25)
+    steps = np.diff(u[:9])
+    assert steps[0] < steps[3] and steps[-1] < steps[4] and u[4] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="wave"):
+        loop_progress(9, 8, "square")
 
 
 def test_nominal_side_rounds_to_the_nearest_pixel():

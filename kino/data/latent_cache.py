@@ -69,8 +69,14 @@ _NAME = re.compile(r"^(\d+)x(\d+)x(\d+)$")
 # "vae", matched by same_latents). World caches have split, seed and shard_size; video caches
 # (kino/data/preprocess.py) have source (the dataset) instead.
 _IDENTITY = ("format", "text_encoder", "split", "seed", "shard_size", "source", "encode_batch",
-             "latent_dtype", "text_dtype", "motion")
+             "latent_dtype", "text_dtype", "motion", "loop")
 MOTIONS = ("linear", "loop")  # how a world cache's clips move (build_world_cache)
+LOOP_RENDER = {"wave": "cosine", "period": "frames - 1 - time_stride"}
+
+
+def loop_period(frames: int, time_stride: int) -> int:
+    """The period of a loop cache's clips of `frames` frames: latent frame T - 1 repeats latent frame 1."""
+    return frames - 1 - time_stride
 
 
 # ---------------------------------------------------------------------------- buckets
@@ -260,10 +266,11 @@ def build_world_cache(
     `default_buckets()`); returns the cache folder. Resumable: shards already written are kept.
 
     `motion`: "linear" renders the world's clips as the contract says; "loop" renders the same
-    scenes going there and back (`loop_progress`) with a period of F - time_stride frames, so
-    the clip's last latent frame shows what its first shows: the data of the loop pattern in
-    training (a loop is sampled with one latent frame past its end tied to frame 0). Loop
-    caches need at least three latent frames per bucket.
+    scenes going there and back (`loop_progress`, cosine: slow at both turns) with a period of
+    F - 1 - time_stride frames, so the clip's last latent frame (frames F - time_stride .. F - 1)
+    shows what latent frame 1 (frames 1 .. time_stride) shows: the data of the loop pattern in
+    training (a loop is sampled with its last latent frame tied to latent frame 1; see
+    kino/tasks/conditioning.py). Loop caches need at least three latent frames per bucket.
 
     `vae` is a VideoVAE (posterior means are normalised with its latent statistics);
     `text_encoder` anything with `dim`, `max_length` and `encode(prompts) -> (tokens, mask)`.
@@ -300,6 +307,7 @@ def build_world_cache(
         "text_dtype": str(TEXT_DTYPE).removeprefix("torch."),
         "clips_per_bucket": clips_per_bucket,
         **({"motion": motion} if motion != "linear" else {}),  # linear caches predate the key
+        **({"loop": LOOP_RENDER} if motion == "loop" else {}),  # loop caches before it tied another frame
         "buckets": [
             {"name": bucket_name(b), "bucket": list(b), "latent_shape": list(latent_shape(b, vae.config)),
              "clips": clips_per_bucket,
@@ -332,7 +340,7 @@ def build_world_cache(
     for bucket, k, clips, chunk in (progress or iter)(batches):
         f, h, w = bucket
         scenes = [scene_at(split, seed, clip_index(bucket, i), frames=f, size=(h, w)) for i in chunk]
-        moves = None if motion == "linear" else loop_progress(f, f - stride)
+        moves = None if motion == "linear" else loop_progress(f, loop_period(f, stride))
         latents = _encode_latents(vae, [render(s, moves) for s in scenes])  # (b, Z, T, h, w)
         text, mask = _encode_text(text_encoder, [s.text for s in scenes])  # (b, L, D), (b, L)
         got = parts.setdefault((bucket, k), [])

@@ -7,7 +7,7 @@ A task gives some latent frames clean (flow time 0) and lets the sampler generat
     extend forward    the first latents = the input's latents
     extend backward   the last latents = the input's latents (two passes, see below)
     connect           the first latents = A's, the last latents = B's (two passes)
-    loop              latents 0 and T-1 tied to one generated value
+    loop              latents 1 and T-1 tied to one generated value
     edit              start from the input's latents noised to the strength (SDEdit)
 
 Two objects carry this. A `Layout` says, in pixel frames, where the given frames sit in
@@ -33,14 +33,23 @@ Inputs to the output (`fit_video`, `plan_*`):
   * new frames: a multiple of 4 after given frames at the start (extend forward,
     connect), 4m + 1 before given frames at the end (extend backward), so that the whole
     output has 4k + 1 frames. Other counts are errors naming the nearest allowed ones.
-  * loop: N = 4k + 1 output frames (k >= 1); edit: any count (the VAE pads the clip).
+  * loop: N = 4k output frames (k >= 1); edit: any count (the VAE pads the clip).
 
-Loops: the first latent frame is tied to one extra latent frame after the N output frames
-(the sampler averages their velocities, so they stay equal; see `Conditioning`). The model
-thus generates frames that lead back into the first one, and the output stops before the
-tied frame: frame N would be frame 0 again, and the clip plays as a seamless loop. With a
-causal VAE the tied frame is an image-style latent in a 4-frame slot, so it is never
-decoded as such; it only steers the frames before it. With an image, both ends are given.
+Loops: a loop of N = 4k frames is sampled as k + 2 latent frames: latent 0 (pixel frame 0),
+latents 1..k (frames 1..4k: the loop) and one more, tied to latent 1 (the sampler averages
+their velocities, so they stay equal; see `Conditioning`). The model thus generates latents
+1..k as a cycle: what follows latent k is latent 1 again. Latent 1, not 0, is the tied one
+because with a causal VAE latent 0 is an image-style latent of one frame, which never
+recurs inside a clip. The decoder is causal too, and its output drifts with the frames
+before it (the first frames of a clip decode differently from later ones), so decoding the
+k + 2 latents as they are would show that drift as a cut at the wrap. A loop is therefore
+decoded as a cycle (`decode_loop`): latent 0, then latents 1..k repeated LOOP_DECODE_CYCLES
+times, keeping the last cycle's 4k frames; the decoder's context at the start of that cycle
+is the end of the one before, so the decoded frames repeat too. The output is frames 1..4k
+of the cycle: the wrap from its last frame to its first is the step from latent k into
+latent 1 that the tie made the model generate. With an image (latent 0 given), the clip
+starts at the image instead: the cycle's frame 4k (which stands where frame 0 stood),
+then its frames 1..4k-1.
 
 Given frames that are not at the start (extend backward, connect's B): with a causal VAE
 the latents of frames late in a clip depend on every frame before them, so encoding the
@@ -78,6 +87,9 @@ from torch import Tensor
 
 from kino.errors import KinoUserError
 
+LOOP_TIE = 1  # a loop's last latent frame is tied to this one (module docstring)
+LOOP_DECODE_CYCLES = 3  # a loop is decoded as latent 0 and this many cycles (benchmarks/loop_bound.py)
+
 # ---------------------------------------------------------------------------- the sampler's view
 
 
@@ -91,9 +103,9 @@ class Conditioning:
         x_in  = m c + (1 - m) x                   clean frames are exactly c whatever x holds
         tau   = 1000 (1 - m) t                    clean frames are at t = 0 ...
         v     = (1 - m) guided(v_theta(x_in, tau))  ... and do not move
-        loop:   v_0 = v_{T-1} = (v_0 + v_{T-1}) / 2
+        loop:   v_1 = v_{T-1} = (v_1 + v_{T-1}) / 2
 
-    and starts from x = m c + (1 - m) eps at t = 1 (loop: x_{T-1} = x_0 too). Both tied
+    and starts from x = m c + (1 - m) eps at t = 1 (loop: x_{T-1} = x_1 too). Both tied
     frames then get the same update from the same value at every step, so they stay equal
     bit for bit: averaging the velocities lets both positions' predictions shape the one
     shared frame (a copy would ignore one of them). With `start_latents` z (SDEdit) the
@@ -109,7 +121,7 @@ class Conditioning:
 
     latents: Tensor  # (B, C, T, h, w) normalised latents; only clean frames are read
     clean: Tensor  # (B, T) bool, True where the latent frame is given
-    loop: bool = False  # tie latent frame 0 and latent frame T-1
+    loop: bool = False  # tie latent frame LOOP_TIE (1) and latent frame T-1
     start_latents: Tensor | None = None  # SDEdit: (B, C, T, h, w) the latents sampling starts from
     strength: float = 1.0  # SDEdit: the share of the sampling schedule that is run
 
@@ -129,12 +141,13 @@ class Conditioning:
             if T < 3:
                 raise KinoUserError(f"a loop needs at least 3 latent frames, got {T}")
             # one given end makes both given: the tied frame takes its value
-            ends = self.clean[:, 0] | self.clean[:, -1]  # (B,)
-            value = torch.where(self.clean[:, 0, None, None, None], self.latents[:, :, 0], self.latents[:, :, -1])
+            a = LOOP_TIE
+            ends = self.clean[:, a] | self.clean[:, -1]  # (B,)
+            value = torch.where(self.clean[:, a, None, None, None], self.latents[:, :, a], self.latents[:, :, -1])
             self.latents = self.latents.clone()
-            self.latents[:, :, 0] = self.latents[:, :, -1] = value  # (B, C, h, w)
+            self.latents[:, :, a] = self.latents[:, :, -1] = value  # (B, C, h, w)
             self.clean = self.clean.clone()
-            self.clean[:, 0] = self.clean[:, -1] = ends
+            self.clean[:, a] = self.clean[:, -1] = ends
 
     @classmethod
     def none(cls, shape: tuple[int, ...], device=None) -> Conditioning:
@@ -165,7 +178,7 @@ class Conditioning:
         """Velocity of clean frames 0; the loop's tied frames share the mean of theirs."""
         if self.loop:
             v = v.clone()
-            v[:, :, 0] = v[:, :, -1] = 0.5 * (v[:, :, 0] + v[:, :, -1])
+            v[:, :, LOOP_TIE] = v[:, :, -1] = 0.5 * (v[:, :, LOOP_TIE] + v[:, :, -1])
         return torch.where(self._mask(), torch.zeros((), dtype=v.dtype, device=v.device), v)
 
     def schedule(self, timesteps: Tensor) -> Tensor:
@@ -181,7 +194,7 @@ class Conditioning:
         x = self.keep_clean(x)
         if self.loop:
             x = x.clone()
-            x[:, :, -1] = x[:, :, 0]
+            x[:, :, -1] = x[:, :, LOOP_TIE]
         return x  # (B, C, T, h, w)
 
 
@@ -209,8 +222,8 @@ class Given:
 class Layout:
     """Where given frames sit in an output of `frames` pixel frames at height x width.
 
-    `loop` ties the first latent frame to one extra latent frame after the output (see
-    `plan_generate`); `source` (edit) is the whole input (3, F, H, W), the start of the
+    `loop` ties latent frame 1 to one extra latent frame after the output (module
+    docstring); `source` (edit) is the whole input (3, F, H, W), the start of the
     sampling, re-run for `strength` of the schedule.
     """
 
@@ -309,6 +322,23 @@ def build_conditioning(vae, layout: Layout, base: Tensor | None = None, refine: 
     return Conditioning(latents, clean, layout.loop, start_latents=latents, strength=refine)
 
 
+def loop_cycle(latents: Tensor, cycles: int = LOOP_DECODE_CYCLES) -> Tensor:
+    """A loop's latents (B, C, k + 2, h, w) -> what the decoder gets: latent 0, then latents
+    1..k `cycles` times (B, C, 1 + cycles k, h, w). The tied last latent is latent 1 again."""
+    T = latents.shape[2]
+    if T < 3:
+        raise KinoUserError(f"a loop needs at least 3 latent frames, got {T}")
+    return torch.cat([latents[:, :, :1]] + [latents[:, :, 1 : T - 1]] * cycles, dim=2)
+
+
+def loop_frames(pixels: Tensor, frames: int, image_first: bool = False) -> Tensor:
+    """A decoded `loop_cycle` (C, F', H, W) -> the loop's `frames` (4k) frames (C, frames, H, W):
+    the last cycle's frames 1..4k, or with `image_first` its frame 4k (frame 0's place,
+    the given image) and then frames 1..4k-1."""
+    last = pixels[:, -frames:]
+    return torch.roll(last, 1, dims=1) if image_first else last
+
+
 def to_model_range(video) -> Tensor:
     """uint8 (F, H, W, 3) or (H, W, 3), numpy or torch -> float (3, F, H, W) in [-1, 1]."""
     v = torch.as_tensor(video)
@@ -381,16 +411,15 @@ def plan_generate(frames: int, height: int, width: int, stride: int, image: Give
                   loop: bool = False) -> Layout:
     """Text-to-video, image-to-video (image at frame 0) and loop.
 
-    A loop of N = 4k + 1 frames is sampled with one more latent frame than N needs, tied to
-    latent 0; the output is the first N frames, so frame N (the first frame of the tied
-    latent) would be frame 0 again: played in a loop the clip wraps around seamlessly.
+    A loop has N = 4k frames, sampled as k + 2 latent frames, the last tied to latent 1
+    and decoded as a cycle (module docstring).
     """
     if image is not None and frames < 2:
         raise KinoUserError("image-to-video needs --frames of at least 2: with 1 frame there is nothing to generate")
-    if loop and (frames < 1 + stride or (frames - 1) % stride):
-        ok = lambda m: m > stride and m % stride == 1  # noqa: E731
-        raise KinoUserError(f"--loop needs --frames {stride}k + 1 with k >= 1 (a whole number of latent frames); "
-                            f"got {frames} (nearest allowed: {_nearest(frames, ok, '--frames')})")
+    if loop and (frames < stride or frames % stride):
+        ok = lambda m: m >= stride and m % stride == 0  # noqa: E731
+        raise KinoUserError(f"--loop needs --frames {stride}k with k >= 1 (the loop is a whole number of latent "
+                            f"frames); got {frames} (nearest allowed: {_nearest(frames, ok, '--frames')})")
     return Layout(frames, height, width, stride, [image] if image is not None else [], loop=loop)
 
 

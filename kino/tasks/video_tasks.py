@@ -6,7 +6,7 @@ sample with `Pipeline.generate` (one loop), record what was done.
     clip = tasks.extend(pipe, prompt, "in.mp4", frames=8)                 # 8 new frames after it
     clip = tasks.extend(pipe, prompt, "in.mp4", frames=9, backward=True)  # 9 new frames before it
     clip = tasks.connect(pipe, prompt, "a.mp4", "b.mp4", frames=8)        # A, 8 new frames, B
-    clip = tasks.loop(pipe, prompt, frames=17)                           # frame 17 would be frame 0
+    clip = tasks.loop(pipe, prompt, frames=16)                           # frame 16 would be frame 0
     clip = tasks.edit(pipe, prompt, "in.mp4", strength=0.6)              # SDEdit
 
 Inputs are paths (videos are read at the model's fps, so motion keeps the speed the model
@@ -129,12 +129,15 @@ def generate(pipe: Pipeline, prompt: str, *, image: Media | None = None, loop: b
              frames: int | None = None, height: int | None = None, width: int | None = None, seed: int = 0,
              **sampling) -> Generation:
     """Text-to-video, image-to-video (`image`, or a video's first frame, becomes frame 0)
-    and loops (`loop`; with an image, the loop starts and wraps around at it)."""
+    and loops (`loop`, 4k frames, by default the most the default length holds; with an
+    image, the loop starts and wraps around at it)."""
     first, source = load_input(pipe, image, "--image") if image is not None else (None, "")
     h, w = output_size(pipe, first, height, width)
-    frames = frames or pipe.defaults.frames
+    stride = pipe.vae.config.time_stride
+    if frames is None:  # a loop: the most whole latent frames the default holds (17 -> 16)
+        frames = max(stride, pipe.defaults.frames // stride * stride) if loop else pipe.defaults.frames
     given = None if first is None else Given(fit_video(first[:, :1], h, w), 0, "image", source, (0, 1, first.shape[1]))
-    layout = plan_generate(frames, h, w, pipe.vae.config.time_stride, image=given, loop=loop)
+    layout = plan_generate(frames, h, w, stride, image=given, loop=loop)
     task = "image-to-video" if image is not None else "text-to-video"
     task = f"{task} loop" if loop else task
     return run_layout(pipe, prompt, layout, task, seed=seed, **sampling)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kino.data.datasets import VideoDatasetConfig
-from kino.data.latent_cache import (Bucket, LatentCache, bucket_name, build_world_cache, default_buckets,
+from kino.data.latent_cache import (LOOP_RENDER, Bucket, LatentCache, bucket_name, build_world_cache, default_buckets,
                                     parse_bucket, same_latents)
 from kino.diffusion.flow import (interpolate, logit_normal, sampling_timesteps, shift_for_tokens, shift_timesteps,
                                  velocity_target)
@@ -35,6 +35,7 @@ from kino.models.dit import DIT_SIZES, DiT, DiTConfig
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, read_manifest, save_component,
                                 sha256_file, write_manifest)
 from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
+from kino.tasks.conditioning import LOOP_TIE
 from kino.training.config import TrainConfig
 from kino.world.generator import SPLITS
 
@@ -123,8 +124,10 @@ class ConditioningMix:
     - first_k: the first k clean, k uniform in 1..T-1 (extend forward, connect's A alone)
     - last_k: the last k clean, k uniform in 1..T-1 (extend backward)
     - first_last: the first a and last b clean, a uniform in 1..T-2, then b in 1..T-1-a (connect)
-    - loop: the last latent frame replaced by the first (same clean latent, same noise, same
-      t), which is what sampling a loop shows the model (first = last, tied)
+    - loop: the last latent frame replaced by latent frame 1 (same clean latent, same noise,
+      same t), which is what sampling a loop shows the model (kino/tasks/conditioning.py: the
+      last latent frame tied to frame 1, period 4 (T - 2) pixel frames); latent frame 0 is
+      clean for half of them (a loop through a given image)
 
     A pattern that does not fit a clip falls back to none: images (T = 1) are always
     text-to-image; first_last and loop need T >= 3 (one frame to generate between).
@@ -255,6 +258,7 @@ def draw_patterns(generator: torch.Generator, mix: ConditioningMix, batch: int, 
             clean[i, frames - uniform(1, frames - 1 - a) :] = True
         elif name == "loop":
             tie[i] = True
+            clean[i, 0] = uniform(0, 1) == 1
     return patterns, clean, tie
 
 
@@ -302,6 +306,9 @@ class DiTTask:
             raise KinoUserError(f"the latent cache {cache.root} has no bucket {', '.join(missing)}")
         self.buckets = wanted
         if loop_cache is not None:
+            if loop_cache.meta.get("motion") != "loop" or loop_cache.meta.get("loop") != LOOP_RENDER:
+                raise KinoUserError(f"{loop_cache.root} is not a loop cache of this kino (its clips must repeat "
+                                    f"latent frame 1 in their last: {LOOP_RENDER}); build it again in another folder")
             if not same_latents(loop_cache.meta["vae"], cache.meta["vae"]) or \
                     loop_cache.meta["text_encoder"] != cache.meta["text_encoder"]:
                 raise KinoUserError(f"the loop cache {loop_cache.root} was encoded by another VAE or text encoder "
@@ -366,10 +373,10 @@ class DiTTask:
         drop = torch.rand(size, generator=gen) < cfg.flow.caption_dropout  # (B,)
         text = torch.where(drop[:, None, None], self.cache.empty_text, data["text"])  # (B, L, D)
         mask = torch.where(drop[:, None], self.cache.empty_mask, data["mask"])  # (B, L)
-        if tie.any():  # loops: the last frame is the first (clean latent, noise and t alike)
+        if tie.any():  # loops: the last frame is frame 1 (clean latent, noise and t alike)
             x0, noise = x0.clone(), noise.clone()
-            x0[tie, :, -1] = x0[tie, :, 0]
-            noise[tie, :, -1] = noise[tie, :, 0]
+            x0[tie, :, -1] = x0[tie, :, LOOP_TIE]
+            noise[tie, :, -1] = noise[tie, :, LOOP_TIE]
         return {"latents": x0, "noise": noise, "t": t, "text": text, "mask": mask, "clean": clean,
                 "pattern": patterns}
 

@@ -48,16 +48,24 @@ def nominal_side(size: str, height: int, width: int) -> int:
     return int(round(OBJECT_SIZES[size] * min(height, width)))
 
 
-def loop_progress(frames: int, period: int) -> np.ndarray:
+def loop_progress(frames: int, period: int, wave: str = "cosine") -> np.ndarray:
     """A clip that loops: per-frame progress along the motion (0 = start, 1 = the motion's end)
-    going there and back once every `period` frames (a triangle wave, frame `period` equal to
-    frame 0), so the clip cut after `period` frames plays as a seamless loop. Every progress
-    value is one the ordinary clip passes through, so positions stay valid (inside the frame,
-    objects apart)."""
+    going there and back once every `period` frames, frame `period` equal to frame 0, so the
+    clip cut after `period` frames plays as a seamless loop. `wave` "cosine" (the default)
+    slows down at both turns, (1 - cos(2 pi f / period)) / 2; "triangle" moves at constant
+    speed. Every progress value is one the ordinary clip passes through, so positions stay
+    valid (inside the frame, objects apart)."""
     if period < 2:
         raise ValueError(f"a loop period must be >= 2 frames, got {period}")
+    if wave not in LOOP_WAVES:
+        raise ValueError(f"unknown loop wave {wave!r}: allowed {', '.join(LOOP_WAVES)}")
     phase = (np.arange(frames) % period) / period  # [0, 1)
-    return 1.0 - np.abs(1.0 - 2.0 * phase)
+    if wave == "triangle":
+        return 1.0 - np.abs(1.0 - 2.0 * phase)
+    return (1.0 - np.cos(2.0 * np.pi * phase)) / 2.0
+
+
+LOOP_WAVES = ("cosine", "triangle")
 
 
 def trajectory(obj: WorldObject, center: tuple[float, float], frames: int, height: int,
