@@ -16,7 +16,7 @@ go under --out, and each task runs through the same code as its `--batch` CLI co
               seam 16|17; pass as above.
   connect     A = frames 0-8 and B = frames 25-32 of one 33-frame clip, 16 frames between.
               Kept: both ends; seams 8|9 and 24|25; pass as above.
-  loop        a 16-frame loop of an eval caption. Loop ok: the step from the last frame to
+  loop        a 16-frame loop (--loop-frames) of an eval caption. Loop ok: the step from the last frame to
               the first (where the loop's last latent frame leads back into its first) is
               no larger than the mean frame-to-frame step; pass: background, presence,
               shape and no_extras (motion is not scored).
@@ -59,7 +59,7 @@ COMMAND = {"i2v": "generate", "extend_fwd": "extend", "extend_bwd": "extend", "c
 SOURCE_FRAMES = {"i2v": 17, "extend_fwd": 33, "extend_bwd": 33, "connect": 33, "loop": 17, "edit": 17}
 
 
-def build_cases(task: str, n: int, seed: int, folder: Path) -> list[dict]:
+def build_cases(task: str, n: int, seed: int, folder: Path, loop_frames: int = 16) -> list[dict]:
     """Write the inputs of n cases under folder and return the batch rows (with the facts
     the scoring needs under '_' keys, stripped before the batch file is written)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def build_cases(task: str, n: int, seed: int, folder: Path) -> list[dict]:
             write_clip(folder, row["first"], video[:9], scene.text)
             write_clip(folder, row["second"], video[25:], scene.text)
         elif task == "loop":
-            row.update(loop=True, frames=16)
+            row.update(loop=True, frames=loop_frames)
         elif task == "edit":
             new, k, what = edited_caption(scene.caption, i)
             row.update(video=row["_source"], caption=str(new), _old_color=scene.caption.objects[k].color,
@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--given", choices=GIVEN_MODES, default="exact",
                     help="how given frames come back (i2v, extend, connect)")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--loop-frames", type=int, default=16, help="loop length (4k)")
     ap.add_argument("--seed", type=int, default=5151)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -161,7 +162,7 @@ def main() -> None:
     report = {"args": vars(args), "tasks": {}}
     for task in args.tasks:
         inputs, results = out / task / "inputs", out / task / "outputs"
-        rows = build_cases(task, args.n, args.seed, inputs)
+        rows = build_cases(task, args.n, args.seed, inputs, args.loop_frames)
         defaults = {"strength": args.strength} if task == "edit" else {}
         if task in ("i2v", "extend_fwd", "extend_bwd", "connect"):
             defaults["given"] = args.given
