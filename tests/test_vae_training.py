@@ -11,7 +11,8 @@ from kino.cli import main
 from kino.errors import KinoUserError
 from kino.models.folder import MANIFEST, WeightsIntegrityError, sha256_file
 from kino.models.vae.pretrained import load_vae
-from kino.training.vae import VAEDataConfig, VAERunConfig, world_crops
+from kino.training.vae import (WORLD_PALETTE, VAEDataConfig, VAELossConfig, VAERunConfig, VAETask, palette_loss,
+                               world_crops)
 from kino.world.dataset import write_samples
 
 TINY_RUN = """
@@ -55,6 +56,36 @@ def test_run_config_rejects_bad_values():
         VAERunConfig(data=VAEDataConfig(crop_frames=[4]))
     with pytest.raises(KinoUserError, match="allowed"):
         VAERunConfig(model="huge")
+
+
+def test_palette_loss_charges_pixels_that_change_world_colour():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, len(WORLD_PALETTE), (2, 3, 8, 8), generator=g)
+    x = WORLD_PALETTE[labels].permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W): flat world colours
+    exact = palette_loss(x, x, 0.05)
+    assert exact < 0.01
+    # a small error that keeps every pixel nearest its colour costs little; moving a few
+    # pixels onto another colour (a rounded corner) costs much more, though its MSE is the same order
+    nudged = x + 0.05 * torch.randn(x.shape, generator=g)
+    flipped = x.clone()
+    flipped[:, :, :, :2, :2] = WORLD_PALETTE[(labels[:, :, :2, :2] + 1) % len(WORLD_PALETTE)].permute(0, 4, 1, 2, 3)
+    assert palette_loss(nudged, x, 0.05) < 0.05 < palette_loss(flipped, x, 0.05)
+    # gradients reach the reconstruction
+    rec = nudged.clone().requires_grad_(True)
+    palette_loss(rec, x, 0.05).backward()
+    assert rec.grad.abs().sum() > 0
+    # in the VAE task's loss, with its own log entry; off by default
+    task = VAETask(VAERunConfig(model="tiny", loss=VAELossConfig(palette=0.5)))
+    model = task.build_model()
+    batch = {"video": world_crops(0, VAEDataConfig(batch_size=1, crop_frames=[1], crop_size=16))}
+    torch.manual_seed(0)
+    loss, logs = task.loss(model, batch)
+    torch.manual_seed(0)
+    plain, plain_logs = VAETask(VAERunConfig(model="tiny")).loss(model, batch)
+    assert "palette" in logs and "palette" not in plain_logs
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * logs["palette"].item(), rel=1e-4)
+    with pytest.raises(KinoUserError, match="palette_temperature"):
+        VAELossConfig(palette_temperature=0.0)
 
 
 def test_trained_model_folder_loads_with_latent_stats(tiny_model_dir):
