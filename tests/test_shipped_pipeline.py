@@ -15,7 +15,7 @@ from conftest import tampered_default_copy
 from kino.models.folder import WeightsIntegrityError
 from kino.pipeline import Pipeline
 from kino.tasks import video_tasks
-from kino.tasks.checks import JUMP_BOUND, edited_caption, kept_psnr, seam_jumps, trajectory_offset
+from kino.tasks.checks import JUMP_BOUND, edited_caption, kept_psnr, loop_steps, seam_jumps, trajectory_offset
 from kino.world.captions import SIZES
 from kino.world.evaluator import evaluate_clip
 from kino.world.generator import render, scene_at
@@ -29,6 +29,7 @@ SEED = 8080  # eval scenes of this seed are used nowhere else (not in training, 
 # 3.9x), so that a regression fails and float noise across CPUs does not. The model misses most
 # of the targets (BENCHMARKS.md); these floors guard what it does do.
 T2V_MIN_CHECKS = {"background": 9, "presence": 8, "no_extras": 8}  # of 10
+LOOP_WRAP_MAX = 1.5  # median wrap step / mean step of three loops
 KEEP_FLOOR = 27.0  # dB, every given frame block (the VAE bounds it: ~30 dB mean)
 
 
@@ -126,13 +127,22 @@ def test_conditioned_tasks_keep_inputs_and_join_without_jumps(pipe):
 
 
 def test_loop_and_edit_run_on_the_shipped_model(pipe):
-    # Loops: the wrap step is not yet within the mean step (1.85x here; bounded by the loop
-    # layout and the VAE's first frame, see BENCHMARKS.md), so only what holds is asserted:
-    # the clip, its background and its object.
-    scene, _ = _source(4, 0, 17)
-    out = video_tasks.generate(pipe, scene.text, loop=True, frames=17, seed=0).video.numpy()
-    result = evaluate_clip(out, scene.caption)
-    assert out.shape[0] == 17 and result.checks["background"] and result.checks["presence"], result.details
+    # Loops (16 frames, decoded as a cycle): the wrap step is about as large as the steps
+    # between frames (the 90% target asks for no larger than their mean; the shipped model
+    # meets it about half the time, BENCHMARKS.md). Asserted: the clip, its background and
+    # object, and a wrap no larger than the clip's largest step (a loop decoded straight,
+    # without the cycle, wrapped at 2-4x the mean step: a cut).
+    ratios = []
+    for i in range(3):
+        scene, _ = _source(4, i, 17)
+        out = video_tasks.generate(pipe, scene.text, loop=True, seed=i).video.numpy()
+        result = evaluate_clip(out, scene.caption)
+        assert out.shape[0] == 16 and result.checks["background"] and result.checks["presence"], result.details
+        wrap, mean = loop_steps(out)
+        steps = np.abs(np.diff(out.astype(np.float64), axis=0)).mean((1, 2, 3))
+        assert wrap <= steps.max(), (wrap, steps)
+        ratios.append(wrap / mean)
+    assert np.median(ratios) <= LOOP_WRAP_MAX, ratios
     offsets = []
     for i in range(3):
         scene, video = _source(5, i, 17)
