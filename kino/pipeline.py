@@ -345,9 +345,9 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents: Tensor, frames: int, loop: bool = False, image_first: bool = False) -> Tensor:
-        """Normalised latents (1, C, T, h, w) -> the first `frames` frames as uint8 (F, H, W, 3).
-        `loop`: the latents of a loop, decoded as a cycle (kino/tasks/conditioning.py;
-        `image_first`: the loop starts at a given image)."""
+        """Normalised latents (1, C, T, h, w) -> `frames` frames as uint8 (F, H, W, 3): the
+        first ones, or with `loop` the loop's, its latents decoded as a cycle (`loop_cycle`,
+        `loop_frames` in kino/tasks/conditioning.py; `image_first`: it starts at a given image)."""
         z = loop_cycle(latents) if loop else latents
         with self.using("vae"):
             pixels = self.vae.decode(self.vae.denormalize(z.to(self.device)))[0]  # (3, F', H, W)

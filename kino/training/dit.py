@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from kino.data.datasets import VideoDatasetConfig
-from kino.data.latent_cache import (LOOP_RENDER, Bucket, LatentCache, bucket_name, build_world_cache, default_buckets,
-                                    parse_bucket, same_latents)
+from kino.data.latent_cache import (LOOP_RENDER, Bucket, LatentCache, bucket_name, build_world_cache,
+                                    default_buckets, parse_bucket, same_latents)
 from kino.diffusion.flow import (interpolate, logit_normal, sampling_timesteps, shift_for_tokens, shift_timesteps,
                                  velocity_target)
 from kino.diffusion.samplers import euler, guided

@@ -48,6 +48,9 @@ def nominal_side(size: str, height: int, width: int) -> int:
     return int(round(OBJECT_SIZES[size] * min(height, width)))
 
 
+LOOP_WAVES = ("cosine", "triangle")  # loop_progress's shapes of going there and back
+
+
 def loop_progress(frames: int, period: int, wave: str = "cosine") -> np.ndarray:
     """A clip that loops: per-frame progress along the motion (0 = start, 1 = the motion's end)
     going there and back once every `period` frames, frame `period` equal to frame 0, so the
@@ -63,9 +66,6 @@ def loop_progress(frames: int, period: int, wave: str = "cosine") -> np.ndarray:
     if wave == "triangle":
         return 1.0 - np.abs(1.0 - 2.0 * phase)
     return (1.0 - np.cos(2.0 * np.pi * phase)) / 2.0
-
-
-LOOP_WAVES = ("cosine", "triangle")
 
 
 def trajectory(obj: WorldObject, center: tuple[float, float], frames: int, height: int,
