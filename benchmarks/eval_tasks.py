@@ -16,10 +16,10 @@ go under --out, and each task runs through the same code as its `--batch` CLI co
               seam 16|17; pass as above.
   connect     A = frames 0-8 and B = frames 25-32 of one 33-frame clip, 16 frames between.
               Kept: both ends; seams 8|9 and 24|25; pass as above.
-  loop        a 16-frame loop (--loop-frames) of an eval caption. Loop ok: the step from the last frame to
-              the first (where the loop's last latent frame leads back into its first) is
-              no larger than the mean frame-to-frame step; pass: background, presence,
-              shape and no_extras (motion is not scored).
+  loop        a 16-frame loop (--loop-frames) of an eval caption. Loop ok: the step from
+              the last frame to the first (where the loop's last latent frame leads back
+              into its first) is no larger than the mean frame-to-frame step; pass:
+              background, presence, shape and no_extras (motion is not scored).
   edit        a 17-frame clip and its caption with one object's colour or shape changed,
               --strength S. Pass: the new caption; trajectory: the edited object's centroid
               within 0.1 of the frame size of the input's in every frame.

@@ -43,7 +43,7 @@ because with a causal VAE latent 0 is an image-style latent of one frame, which 
 recurs inside a clip. The decoder is causal too, and its output drifts with the frames
 before it (the first frames of a clip decode differently from later ones), so decoding the
 k + 2 latents as they are would show that drift as a cut at the wrap. A loop is therefore
-decoded as a cycle (`decode_loop`): latent 0, then latents 1..k repeated LOOP_DECODE_CYCLES
+decoded as a cycle (`loop_cycle`, then `loop_frames`): latent 0, then latents 1..k repeated LOOP_DECODE_CYCLES
 times, keeping the last cycle's 4k frames; the decoder's context at the start of that cycle
 is the end of the one before, so the decoded frames repeat too. The output is frames 1..4k
 of the cycle: the wrap from its last frame to its first is the step from latent k into

@@ -19,6 +19,7 @@ from kino.models.folder import save_component, write_manifest
 from kino.models.vae import VAE_SIZES, VAEConfig, VideoVAE
 from kino.training.config import TrainConfig
 from kino.world.captions import BACKGROUNDS, COLORS, FRAME_COUNTS
+from kino.world.evaluator import PALETTE_NAMES
 from kino.world.generator import render, scene_at
 
 
@@ -107,7 +108,8 @@ def world_crops(step: int, data: VAEDataConfig) -> Tensor:
     return torch.stack(clips)  # (B, 3, T, S, S)
 
 
-WORLD_PALETTE = torch.tensor(list((BACKGROUNDS | COLORS).values()), dtype=torch.float32) / 127.5 - 1.0  # (10, 3)
+# the evaluator's palette, in its order: the colours its nearest-colour map chooses from
+WORLD_PALETTE = torch.tensor([(BACKGROUNDS | COLORS)[n] for n in PALETTE_NAMES], dtype=torch.float32) / 127.5 - 1.0
 
 
 def palette_loss(rec: Tensor, x: Tensor, temperature: float) -> Tensor:
