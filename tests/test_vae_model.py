@@ -234,6 +234,8 @@ DIFFUSERS_CONFIGS = {
                  temperal_downsample=[False, True, True]),
     "nrb2-early-time": dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=2, attn_scales=[],
                             temperal_downsample=[True, True, False]),
+    "wide-decoder": dict(base_dim=8, decoder_base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                         attn_scales=[], temperal_downsample=[False, True, True]),
 }  # fmt: skip
 
 
@@ -268,6 +270,43 @@ def test_config_from_diffusers_rejects_other_families():
     with pytest.raises(ValueError, match="attn_scales"):
         config_from_diffusers({"attn_scales": [0.5]})
     assert config_from_diffusers({}) == VAE_SIZES["wan2.1"]  # diffusers' defaults are Wan2.1's
+    assert config_from_diffusers({"decoder_base_dim": 96}).decoder_base_dim is None  # = base_dim
+    assert config_from_diffusers({"decoder_base_dim": 128}).decoder_dim == 128
+
+
+# ---------------------------------------------------------------------------- a wider decoder
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_widen_decoder_decodes_the_same(size):
+    """tiny has the middle attention and the temporal upsampling; both stay exact."""
+    from kino.models.vae.grow import widen_decoder
+
+    torch.manual_seed(0)
+    vae = _perturb(VideoVAE(VAE_SIZES[size]).eval(), 1)
+    z = torch.randn(1, 16, 3, 4, 4)
+    with torch.no_grad():
+        ref = vae.decode(z, clamp=False)
+        for factor in (2, 3):
+            wide = widen_decoder(vae, factor, noise=0.0)
+            assert wide.config.decoder_dim == factor * vae.config.decoder_dim
+            assert wide.config.base_dim == vae.config.base_dim
+            torch.testing.assert_close(wide.decode(z, clamp=False), ref, rtol=0, atol=1e-4)
+            assert sum(p.numel() for p in wide.decoder.parameters()) > 3 * sum(
+                p.numel() for p in vae.decoder.parameters())
+            # the encoder and the quant convs are the same tensors' values: the latents do not move
+            old = vae.state_dict()
+            assert all(torch.equal(v, old[k]) for k, v in wide.state_dict().items()
+                       if not k.startswith("decoder."))
+        noisy = widen_decoder(vae, 2, noise=1e-3, seed=5)
+        out = noisy.decode(z, clamp=False)
+    err = (out - ref).abs()
+    assert 0 < err.max() < 0.1  # symmetry broken, output barely moved
+    w = noisy.decoder.head.conv.weight  # (3, 2C, ...): the two copies of each input channel differ
+    c = w.shape[1] // 2
+    assert not torch.equal(w[:, :c], w[:, c:])
+    with pytest.raises(ValueError, match="whole number"):
+        widen_decoder(vae, 1.5)
 
 
 # ---------------------------------------------------------------------------- numerics and training

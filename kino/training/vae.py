@@ -7,7 +7,7 @@ structure: a crop's first frame is encoded alone like any clip's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,9 @@ class VAERunConfig:
     # The encoder, hence every latent and the latent normalisation, stays bit for bit, so a DiT
     # trained on this VAE's latents stays valid with the new decoder.
     train_only: str = "all"
+    # Grow init_from's decoder this many times wider before training (kino/models/vae/grow.py:
+    # the wider decoder starts out decoding what the narrow one did; the encoder stays as is).
+    widen_decoder: int = 1
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/vae"))
@@ -78,6 +81,11 @@ class VAERunConfig:
         if self.train_only == "decoder" and self.init_from is None:
             raise KinoUserError("train_only = \"decoder\" fine-tunes a trained VAE's decoder: set init_from = "
                                 "\"MODEL_DIR\" (or \"default\")")
+        if not isinstance(self.widen_decoder, int) or self.widen_decoder < 1:
+            raise KinoUserError(f"widen_decoder must be a whole number >= 1, got {self.widen_decoder!r}")
+        if self.widen_decoder > 1 and self.init_from is None:
+            raise KinoUserError("widen_decoder grows a trained VAE's decoder: set init_from = \"MODEL_DIR\" "
+                                "(or \"default\")")
         if self.data.crop_size % 8 or self.data.crop_size < 0:
             raise KinoUserError(f"data.crop_size must be a multiple of 8 (0 = whole frame), got {self.data.crop_size}")
 
@@ -135,7 +143,10 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 class VAETask:
     def __init__(self, config: VAERunConfig):
         self.config = config
-        self.vae_config = VAE_SIZES[config.model]
+        base = VAE_SIZES[config.model]
+        # the size trained and exported: the named one, its decoder widened if asked
+        self.vae_config = replace(base, decoder_base_dim=base.decoder_dim * config.widen_decoder) \
+            if config.widen_decoder > 1 else base
         self._sample_clip = render(scene_at("eval", 0, 0, frames=17, size=(64, 96), objects=2))
 
     def build_model(self) -> nn.Module:
@@ -146,9 +157,13 @@ class VAETask:
         source = None if self.config.init_from == "default" else self.config.init_from  # None: the shipped VAE
         model = load_vae(source).requires_grad_(True).train()
         if model.config.to_dict() | {"latents_mean": None, "latents_std": None} != \
-                self.vae_config.to_dict() | {"latents_mean": None, "latents_std": None}:
+                VAE_SIZES[self.config.model].to_dict() | {"latents_mean": None, "latents_std": None}:
             raise KinoUserError(f"init_from {self.config.init_from} holds a VAE of another size than "
                                 f"model = {self.config.model!r}")
+        if self.config.widen_decoder > 1:
+            from kino.models.vae.grow import widen_decoder
+
+            model = widen_decoder(model, self.config.widen_decoder, seed=self.config.train.seed)
         if self.config.train_only == "decoder":
             model.encoder.requires_grad_(False)
             model.conv1.requires_grad_(False)

@@ -209,8 +209,9 @@ def config_from_wan(state_dict: dict[str, torch.Tensor]) -> VAEConfig:
 def config_from_diffusers(diffusers_config: dict) -> VAEConfig:
     """A diffusers AutoencoderKLWan config.json (as a dict) -> VAEConfig.
 
-    Keys diffusers left out take diffusers' defaults, which are Wan2.1's. Wan2.2-style
-    variants (is_residual, patch_size, a separate decoder width) are not this architecture.
+    Keys diffusers left out take diffusers' defaults, which are Wan2.1's. A separate decoder
+    width (`decoder_base_dim`) is kino's too; Wan2.2-style variants (is_residual, patch_size)
+    are not this architecture.
     """
     wan = VAE_SIZES["wan2.1"]
     defaults = {
@@ -233,7 +234,6 @@ def config_from_diffusers(diffusers_config: dict) -> VAEConfig:
     unsupported = {
         "is_residual": c["is_residual"],
         "patch_size": c["patch_size"],
-        "decoder_base_dim": c["decoder_base_dim"] not in (None, c["base_dim"]),
         "in_channels / out_channels": (c["in_channels"], c["out_channels"]) != (3, 3),
         # diffusers drops attn_scales in its decoder, Wan does not: the layouts would disagree.
         "attn_scales": bool(c["attn_scales"]),
@@ -243,6 +243,7 @@ def config_from_diffusers(diffusers_config: dict) -> VAEConfig:
         raise ValueError(f"diffusers AutoencoderKLWan config not supported by kino's VideoVAE (Wan2.1 family): {bad}")
     return VAEConfig(
         base_dim=c["base_dim"],
+        decoder_base_dim=None if c["decoder_base_dim"] in (None, c["base_dim"]) else c["decoder_base_dim"],
         z_dim=c["z_dim"],
         dim_mult=list(c["dim_mult"]),
         num_res_blocks=c["num_res_blocks"],

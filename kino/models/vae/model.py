@@ -302,7 +302,7 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         stages = len(config.dim_mult)
-        dims = [config.base_dim * m for m in [config.dim_mult[-1], *config.dim_mult[::-1]]]
+        dims = [config.decoder_dim * m for m in [config.dim_mult[-1], *config.dim_mult[::-1]]]
         temporal_upsample = config.temporal_downsample[::-1]
         self.conv1 = CausalConv3d(config.z_dim, dims[0], 3)
         self.middle = _middle(dims[0], config)
@@ -628,9 +628,12 @@ class VAEConfig:
     (1.0, 0.5, ...) whose stages get attention after each residual block;
     `mid_attention` is the attention in the middle block (Wan: always on).
     `latents_mean` / `latents_std` normalise latents per channel for the diffusion model.
+    `decoder_base_dim` widens the decoder alone (diffusers' name; None: `base_dim`, as in
+    Wan2.1): a decoder can grow (`widen_decoder`) while the encoder, hence every latent, stays.
     """
 
     base_dim: int = 16
+    decoder_base_dim: int | None = None
     z_dim: int = 16
     dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
     num_res_blocks: int = 1
@@ -642,6 +645,8 @@ class VAEConfig:
     latents_std: list[float] = field(default_factory=lambda: [1.0] * 16)
 
     def __post_init__(self) -> None:
+        if self.decoder_base_dim is not None and self.decoder_base_dim < 1:
+            raise ValueError(f"decoder_base_dim must be a positive width or None, got {self.decoder_base_dim}")
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(
                 f"temporal_downsample needs one flag per downsampling stage ({len(self.dim_mult) - 1}); "
@@ -654,6 +659,10 @@ class VAEConfig:
             )
         if min(self.latents_std) <= 0:
             raise ValueError("latents_std must be positive")
+
+    @property
+    def decoder_dim(self) -> int:
+        return self.base_dim if self.decoder_base_dim is None else self.decoder_base_dim
 
     @property
     def time_stride(self) -> int:
