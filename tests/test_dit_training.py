@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import pytest
 from conftest import FakeTextEncoder
 import torch
 
-from kino.data.latent_cache import (CACHE_JSON, EMPTY_PROMPT, LOOP_RENDER, LatentCache, build_world_cache,
-                                    clip_index, default_buckets)
+from kino.data.latent_cache import (CACHE_JSON, EMPTY_PROMPT, LOOP_RENDER, LatentCache, bucket_name,
+                                    build_world_cache, clip_index, default_buckets)
 from kino.errors import KinoUserError
 from kino.models.dit import DiT, DiTConfig
 from kino.models.folder import load_component, save_component, write_manifest
@@ -235,6 +236,30 @@ def test_cache_is_kept_for_a_vae_with_another_decoder(cache_dir, vae_dir, tmp_pa
 
 
 # ---------------------------------------------------------------------------- batches and timesteps
+
+
+def test_caption_filter_draws_only_matching_clips(cache_dir, tmp_path):
+    cache = LatentCache(cache_dir)
+    cfg = run_config(tmp_path, cache_dir)
+    cfg.data.caption_filter = "moving (left|right|up|down)"
+    task = DiTTask(cfg, cache)
+    # images only ever stand still: their bucket has no match and is left out
+    assert [bucket_name(b) for b in task.buckets] == ["5x32x32"] and task.bucket_probs.tolist() == [1.0]
+    bucket = task.buckets[0]
+    captions = cache.captions(bucket)
+    match = [i for i, c in enumerate(captions) if re.search(cfg.data.caption_filter, c)]
+    assert 0 < len(match) < len(captions)
+    allowed = cache.get(bucket, match)["text"]
+    for step in range(20):
+        batch = task.batch(step)
+        for text, mask in zip(batch["text"], batch["mask"]):
+            if mask.any():  # not a dropped caption
+                assert any(torch.equal(text, a) for a in allowed)
+    cfg.data.caption_filter = "purple elephant"
+    with pytest.raises(KinoUserError, match="caption_filter"):
+        DiTTask(cfg, cache)
+    with pytest.raises(KinoUserError, match="regular expression"):
+        DiTDataConfig(caption_filter="moving (left")
 
 
 def test_batches_are_deterministic_and_bucket_pure(cache_dir, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,12 +88,22 @@ class DiTDataConfig:
     # longest clips); 1: every bucket the same compute (images drawn ~9x as often as 33-frame
     # clips). 0.5: compute per bucket ~ sqrt(tokens), see configs/dit_small.toml.
     bucket_weight_power: float = 0.5
+    # A regular expression: only cached clips whose caption it matches (re.search) are drawn,
+    # e.g. "moving (left|right)" to train one skill harder; buckets with no such clip are left
+    # out. None: every clip. Loops still come from the whole loop cache.
+    caption_filter: str | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise KinoUserError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if not math.isfinite(self.bucket_weight_power):
             raise KinoUserError("data.bucket_weight_power must be a number")
+        if self.caption_filter is not None:
+            try:
+                re.compile(self.caption_filter)
+            except re.error as e:
+                raise KinoUserError(f"data.caption_filter {self.caption_filter!r} is not a regular expression: "
+                                    f"{e}") from None
 
 
 @dataclass
@@ -304,6 +315,15 @@ class DiTTask:
         missing = [bucket_name(b) for b in wanted if b not in cache.buckets]
         if missing:
             raise KinoUserError(f"the latent cache {cache.root} has no bucket {', '.join(missing)}")
+        # per bucket, the cache rows that may be drawn (None: all of them)
+        self.rows: dict[Bucket, np.ndarray | None] = {b: None for b in wanted}
+        if config.data.caption_filter is not None:
+            pattern = re.compile(config.data.caption_filter)
+            self.rows = {b: np.array([i for i, c in enumerate(cache.captions(b)) if pattern.search(c)], dtype=np.int64)
+                         for b in wanted}
+            wanted = [b for b in wanted if len(self.rows[b])]
+            if not wanted:
+                raise KinoUserError(f"no cached caption matches data.caption_filter {config.data.caption_filter!r}")
         self.buckets = wanted
         if loop_cache is not None:
             if loop_cache.meta.get("motion") != "loop" or loop_cache.meta.get("loop") != LOOP_RENDER:
@@ -354,8 +374,12 @@ class DiTTask:
         cfg = self.config
         rng = np.random.default_rng([cfg.train.seed, step])
         k = int(rng.choice(len(self.buckets), p=self.bucket_probs))
-        bucket, n, size = self.buckets[k], self.cache.num_clips(self.buckets[k]), cfg.data.batch_size
+        bucket, size = self.buckets[k], cfg.data.batch_size
+        rows = self.rows[bucket]
+        n = self.cache.num_clips(bucket) if rows is None else len(rows)
         indices = rng.choice(n, size=size, replace=n < size)
+        if rows is not None:
+            indices = rows[indices]
         gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
         # its own stream, drawn after the others, so the text-to-video draws are unchanged
         cond_gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
