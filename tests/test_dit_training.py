@@ -219,6 +219,13 @@ def test_cache_is_kept_for_a_vae_with_another_decoder(cache_dir, vae_dir, tmp_pa
         with pytest.raises(KinoUserError, match="another VAE"):
             build_world_cache(copy, changed(prefix), FakeTextEncoder(), clips_per_bucket=CLIPS + 2, buckets=BUCKETS,
                               shard_size=SHARD)
+    # a widened decoder (kino/models/vae/grow.py) makes the same latents: the cache stays valid
+    from kino.data.latent_cache import vae_identity
+    from kino.models.vae.grow import widen_decoder
+
+    wide, narrow = vae_identity(widen_decoder(base, 2)), vae_identity(base)
+    assert wide["latent_sha256"] == narrow["latent_sha256"] == meta["vae"]["latent_sha256"]
+    assert wide["sha256"] != narrow["sha256"]
     stats = load_vae(vae_dir)
     stats.config.latents_mean = [m + 0.5 for m in stats.config.latents_mean]
     with pytest.raises(KinoUserError, match="another VAE"):

@@ -48,6 +48,18 @@ def test_shipped_model_is_a_whole_pipeline(pipe):
     assert pipe.dit.config.text_dim == pipe.text_encoder.dim
 
 
+def test_shipped_dit_was_trained_on_the_shipped_vaes_latents(pipe):
+    """Its training record names the latent identity of the VAE it ships with (a decoder
+    fine-tune or widening keeps it; a changed encoder would not)."""
+    import json
+
+    from kino.data.latent_cache import vae_identity
+    from kino.models.folder import default_model_dir
+
+    record = json.loads((default_model_dir() / "dit" / "training.json").read_text())
+    assert vae_identity(pipe.vae)["latent_sha256"] == record["vae_latent_sha256"]
+
+
 def test_tampered_shipped_dit_is_refused(tmp_path):
     copy = tampered_default_copy(tmp_path, "dit")
     with pytest.raises(WeightsIntegrityError, match="sha256"):

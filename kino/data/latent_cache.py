@@ -127,6 +127,7 @@ def latent_shape(bucket: Bucket, vae_config) -> tuple[int, int, int, int]:
 
 # The decoder half of a VideoVAE: it takes no part in making latents.
 DECODER_PREFIXES = ("decoder.", "conv2.")
+DECODER_CONFIG = ("decoder_base_dim",)  # VAEConfig fields that shape the decoder alone
 
 
 def vae_identity(vae) -> dict:
@@ -134,10 +135,15 @@ def vae_identity(vae) -> dict:
     latent statistics included, and every tensor of its state dict in name order) and
     `latent_sha256` of what makes latents (the same without the decoder: config, encoder and
     conv1), both in one pass. Caches are matched on the latter, so a decoder fine-tune (which
-    leaves every latent bit for bit the same) keeps a cache, and the DiTs trained on it, valid."""
+    leaves every latent bit for bit the same) keeps a cache, and the DiTs trained on it, valid.
+    The decoder's width (`decoder_base_dim`) is not part of the latent identity, so a widened
+    decoder keeps caches too; unset, it is left out of both hashes, which are then what they
+    were before the field existed."""
     config = vae.config.to_dict()
-    whole = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    latent = whole.copy()
+    hashed = {k: v for k, v in config.items() if k not in DECODER_CONFIG or v is not None}
+    whole = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode())
+    latent = hashlib.sha256(json.dumps({k: v for k, v in hashed.items() if k not in DECODER_CONFIG},
+                                       sort_keys=True).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         parts = (f"{name}:{t.dtype}:{tuple(t.shape)}".encode(), t.reshape(-1).view(torch.uint8).numpy().tobytes())
