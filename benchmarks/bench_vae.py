@@ -46,8 +46,8 @@ def speed(args):
 
     vae = _load(args.model)
     cfg = vae.config
-    peer = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=cfg.dim_mult,
-                            num_res_blocks=cfg.num_res_blocks, attn_scales=cfg.attn_scales,
+    peer = AutoencoderKLWan(base_dim=cfg.base_dim, decoder_base_dim=cfg.decoder_dim, z_dim=cfg.z_dim,
+                            dim_mult=cfg.dim_mult, num_res_blocks=cfg.num_res_blocks, attn_scales=cfg.attn_scales,
                             temperal_downsample=cfg.temporal_downsample, dropout=0.0).eval()
     peer.load_state_dict(to_diffusers(vae.state_dict()), strict=False)
     print(f"# {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
