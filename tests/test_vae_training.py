@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,13 +187,19 @@ def test_init_from_a_model_folder_fine_tunes_it(tiny_model_dir, tmp_path):
         VAETask(VAERunConfig(model="small", init_from=str(tiny_model_dir))).build_model()
 
 
-def test_decoder_only_fine_tune_keeps_the_encoder_and_latent_stats(tiny_model_dir, tmp_path):
+def decoder_round(tmp_path, init_from, extra: str = "", **train) -> Path:
+    """A tiny decoder-only round's config file (`extra`: more top-level lines; `train`: [train] values)."""
+    train = {"max_steps": 3, "lr": 1e-2, "checkpoint_every": 2, "ema_decay": 0.5, **train}
     cfg = tmp_path / "dec.toml"
-    cfg.write_text(f'model = "tiny"\ninit_from = "{tiny_model_dir}"\ntrain_only = "decoder"\nstats_clips = 2\n'
+    cfg.write_text(f'model = "tiny"\ninit_from = "{init_from}"\ntrain_only = "decoder"\nstats_clips = 2\n{extra}'
                    '[data]\nbatch_size = 2\ncrop_frames = [1, 5]\ncrop_size = 16\n'
-                   f'[train]\nout_dir = "{tmp_path / "run"}"\nmax_steps = 3\nlr = 1e-2\nwarmup_steps = 0\n'
-                   'checkpoint_every = 2\nsample_every = 0\nlog_every = 1\nema_decay = 0.5\nprogress = false\n')
-    assert main(["train", "vae", "--config", str(cfg)]) == 0
+                   f'[train]\nout_dir = "{tmp_path / "run"}"\nwarmup_steps = 0\nsample_every = 0\nlog_every = 1\n'
+                   'progress = false\n' + "".join(f"{k} = {v}\n" for k, v in train.items()))
+    return cfg
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_and_latent_stats(tiny_model_dir, tmp_path):
+    assert main(["train", "vae", "--config", str(decoder_round(tmp_path, tiny_model_dir))]) == 0
     before, after = load_vae(tiny_model_dir), load_vae(tmp_path / "run" / "model")
     b, a = before.state_dict(), after.state_dict()
     frozen = [k for k in b if k.startswith(("encoder.", "conv1."))]
@@ -211,11 +218,8 @@ def test_decoder_only_fine_tune_keeps_the_encoder_and_latent_stats(tiny_model_di
 
 
 def test_widened_decoder_trains_and_exports_its_width(tiny_model_dir, tmp_path):
-    cfg = tmp_path / "wide.toml"
-    cfg.write_text(f'model = "tiny"\ninit_from = "{tiny_model_dir}"\ntrain_only = "decoder"\nwiden_decoder = 2\n'
-                   'stats_clips = 2\n[data]\nbatch_size = 2\ncrop_frames = [1, 5]\ncrop_size = 16\n'
-                   f'[train]\nout_dir = "{tmp_path / "run"}"\nmax_steps = 2\nlr = 1e-6\nwarmup_steps = 0\n'
-                   'checkpoint_every = 1\nsample_every = 0\nlog_every = 1\nprogress = false\n')
+    cfg = decoder_round(tmp_path, tiny_model_dir, "widen_decoder = 2\n", max_steps=2, lr=1e-6, checkpoint_every=1,
+                        ema_decay=0.999)
     assert main(["train", "vae", "--config", str(cfg)]) == 0
     before, after = load_vae(tiny_model_dir), load_vae(tmp_path / "run" / "model")
     assert after.config.decoder_dim == 2 * before.config.decoder_dim
