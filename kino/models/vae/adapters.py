@@ -243,7 +243,7 @@ def config_from_diffusers(diffusers_config: dict) -> VAEConfig:
         raise ValueError(f"diffusers AutoencoderKLWan config not supported by kino's VideoVAE (Wan2.1 family): {bad}")
     return VAEConfig(
         base_dim=c["base_dim"],
-        decoder_base_dim=None if c["decoder_base_dim"] in (None, c["base_dim"]) else c["decoder_base_dim"],
+        decoder_base_dim=c["decoder_base_dim"],
         z_dim=c["z_dim"],
         dim_mult=list(c["dim_mult"]),
         num_res_blocks=c["num_res_blocks"],

@@ -61,7 +61,6 @@ def widen_decoder(vae: VideoVAE, factor: int, noise: float = 1e-3, seed: int = 0
         for name in ("encoder", "conv1", "conv2"):
             getattr(wide, name).load_state_dict(getattr(vae, name).state_dict())
     old_modules = dict(vae.decoder.named_modules())
-    gen = torch.Generator().manual_seed(seed)
     for name, new in wide.decoder.named_modules():
         old = old_modules[name]
         if isinstance(new, RMSNorm):
@@ -80,6 +79,7 @@ def widen_decoder(vae: VideoVAE, factor: int, noise: float = 1e-3, seed: int = 0
                 continue  # done with its block
             _widen_conv(new, old)
     if noise and factor > 1:
+        gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in wide.decoder.parameters():
                 if p.dim() > 1:

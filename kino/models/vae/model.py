@@ -647,6 +647,8 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if self.decoder_base_dim is not None and self.decoder_base_dim < 1:
             raise ValueError(f"decoder_base_dim must be a positive width or None, got {self.decoder_base_dim}")
+        if self.decoder_base_dim == self.base_dim:
+            self.decoder_base_dim = None  # one spelling of "as wide as the encoder", so one config hash
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(
                 f"temporal_downsample needs one flag per downsampling stage ({len(self.dim_mult) - 1}); "
