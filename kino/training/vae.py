@@ -144,9 +144,8 @@ class VAETask:
     def __init__(self, config: VAERunConfig):
         self.config = config
         base = VAE_SIZES[config.model]
-        # the size trained and exported: the named one, its decoder widened if asked
-        self.vae_config = replace(base, decoder_base_dim=base.decoder_dim * config.widen_decoder) \
-            if config.widen_decoder > 1 else base
+        # the size trained and exported: the named one, its decoder widened if asked (x1: as it is)
+        self.vae_config = replace(base, decoder_base_dim=base.decoder_dim * config.widen_decoder)
         self._sample_clip = render(scene_at("eval", 0, 0, frames=17, size=(64, 96), objects=2))
 
     def build_model(self) -> nn.Module:
