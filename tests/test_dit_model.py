@@ -80,7 +80,9 @@ def test_config_json_roundtrip_and_sizes():
     for name, config in DIT_SIZES.items():
         with torch.device("meta"):
             counts[name] = sum(p.numel() for p in DiT(config).parameters())
-    assert counts == {"tiny": 40_608, "tiny-abspos": 41_408, "small": 9_164_096, "small-abspos": 9_170_496, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584}
+    assert counts == {"tiny": 40_608, "tiny-abspos": 41_408, "small": 9_164_096, "small-abspos": 9_170_496, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584,
+                      # = diffusers' WanTransformer3DModel with image_dim 1280 (and pos_embed_seq_len 514)
+                      "wan2.1-i2v-14b": 16_394_878_784, "wan2.1-flf2v-14b": 16_395_536_704}
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -280,14 +282,19 @@ def test_config_from_diffusers_published_wan_configs():
     }  # fmt: skip
     assert config_from_diffusers(wan_1_3b) == DIT_SIZES["wan2.1-1.3b"]
     assert config_from_diffusers({}) == DIT_SIZES["wan2.1-14b"]  # diffusers' defaults are Wan2.1 14B's
-    with pytest.raises(ValueError, match="image_dim"):
-        config_from_diffusers({**wan_1_3b, "image_dim": 1280, "added_kv_proj_dim": 1536})
+    # image-to-video: Wan's image branch (tests/test_wan_i2v.py); the added keys/values as wide as the model
+    assert config_from_diffusers({**wan_1_3b, "image_dim": 1280, "added_kv_proj_dim": 1536}).img_dim == 1280
+    with pytest.raises(ValueError, match="added_kv_proj_dim other than the width 1536"):
+        config_from_diffusers({**wan_1_3b, "image_dim": 1280, "added_kv_proj_dim": 5120})
 
 
 def test_adapters_reject_unknown_layouts(tiny):
     state = to_diffusers(tiny.state_dict())
-    with pytest.raises(ValueError, match="image-to-video"):
-        from_diffusers({**state, "condition_embedder.image_embedder.norm1.weight": torch.zeros(4)})
+    # image-to-video keys are renamed (a T2V config then refuses them when the state is loaded)
+    assert "img_emb.proj.0.weight" in from_diffusers({**state, "condition_embedder.image_embedder.norm1.weight":
+                                                      torch.zeros(4)})
+    with pytest.raises(ValueError, match="not in the diffusers layout"):
+        from_diffusers({**state, "blocks.0.attn2.something.weight": torch.zeros(4)})
     with pytest.raises(ValueError, match="not in the diffusers layout"):
         from_diffusers({**state, "something.else": torch.zeros(4)})
     no_qk_norm = DiT(DiTConfig(**{**TINY.to_dict(), "qk_norm": False}))

@@ -119,6 +119,12 @@ def _config(build, data: dict, source: Path):
         raise KinoUserError(f"{source} is not a supported Wan2.1 config: {e}") from None
 
 
+def _refuse_image_to_video(config: DiTConfig, source: Path) -> None:
+    if config.img_dim is not None:
+        raise KinoUserError(f"{source} describes a Wan2.1 image-to-video DiT: kino's DiT loads it "
+                            "(kino.models.dit adapters), but Wan folders load as text-to-video pipelines only yet")
+
+
 def read_wan(root: str | Path, dit_dtype: torch.dtype = torch.float32) -> WanSource:
     """Read a Wan2.1 T2V folder (original or diffusers layout) into kino's configs and state
     dicts; the DiT's floating-point weights are converted to `dit_dtype` tensor by tensor as
@@ -144,6 +150,7 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
         raise KinoUserError(f"{root / (DIT_STEM + '.safetensors')} is missing (nor are there shards "
                             f"{DIT_STEM}-*-of-*.safetensors): a Wan2.1 folder needs the DiT's weights")
     dit_config = _config(dit_adapters.config_from_wan, read_json(config_file), config_file)
+    _refuse_image_to_video(dit_config, config_file)
     dit_state = _adapt(dit_adapters.from_wan, load_safetensors(dit_files, dit_dtype), dit_files[0])
     vae_file = _need(root / ORIGINAL_VAE, f"the VAE's weights {ORIGINAL_VAE}")
     wan_vae = load_pth(vae_file)
@@ -164,6 +171,7 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     if not dit_files:
         raise KinoUserError(f"{tdir / (DIT_STEM + '.safetensors')} is missing: transformer/ needs its weights")
     dit_config = _config(dit_adapters.config_from_diffusers, read_json(tdir / "config.json"), tdir / "config.json")
+    _refuse_image_to_video(dit_config, tdir / "config.json")
     dit_state = _adapt(dit_adapters.from_diffusers, load_safetensors(dit_files, dit_dtype), dit_files[0])
     vdir = _need(root / "vae", "vae/")
     vae_files = shards(vdir, DIT_STEM)

@@ -4,12 +4,16 @@ kino keeps the names of Wan2.1's original release, so its checkpoints load as th
 diffusers' `WanTransformer3DModel` holds the same tensors under other names: its attention
 projections are to_q/to_k/to_v/to_out.0 inside attn1 (self) and attn2 (cross), its
 cross-attention norm is `norm2` (Wan's `norm3`), its modulation tables are
-`scale_shift_table`, and the embeddings sit in `condition_embedder`. The renames are
-regex rules applied in order; shapes are identical, so no tensor is touched.
+`scale_shift_table`, and the embeddings sit in `condition_embedder`. Image-to-video DiTs
+(I2V, FLF2V) add the CLIP image embedder `condition_embedder.image_embedder.{norm1,
+ff.net.0.proj, ff.net.2, norm2, pos_embed}` (Wan: `img_emb.{proj.0, proj.1, proj.3, proj.4,
+emb_pos}`) and per block `attn2.{add_k_proj, add_v_proj, norm_added_k}` (Wan:
+`cross_attn.{k_img, v_img, norm_k_img}`). The renames are regex rules applied in order;
+shapes are identical, so no tensor is touched.
 
 Wan2.1's original release (`diffusion_pytorch_model*.safetensors` beside a `WanModel`
 config.json) has kino's names already: `from_wan` only checks that every key is one
-kino's DiT has (and names image-to-video parts, which it has not yet).
+kino's DiT has.
 """
 
 from __future__ import annotations
@@ -22,15 +26,26 @@ from kino.models.dit.model import DIT_SIZES, DiTConfig
 
 _BLOCK = r"^(blocks\.\d+)"
 
+WAN_MODEL_TYPES = ("t2v", "i2v", "flf2v")
+WAN_CLIP_DIM = 1280  # width of the CLIP ViT-H/14 features every Wan2.1 I2V / FLF2V DiT takes
+WAN_FLF_IMAGE_TOKENS = 2 * 257  # FLF2V's emb_pos: the first and the last frame's CLIP tokens
+
 # Applied in order to every key; each rule sees the output of the ones before it.
 _FROM_DIFFUSERS: list[tuple[str, str]] = [
     (r"^condition_embedder\.(text|time)_embedder\.linear_1\.", r"\1_embedding.0."),
     (r"^condition_embedder\.(text|time)_embedder\.linear_2\.", r"\1_embedding.2."),
     (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),
     (_BLOCK + r"\.attn1\.", r"\1.self_attn."),
     (_BLOCK + r"\.attn2\.", r"\1.cross_attn."),
     (_BLOCK + r"\.(self_attn|cross_attn)\.to_([qkv])\.", r"\1.\2.\3."),
     (_BLOCK + r"\.(self_attn|cross_attn)\.to_out\.0\.", r"\1.\2.o."),
+    (_BLOCK + r"\.cross_attn\.add_([kv])_proj\.", r"\1.cross_attn.\2_img."),
+    (_BLOCK + r"\.cross_attn\.norm_added_k\.", r"\1.cross_attn.norm_k_img."),
     (_BLOCK + r"\.norm2\.", r"\1.norm3."),  # diffusers' norm2 is the cross-attention norm
     (_BLOCK + r"\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
     (_BLOCK + r"\.ffn\.net\.2\.", r"\1.ffn.2."),
@@ -43,6 +58,13 @@ _TO_DIFFUSERS: list[tuple[str, str]] = [
     (r"^(text|time)_embedding\.0\.", r"condition_embedder.\1_embedder.linear_1."),
     (r"^(text|time)_embedding\.2\.", r"condition_embedder.\1_embedder.linear_2."),
     (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^img_emb\.proj\.0\.", "condition_embedder.image_embedder.norm1."),
+    (r"^img_emb\.proj\.1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    (r"^img_emb\.proj\.3\.", "condition_embedder.image_embedder.ff.net.2."),
+    (r"^img_emb\.proj\.4\.", "condition_embedder.image_embedder.norm2."),
+    (r"^img_emb\.emb_pos$", "condition_embedder.image_embedder.pos_embed"),
+    (_BLOCK + r"\.cross_attn\.([kv])_img\.", r"\1.cross_attn.add_\2_proj."),
+    (_BLOCK + r"\.cross_attn\.norm_k_img\.", r"\1.cross_attn.norm_added_k."),
     (_BLOCK + r"\.self_attn\.", r"\1.attn1."),
     (_BLOCK + r"\.cross_attn\.", r"\1.attn2."),
     (_BLOCK + r"\.(attn[12])\.([qkv])\.", r"\1.\2.to_\3."),
@@ -57,15 +79,15 @@ _TO_DIFFUSERS: list[tuple[str, str]] = [
 
 # Keys that are the same in both layouts.
 _SHARED = re.compile(r"^patch_embedding\.(weight|bias)$")
-# Wan2.1 image-to-video parts (CLIP image embedder, added key/value projections): not in kino's DiT yet.
-_IMAGE_TO_VIDEO = re.compile(r"image_embedder|add_[kv]_proj|norm_added_[kq]")
-# The same parts in Wan's original names.
-_WAN_IMAGE_TO_VIDEO = re.compile(r"img_emb\.|\.(k|v)_img\.|\.norm_k_img\.")
-# Every key of a kino (= Wan2.1 original) T2V DiT.
+# diffusers' I2V checkpoints may hold a `norm_added_q` per block that no computation uses
+# (diffusers' own loader ignores it: `_keys_to_ignore_on_load_unexpected`); so does kino.
+_DIFFUSERS_UNUSED = re.compile(r"^blocks\.\d+\.attn2\.norm_added_q\.(weight|bias)$")
+# Every key of a kino (= Wan2.1 original) DiT: T2V, and I2V / FLF2V's image branch.
 _WAN_KEY = re.compile(
     r"^(patch_embedding\.(weight|bias)|(text|time)_embedding\.[02]\.(weight|bias)|time_projection\.1\.(weight|bias)"
-    r"|blocks\.\d+\.((self|cross)_attn\.([qkvo]|norm_[qk])\.(weight|bias)|norm3\.(weight|bias)"
-    r"|ffn\.[02]\.(weight|bias)|modulation)|head\.(head\.(weight|bias)|modulation))$"
+    r"|img_emb\.(proj\.[0134]\.(weight|bias)|emb_pos)"
+    r"|blocks\.\d+\.((self|cross)_attn\.([qkvo]|norm_[qk])\.(weight|bias)|cross_attn\.([kv]_img|norm_k_img)\.(weight|bias)"
+    r"|norm3\.(weight|bias)|ffn\.[02]\.(weight|bias)|modulation)|head\.(head\.(weight|bias)|modulation))$"
 )
 
 
@@ -80,13 +102,15 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> tuple[str, bool]:
 def _convert(state_dict: dict[str, torch.Tensor], rules: list[tuple[str, str]], source: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     unknown = []
+    to_kino = source == "diffusers"
     for key, value in state_dict.items():
         new, renamed = _rename(key, rules)
-        if not renamed and not _SHARED.match(key):
+        # a block-level rule renames any key under a block: the kino-side name must also be one of kino's
+        if (not renamed and not _SHARED.match(key)) or not _WAN_KEY.match(new if to_kino else key):
             unknown.append(key)
         out[new] = value
     if unknown:
-        raise ValueError(f"keys not in the {source} layout of a Wan2.1 T2V DiT: {unknown[:8]}")
+        raise ValueError(f"keys not in the {source} layout of a Wan2.1 DiT: {unknown[:8]}")
     return out
 
 
@@ -97,11 +121,10 @@ def _reject_abs_pos(state_dict: dict[str, torch.Tensor], target: str) -> None:
 
 
 def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers WanTransformer3DModel (Wan2.1 T2V) state dict -> kino DiT state dict (same tensors)."""
-    image = [k for k in state_dict if _IMAGE_TO_VIDEO.search(k)]
-    if image:
-        raise ValueError(f"Wan2.1 image-to-video weights are not supported by kino's DiT yet: {image[:4]}")
-    return _convert(state_dict, _FROM_DIFFUSERS, "diffusers")
+    """diffusers WanTransformer3DModel (Wan2.1 T2V, I2V, FLF2V) state dict -> kino DiT state dict
+    (same tensors; unused `norm_added_q` weights are dropped, as diffusers does)."""
+    used = {k: v for k, v in state_dict.items() if not _DIFFUSERS_UNUSED.match(k)}
+    return _convert(used, _FROM_DIFFUSERS, "diffusers")
 
 
 def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,14 +139,11 @@ def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def from_wan(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Wan2.1 original release (WanModel, T2V) state dict -> kino DiT state dict: the same dict,
-    checked. Image-to-video weights and unknown keys raise ValueError."""
-    image = [k for k in state_dict if _WAN_IMAGE_TO_VIDEO.search(k)]
-    if image:
-        raise ValueError(f"Wan2.1 image-to-video weights are not supported by kino's DiT yet: {image[:4]}")
+    """Wan2.1 original release (WanModel: T2V, I2V, FLF2V) state dict -> kino DiT state dict: the
+    same dict, checked. Unknown keys raise ValueError."""
     unknown = [k for k in state_dict if not _WAN_KEY.match(k)]
     if unknown:
-        raise ValueError(f"keys not in the Wan2.1 layout of a T2V DiT: {unknown[:8]}")
+        raise ValueError(f"keys not in the Wan2.1 layout of a DiT (WanModel t2v/i2v/flf2v): {unknown[:8]}")
     return dict(state_dict)
 
 
@@ -138,7 +158,9 @@ def config_from_wan(wan_config: dict) -> DiTConfig:
 
     WanModel leaves patch_size, text_dim, qk_norm, cross_attn_norm and window_size out of
     its config.json (they take the class defaults, listed here); keys starting with "_"
-    are ignored. Only the T2V model type is this architecture yet.
+    are ignored. Model types t2v, i2v and flf2v: the image branch of i2v/flf2v is Wan's
+    `MLPProj(1280, dim)` (CLIP ViT-H/14 features, a width WanModel does not make a
+    parameter), flf2v's with a position over 2 x 257 image tokens.
     """
     defaults = {
         "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16, "dim": 2048,
@@ -150,8 +172,9 @@ def config_from_wan(wan_config: dict) -> DiTConfig:
     if unknown:
         raise ValueError(f"keys not in a Wan2.1 WanModel config: {unknown}")
     c = {**defaults, **config}
-    if c["model_type"] != "t2v":
-        raise ValueError(f"Wan2.1 model_type {c['model_type']!r} is not supported by kino's DiT yet (only 't2v')")
+    if c["model_type"] not in WAN_MODEL_TYPES:
+        raise ValueError(f"Wan2.1 model_type {c['model_type']!r} is not supported by kino's DiT "
+                         f"(only {', '.join(map(repr, WAN_MODEL_TYPES))})")
     if tuple(c["window_size"]) != (-1, -1):
         raise ValueError(f"Wan2.1 local attention (window_size {c['window_size']}) is not supported by kino's DiT")
     if not c["qk_norm"]:
@@ -170,15 +193,42 @@ def config_from_wan(wan_config: dict) -> DiTConfig:
         cross_attn_norm=c["cross_attn_norm"],
         eps=c["eps"],
         rope_max_len=1024,  # Wan's rope_params(1024, ...)
+        img_dim=None if c["model_type"] == "t2v" else WAN_CLIP_DIM,
+        img_pos_len=WAN_FLF_IMAGE_TOKENS if c["model_type"] == "flf2v" else None,
     )
+
+
+def config_to_wan(config: DiTConfig) -> dict:
+    """DiTConfig -> a Wan2.1 original `WanModel` config.json dict (raises ValueError for a DiT
+    WanModel cannot build: kino's absolute positions, no q/k norms, another rope length, or
+    an image branch other than Wan's)."""
+    if config.abs_pos_embed:
+        raise ValueError("a DiT with kino's absolute-position embedding has no WanModel config")
+    if not config.qk_norm or config.rope_max_len != 1024 or config.rope_theta != 10000.0:
+        raise ValueError("WanModel always has q/k norms and RoPE over 1024 positions with theta 10000")
+    if config.img_dim is None:
+        model_type = "t2v"
+    elif config.img_dim == WAN_CLIP_DIM and config.img_pos_len in (None, WAN_FLF_IMAGE_TOKENS):
+        model_type = "i2v" if config.img_pos_len is None else "flf2v"
+    else:
+        raise ValueError(f"WanModel's image branch takes {WAN_CLIP_DIM}-wide features (and {WAN_FLF_IMAGE_TOKENS} "
+                         f"positions for flf2v); got img_dim {config.img_dim}, img_pos_len {config.img_pos_len}")
+    return {
+        "_class_name": "WanModel", "model_type": model_type, "patch_size": list(config.patch_size),
+        "text_len": 512, "in_dim": config.in_channels, "dim": config.dim, "ffn_dim": config.ffn_dim,
+        "freq_dim": config.freq_dim, "text_dim": config.text_dim, "out_dim": config.out_channels,
+        "num_heads": config.num_heads, "num_layers": config.num_layers, "qk_norm": True,
+        "cross_attn_norm": config.cross_attn_norm, "eps": config.eps,
+    }
 
 
 def config_from_diffusers(diffusers_config: dict) -> DiTConfig:
     """A diffusers WanTransformer3DModel config.json (as a dict) -> DiTConfig.
 
     Keys diffusers left out take its defaults (Wan2.1 14B's); keys starting with "_"
-    (class name, version) are ignored. Image-to-video variants (image_dim,
-    added_kv_proj_dim, pos_embed_seq_len) are not this architecture yet.
+    (class name, version) are ignored. Image-to-video variants: `image_dim` is kino's
+    `img_dim`, `pos_embed_seq_len` its `img_pos_len` (FLF2V), and `added_kv_proj_dim` must
+    be the model width (Wan's k_img / v_img take the embedded image tokens).
     """
     wan = DIT_SIZES["wan2.1-14b"]
     defaults = {
@@ -200,23 +250,26 @@ def config_from_diffusers(diffusers_config: dict) -> DiTConfig:
         "pos_embed_seq_len": None,
     }
     c = {**defaults, **{k: v for k, v in diffusers_config.items() if not k.startswith("_")}}
+    dim = c["num_attention_heads"] * c["attention_head_dim"]
+    image = c["image_dim"] is not None
     unsupported = {
-        "image_dim": c["image_dim"] is not None,
-        "added_kv_proj_dim": c["added_kv_proj_dim"] is not None,
-        "pos_embed_seq_len": c["pos_embed_seq_len"] is not None,
+        # Wan's I2V cross-attention: both or neither, the added keys/values as wide as the model
+        "image_dim without added_kv_proj_dim": image and c["added_kv_proj_dim"] is None,
+        f"added_kv_proj_dim other than the width {dim}": c["added_kv_proj_dim"] not in (None, dim),
+        "added_kv_proj_dim without image_dim": not image and c["added_kv_proj_dim"] is not None,
         # diffusers builds q/k RMSNorms across heads for None too; any other kind would be new.
         "qk_norm": c["qk_norm"] not in ("rms_norm_across_heads", None),
     }
     bad = [name for name, value in unsupported.items() if value]
     if bad:
         raise ValueError(
-            f"diffusers WanTransformer3DModel config not supported by kino's DiT (Wan2.1 T2V family): {bad}"
+            f"diffusers WanTransformer3DModel config not supported by kino's DiT (Wan2.1 family): {bad}"
         )
     return DiTConfig(
         patch_size=tuple(c["patch_size"]),
         in_channels=c["in_channels"],
         out_channels=c["out_channels"] or c["in_channels"],
-        dim=c["num_attention_heads"] * c["attention_head_dim"],
+        dim=dim,
         ffn_dim=c["ffn_dim"],
         freq_dim=c["freq_dim"],
         text_dim=c["text_dim"],
@@ -226,4 +279,25 @@ def config_from_diffusers(diffusers_config: dict) -> DiTConfig:
         cross_attn_norm=c["cross_attn_norm"],
         eps=c["eps"],
         rope_max_len=c["rope_max_seq_len"],
+        img_dim=c["image_dim"],
+        # without an image embedder diffusers builds no position either: nothing to carry
+        img_pos_len=c["pos_embed_seq_len"] if image else None,
     )
+
+
+def config_to_diffusers(config: DiTConfig) -> dict:
+    """DiTConfig -> a diffusers WanTransformer3DModel config.json dict (no "_" keys); raises
+    ValueError for a DiT diffusers cannot build (kino's absolute positions, no q/k norms)."""
+    if config.abs_pos_embed:
+        raise ValueError("a DiT with kino's absolute-position embedding has no WanTransformer3DModel config")
+    if not config.qk_norm or config.rope_theta != 10000.0:
+        raise ValueError("WanTransformer3DModel always has q/k norms and RoPE theta 10000")
+    return {
+        "patch_size": list(config.patch_size), "num_attention_heads": config.num_heads,
+        "attention_head_dim": config.head_dim, "in_channels": config.in_channels,
+        "out_channels": config.out_channels, "text_dim": config.text_dim, "freq_dim": config.freq_dim,
+        "ffn_dim": config.ffn_dim, "num_layers": config.num_layers, "cross_attn_norm": config.cross_attn_norm,
+        "qk_norm": "rms_norm_across_heads", "eps": config.eps, "image_dim": config.img_dim,
+        "added_kv_proj_dim": None if config.img_dim is None else config.dim,
+        "rope_max_seq_len": config.rope_max_len, "pos_embed_seq_len": config.img_pos_len,
+    }

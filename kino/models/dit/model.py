@@ -34,9 +34,19 @@ tokens. Padded tokens get no attention weight; a row with no real token at all
 (an unconditional prompt encoded as pure padding) makes cross-attention add
 nothing but its output bias, and no NaN.
 
+Image branch (optional, `img_dim`; Wan2.1 I2V-14B and FLF2V-14B): CLIP image features
+(B, N, img_dim) (the penultimate layer of a ViT-H/14: N = 257 per image, 1280 wide) are
+embedded by `img_emb` (LayerNorm, Linear, exact GELU, Linear to `dim`, LayerNorm; FLF2V
+first adds a learned position `img_emb.emb_pos` over its `img_pos_len` = 2 x 257 tokens of
+the first and the last frame), and every block's cross-attention attends to them with its
+own keys and values (`k_img`, `norm_k_img`, `v_img`; the same queries, no mask) beside the
+text, the two attention outputs summed before `o`. The latents then carry the conditioning
+too (`in_channels` 36 = 16 noisy + 4 mask + 16 image latents), which is the caller's layout.
+
 Parameter names follow Wan2.1's original release exactly (patch_embedding,
 text_embedding.{0,2}, time_embedding.{0,2}, time_projection.1, blocks.N.
-{norm3, self_attn, cross_attn, ffn.{0,2}, modulation}, head.{head, modulation}),
+{norm3, self_attn, cross_attn, ffn.{0,2}, modulation}, head.{head, modulation}, and for
+I2V img_emb.{proj.{0,1,3,4}, emb_pos}, cross_attn.{k_img, v_img, norm_k_img}),
 so its checkpoints need no renaming; `adapters.py` maps diffusers' layout.
 """
 
@@ -170,9 +180,13 @@ class FloatLayerNorm(nn.LayerNorm):
 
 
 class Attention(nn.Module):
-    """Self-attention (context=None, with RoPE) or cross-attention to `context` (no positions)."""
+    """Self-attention (context=None, with RoPE) or cross-attention to `context` (no positions).
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
+    With `image` (Wan's I2V cross-attention), the queries also attend to image tokens
+    through their own key/value projections, and the two outputs are summed before `o`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
@@ -181,6 +195,10 @@ class Attention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        if image:  # Wan's WanI2VCrossAttention: image tokens (already `dim` wide) as extra keys/values
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         # Set from outside by `parallelize` on self-attention when a clip's tokens are split
         # across ranks: it then attends over every rank's tokens (kino/training/sequence_parallel.py).
         self.sequence_parallel = None
@@ -191,6 +209,7 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         rope: Rope | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         source = x if context is None else context
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
@@ -202,6 +221,10 @@ class Attention(nn.Module):
             out = attention(q, k, v, context_mask)  # (B, L, H, Dh)
         else:
             out = self.sequence_parallel.attention(attention, q, k, v, context_mask)
+        if image is not None:  # (B, Li, D) embedded image tokens, all real
+            k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, (self.num_heads, -1))
+            v_img = self.v_img(image).unflatten(-1, (self.num_heads, -1))
+            out = out + attention(q, k_img, v_img)
         return self.o(out.flatten(2))  # (B, L, D)
 
 
@@ -218,7 +241,7 @@ class Block(nn.Module):
         self.norm1 = FloatLayerNorm(dim, eps, elementwise_affine=False)
         self.self_attn = Attention(dim, config.num_heads, config.qk_norm, eps)
         self.norm3 = FloatLayerNorm(dim, eps) if config.cross_attn_norm else nn.Identity()
-        self.cross_attn = Attention(dim, config.num_heads, config.qk_norm, eps)
+        self.cross_attn = Attention(dim, config.num_heads, config.qk_norm, eps, image=config.img_dim is not None)
         self.norm2 = FloatLayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
@@ -233,12 +256,14 @@ class Block(nn.Module):
         context: torch.Tensor,
         context_mask: torch.Tensor | None,
         rope: Rope,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, F*S, D) tokens, e (B, F, 6, D) per-frame time projection, context (B, Lt, D) text."""
+        """x (B, F*S, D) tokens, e (B, F, 6, D) per-frame time projection, context (B, Lt, D) text,
+        image (B, Li, D) embedded image tokens (I2V DiTs only)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e.float()).unbind(2)  # (B, F, D)
         y = self.self_attn(modulate(self.norm1(x), shift1, scale1).to(x.dtype), rope=rope)
         x = gate(x, y, gate1)
-        x = x + self.cross_attn(self.norm3(x).to(x.dtype), context, context_mask)
+        x = x + self.cross_attn(self.norm3(x).to(x.dtype), context, context_mask, image=image)
         y = self.ffn(modulate(self.norm2(x), shift2, scale2).to(x.dtype))
         return gate(x, y, gate2)  # (B, L, D)
 
@@ -256,6 +281,30 @@ class Head(nn.Module):
         """e (B, F, D): the per-frame time embedding itself (before the 6-way projection)."""
         shift, scale = (self.modulation.float()[:, None] + e.float()[:, :, None]).unbind(2)  # (B, F, D)
         return self.head(modulate(self.norm(x), shift, scale).to(x.dtype))
+
+
+class ImageEmbedding(nn.Module):
+    """Wan's MLPProj: CLIP image features (B, N, img_dim) -> (B, N, dim) context tokens.
+
+    `proj` keeps Wan's nn.Sequential indices (0 LayerNorm, 1 Linear, 2 GELU, 3 Linear,
+    4 LayerNorm; torch's default eps 1e-5, exact GELU). FLF2V adds `emb_pos` (1, pos_len,
+    img_dim) to the features of the first and last frame, concatenated along N first.
+    """
+
+    def __init__(self, img_dim: int, dim: int, pos_len: int | None) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            FloatLayerNorm(img_dim), nn.Linear(img_dim, img_dim), nn.GELU(), nn.Linear(img_dim, dim),
+            FloatLayerNorm(dim),
+        )
+        self.emb_pos = nn.Parameter(torch.zeros(1, pos_len, img_dim)) if pos_len is not None else None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.emb_pos is not None:
+            image = image + self.emb_pos.to(image.dtype)
+        weight = self.proj[1].weight
+        y = self.proj[3](self.proj[2](self.proj[1](self.proj[0](image).to(weight.dtype))))
+        return self.proj[4](y).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -288,6 +337,8 @@ class DiT(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # Wan2.1 I2V / FLF2V: CLIP image features -> extra cross-attention context (module doc).
+        self.img_emb = ImageEmbedding(config.img_dim, dim, config.img_pos_len) if config.img_dim is not None else None
         # A plain ModuleList: activation checkpointing, FSDP and compile wrap its entries from outside.
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
         self.head = Head(dim, config.out_channels, config.patch_size, config.eps)
@@ -328,6 +379,8 @@ class DiT(nn.Module):
         # only the head receives gradient (everything else reaches the loss through its weight).
         nn.init.zeros_(self.head.head.weight)
         nn.init.zeros_(self.head.head.bias)
+        if self.img_emb is not None and self.img_emb.emb_pos is not None:
+            nn.init.zeros_(self.img_emb.emb_pos)  # Wan's: torch.zeros
         # Zero too: absolute positions start as no change, so a RoPE-only model grows one exactly.
         if self.pos_embedding is not None:
             nn.init.zeros_(self.pos_embedding.weight)
@@ -378,10 +431,16 @@ class DiT(nn.Module):
         t: torch.Tensor | float,
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity for latents x (B, C, T, H, W) at timesteps t ((B, T), (B,) or scalar, in [0, 1000])
-        given text tokens (B, L, text_dim) and an optional mask (B, L), True for real tokens."""
+        given text tokens (B, L, text_dim) and an optional mask (B, L), True for real tokens.
+
+        `image` (B, N, img_dim): CLIP image features, required by a DiT with an image branch
+        (`img_dim`) and refused by one without; FLF2V's N is `img_pos_len` (first frame's
+        tokens, then the last frame's)."""
         grid = self._check_inputs(x, text, text_mask)
+        self._check_image(image, x.shape[0])
         b, _, frames = x.shape[:3]
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, F*h*w, D), in (t, h, w) order
         if self.pos_embedding is not None:
@@ -391,15 +450,29 @@ class DiT(nn.Module):
         e, e0 = self.embed_time(self.frame_timesteps(t, b, frames, x.device))  # (B, F, D), (B, F, 6, D)
         context = self.text_embedding(text)  # (B, L, D)
         mask = None if text_mask is None else text_mask.bool()
+        image_tokens = None if image is None else self.img_emb(image)  # (B, N, D)
         sp = self.sequence_parallel
         if sp is not None:  # keep this rank's tokens, with the RoPE angles of their global positions
             tokens, rope = sp.shard(tokens, rope, grid)  # (B, F*h*w/P, D)
         for block in self.blocks:
-            tokens = block(tokens, e0, context, mask, rope)
+            tokens = block(tokens, e0, context, mask, rope, image_tokens)
         out = self.head(tokens, e)  # (B, L, pt*ph*pw*C_out)
         if sp is not None:
             out = sp.gather(out, grid)  # (B, F*h*w, pt*ph*pw*C_out)
         return self.unpatchify(out, grid)  # (B, C_out, T, H, W)
+
+    def _check_image(self, image: torch.Tensor | None, batch: int) -> None:
+        c = self.config
+        if c.img_dim is None:
+            if image is not None:
+                raise DiTInputError("this DiT has no image branch (img_dim is None): it takes no image features")
+            return
+        n = "N" if c.img_pos_len is None else str(c.img_pos_len)
+        if image is None or image.ndim != 3 or image.shape[0] != batch or image.shape[2] != c.img_dim \
+                or image.shape[1] == 0 or (c.img_pos_len is not None and image.shape[1] != c.img_pos_len):
+            got = "none" if image is None else f"shape {tuple(image.shape)}"
+            raise DiTInputError(f"this DiT has an image branch: image features must be a ({batch}, {n}, {c.img_dim}) "
+                                f"tensor (CLIP's penultimate hidden states); got {got}")
 
     def _check_inputs(
         self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
@@ -464,6 +537,10 @@ class DiTConfig:
     rope_max_len: int = 1024
     rope_theta: float = 10000.0
     abs_pos_embed: bool = False  # kino's absolute-position embedding (module doc); Wan2.1 has none
+    # Wan2.1 I2V / FLF2V image branch (module doc): width of the CLIP image features (1280), and
+    # the length of FLF2V's learned position over the image tokens (2 x 257). None: no branch.
+    img_dim: int | None = None
+    img_pos_len: int | None = None
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -475,6 +552,10 @@ class DiTConfig:
             raise ValueError(f"head_dim (dim / num_heads) must be even and >= 8 for 3D RoPE; got {self.head_dim}")
         if self.freq_dim % 2:
             raise ValueError(f"freq_dim must be even; got {self.freq_dim}")
+        if self.img_dim is not None and self.img_dim < 1:
+            raise ValueError(f"img_dim must be a positive width or None; got {self.img_dim}")
+        if self.img_pos_len is not None and (self.img_dim is None or self.img_pos_len < 1):
+            raise ValueError(f"img_pos_len ({self.img_pos_len}) needs an image branch (img_dim) and must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -486,9 +567,9 @@ class DiTConfig:
         hw = 2 * (self.head_dim // 6)
         return self.head_dim - 2 * hw, hw, hw
 
-    def forward_flops(self, grid: tuple[int, int, int], text_len: int) -> float:
+    def forward_flops(self, grid: tuple[int, int, int], text_len: int, image_len: int = 0) -> float:
         """Matmul FLOPs (2 per multiply-add) of one clip's forward pass with a (F, h, w) token
-        grid and `text_len` text tokens: the model's own count, for MFU (training = 3x this;
+        grid, `text_len` text tokens and `image_len` image tokens (I2V): the model's own count, for MFU (training = 3x this;
         activation checkpointing's recompute is not counted, by convention). Norms, RoPE,
         softmax and the time embedding (one row per frame) are left out: under 1% here."""
         d, n, lt = self.dim, math.prod(grid), text_len
@@ -503,12 +584,19 @@ class DiTConfig:
         embed = n * self.in_channels * patch * d + lt * (self.text_dim * d + d * d)
         if self.abs_pos_embed:
             embed += n * 6 * POSITION_BANDS * d
+        if self.img_dim is not None and image_len:
+            li = image_len
+            block += 2 * li * d * d + 2 * n * li * d  # k_img, v_img; scores and values
+            embed += li * (self.img_dim * self.img_dim + self.img_dim * d)
         head = n * d * self.out_channels * patch
         return 2.0 * (self.num_layers * block + embed + head)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["patch_size"] = list(self.patch_size)
+        for key in ("img_dim", "img_pos_len"):  # written only when set: T2V configs stay as they were
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -534,4 +622,10 @@ DIT_SIZES: dict[str, DiTConfig] = {
     # Wan2.1 T2V 1.3B and 14B (UMT5-XXL text); their weights load into these via adapters.
     "wan2.1-1.3b": DiTConfig(dim=1536, ffn_dim=8960, text_dim=4096, num_heads=12, num_layers=30),
     "wan2.1-14b": DiTConfig(dim=5120, ffn_dim=13824, text_dim=4096, num_heads=40, num_layers=40),
+    # Wan2.1 I2V-14B (480p and 720p share it) and FLF2V-14B: 36 input channels (noise, mask, image
+    # latents) and the CLIP image branch (ViT-H/14 features, 1280 wide; FLF2V: 2 x 257 positions).
+    "wan2.1-i2v-14b": DiTConfig(in_channels=36, dim=5120, ffn_dim=13824, text_dim=4096, num_heads=40, num_layers=40,
+                                img_dim=1280),
+    "wan2.1-flf2v-14b": DiTConfig(in_channels=36, dim=5120, ffn_dim=13824, text_dim=4096, num_heads=40,
+                                  num_layers=40, img_dim=1280, img_pos_len=514),
 }

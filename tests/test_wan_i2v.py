@@ -1,0 +1,271 @@
+"""Wan2.1 image-to-video (I2V, FLF2V) in kino: the DiT's image branch against diffusers'
+WanTransformer3DModel with `image_dim` (and `pos_embed_seq_len` for FLF2V), through both
+adapters, on tiny random models (CPU, fp32).
+
+Wan's original layout is written here with this file's own key table (names from Wan's
+wan/modules/model.py: MLPProj `img_emb.proj.{0,1,3,4}` and `emb_pos`, WanI2VCrossAttention
+`k_img`, `v_img`, `norm_k_img`), independent of kino's adapters.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kino.models.dit import (DIT_SIZES, DiT, DiTConfig, DiTInputError, config_from_diffusers, config_from_wan,
+                             config_to_diffusers, config_to_wan, from_diffusers, from_wan, to_diffusers, to_wan)
+
+diffusers = pytest.importorskip("diffusers")
+
+IMG_DIM = 20  # CLIP feature width of the tiny models (Wan's is 1280)
+IMG_TOKENS = 5  # CLIP tokens per image (Wan's is 257)
+TEXT_LEN = 512  # diffusers' I2V attention takes everything before the last 512 context tokens as image tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _perturb(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Seeded noise on every parameter, so zero-initialised layers (emb_pos) and unit norms take part."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def diffusers_i2v(kind: str, seed: int = 0, img_dim: int = IMG_DIM):
+    torch.manual_seed(seed)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
+        text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=1e-6, rope_max_seq_len=1024, image_dim=img_dim, added_kv_proj_dim=32,
+        pos_embed_seq_len=2 * IMG_TOKENS if kind == "flf2v" else None)
+    return _perturb(model, seed + 1).eval()
+
+
+# diffusers name -> Wan2.1 original name (wan/modules/model.py). The image parts first: the
+# T2V table's ".norm2." -> ".norm3." would otherwise catch the image embedder's norm2.
+IMAGE_TO_WAN = [
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
+    ("condition_embedder.image_embedder.pos_embed", "img_emb.emb_pos"),
+    (".attn2.add_k_proj.", ".cross_attn.k_img."),
+    (".attn2.add_v_proj.", ".cross_attn.v_img."),
+    (".attn2.norm_added_k.", ".cross_attn.norm_k_img."),
+]
+T2V_TO_WAN = [
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1.to_out.0", "self_attn.o"), ("attn2.to_out.0", "cross_attn.o"),
+    ("attn1.to_", "self_attn."), ("attn2.to_", "cross_attn."),
+    ("attn1.norm_", "self_attn.norm_"), ("attn2.norm_", "cross_attn.norm_"),
+    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+    (".norm2.", ".norm3."),  # diffusers' norm2 is Wan's cross-attention norm3
+]
+
+
+def dit_to_wan(state):
+    out = {}
+    for key, value in state.items():
+        if key == "scale_shift_table":
+            out["head.modulation"] = value
+            continue
+        renamed = False
+        for old, new in IMAGE_TO_WAN:
+            if old in key:
+                key, renamed = key.replace(old, new), True
+        if not renamed:
+            key = key.replace("proj_out.", "head.head.").replace(".scale_shift_table", ".modulation")
+            for old, new in T2V_TO_WAN:
+                key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def _inputs(kind: str, batch: int = 2, seed: int = 0):
+    """Latents (36 channels), timesteps, 512 text tokens; image features in diffusers' form
+    ((B or 2B, N, img_dim): FLF2V's first and last frame as separate rows) and in kino's
+    ((B, N or 2N, img_dim): one row per clip, the first frame's tokens then the last's)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 36, 3, 4, 6, generator=gen)
+    t = torch.tensor([999.0, 321.5])[:batch]
+    text = torch.randn(batch, TEXT_LEN, 24, generator=gen)
+    images = 2 if kind == "flf2v" else 1
+    image = torch.randn(batch * images, IMG_TOKENS, IMG_DIM, generator=gen)
+    return x, t, text, image, image.reshape(batch, images * IMG_TOKENS, IMG_DIM)
+
+
+def _kino(config: DiTConfig, state: dict) -> DiT:
+    model = DiT(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("kind", ["i2v", "flf2v"])
+def test_i2v_dit_matches_diffusers_through_both_layouts(kind):
+    reference = diffusers_i2v(kind)
+    state = reference.state_dict()
+    config = config_from_diffusers(dict(reference.config))
+    assert (config.in_channels, config.img_dim, config.img_pos_len) == (
+        36, IMG_DIM, 2 * IMG_TOKENS if kind == "flf2v" else None)
+    via_diffusers = _kino(config, from_diffusers(state))
+    wan_state = dit_to_wan(state)
+    assert any(k.startswith("img_emb.proj.4.") for k in wan_state) and "blocks.1.cross_attn.k_img.weight" in wan_state
+    via_wan = _kino(config, from_wan(wan_state))
+
+    x, t, text, image_d, image_k = _inputs(kind)
+    with torch.no_grad():
+        expected = reference(x, t, text, encoder_hidden_states_image=image_d).sample
+        assert expected.std() > 0.1
+        for model in (via_diffusers, via_wan):
+            torch.testing.assert_close(model(x, t, text, image=image_k), expected, rtol=0, atol=1e-5)
+        # the image branch is not idle: other image features give another velocity
+        other = via_diffusers(x, t, text, image=torch.randn_like(image_k))
+        assert (other - expected).abs().max() > 1e-2
+        if kind == "flf2v":  # and FLF2V's position tells the first frame from the last
+            swapped = image_k.unflatten(1, (2, IMG_TOKENS)).flip(1).flatten(1, 2)
+            reference_swapped = reference(x, t, text, encoder_hidden_states_image=swapped.reshape(4, IMG_TOKENS,
+                                                                                                    IMG_DIM)).sample
+            torch.testing.assert_close(via_wan(x, t, text, image=swapped), reference_swapped, rtol=0, atol=1e-5)
+            assert (reference_swapped - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["i2v", "flf2v"])
+def test_i2v_dit_round_trips_to_diffusers_and_wan(kind):
+    reference = diffusers_i2v(kind, seed=4)
+    config = config_from_diffusers(dict(reference.config))
+    model = _kino(config, from_diffusers(reference.state_dict()))
+    # kino -> diffusers: a WanTransformer3DModel built from the translated config takes the state strictly
+    rebuilt = diffusers.WanTransformer3DModel(**config_to_diffusers(config)).eval()
+    rebuilt.load_state_dict(to_diffusers(model.state_dict()), strict=True)
+    assert config_from_diffusers(dict(rebuilt.config)) == config
+    x, t, text, image_d, image_k = _inputs(kind, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, t, text, encoder_hidden_states_image=image_d).sample,
+                                   model(x, t, text, image=image_k), rtol=0, atol=1e-5)
+    # kino -> Wan: the names are Wan's; the table of this file agrees key by key
+    assert to_wan(model.state_dict()).keys() == dit_to_wan(reference.state_dict()).keys()
+    back = from_diffusers(to_diffusers(model.state_dict()))
+    assert back.keys() == model.state_dict().keys()
+
+
+def test_i2v_dit_drops_diffusers_unused_norm_added_q():
+    """Older diffusers conversions hold a norm_added_q per block that nothing uses (diffusers'
+    loader ignores it); kino drops it too, and any other unknown key still raises."""
+    state = diffusers_i2v("i2v").state_dict()
+    extra = {**state, "blocks.0.attn2.norm_added_q.weight": torch.ones(32)}
+    assert from_diffusers(extra).keys() == from_diffusers(state).keys()
+    with pytest.raises(ValueError, match="not in the diffusers layout"):
+        from_diffusers({**state, "blocks.0.attn2.add_q_proj.weight": torch.ones(32)})
+    with pytest.raises(ValueError, match="not in the Wan2.1 layout"):
+        from_wan({**dit_to_wan(state), "img_emb.proj.2.weight": torch.ones(3)})
+
+
+def test_image_features_are_checked():
+    model = DiT(DiTConfig(in_channels=36, dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=1,
+                          img_dim=IMG_DIM, img_pos_len=2 * IMG_TOKENS)).eval()
+    x, t, text, _, image = _inputs("flf2v")
+    with torch.no_grad():
+        assert model(x, t, text, image=image).shape == (2, 16, 3, 4, 6)
+        with pytest.raises(DiTInputError, match=r"image features must be a \(2, 10, 20\) tensor.*got none"):
+            model(x, t, text)
+        with pytest.raises(DiTInputError, match="got shape"):
+            model(x, t, text, image=image[:, :IMG_TOKENS])  # FLF2V needs both frames' tokens
+        with pytest.raises(DiTInputError, match="no image branch"):
+            DiT(DIT_SIZES["tiny"]).eval()(torch.randn(2, 16, 1, 2, 2), t, text, image=image)
+    with pytest.raises(ValueError, match="img_pos_len"):
+        DiTConfig(img_pos_len=514)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+I2V_14B_WAN = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 5120, "eps": 1e-06,
+               "ffn_dim": 13824, "freq_dim": 256, "in_dim": 36, "model_type": "i2v", "num_heads": 40,
+               "num_layers": 40, "out_dim": 16, "text_len": 512}  # Wan-AI/Wan2.1-I2V-14B-480P config.json
+I2V_14B_DIFFUSERS = {"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": 5120, "attention_head_dim": 128,
+                     "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256, "image_dim": 1280,
+                     "in_channels": 36, "num_attention_heads": 40, "num_layers": 40, "out_channels": 16,
+                     "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024,
+                     "text_dim": 4096}  # Wan-AI/Wan2.1-I2V-14B-480P-Diffusers transformer/config.json
+
+
+def test_i2v_configs_of_the_releases():
+    i2v, flf2v = DIT_SIZES["wan2.1-i2v-14b"], DIT_SIZES["wan2.1-flf2v-14b"]
+    assert config_from_wan(I2V_14B_WAN) == i2v
+    assert config_from_wan({**I2V_14B_WAN, "model_type": "flf2v"}) == flf2v
+    assert config_from_diffusers(I2V_14B_DIFFUSERS) == i2v
+    assert config_from_diffusers({**I2V_14B_DIFFUSERS, "pos_embed_seq_len": 514}) == flf2v
+    for config in (i2v, flf2v, DIT_SIZES["wan2.1-14b"]):
+        assert config_from_wan(config_to_wan(config)) == config
+        assert config_from_diffusers(config_to_diffusers(config)) == config
+        assert DiTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    # T2V configs are written as before: no image fields
+    assert "img_dim" not in DIT_SIZES["wan2.1-14b"].to_dict() and i2v.to_dict()["img_dim"] == 1280
+    # diffusers' pos_embed_seq_len means nothing without an image embedder (the T2V configs)
+    assert config_from_diffusers({**I2V_14B_DIFFUSERS, "image_dim": None, "added_kv_proj_dim": None,
+                                  "in_channels": 16, "pos_embed_seq_len": 514}) == DIT_SIZES["wan2.1-14b"]
+    for bad, needle in [({"added_kv_proj_dim": None}, "image_dim without added_kv_proj_dim"),
+                        ({"added_kv_proj_dim": 1280}, "added_kv_proj_dim other than the width 5120"),
+                        ({"image_dim": None}, "added_kv_proj_dim without image_dim")]:
+        with pytest.raises(ValueError, match=needle):
+            config_from_diffusers({**I2V_14B_DIFFUSERS, **bad})
+    with pytest.raises(ValueError, match="model_type 'vace' is not supported"):
+        config_from_wan({**I2V_14B_WAN, "model_type": "vace"})
+    with pytest.raises(ValueError, match="1280-wide"):
+        config_to_wan(DiTConfig(img_dim=IMG_DIM))
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def t2v_folders(tmp_path_factory):
+    """test_wan.py's tiny T2V folders, in both layouts."""
+    from test_wan import _components, write_diffusers, write_original
+
+    components = _components()
+    root = tmp_path_factory.mktemp("wan")
+    return {"original": write_original(root / "Wan2.1-T2V-tiny", components),
+            "diffusers": write_diffusers(root / "Wan2.1-T2V-tiny-Diffusers", components)}
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_i2v_weights_with_a_t2v_config_exit_2_naming_the_file(t2v_folders, tmp_path, capsys, layout):
+    """An I2V checkpoint in a folder whose config says T2V: a KinoUserError naming the file."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from kino.cli import main
+
+    root = tmp_path / "wan"
+    shutil.copytree(t2v_folders[layout], root)
+    state = diffusers_i2v("i2v", img_dim=1280).state_dict()  # text_dim 24 and the blocks fit the tiny T2V config
+    if layout == "original":
+        weights, state = root / "diffusion_pytorch_model.safetensors", dit_to_wan(state)
+    else:
+        weights = root / "transformer" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    code = main(["convert", "wan", str(root), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{weights} holds weights that do not fit its config" in err and "img_emb" in err
+    assert err.startswith("kino: error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
