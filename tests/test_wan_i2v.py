@@ -269,3 +269,85 @@ def test_i2v_weights_with_a_t2v_config_exit_2_naming_the_file(t2v_folders, tmp_p
     assert f"{weights} holds weights that do not fit its config" in err and "img_emb" in err
     assert err.startswith("kino: error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- CLIP image encoder
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _clip(seed: int = 0):
+    """A tiny random CLIPVisionModel (32x32 images, 8x8 patches: 17 tokens) and Wan's image_processor
+    settings at its size (shortest edge and center crop 32, bicubic, CLIP mean and std)."""
+    torch.manual_seed(seed)
+    config = transformers.CLIPVisionConfig(hidden_size=IMG_DIM, intermediate_size=40, num_hidden_layers=3,
+                                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
+    model = transformers.CLIPVisionModel(config).eval()
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def clip_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip")
+    model, processor = _clip()
+    model.save_pretrained(root / "image_encoder")
+    processor.save_pretrained(root / "image_processor")
+    return model, processor, root
+
+
+def _image(shape, seed):
+    """uint8 (H, W, 3) with smooth gradients and sharp edges (bicubic overshoot gets clipped)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return (np.cumsum(rng.integers(0, 20, (*shape, 3)), axis=1) % 256).astype(np.uint8)
+
+
+def test_clip_encoder_matches_transformers_with_diffusers_preprocessing(clip_folders):
+    from PIL import Image
+
+    from kino.models.clip import CLIPImageEncoder
+
+    model, processor, root = clip_folders
+    encoder = CLIPImageEncoder.from_folder(root / "image_encoder", root / "image_processor")
+    for shape, resized in [((32, 32), False), ((32, 48), False), ((48, 80), True), ((100, 60), True),
+                           ((20, 30), True)]:
+        pixels = _image(shape, seed=sum(shape))
+        # what diffusers' WanImageToVideoPipeline.encode_image does with a PIL image
+        reference = processor(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            hidden = model(pixel_values=reference, output_hidden_states=True).hidden_states
+        expected = hidden[-2]
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1  # kino's [-1, 1] pixels
+        mine = encoder.preprocess(x)
+        features = encoder.encode(x)
+        assert features.shape == (1, 17, IMG_DIM) and features.dtype == torch.float32
+        assert (hidden[-1] - expected).abs().max() > 0.1  # the penultimate layer, not the last
+        if not resized:  # no resampling: exactly transformers' pixels
+            torch.testing.assert_close(mine, reference, rtol=0, atol=1e-6)
+            torch.testing.assert_close(features, expected, rtol=0, atol=1e-5)
+        else:  # PIL's fixed-point bicubic: a few pixels one 8-bit level off (seen: <= 1 level, < 0.1%)
+            level = 1 / 255 / min(encoder.std)
+            diff = (mine - reference).abs()
+            assert diff.max() <= 2 * level + 1e-6 and (diff > 1e-6).float().mean() < 0.01
+            assert (features - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_clip_encoder_bad_folders(clip_folders, tmp_path):
+    import shutil
+
+    from kino.errors import KinoUserError
+    from kino.models.clip import CLIPImageEncoder
+
+    _, processor, root = clip_folders
+    with pytest.raises(KinoUserError, match="config.json is missing"):
+        CLIPImageEncoder.from_folder(tmp_path, root / "image_processor")
+    bad = shutil.copytree(root / "image_processor", tmp_path / "proc")
+    config = json.loads((bad / "preprocessor_config.json").read_text())
+    (bad / "preprocessor_config.json").write_text(json.dumps({**config, "resample": 2}))
+    with pytest.raises(KinoUserError, match=r"preprocessor_config.json: CLIP preprocessing .*resample"):
+        CLIPImageEncoder.from_folder(root / "image_encoder", bad)
+    encoder = CLIPImageEncoder.from_folder(root / "image_encoder", resize="squash")
+    assert encoder.preprocess(torch.zeros(2, 3, 48, 80)).shape == (2, 3, 32, 32)  # Wan's own: squashed, no crop
