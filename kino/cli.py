@@ -268,7 +268,7 @@ def _task_kwargs(args) -> dict:
 
 def _task_inputs(args) -> dict:
     """The task function's input arguments, from the command's positionals / --image."""
-    names = {"generate": {"image": "image"}, "extend": {"input": "video"},
+    names = {"generate": {"image": "image", "last_image": "last_image"}, "extend": {"input": "video"},
              "connect": {"first": "first", "second": "second"}, "edit": {"input": "video"}}[args.task]
     return {keyword: getattr(args, arg) for arg, keyword in names.items()}
 
@@ -308,6 +308,9 @@ def cmd_task(args) -> int:
 
     if args.batch is not None and getattr(args, "image", None) is not None:
         raise KinoUserError("with --batch, name each row's image in the row ('image': PATH), not with --image")
+    if args.batch is not None and getattr(args, "last_image", None) is not None:
+        raise KinoUserError("with --batch, name each row's last image in the row ('last_image': PATH), "
+                            "not with --last-image")
     names = POSITIONALS[args.task]
     values = [getattr(args, name) for name in names]
     if any(v is not None for v in values) == (args.batch is not None):
@@ -479,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=None, help="what to generate")
     p.add_argument("--image", type=Path, default=None, metavar="IMAGE",
                    help="start from this image (frame 0; resized and center-cropped to --size)")
+    p.add_argument("--last-image", type=Path, default=None, metavar="IMAGE",
+                   help="end at this image (Wan2.1 FLF2V models only)")
     p.add_argument("--loop", action="store_true",
                    help="a seamless loop: frame N would be frame 0 again (--frames 4k; default: the most "
                         "whole latent frames the default length holds, 16 for kino's default)")
@@ -531,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="third-party weights into a kino model folder")
     convert.set_defaults(group_help=convert.format_help)
     csub = convert.add_subparsers(dest="convert_command", metavar="COMMAND", parser_class=_Parser)
-    p = csub.add_parser("wan", help="a Wan2.1 text-to-video folder (original or diffusers layout) -> kino")
+    p = csub.add_parser("wan", help="a Wan2.1 folder (T2V: original or diffusers layout; I2V, FLF2V: diffusers "
+                                    "layout) -> kino")
     p.add_argument("src", type=Path, metavar="SRC", help="Wan2.1 folder (e.g. Wan2.1-T2V-1.3B or its -Diffusers)")
     p.add_argument("dst", type=Path, metavar="DST", help="new kino model folder (must not exist or be empty)")
     add_common(p)

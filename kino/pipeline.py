@@ -7,6 +7,11 @@
 The sampling loop is one function (`sample_latents`) over a velocity closure; guidance,
 the timestep convention and conditioning (given latent frames, loops, SDEdit starts: every
 task of `kino/tasks/video_tasks.py`) live there, not in the model.
+
+Wan2.1 image-to-video models (a DiT with an image branch, and a CLIP image encoder) are
+conditioned another way (`ImageCondition`): their DiT reads 20 more input channels (a mask
+of the given frames and the VAE latents of the image followed by black frames) and the
+image's CLIP features; every frame is sampled, none is kept clean.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from kino.models.lora import fuse_lora, read_lora, unfuse_lora
 from kino.models.memory import BlockStreamer, MemoryPlan, placed
 from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
 from kino.models.vae.model import TileConfig, VAEConfig, VideoVAE
-from kino.tasks.conditioning import Conditioning, loop_cycle, loop_frames
+from kino.tasks.conditioning import Conditioning, fit_video, loop_cycle, loop_frames
 from kino.world.captions import parse_caption
 
 SHAPES_WORLD_NAME = "kino-shapes"  # the name of Shapes World pipelines (the shipped default, `kino train dit`)
@@ -76,11 +81,39 @@ class Generation:
     conditioning: Conditioning | None = None  # what the last sampling pass was given
 
 
+@dataclass
+class ImageCondition:
+    """Wan2.1 I2V / FLF2V conditioning of one clip, the same for both guidance branches.
+
+    `channels` (1, 4 + C, T, h, w): Wan's mask of the given pixel frames folded into latent
+    frames (frame 0 counted four times, then 4 pixel frames per latent frame: 4 channels),
+    then the normalised VAE latents of the given frames with black (zero) frames between
+    them; the DiT reads them after the noisy latents. `features` (1, N, img_dim): the CLIP
+    features of the given images (FLF2V: the first frame's tokens, then the last's).
+    """
+
+    channels: Tensor
+    features: Tensor
+
+    def to(self, device) -> ImageCondition:
+        return ImageCondition(self.channels.to(device), self.features.to(device))
+
+
+def frame_mask(frames: int, given: list[int], stride: int) -> Tensor:
+    """Wan's (stride, T) mask of `given` pixel frames among `frames` = stride (T - 1) + 1:
+    frame 0 repeated `stride` times, then the frames in latent order, stride per latent frame."""
+    m = torch.zeros(frames)
+    m[given] = 1.0
+    m = torch.cat([m[:1].repeat(stride), m[1:]])  # (stride * T,)
+    return m.view(-1, stride).transpose(0, 1)  # (stride, T)
+
+
 def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_mask: Tensor,
                    noise: Tensor, *, steps: int, guidance: float, sampler: str = "dpm++2m",
                    shift: float | None = None, callback: Callable[[int], None] | None = None,
                    conditioning: Conditioning | None = None, t_max: float = 1.0, t_min: float = 0.0,
-                   integer_dit_time: bool = False, cfg_batch: bool = True) -> Tensor:
+                   integer_dit_time: bool = False, cfg_batch: bool = True,
+                   image: ImageCondition | None = None) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
     guidance; conditional and unconditional branches run as one batch (`cfg_batch=False`:
     one after the other, half the activations). The DiT computes in its own dtype (that of
@@ -89,6 +122,9 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     `conditioning` gives latent frames clean (kept exactly, at t = 0, with zero velocity),
     ties a loop's first and last frames, or starts from noised latents (SDEdit); the math is
     in `Conditioning`'s docstring. Without it nothing is given (text-to-video).
+
+    `image` (Wan2.1 I2V / FLF2V DiTs): extra input channels and CLIP features, given to both
+    guidance branches alike (`ImageCondition`).
     """
     if sampler not in SAMPLERS:
         raise KinoUserError(f"unknown sampler {sampler!r}: allowed {', '.join(SAMPLERS)}")
@@ -104,20 +140,25 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     embed = getattr(dit, "patch_embedding", None)  # any velocity model with a DiT's call signature will do
     dtype = embed.weight.dtype if embed is not None else noise.dtype
     text, neg_text = text.to(dtype), neg_text.to(dtype)
+    extra, channels = {}, None
+    if image is not None:
+        channels = image.channels.to(dtype).expand(B, -1, -1, -1, -1)
+        extra = {"image": image.features.to(dtype).expand(B, -1, -1)}
+    both = {k: torch.cat([v, v]) for k, v in extra.items()}
 
     def velocity(x: Tensor, t: float) -> Tensor:
         x = cond.keep_clean(x)
         t_dit = math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE
         t_frames = cond.frame_times(t_dit, x.dtype)  # (B, T)
-        x_dit = x.to(dtype)
+        x_dit = x.to(dtype) if channels is None else torch.cat([x.to(dtype), channels], dim=1)
         if not use_cfg:
-            v = dit(x_dit, t_frames, text, mask).float()
+            v = dit(x_dit, t_frames, text, mask, **extra).float()
         elif cfg_batch:
             v_cond, v_uncond = dit(torch.cat([x_dit, x_dit]), torch.cat([t_frames, t_frames]),
-                                   torch.cat([text, neg_text]), torch.cat([mask, neg_mask])).float().chunk(2)
+                                   torch.cat([text, neg_text]), torch.cat([mask, neg_mask]), **both).float().chunk(2)
         else:
-            v_cond = dit(x_dit, t_frames, text, mask).float()
-            v_uncond = dit(x_dit, t_frames, neg_text, neg_mask).float()
+            v_cond = dit(x_dit, t_frames, text, mask, **extra).float()
+            v_uncond = dit(x_dit, t_frames, neg_text, neg_mask, **extra).float()
         if use_cfg:
             v = v_uncond + guidance * (v_cond - v_uncond)
         return cond.constrain(v)
@@ -130,11 +171,20 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
 
 class Pipeline:
     def __init__(self, vae: VideoVAE, dit: DiT, text_encoder: TextEncoder,
-                 defaults: GenerationDefaults | None = None, name: str = "kino"):
+                 defaults: GenerationDefaults | None = None, name: str = "kino", image_encoder=None):
         if dit.config.text_dim != text_encoder.dim:
             raise KinoUserError(f"the DiT expects {dit.config.text_dim}-d text features but the text encoder "
                                 f"gives {text_encoder.dim}-d")
+        img_dim = dit.config.img_dim
+        if (img_dim is None) != (image_encoder is None) or (image_encoder is not None and image_encoder.dim != img_dim):
+            raise KinoUserError(
+                f"the DiT takes {'no image features' if img_dim is None else f'{img_dim}-d image features'} but the "
+                f"pipeline has {'no image encoder' if image_encoder is None else f'a {image_encoder.dim}-d image encoder'}")
+        if img_dim is not None and dit.config.in_channels != 2 * vae.config.z_dim + vae.config.time_stride:
+            raise KinoUserError(f"a Wan image-to-video DiT reads {2 * vae.config.z_dim + vae.config.time_stride} "
+                                f"channels (noise, mask, image latents); this one reads {dit.config.in_channels}")
         self.vae, self.dit, self.text_encoder = vae, dit, text_encoder
+        self.image_encoder = image_encoder  # Wan2.1 I2V / FLF2V: CLIP (kino/models/clip.py)
         self.defaults = defaults or GenerationDefaults()
         self.name = name
         self.loras: list[dict] = []  # fused LoRAs, in order: {"file", "sha256", "scale"}
@@ -178,8 +228,15 @@ class Pipeline:
         text = load_component(root, "text_encoder", weights=False)
         text_encoder = load_text_encoder(text.config, text_device if text_device is not None else device, text.folder,
                                          text_dtype)
+        image_encoder = None
+        if "image_encoder" in manifest["components"]:
+            from kino.models.clip import CLIPImageEncoder
+
+            image = load_component(root, "image_encoder", weights=False)
+            image_encoder = CLIPImageEncoder.from_reference(image.config, image.folder,
+                                                            device=text_device if text_device is not None else device)
         defaults = GenerationDefaults.from_dict(manifest.get("pipeline", {}))
-        pipe = cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name))
+        pipe = cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name), image_encoder=image_encoder)
         pipe.dit_sha256 = manifest["components"]["dit"].get("files", {}).get(WEIGHTS)
         return pipe
 
@@ -191,9 +248,14 @@ class Pipeline:
         save_component(root / "vae", self.vae.config.to_dict(), self.vae.state_dict())
         save_component(root / "dit", self.dit.config.to_dict(), self.dit.state_dict())
         save_text_encoder(self.text_encoder, root / "text_encoder")
-        return write_manifest(root, self.name, {"vae": ("vae", "VideoVAE"), "dit": ("dit", "DiT"),
-                                                "text_encoder": ("text_encoder", type(self.text_encoder).__name__)},
-                              extra={"pipeline": asdict(self.defaults)})
+        components = {"vae": ("vae", "VideoVAE"), "dit": ("dit", "DiT"),
+                      "text_encoder": ("text_encoder", type(self.text_encoder).__name__)}
+        if self.image_encoder is not None:  # a reference config.json beside the weights in clip/
+            self.image_encoder.save(root / "image_encoder")
+            (root / "image_encoder" / "config.json").write_text(json.dumps(self.image_encoder.reference(), indent=2)
+                                                                + "\n")
+            components["image_encoder"] = ("image_encoder", type(self.image_encoder).__name__)
+        return write_manifest(root, self.name, components, extra={"pipeline": asdict(self.defaults)})
 
     def set_memory(self, plan: MemoryPlan, device: str | torch.device | None = None,
                    text_device: str | torch.device | None = None) -> None:
@@ -221,18 +283,21 @@ class Pipeline:
         self.dit.to(home)  # the blocks' parameters are empty placeholders by now
         self.vae.to(home)
         self._offloaded = {"dit", "vae"} if offload else set()
-        if text_model is not None:
-            text_model.to(text_device if text_device is not None else home)
-            if offload and text_device is None:
-                self._offloaded.add("text_encoder")
+        for name, model in (("text_encoder", text_model),
+                            ("image_encoder", getattr(self.image_encoder, "model", None))):
+            if model is not None:  # the encoders follow --text-device when given
+                model.to(text_device if text_device is not None else home)
+                if offload and text_device is None:
+                    self._offloaded.add(name)
         if plan.vae_tile is not None:
             self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
         self._device, self.memory = device, plan
 
     def using(self, component: str):
-        """Context in which `component` ("dit", "vae", "text_encoder") sits on the pipeline's
-        device: a no-op unless the memory plan offloads whole models."""
-        module = {"dit": self.dit, "vae": self.vae, "text_encoder": getattr(self.text_encoder, "model", None)}
+        """Context in which `component` ("dit", "vae", "text_encoder", "image_encoder") sits on the
+        pipeline's device: a no-op unless the memory plan offloads whole models."""
+        module = {"dit": self.dit, "vae": self.vae, "text_encoder": getattr(self.text_encoder, "model", None),
+                  "image_encoder": getattr(self.image_encoder, "model", None)}
         return placed(module[component], self._device, component in self._offloaded)
 
     def _check_fusable(self) -> None:
@@ -297,7 +362,8 @@ class Pipeline:
                  width: int | None = None, steps: int | None = None, guidance: float | None = None,
                  seed: int = 0, negative: str | None = None, sampler: str | None = None,
                  shift: float | None = None, callback: Callable[[int], None] | None = None,
-                 conditioning: Conditioning | None = None) -> Generation:
+                 conditioning: Conditioning | None = None, image: Tensor | None = None,
+                 last_image: Tensor | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -306,6 +372,11 @@ class Pipeline:
         the decoded clip is trimmed to `frames`. The noise is drawn for the whole latent
         shape from `seed` whatever the conditioning, so an SDEdit at strength 1 is exactly
         text-to-video with the same seed.
+
+        `image` (and `last_image` for FLF2V), (3, H, W) pixels in [-1, 1] of any size: the
+        first (and last) frame, for a Wan2.1 image-to-video pipeline (`image_encoder`), which
+        needs them; resized to cover the output and center-cropped for the VAE, given to CLIP
+        as they are (`image_condition`).
         """
         self.check_prompt(prompt)
         d = replace(self.defaults, **{k: v for k, v in dict(
@@ -323,6 +394,17 @@ class Pipeline:
                                     f"{d.frames}x{d.height}x{d.width} clip (latents {shape})")
             shape = conditioning.shape
             conditioning = conditioning.to(self.device)
+        image_cond = None
+        if self.image_encoder is not None:
+            if image is None:
+                raise KinoUserError(f"{self.name} is a Wan2.1 image-to-video model: give the first frame (--image)")
+            if conditioning is not None:
+                raise KinoUserError("a Wan2.1 image-to-video model takes its image through the DiT, not kino's "
+                                    "conditioning (loops, extend, connect, edit)")
+            image_cond = self.image_condition(image, d.frames, d.height, d.width, last_image)
+        elif image is not None or last_image is not None:
+            raise KinoUserError(f"{self.name} has no image encoder: Pipeline.generate takes no image (kino's own "
+                                "image-to-video is kino.tasks.generate(pipe, prompt, image=...))")
         # noise from a CPU generator: the same seed gives the same clip on any device
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
         with self.using("text_encoder"):
@@ -332,7 +414,8 @@ class Pipeline:
             latents = sample_latents(self.dit, text[:1], mask[:1], text[1:], mask[1:], noise, steps=d.steps,
                                      guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback,
                                      conditioning=conditioning, t_max=d.t_max, t_min=d.t_min,
-                                     integer_dit_time=d.integer_dit_time, cfg_batch=self.memory.cfg == "batch")
+                                     integer_dit_time=d.integer_dit_time, cfg_batch=self.memory.cfg == "batch",
+                                     image=image_cond)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if self.loras:
@@ -342,6 +425,42 @@ class Pipeline:
         return Generation(video, d.fps,
                           {k: "" if v is None else str(v) for k, v in meta.items()},
                           latents=latents, conditioning=conditioning)
+
+    @torch.no_grad()
+    def image_condition(self, image: Tensor, frames: int, height: int, width: int,
+                        last_image: Tensor | None = None) -> ImageCondition:
+        """Wan2.1's I2V (and, with `last_image`, FLF2V) conditioning of a frames x height x width
+        clip from (3, H, W) images in [-1, 1]: CLIP features of the images as given, and the
+        VAE latents (the posterior mean, normalised) of the clip holding the images, resized to
+        cover height x width and center-cropped, as its first (and last) frame, black between."""
+        if self.image_encoder is None:
+            raise KinoUserError(f"{self.name} has no image encoder: not a Wan2.1 image-to-video model")
+        images = [image] + ([] if last_image is None else [last_image])
+        for name, x in zip(("image", "last image"), images):
+            if x.ndim != 3 or x.shape[0] != 3:
+                raise KinoUserError(f"the {name} must be (3, H, W) pixels in [-1, 1]; got shape {tuple(x.shape)}")
+        pos_len = self.dit.config.img_pos_len
+        if (last_image is not None) != (pos_len is not None):
+            raise KinoUserError("a Wan2.1 FLF2V model takes a first and a last frame (--image, --last-image)"
+                                if pos_len is not None else "only a Wan2.1 FLF2V model takes a last frame")
+        stride = self.vae.config.time_stride
+        if frames % stride != 1 or (last_image is not None and frames < stride + 1):
+            raise KinoUserError(f"a Wan2.1 image-to-video clip has {stride}k + 1 frames"
+                                f"{' (k >= 1 with a last frame)' if last_image is not None else ''}; got {frames}")
+        with self.using("image_encoder"):
+            features = torch.cat([self.image_encoder.encode(x[None].float()) for x in images], dim=1)  # (1, N, D)
+        pixels = [fit_video(x[:, None].float(), height, width) for x in images]  # each (3, 1, H, W)
+        video = torch.zeros(1, 3, frames, height, width)
+        video[0, :, :1] = pixels[0]
+        if last_image is not None:
+            video[0, :, -1:] = pixels[1]
+        with self.using("vae"):
+            mean, _ = self.vae.encode(video.to(self.device))
+            latents = self.vae.normalize(mean)  # (1, C, T, h, w)
+        given = [0] if last_image is None else [0, frames - 1]
+        mask = frame_mask(frames, given, stride)[None, :, :, None, None]  # (1, stride, T, 1, 1)
+        mask = mask.expand(-1, -1, -1, *latents.shape[3:]).to(latents)
+        return ImageCondition(torch.cat([mask, latents], dim=1), features.to(self.device))
 
     @torch.no_grad()
     def decode(self, latents: Tensor, frames: int, loop: bool = False, image_first: bool = False) -> Tensor:

@@ -9,6 +9,7 @@ wan/modules/model.py: MLPProj `img_emb.proj.{0,1,3,4}` and `emb_pos`, WanI2VCros
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -351,3 +352,178 @@ def test_clip_encoder_bad_folders(clip_folders, tmp_path):
         CLIPImageEncoder.from_folder(root / "image_encoder", bad)
     encoder = CLIPImageEncoder.from_folder(root / "image_encoder", resize="squash")
     assert encoder.preprocess(torch.zeros(2, 3, 48, 80)).shape == (2, 3, 32, 32)  # Wan's own: squashed, no crop
+
+
+# ---------------------------------------------------------------------------- the I2V pipeline
+
+
+def _i2v_components(kind: str):
+    """test_wan.py's tiny VAE, UMT5 and tokenizer, with an I2V (or FLF2V) DiT whose image branch
+    takes the tiny CLIP's features (17 tokens a frame)."""
+    from test_wan import _components
+
+    _, vae, text, tokenizer = _components()
+    torch.manual_seed(7)
+    dit = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
+        text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=1e-6, rope_max_seq_len=1024, image_dim=IMG_DIM, added_kv_proj_dim=32,
+        pos_embed_seq_len=2 * 17 if kind == "flf2v" else None)
+    clip, processor = _clip(seed=3)
+    return _perturb(dit, 8).eval(), vae, text, tokenizer, _perturb(clip, 9).eval(), processor
+
+
+def write_i2v_diffusers(root, components):
+    dit, vae, text, tokenizer, clip, processor = components
+    root.mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanImageToVideoPipeline", "_diffusers_version": diffusers.__version__,
+        "image_encoder": ["transformers", "CLIPVisionModel"], "image_processor": ["transformers", "CLIPImageProcessor"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None], "vae": ["diffusers", "AutoencoderKLWan"]}))
+    dit.save_pretrained(root / "transformer")
+    vae.save_pretrained(root / "vae")
+    text.save_pretrained(root / "text_encoder")
+    tokenizer.save_pretrained(root / "tokenizer")
+    clip.save_pretrained(root / "image_encoder")
+    processor.save_pretrained(root / "image_processor")
+    return root
+
+
+@pytest.fixture(scope="module", params=["i2v", "flf2v"])
+def i2v(request, tmp_path_factory):
+    components = _i2v_components(request.param)
+    root = write_i2v_diffusers(tmp_path_factory.mktemp("i2v") / f"Wan2.1-{request.param}-tiny-Diffusers", components)
+    return request.param, components, root
+
+
+def test_i2v_sampling_matches_diffusers_wan_image_to_video_pipeline(i2v, monkeypatch):
+    """Same tiny components, same initial noise: kino's Wan I2V / FLF2V conditioning (CLIP features,
+    mask and image latents on 20 more channels) + UniPC + CFG == diffusers' WanImageToVideoPipeline."""
+    import importlib.util
+    import types
+
+    from PIL import Image
+
+    from kino.pipeline import Pipeline
+
+    if importlib.util.find_spec("ftfy") is None:
+        # diffusers' I2V prompt cleaning calls ftfy even when it is not installed (its T2V pipeline
+        # checks first); without ftfy kino skips that step, so the stand-in does nothing either
+        from diffusers.pipelines.wan import pipeline_wan_i2v
+
+        monkeypatch.setattr(pipeline_wan_i2v, "ftfy", types.SimpleNamespace(fix_text=lambda t: t), raising=False)
+
+    kind, (dit, vae, text, tokenizer, clip, processor), root = i2v
+    pipe = Pipeline.from_pretrained(root, text_dtype="float32")
+    assert pipe.image_encoder is not None and pipe.dit.config.img_dim == IMG_DIM
+    assert (pipe.defaults.steps, pipe.defaults.shift) == ((40, 3.0) if kind == "i2v" else (50, 16.0))
+    shift = pipe.defaults.shift
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  num_train_timesteps=1000, flow_shift=shift)
+    reference = diffusers.WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text, vae=vae,
+                                                  scheduler=scheduler, image_processor=processor,
+                                                  image_encoder=clip, transformer=dit)
+    reference.set_progress_bar_config(disable=True)
+    start = (1 - 1e-6) / (shift - (shift - 1) * (1 - 1e-6))  # diffusers' grid, as in test_wan.py
+    pipe.defaults = dataclasses.replace(pipe.defaults, t_max=start, t_min=0.001)
+
+    # 32x48 images: CLIP's shortest edge (32) already, so both sides see the same pixels exactly
+    first, last = _image((32, 48), seed=1), _image((32, 48), seed=2)
+    as_kino = [torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1 for a in (first, last)]
+    prompt, negative, steps = "a cat walks on the grass", "dog in snow", 5
+    extra = {} if kind == "i2v" else {"last_image": as_kino[1]}
+    clip_out = pipe.generate(prompt, negative=negative, frames=9, height=32, width=48, steps=steps, seed=3,
+                             image=as_kino[0], **extra)
+    noise = torch.randn(clip_out.latents.shape, generator=torch.Generator().manual_seed(3))
+    assert clip_out.latents.shape == (1, 16, 3, 4, 6)
+    kw = dict(image=Image.fromarray(first), prompt=prompt, negative_prompt=negative, height=32, width=48,
+              num_frames=9, num_inference_steps=steps, guidance_scale=5.0, max_sequence_length=512)
+    if kind == "flf2v":
+        kw["last_image"] = Image.fromarray(last)
+    with torch.no_grad():
+        latents = reference(latents=noise.clone(), output_type="latent", **kw).frames
+    assert latents.std() > 0.1
+    torch.testing.assert_close(clip_out.latents, latents, rtol=0, atol=1e-4)  # seen: 2e-6 (I2V), 5e-6 (FLF2V)
+    # the conditioning matters: another first frame gives another clip
+    other = pipe.generate(prompt, negative=negative, frames=9, height=32, width=48, steps=steps, seed=3,
+                          image=as_kino[0].flip(-1), **extra)
+    assert (other.latents - latents).abs().max() > 1e-2
+
+
+def test_i2v_frame_mask_is_wans():
+    from kino.pipeline import frame_mask
+
+    m = frame_mask(9, [0], 4)  # 9 frames -> 3 latent frames; frame 0 fills the first latent frame
+    assert m.tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]]
+    m = frame_mask(9, [0, 8], 4)  # FLF2V: the last pixel frame is the 4th of the last latent frame
+    assert m.tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 1]]
+
+
+def test_kino_generate_and_convert_on_an_i2v_folder(i2v, tmp_path, capsys):
+    import numpy as np
+
+    from kino.cli import main
+    from kino.data.video_io import read_metadata, read_video, write_video
+    from kino.pipeline import Pipeline
+
+    kind, _, root = i2v
+    image = tmp_path / "first.png"
+    write_video(image, torch.from_numpy(_image((40, 56), seed=4))[None], fps=16)
+    argv = ["generate", "a cat walks on the grass", "--model", str(root), "--image", str(image), "--frames", "5",
+            "--steps", "2", "--size", "32x48", "-q"]
+    if kind == "flf2v":
+        argv += ["--last-image", str(image)]
+    out = tmp_path / "clip.mp4"
+    assert main(argv + ["-o", str(out)]) == 0, capsys.readouterr().err
+    video, fps = read_video(out)
+    assert video.shape == (5, 32, 48, 3) and fps == 16
+    meta = read_metadata(out)
+    assert meta["task"] == f"image-to-video (Wan2.1 {kind.upper()})" and str(image) in meta["inputs"]
+
+    # kino convert wan carries the image encoder; the converted folder samples the same latents
+    dst = tmp_path / "kino-i2v"
+    assert main(["convert", "wan", str(root), str(dst)]) == 0
+    manifest = json.loads((dst / "kino.json").read_text())
+    assert set(manifest["components"]) == {"vae", "dit", "text_encoder", "image_encoder"}
+    x = torch.from_numpy(_image((32, 48), seed=5)).permute(2, 0, 1).float() / 127.5 - 1
+    extra = {} if kind == "i2v" else {"last_image": x.flip(-1)}
+    kw = dict(frames=5, height=32, width=48, steps=2, seed=1, image=x, **extra)
+    a = Pipeline.from_pretrained(root, text_dtype="float32").generate("a cat", **kw)
+    b = Pipeline.from_pretrained(dst, text_dtype="float32").generate("a cat", **kw)
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-5)
+
+    # without the image: a clear error, exit 2
+    assert main(["generate", "a cat", "--model", str(dst), "-o", str(tmp_path / "x.mp4"), "-q"]) == 2
+    assert "image-to-video model: give the first frame (--image)" in capsys.readouterr().err
+    if kind == "i2v":
+        assert main(argv + ["--last-image", str(image), "-o", str(tmp_path / "y.mp4")]) == 2
+        assert "only a Wan2.1 FLF2V model takes a last frame" in capsys.readouterr().err
+    assert np.asarray(video).std() > 0
+
+
+def test_i2v_folder_in_small_gpu_mode_and_bad_folders(i2v, tmp_path, capsys):
+    import shutil
+
+    from kino.cli import main
+    from kino.models.memory import MemoryPlan
+    from kino.pipeline import Pipeline
+
+    kind, _, root = i2v
+    x = torch.from_numpy(_image((32, 48), seed=6)).permute(2, 0, 1).float() / 127.5 - 1
+    kw = dict(frames=5, height=32, width=48, steps=2, seed=1, image=x,
+              **({} if kind == "i2v" else {"last_image": x.flip(-2)}))
+    base = Pipeline.from_pretrained(root, text_dtype="float32").generate("a cat", **kw)
+    pipe = Pipeline.from_pretrained(root, text_dtype="float32",
+                                    memory=MemoryPlan(dtype="bfloat16", weights="fp8", offload="model"))
+    small = pipe.generate("a cat", **kw)
+    err = (small.latents - base.latents).abs().mean() / base.latents.abs().mean()
+    assert 0 < err < 0.05, err
+
+    bad = shutil.copytree(root, tmp_path / "no-clip")
+    shutil.rmtree(bad / "image_encoder")
+    capsys.readouterr()
+    assert main(["convert", "wan", str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "image_encoder is missing" in err and len(err.strip().splitlines()) == 1, err

@@ -1,7 +1,8 @@
-"""Wan2.1 text-to-video weights -> kino: read either release layout, build kino's classes,
-or write a kino model folder (`kino convert wan SRC DST`).
+"""Wan2.1 weights -> kino: read either release layout, build kino's classes, or write a kino
+model folder (`kino convert wan SRC DST`).
 
-Layouts read (T2V-1.3B and T2V-14B; found by their files, not by their folder names):
+Layouts read (T2V-1.3B and T2V-14B; I2V-14B and FLF2V-14B in the diffusers layout only;
+found by their files, not by their folder names):
 
     original (Wan-AI/Wan2.1-T2V-*)         diffusers (Wan-AI/Wan2.1-T2V-*-Diffusers)
       config.json          (WanModel)         model_index.json     (WanPipeline)
@@ -9,10 +10,17 @@ Layouts read (T2V-1.3B and T2V-14B; found by their files, not by their folder na
       Wan2.1_VAE.pth                          vae/         config.json + diffusion_pytorch_model.safetensors
       models_t5_umt5-xxl-enc-bf16.pth         text_encoder/ config.json + model*.safetensors (UMT5EncoderModel)
       google/umt5-xxl/     (tokenizer)        tokenizer/
+                                              image_encoder/ image_processor/ (I2V, FLF2V: CLIP ViT-H/14)
+
+Image-to-video in the original layout would need Wan's open-clip checkpoint
+(`models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`) mapped to transformers' CLIP: not
+done, such folders are refused with that said (their DiT alone loads through
+`kino.models.dit.from_wan`).
 
 `.pth` files are read only with `torch.load(weights_only=True)`. The kino folder written
 holds vae/ and dit/ in kino's layout, text_encoder/ with a kino reference config.json
 beside the UMT5 weights in transformers' layout (umt5/) and the tokenizer (tokenizer/),
+for I2V / FLF2V image_encoder/ (a reference config.json beside the CLIP weights in clip/),
 and Wan's recommended generation settings (`wan_defaults()`) in kino.json.
 """
 
@@ -40,15 +48,17 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 
-def wan_defaults():
-    """Wan2.1 T2V's recommended settings: 81 frames of 832x480 at 16 fps, 50 steps of UniPC
+def wan_defaults(model_type: str = "t2v"):
+    """Wan2.1's recommended settings: 81 frames of 832x480 at 16 fps, 50 steps of UniPC
     from t = 0.999 with integer DiT times (as Wan's sampler does), guidance 5, flow shift 5
     (Wan's generate.py for t2v at every size; diffusers' docs suggest 3 at 480p), Wan's
-    negative prompt."""
+    negative prompt. Image-to-video (Wan's generate.py): i2v 40 steps with shift 3 (its
+    choice at 832x480; 5 at 720p), flf2v shift 16."""
     from kino.pipeline import GenerationDefaults
 
-    return GenerationDefaults(frames=81, height=480, width=832, fps=16.0, steps=50, guidance=5.0,
-                              sampler="unipc", shift=5.0, negative=WAN_NEGATIVE_PROMPT, t_max=0.999,
+    steps, shift = {"t2v": (50, 5.0), "i2v": (40, 3.0), "flf2v": (50, 16.0)}[model_type]
+    return GenerationDefaults(frames=81, height=480, width=832, fps=16.0, steps=steps, guidance=5.0,
+                              sampler="unipc", shift=shift, negative=WAN_NEGATIVE_PROMPT, t_max=0.999,
                               integer_dit_time=True)
 
 
@@ -74,6 +84,19 @@ class TextSource:
 
 
 @dataclass
+class ImageSource:
+    """Where the CLIP image encoder and its preprocessing settings are (diffusers' layout)."""
+
+    weights: Path
+    processor: Path | None
+
+    def load(self, device: str | torch.device = "cpu"):
+        from kino.models.clip import CLIPImageEncoder
+
+        return CLIPImageEncoder.from_folder(self.weights, self.processor, dtype="float32", device=device)
+
+
+@dataclass
 class WanSource:
     """A Wan2.1 folder read into kino's configs and state dicts (the text encoder stays on disk)."""
 
@@ -86,6 +109,12 @@ class WanSource:
     vae_state: dict[str, torch.Tensor]
     vae_file: Path
     text: TextSource
+    image: ImageSource | None = None  # I2V / FLF2V
+
+    @property
+    def model_type(self) -> str:
+        c = self.dit_config
+        return "t2v" if c.img_dim is None else "i2v" if c.img_pos_len is None else "flf2v"
 
 
 def detect_layout(root: Path) -> str | None:
@@ -121,8 +150,10 @@ def _config(build, data: dict, source: Path):
 
 def _refuse_image_to_video(config: DiTConfig, source: Path) -> None:
     if config.img_dim is not None:
-        raise KinoUserError(f"{source} describes a Wan2.1 image-to-video DiT: kino's DiT loads it "
-                            "(kino.models.dit adapters), but Wan folders load as text-to-video pipelines only yet")
+        raise KinoUserError(f"{source} describes a Wan2.1 image-to-video DiT in Wan's original layout, whose CLIP "
+                            "image encoder (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) kino does not "
+                            "read: use the diffusers layout of the model (Wan-AI/...-Diffusers); the DiT alone loads "
+                            "through kino.models.dit.from_wan")
 
 
 def read_wan(root: str | Path, dit_dtype: torch.dtype = torch.float32) -> WanSource:
@@ -163,15 +194,25 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
 
 def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     index = read_json(root / "model_index.json")
-    if index.get("_class_name") not in ("WanPipeline", None):
+    if index.get("_class_name") not in ("WanPipeline", "WanImageToVideoPipeline", None):
         raise KinoUserError(f"{root / 'model_index.json'} describes a {index.get('_class_name')}, not a Wan2.1 "
-                            "text-to-video WanPipeline")
+                            "WanPipeline or WanImageToVideoPipeline")
+    if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
+        raise KinoUserError(f"{root / 'model_index.json'} describes a two-expert Wan2.2 pipeline (transformer_2), "
+                            "which kino does not load")
     tdir = _need(root / "transformer", "transformer/ (the DiT)")
     dit_files = shards(tdir, DIT_STEM)
     if not dit_files:
         raise KinoUserError(f"{tdir / (DIT_STEM + '.safetensors')} is missing: transformer/ needs its weights")
     dit_config = _config(dit_adapters.config_from_diffusers, read_json(tdir / "config.json"), tdir / "config.json")
-    _refuse_image_to_video(dit_config, tdir / "config.json")
+    image = None
+    if dit_config.img_dim is not None:
+        processor = root / "image_processor"
+        image = ImageSource(_need(root / "image_encoder", "image_encoder/ (CLIP) for its image-to-video DiT"),
+                            processor if processor.is_dir() else None)
+    elif index.get("_class_name") == "WanImageToVideoPipeline":
+        raise KinoUserError(f"{tdir / 'config.json'}: a WanImageToVideoPipeline whose DiT has no image branch "
+                            "(image_dim): not a Wan2.1 I2V model kino loads")
     dit_state = _adapt(dit_adapters.from_diffusers, load_safetensors(dit_files, dit_dtype), dit_files[0])
     vdir = _need(root / "vae", "vae/")
     vae_files = shards(vdir, DIT_STEM)
@@ -184,7 +225,7 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     text = TextSource("transformers", _need(root / "text_encoder", "text_encoder/ (UMT5)"),
                       _need(root / "tokenizer", "tokenizer/"))
     return WanSource(root, "diffusers", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_files[0],
-                     text)
+                     text, image)
 
 
 def build_models(src: WanSource, device: str | torch.device = "cpu") -> tuple[VideoVAE, DiT]:
@@ -225,7 +266,12 @@ def load_wan_pipeline_from(src: WanSource, device: str | torch.device = "cpu",
 
     vae, dit = build_models(src, device)
     encoder = src.text.load(text_device if text_device is not None else device, text_dtype)
-    return Pipeline(vae, dit, encoder, wan_defaults(), name=src.root.resolve().name)
+    image = None if src.image is None else src.image.load(text_device if text_device is not None else device)
+    try:
+        return Pipeline(vae, dit, encoder, wan_defaults(src.model_type), name=src.root.resolve().name,
+                        image_encoder=image)
+    except KinoUserError as e:
+        raise KinoUserError(f"{src.root}: {e}") from None
 
 
 def convert_wan(src_root: str | Path, dst: str | Path, name: str | None = None) -> Path:

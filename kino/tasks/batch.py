@@ -32,7 +32,7 @@ OPTION_TYPES = {"frames": int, "height": int, "width": int, "seed": int, "loop":
 OPTION_CHOICES = {"given": video_tasks.GIVEN_MODES}
 # task -> (the input paths a row must name, those it may name, its options besides height/width/seed)
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "generate": ((), ("image",), ("frames", "loop", "given")),
+    "generate": ((), ("image", "last_image"), ("frames", "loop", "given")),
     "extend": (("video",), (), ("frames", "backward", "refine", "given")),
     "connect": (("first", "second"), (), ("frames", "refine", "given")),
     "edit": (("video",), (), ("frames", "strength")),

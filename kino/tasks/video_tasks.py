@@ -25,11 +25,19 @@ Given frames in the output (`given`, for image-to-video, extend and connect):
   and, after generated frames (extend backward, connect's B), in the context of the new
   frames, which can alter them (see kino/tasks/conditioning.py).
 In both cases `latents` are the final latents (which decode to the "decoded" video).
+
+Wan2.1 image-to-video models (a pipeline with an `image_encoder`: I2V, FLF2V) take `image`
+(and FLF2V `last_image`) their own way (`Pipeline.image_condition`): every frame is
+sampled, the image conditions the DiT. Without a size, the output keeps the image's aspect
+ratio at the area of the model's default size, each side rounded down to the stride (Wan's
+rule: at 832x480's area a 4:3 image gives 720x544), and "exact" pastes the given frames back
+as above.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +135,19 @@ def task_metadata(task: str, layout: Layout, refine: float) -> dict[str, str]:
 
 def generate(pipe: Pipeline, prompt: str, *, image: Media | None = None, loop: bool = False,
              frames: int | None = None, height: int | None = None, width: int | None = None, seed: int = 0,
-             **sampling) -> Generation:
+             last_image: Media | None = None, **sampling) -> Generation:
     """Text-to-video, image-to-video (`image`, or a video's first frame, becomes frame 0)
     and loops (`loop`, 4k frames, by default the most the default length holds; with an
-    image, the loop starts and wraps around at it)."""
+    image, the loop starts and wraps around at it). A Wan2.1 I2V / FLF2V pipeline takes
+    `image` (and `last_image`) through its DiT instead (module doc)."""
+    if pipe.image_encoder is not None:
+        if loop:
+            raise KinoUserError("--loop is not available with a Wan2.1 image-to-video model")
+        return wan_image_to_video(pipe, prompt, image, last_image, frames=frames, height=height, width=width,
+                                  seed=seed, **sampling)
+    if last_image is not None:
+        raise KinoUserError("--last-image is for Wan2.1 FLF2V models; with kino's models, `kino connect` joins "
+                            "two clips")
     first, source = load_input(pipe, image, "--image") if image is not None else (None, "")
     h, w = output_size(pipe, first, height, width)
     stride = pipe.vae.config.time_stride
@@ -141,6 +158,48 @@ def generate(pipe: Pipeline, prompt: str, *, image: Media | None = None, loop: b
     task = "image-to-video" if image is not None else "text-to-video"
     task = f"{task} loop" if loop else task
     return run_layout(pipe, prompt, layout, task, seed=seed, **sampling)
+
+
+def wan_size(image: Tensor, area: int, stride: int) -> tuple[int, int]:
+    """Wan's I2V output size: the (3, F, h, w) image's aspect ratio at about `area` pixels,
+    each side rounded down to a multiple of `stride` (at least one stride)."""
+    aspect = image.shape[-2] / image.shape[-1]
+    return (max(stride, int(math.sqrt(area * aspect) // stride) * stride),
+            max(stride, int(math.sqrt(area / aspect) // stride) * stride))
+
+
+def wan_image_to_video(pipe: Pipeline, prompt: str, image: Media | None, last_image: Media | None = None, *,
+                       frames: int | None = None, height: int | None = None, width: int | None = None,
+                       seed: int = 0, given: str = "exact", **sampling) -> Generation:
+    """Wan2.1 I2V (FLF2V with `last_image`): the image (a video's first frame; a last image's
+    video gives its last frame) conditions every frame through the DiT."""
+    if image is None:
+        raise KinoUserError(f"{pipe.name} is a Wan2.1 image-to-video model: give the first frame (--image)")
+    if given not in GIVEN_MODES:
+        raise KinoUserError(f"--given must be one of {', '.join(GIVEN_MODES)}; got {given!r}")
+    first, source = load_input(pipe, image, "--image")
+    inputs = [("image", first[:, :1], source, (0, 1, first.shape[1]))]
+    if last_image is not None:
+        last, last_source = load_input(pipe, last_image, "--last-image")
+        n = last.shape[1]
+        inputs.append(("last_image", last[:, -1:], last_source, (n - 1, n, n)))
+    stride = pipe.vae.config.space_stride * pipe.dit.config.patch_size[1]
+    h, w = wan_size(first, pipe.defaults.height * pipe.defaults.width, stride)
+    h, w = height or h, width or w
+    frames = frames or pipe.defaults.frames
+    pipe.check_request(frames, h, w)
+    clip = pipe.generate(prompt, frames=frames, height=h, width=w, seed=seed, image=inputs[0][1][:, 0],
+                         last_image=inputs[1][1][:, 0] if last_image is not None else None, **sampling)
+    placed = [Given(fit_video(pixels, h, w), 0 if name == "image" else frames - 1, name, src, used)
+              for name, pixels, src, used in inputs]
+    if given == "exact":
+        clip.video = paste_given(clip.video, placed)
+    clip.metadata.update({
+        "task": "image-to-video (Wan2.1 " + ("FLF2V" if last_image is not None else "I2V") + ")",
+        "inputs": json.dumps({g.name: g.source for g in placed}),
+        "input_frames": json.dumps([{"input": g.name, "frames": list(g.used), "at": g.at} for g in placed]),
+        "given_frames": given})
+    return clip
 
 
 def image_to_video(pipe: Pipeline, prompt: str, image: Media, **options) -> Generation:
