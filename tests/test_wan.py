@@ -370,10 +370,10 @@ def test_bad_wan_folders_exit_2_naming_the_file(folders, tmp_path, capsys, case)
     elif case == "pickle":
         torch.save({"encoder.conv1.weight": torch.zeros(1), "note": NotATensor()}, root / "Wan2.1_VAE.pth")
         named = "Wan2.1_VAE.pth is not a weights-only checkpoint"
-    else:  # an image-to-video checkpoint: kino's DiT loads it, its pipeline does not yet
+    else:  # an image-to-video config (tests/test_wan_i2v.py): its CLIP image encoder is missing here
         config = json.loads((root / "config.json").read_text())
         (root / "config.json").write_text(json.dumps({**config, "model_type": "i2v"}))
-        named = "config.json describes a Wan2.1 image-to-video DiT"
+        named = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth is missing"
     for argv in (["convert", "wan", str(root), str(tmp_path / "out")],
                  ["generate", "x", "--model", str(root), "-o", str(tmp_path / "x.mp4"), "-q"]):
         code = main(argv)

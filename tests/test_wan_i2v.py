@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kino.models.dit import (DIT_SIZES, DiT, DiTConfig, DiTInputError, config_from_diffusers, config_from_wan,
                              config_to_diffusers, config_to_wan, from_diffusers, from_wan, to_diffusers, to_wan)
@@ -283,7 +284,8 @@ def _clip(seed: int = 0):
     settings at its size (shortest edge and center crop 32, bicubic, CLIP mean and std)."""
     torch.manual_seed(seed)
     config = transformers.CLIPVisionConfig(hidden_size=IMG_DIM, intermediate_size=40, num_hidden_layers=3,
-                                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
+                                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16,
+                                           hidden_act="gelu")  # ViT-H/14 of Wan: exact GELU
     model = transformers.CLIPVisionModel(config).eval()
     processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return model, processor
@@ -527,3 +529,108 @@ def test_i2v_folder_in_small_gpu_mode_and_bad_folders(i2v, tmp_path, capsys):
     assert main(["convert", "wan", str(bad), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "image_encoder is missing" in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------- Wan's original CLIP checkpoint
+
+
+def clip_to_wan(state):
+    """transformers CLIPVisionModel -> Wan's open-clip XLM-RoBERTa ViT-H/14 names (wan/modules/clip.py:
+    `visual.` VisionTransformer with a fused to_qkv), plus the parts a real checkpoint also holds
+    (the text tower, log_scale, the projection head), which carry nothing for the image features."""
+    state = {k.removeprefix("vision_model."): v for k, v in state.items()}
+    dim = state["embeddings.patch_embedding.weight"].shape[0]
+    out = {"visual.patch_embedding.weight": state["embeddings.patch_embedding.weight"],
+           "visual.cls_embedding": state["embeddings.class_embedding"].reshape(1, 1, dim),
+           "visual.pos_embedding": state["embeddings.position_embedding.weight"][None],
+           "visual.head": torch.randn(dim, 16), "log_scale": torch.tensor(2.6),
+           "textual.token_embedding.weight": torch.randn(5, 8)}
+    for ours, theirs in [("pre_layrnorm", "pre_norm"), ("post_layernorm", "post_norm")]:
+        for p in ("weight", "bias"):
+            out[f"visual.{theirs}.{p}"] = state[f"{ours}.{p}"]
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
+    for i in range(layers):
+        pre = f"encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            out[f"visual.transformer.{i}.attn.to_qkv.{p}"] = torch.cat(
+                [state[f"{pre}self_attn.{n}_proj.{p}"] for n in "qkv"])
+            for ours, theirs in [("self_attn.out_proj", "attn.proj"), ("layer_norm1", "norm1"),
+                                 ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2")]:
+                out[f"visual.transformer.{i}.{theirs}.{p}"] = state[f"{pre}{ours}.{p}"]
+    return out
+
+
+def wan_clip_reference(model, images):
+    """Wan's CLIP.visual: squash to the image size (bicubic, no antialiasing), [-1, 1] -> [0, 1],
+    CLIP's mean / std, then the vision tower up to its penultimate block."""
+    size = model.config.image_size
+    x = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).mul(0.5).add(0.5)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model(pixel_values=(x - mean) / std, output_hidden_states=True).hidden_states[-2]
+
+
+def test_clip_encoder_from_wans_checkpoint(tmp_path):
+    from kino.errors import KinoUserError
+    from kino.models.clip import CLIPImageEncoder
+
+    model, _ = _clip(seed=11)
+    _perturb(model, 12)
+    pth = tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+    torch.save(clip_to_wan(model.state_dict()), pth)
+    encoder = CLIPImageEncoder.from_wan(pth, num_heads=2)
+    assert encoder.resize == "squash" and encoder.size == 32
+    images = torch.rand(2, 3, 48, 80, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    expected = wan_clip_reference(model, images)
+    torch.testing.assert_close(encoder.encode(images), expected, rtol=0, atol=1e-5)
+    # a wrong head count is a different computation: the features change (heads are not in the shapes)
+    assert (CLIPImageEncoder.from_wan(pth, num_heads=4).encode(images) - expected).abs().max() > 1e-3
+    torch.save({**clip_to_wan(model.state_dict()), "visual.extra.weight": torch.zeros(1)}, pth)
+    with pytest.raises(KinoUserError, match="not in the layout of Wan2.1's CLIP vision tower"):
+        CLIPImageEncoder.from_wan(pth, num_heads=2)
+
+
+def test_original_layout_i2v_folder_matches_the_diffusers_one(tmp_path):
+    """Wan's original I2V layout (WanModel config model_type i2v, its CLIP .pth, 1280-wide
+    features as Wan hardcodes) loads into the same pipeline as the diffusers layout of the same
+    weights: with an image at CLIP's size both preprocessings are the identity, so the latents
+    agree (the diffusers layout is checked against diffusers above)."""
+    from safetensors.torch import save_file
+    from test_wan import umt5_to_wan, vae_to_wan, VAE
+
+    from kino.pipeline import Pipeline
+
+    dit, vae, text, tokenizer, _, processor = _i2v_components("i2v")
+    torch.manual_seed(13)
+    dit = _perturb(diffusers.WanTransformer3DModel(**{**dict(dit.config), "image_dim": 1280}), 14).eval()
+    clip = _perturb(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=32, num_hidden_layers=2, num_attention_heads=16, image_size=32,
+        patch_size=8, hidden_act="gelu")), 15).eval()
+    both = (dit, vae, text, tokenizer, clip, processor)
+    root_d = write_i2v_diffusers(tmp_path / "Wan2.1-I2V-tiny-Diffusers", both)
+    root_o = tmp_path / "Wan2.1-I2V-tiny"
+    root_o.mkdir()
+    (root_o / "config.json").write_text(json.dumps({
+        "_class_name": "WanModel", "model_type": "i2v", "dim": 32, "ffn_dim": 64, "freq_dim": 32, "in_dim": 36,
+        "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6, "text_len": 512, "text_dim": 24}))
+    save_file({k: v.contiguous() for k, v in dit_to_wan(dit.state_dict()).items()},
+              str(root_o / "diffusion_pytorch_model.safetensors"))
+    torch.save(vae_to_wan(vae.state_dict(), VAE["num_res_blocks"]), root_o / "Wan2.1_VAE.pth")
+    torch.save(umt5_to_wan(text.state_dict()), root_o / "models_t5_umt5-xxl-enc-bf16.pth")
+    tokenizer.save_pretrained(root_o / "google" / "umt5-xxl")
+    torch.save(clip_to_wan(clip.state_dict()), root_o / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+
+    pipes = {name: Pipeline.from_pretrained(root, text_dtype="float32") for name, root in
+             [("original", root_o), ("diffusers", root_d)]}
+    assert pipes["original"].dit.config == pipes["diffusers"].dit.config
+    assert pipes["original"].dit.config.img_dim == 1280 and pipes["original"].image_encoder.resize == "squash"
+    x = torch.from_numpy(_image((32, 32), seed=8)).permute(2, 0, 1).float() / 127.5 - 1
+    kw = dict(frames=5, height=32, width=48, steps=2, seed=2, image=x)
+    a, b = (pipes[name].generate("a cat walks", **kw) for name in ("original", "diffusers"))
+    assert b.latents.std() > 0.1
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-5)
+    # Wan's I2V-14B model does not depend on the size in the name: 1280 is hardcoded in WanModel
+    with torch.no_grad():
+        torch.testing.assert_close(pipes["original"].image_encoder.encode(x[None]),
+                                   wan_clip_reference(clip, x[None]), rtol=0, atol=1e-5)

@@ -1,8 +1,8 @@
 """Wan2.1 weights -> kino: read either release layout, build kino's classes, or write a kino
 model folder (`kino convert wan SRC DST`).
 
-Layouts read (T2V-1.3B and T2V-14B; I2V-14B and FLF2V-14B in the diffusers layout only;
-found by their files, not by their folder names):
+Layouts read (T2V-1.3B, T2V-14B, I2V-14B, FLF2V-14B; found by their files, not by their
+folder names):
 
     original (Wan-AI/Wan2.1-T2V-*)         diffusers (Wan-AI/Wan2.1-T2V-*-Diffusers)
       config.json          (WanModel)         model_index.json     (WanPipeline)
@@ -10,12 +10,12 @@ found by their files, not by their folder names):
       Wan2.1_VAE.pth                          vae/         config.json + diffusion_pytorch_model.safetensors
       models_t5_umt5-xxl-enc-bf16.pth         text_encoder/ config.json + model*.safetensors (UMT5EncoderModel)
       google/umt5-xxl/     (tokenizer)        tokenizer/
-                                              image_encoder/ image_processor/ (I2V, FLF2V: CLIP ViT-H/14)
+    I2V / FLF2V also (CLIP ViT-H/14):
+      models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth   image_encoder/ image_processor/
 
-Image-to-video in the original layout would need Wan's open-clip checkpoint
-(`models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`) mapped to transformers' CLIP: not
-done, such folders are refused with that said (their DiT alone loads through
-`kino.models.dit.from_wan`).
+The CLIP image encoder keeps each release's preprocessing: Wan's original code squashes the
+image to 224 x 224, diffusers' CLIPImageProcessor resizes its short side and center-crops
+(kino/models/clip.py).
 
 `.pth` files are read only with `torch.load(weights_only=True)`. The kino folder written
 holds vae/ and dit/ in kino's layout, text_encoder/ with a kino reference config.json
@@ -65,6 +65,7 @@ def wan_defaults(model_type: str = "t2v"):
 ORIGINAL_VAE = "Wan2.1_VAE.pth"
 ORIGINAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 ORIGINAL_TOKENIZER = "google/umt5-xxl"
+ORIGINAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 DIT_STEM = "diffusion_pytorch_model"
 
 
@@ -85,14 +86,18 @@ class TextSource:
 
 @dataclass
 class ImageSource:
-    """Where the CLIP image encoder and its preprocessing settings are (diffusers' layout)."""
+    """Where the CLIP image encoder is: `kind` "wan" (Wan's open-clip .pth) or "transformers" (a
+    folder, with the image_processor/ folder of its preprocessing settings)."""
 
+    kind: str
     weights: Path
-    processor: Path | None
+    processor: Path | None = None
 
     def load(self, device: str | torch.device = "cpu"):
         from kino.models.clip import CLIPImageEncoder
 
+        if self.kind == "wan":
+            return CLIPImageEncoder.from_wan(self.weights, dtype="float32", device=device)
         return CLIPImageEncoder.from_folder(self.weights, self.processor, dtype="float32", device=device)
 
 
@@ -148,14 +153,6 @@ def _config(build, data: dict, source: Path):
         raise KinoUserError(f"{source} is not a supported Wan2.1 config: {e}") from None
 
 
-def _refuse_image_to_video(config: DiTConfig, source: Path) -> None:
-    if config.img_dim is not None:
-        raise KinoUserError(f"{source} describes a Wan2.1 image-to-video DiT in Wan's original layout, whose CLIP "
-                            "image encoder (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) kino does not "
-                            "read: use the diffusers layout of the model (Wan-AI/...-Diffusers); the DiT alone loads "
-                            "through kino.models.dit.from_wan")
-
-
 def read_wan(root: str | Path, dit_dtype: torch.dtype = torch.float32) -> WanSource:
     """Read a Wan2.1 T2V folder (original or diffusers layout) into kino's configs and state
     dicts; the DiT's floating-point weights are converted to `dit_dtype` tensor by tensor as
@@ -181,7 +178,6 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
         raise KinoUserError(f"{root / (DIT_STEM + '.safetensors')} is missing (nor are there shards "
                             f"{DIT_STEM}-*-of-*.safetensors): a Wan2.1 folder needs the DiT's weights")
     dit_config = _config(dit_adapters.config_from_wan, read_json(config_file), config_file)
-    _refuse_image_to_video(dit_config, config_file)
     dit_state = _adapt(dit_adapters.from_wan, load_safetensors(dit_files, dit_dtype), dit_files[0])
     vae_file = _need(root / ORIGINAL_VAE, f"the VAE's weights {ORIGINAL_VAE}")
     wan_vae = load_pth(vae_file)
@@ -189,7 +185,12 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
     vae_state = _adapt(vae_adapters.from_wan, wan_vae, vae_file)
     text = TextSource("wan", _need(root / ORIGINAL_T5, f"the text encoder's weights {ORIGINAL_T5}"),
                       _need(root / ORIGINAL_TOKENIZER, f"the tokenizer folder {ORIGINAL_TOKENIZER}/"))
-    return WanSource(root, "original", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_file, text)
+    image = None
+    if dit_config.img_dim is not None:
+        image = ImageSource("wan", _need(root / ORIGINAL_CLIP, f"the CLIP image encoder {ORIGINAL_CLIP} for its "
+                                                               "image-to-video DiT"))
+    return WanSource(root, "original", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_file, text,
+                     image)
 
 
 def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
@@ -208,8 +209,8 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     image = None
     if dit_config.img_dim is not None:
         processor = root / "image_processor"
-        image = ImageSource(_need(root / "image_encoder", "image_encoder/ (CLIP) for its image-to-video DiT"),
-                            processor if processor.is_dir() else None)
+        image = ImageSource("transformers", _need(root / "image_encoder", "image_encoder/ (CLIP) for its "
+                                                  "image-to-video DiT"), processor if processor.is_dir() else None)
     elif index.get("_class_name") == "WanImageToVideoPipeline":
         raise KinoUserError(f"{tdir / 'config.json'}: a WanImageToVideoPipeline whose DiT has no image branch "
                             "(image_dim): not a Wan2.1 I2V model kino loads")

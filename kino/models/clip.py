@@ -19,13 +19,19 @@ fixed-point arithmetic: where a resize happens, under 1% of the pixels land one 
 so it is exact.
 
 Wan's original code instead squashes any image to 224 x 224 (bicubic without antialiasing, no
-crop): `resize="squash"` does that. Only the transformers (diffusers `image_encoder/`) layout
-of the weights loads; Wan's open-clip `.pth` is not mapped.
+crop): `resize="squash"` does that, and is what `from_wan` uses.
+
+Two weight layouts load: a transformers `CLIPVisionModel` folder (diffusers' `image_encoder/`)
+and Wan's original `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` (Wan's own CLIP
+module names; only its vision tower is read, `textual.*` is skipped), whose keys
+`clip_from_wan` maps onto transformers' CLIPVisionModel (the fused q/k/v projection split in
+three; the class and position embeddings reshaped), read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -38,6 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, as in every Wan2.1 image_processor/
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("crop", "squash")
+WAN_CLIP_HEADS = 16  # ViT-H/14: 1280 wide, 16 heads of 80
 
 
 class CLIPImageEncoder:
@@ -72,6 +79,41 @@ class CLIPImageEncoder:
             raise KinoUserError(f"cannot load the CLIP image encoder from {weights}: {e}") from None
         size, crop, mean, std = read_processor(processor, model.config.image_size)
         return cls(model.to(device), size, crop, mean, std, resize)
+
+    @classmethod
+    def from_wan(cls, pth: str | Path, *, num_heads: int = WAN_CLIP_HEADS, dtype: str | None = "float32",
+                 device: str | torch.device = "cpu") -> CLIPImageEncoder:
+        """Wan's original open-clip checkpoint (its vision tower), with Wan's preprocessing
+        (`resize="squash"` to the model's image size). `num_heads` is not in the weights'
+        shapes: ViT-H/14 has 16."""
+        from transformers import CLIPVisionModel
+
+        from kino.convert.files import load_pth
+
+        wan_state = load_pth(pth)
+        try:
+            config, state = clip_from_wan(wan_state, num_heads)
+        except ValueError as e:
+            raise KinoUserError(f"{pth}: {e}") from None
+        with torch.device("meta"):
+            model = CLIPVisionModel(config)
+        if not any(k.startswith("vision_model.") for k in model.state_dict()):  # transformers >= 5 drops it
+            state = {k.removeprefix("vision_model."): v for k, v in state.items()}
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise KinoUserError(f"{pth} holds weights that do not fit a CLIP vision tower: {e}") from None
+        for name, buffer in list(model.named_buffers()):  # not in state dicts: built on the meta device
+            if buffer.is_meta:
+                if not name.endswith("position_ids"):
+                    raise KinoUserError(f"transformers' CLIPVisionModel has a buffer {name} kino cannot rebuild")
+                owner = model.get_submodule(name.rpartition(".")[0])
+                owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape),
+                                      persistent=False)
+        if dtype is not None and dtype not in DTYPES:
+            raise KinoUserError(f"unknown image encoder dtype {dtype!r}: allowed {', '.join(DTYPES)}")
+        model = model.to(device) if dtype is None else model.to(device=device, dtype=DTYPES[dtype])
+        return cls(model, config.image_size, None, CLIP_MEAN, CLIP_STD, resize="squash")
 
     def reference(self) -> dict:
         """image_encoder/config.json of a kino folder whose CLIP weights live in clip/."""
@@ -141,6 +183,72 @@ class CLIPImageEncoder:
         pixels = self.preprocess(images.to(self.device)).to(weight.dtype)
         out = self.model(pixel_values=pixels, output_hidden_states=True)
         return out.hidden_states[-2].float()
+
+
+# Wan's CLIP vision tower (wan/modules/clip.py, VisionTransformer under `visual.`) -> transformers'
+# CLIPVisionModel, per block N (to_qkv is split separately).
+_CLIP_FROM_WAN: list[tuple[str, str]] = [
+    (r"^visual\.patch_embedding\.weight$", "vision_model.embeddings.patch_embedding.weight"),
+    (r"^visual\.pre_norm\.(weight|bias)$", r"vision_model.pre_layrnorm.\1"),
+    (r"^visual\.post_norm\.(weight|bias)$", r"vision_model.post_layernorm.\1"),
+    (r"^visual\.transformer\.(\d+)\.norm1\.(weight|bias)$", r"vision_model.encoder.layers.\1.layer_norm1.\2"),
+    (r"^visual\.transformer\.(\d+)\.norm2\.(weight|bias)$", r"vision_model.encoder.layers.\1.layer_norm2.\2"),
+    (r"^visual\.transformer\.(\d+)\.attn\.proj\.(weight|bias)$",
+     r"vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
+    (r"^visual\.transformer\.(\d+)\.mlp\.0\.(weight|bias)$", r"vision_model.encoder.layers.\1.mlp.fc1.\2"),
+    (r"^visual\.transformer\.(\d+)\.mlp\.2\.(weight|bias)$", r"vision_model.encoder.layers.\1.mlp.fc2.\2"),
+]
+_QKV = re.compile(r"^visual\.transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)$")
+
+
+def clip_from_wan(state_dict: dict[str, Tensor], num_heads: int = WAN_CLIP_HEADS):
+    """Wan's open-clip XLM-RoBERTa ViT-H/14 state dict -> (transformers CLIPVisionConfig, a
+    CLIPVisionModel state dict). The text tower (`textual.*`), `log_scale` and the projection
+    `visual.head` are left out (the image features are taken before them). Sizes are read off
+    the shapes; GELU (exact) and LayerNorm eps 1e-5 are Wan's."""
+    from transformers import CLIPVisionConfig
+
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if key.startswith("textual.") or key in ("log_scale", "visual.head"):
+            continue
+        if key == "visual.cls_embedding":
+            out["vision_model.embeddings.class_embedding"] = value.reshape(-1)
+            continue
+        if key == "visual.pos_embedding":
+            out["vision_model.embeddings.position_embedding.weight"] = value.reshape(value.shape[-2], value.shape[-1])
+            continue
+        m = _QKV.match(key)
+        if m:
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"vision_model.encoder.layers.{m.group(1)}.self_attn.{name}_proj.{m.group(2)}"] = part
+            continue
+        for pattern, replacement in _CLIP_FROM_WAN:
+            new = re.sub(pattern, replacement, key)
+            if new != key:
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"keys not in the layout of Wan2.1's CLIP vision tower: {unknown[:8]}")
+    try:
+        patch = out["vision_model.embeddings.patch_embedding.weight"]
+        positions = out["vision_model.embeddings.position_embedding.weight"].shape[0]
+        fc1 = out["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    except KeyError as e:
+        raise ValueError(f"not a Wan2.1 CLIP checkpoint: the vision tower lacks {e.args[0]}") from None
+    hidden, patch_size = patch.shape[0], patch.shape[-1]
+    grid = round((positions - 1) ** 0.5)
+    if grid * grid != positions - 1 or hidden % num_heads:
+        raise ValueError(f"a CLIP vision tower with {positions} positions, {hidden} wide, {num_heads} heads "
+                         "is not a square ViT")
+    layers = 1 + max(int(k.split(".")[3]) for k in out if k.startswith("vision_model.encoder.layers."))
+    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=fc1.shape[0], num_hidden_layers=layers,
+                              num_attention_heads=num_heads, image_size=grid * patch_size, patch_size=patch_size,
+                              hidden_act="gelu", layer_norm_eps=1e-5, num_channels=3)
+    return config, out
 
 
 def _bicubic(x: Tensor, size: tuple[int, int]) -> Tensor:
