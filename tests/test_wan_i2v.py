@@ -634,3 +634,11 @@ def test_original_layout_i2v_folder_matches_the_diffusers_one(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pipes["original"].image_encoder.encode(x[None]),
                                    wan_clip_reference(clip, x[None]), rtol=0, atol=1e-5)
+    # kino convert keeps Wan's preprocessing (squash) in the converted folder's image encoder reference
+    from kino.cli import main
+
+    dst = tmp_path / "kino-i2v"
+    assert main(["convert", "wan", str(root_o), str(dst)]) == 0
+    assert json.loads((dst / "image_encoder" / "config.json").read_text())["resize"] == "squash"
+    c = Pipeline.from_pretrained(dst, text_dtype="float32").generate("a cat walks", **kw)
+    torch.testing.assert_close(c.latents, a.latents, rtol=0, atol=1e-5)
