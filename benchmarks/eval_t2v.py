@@ -17,7 +17,9 @@ Markdown for BENCHMARKS.md and writes report.json and the clips under --out. A d
 "direction", looks past the motion check's thresholds: of the objects captioned as moving
 left/right/up/down that are present in at least 90% of their clip's frames, the share whose
 displacement (first quarter to last quarter of the frames) points mostly the named way
-(chance is 25%).
+(chance is 25%). Another, "drawn twice": of the objects seen in the median frame, the share
+seen there as two or more separate blobs of their color, each big enough to count as the
+object (the evaluator's `blobs`).
 """
 
 from __future__ import annotations
@@ -72,7 +74,15 @@ def score(folder: Path) -> dict:
     report["kinds"]["held_out"] = {"clips": len(held), "passed": sum(held),
                                    "pass_rate": round(sum(held) / len(held), 4) if held else None}
     report["direction"] = direction_rate(results)
+    report["drawn_twice"] = drawn_twice_rate(results)
     return report
+
+
+def drawn_twice_rate(results) -> dict:
+    """Of the objects with at least one blob in the median frame, how many had two or more."""
+    blobs = [info["blobs"] for _, result in results for info in result.details["objects"] if info["blobs"]]
+    twice = sum(b > 1 for b in blobs)
+    return {"objects": len(blobs), "twice": twice, "rate": round(twice / len(blobs), 4) if blobs else None}
 
 
 DIRECTIONS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1)}
@@ -144,6 +154,9 @@ def main() -> None:
     d = last["direction"]
     if d["objects"]:
         print(f"| direction (diagnostic) | {d['rate']:.1%} ({d['right_way']}/{d['objects']}) |")
+    d = last["drawn_twice"]
+    if d["objects"]:
+        print(f"| drawn twice (diagnostic, lower is better) | {d['rate']:.1%} ({d['twice']}/{d['objects']}) |")
     print(f"\nclips and report.json in {out}")
 
 

@@ -9,7 +9,7 @@ import pytest
 from kino.errors import CaptionError, KinoUserError
 from kino.world.captions import (BACKGROUNDS, COLORS, FRAME_COUNTS, MOTIONS, SHAPES, SIZES, Caption,
                                  WorldObject, format_caption, is_held_out, parse_caption)
-from kino.world.evaluator import CHECKS, evaluate_clip, label_pixels, summarize
+from kino.world.evaluator import CHECKS, component_sizes, evaluate_clip, label_pixels, summarize
 from kino.world.generator import Scene, nominal_side, render, sample_clips, scene_at, scene_from_caption
 
 
@@ -239,6 +239,27 @@ def test_jump_between_frames_fails_smoothness():
     v = render(s)
     v[8] = np.roll(v[8], 30, axis=1)  # one frame teleports 30 px = 0.47 W
     assert _failed(v, s.text) == {"smoothness"}
+
+
+def test_component_sizes_counts_4_connected_blobs():
+    m = np.zeros((10, 12), bool)
+    m[1:4, 1:4] = True  # 9 px
+    m[6:9, 5:11] = True  # 18 px
+    m[0, 11] = m[1, 10] = True  # diagonal neighbours: two 1-px components
+    assert component_sizes(m).tolist() == [18, 9, 1, 1]
+    m[4:7, 3] = m[6, 4] = True  # a 4-px bridge joins the first two
+    assert component_sizes(m).tolist() == [31, 1, 1]
+    assert component_sizes(np.zeros((3, 3), bool)).tolist() == []
+
+
+def test_object_drawn_twice_is_reported_as_two_blobs():
+    s = _scene("a large green square standing still on a black background", centers=[(20.0, 32.0)])
+    v = render(s)
+    assert [o["blobs"] for o in evaluate_clip(v, s.text).details["objects"]] == [1]
+    twice = np.maximum(v, np.roll(v, 26, axis=2))  # a second copy 26 px to the right
+    r = evaluate_clip(twice, s.text)
+    assert [o["blobs"] for o in r.details["objects"]] == [2]
+    assert "shape" in r.failed  # the bbox spans both copies: fill halves
 
 
 def test_background_check():

@@ -94,6 +94,25 @@ def _object_stats(mask: np.ndarray):
     return area, cx, cy, (x0, y0, x1, y1)
 
 
+def component_sizes(mask: np.ndarray) -> np.ndarray:
+    """Pixel counts of the 4-connected components of a (H, W) boolean mask, largest first.
+
+    Every pixel starts with its own index as label and takes the smallest label among itself
+    and its masked neighbours until nothing changes; a component ends with one label.
+    """
+    H, W = mask.shape
+    big = H * W
+    lab = np.where(mask, np.arange(big).reshape(H, W), big)
+    while True:
+        p = np.pad(lab, 1, constant_values=big)
+        new = np.minimum.reduce([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+        new = np.where(mask, new, big)
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    return np.sort(np.unique(lab[mask], return_counts=True)[1])[::-1]
+
+
 def _bottom_heavy(mask: np.ndarray, y0: int, y1: int) -> bool:
     rows = mask.sum(1)[y0:y1 + 1]  # (h,)
     centers = np.arange(y0, y1 + 1) + 0.5
@@ -126,7 +145,10 @@ def _check_object(labels: np.ndarray, obj, H: int, W: int) -> tuple[dict[str, bo
     s = nominal_side(obj.size, H, W)
     present = area >= 0.25 * (0.6 * s) ** 2 * 0.5
     checks = {"presence": bool(present.mean() >= 0.9)}
-    info = {"present_frames": int(present.sum())}
+    # Diagnostic, not a check: in the median frame, how many separate blobs of the object's
+    # color are each big enough to count as the object (a generator that draws it twice).
+    blobs = component_sizes(mask[F // 2])
+    info = {"present_frames": int(present.sum()), "blobs": int((blobs >= 0.25 * (0.6 * s) ** 2 * 0.5).sum())}
     idx = np.flatnonzero(present)
     if len(idx) == 0:
         checks["shape"] = False
