@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_wan import dit_to_wan as t2v_dit_to_wan
 
 from kino.models.dit import (DIT_SIZES, DiT, DiTConfig, DiTInputError, config_from_diffusers, config_from_wan,
                              config_to_diffusers, config_to_wan, from_diffusers, from_wan, to_diffusers, to_wan)
@@ -65,36 +66,17 @@ IMAGE_TO_WAN = [
     (".attn2.add_v_proj.", ".cross_attn.v_img."),
     (".attn2.norm_added_k.", ".cross_attn.norm_k_img."),
 ]
-T2V_TO_WAN = [
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-    ("condition_embedder.time_proj", "time_projection.1"),
-    ("attn1.to_out.0", "self_attn.o"), ("attn2.to_out.0", "cross_attn.o"),
-    ("attn1.to_", "self_attn."), ("attn2.to_", "cross_attn."),
-    ("attn1.norm_", "self_attn.norm_"), ("attn2.norm_", "cross_attn.norm_"),
-    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
-    (".norm2.", ".norm3."),  # diffusers' norm2 is Wan's cross-attention norm3
-]
-
-
 def dit_to_wan(state):
-    out = {}
+    """diffusers -> Wan's original names: the image branch's keys here, the rest as test_wan's."""
+    image, rest = {}, {}
     for key, value in state.items():
-        if key == "scale_shift_table":
-            out["head.modulation"] = value
-            continue
-        renamed = False
         for old, new in IMAGE_TO_WAN:
             if old in key:
-                key, renamed = key.replace(old, new), True
-        if not renamed:
-            key = key.replace("proj_out.", "head.head.").replace(".scale_shift_table", ".modulation")
-            for old, new in T2V_TO_WAN:
-                key = key.replace(old, new)
-        out[key] = value
-    return out
+                image[key.replace(old, new)] = value
+                break
+        else:
+            rest[key] = value
+    return {**t2v_dit_to_wan(rest), **image}
 
 
 def _inputs(kind: str, batch: int = 2, seed: int = 0):

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
 
 from kino.errors import KinoUserError
+
+
+def rename_key(key: str, rules: list[tuple[str, str]]) -> str | None:
+    """`key` renamed by the first regex rule that matches it; None when none does."""
+    for pattern, replacement in rules:
+        new = re.sub(pattern, replacement, key)
+        if new != key:
+            return new
+    return None
 
 
 def load_pth(path: str | Path) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kino.convert.files import load_pth, rename_key
 from kino.errors import KinoUserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,8 +88,6 @@ class CLIPImageEncoder:
         (`resize="squash"` to the model's image size). `num_heads` is not in the weights'
         shapes: ViT-H/14 has 16."""
         from transformers import CLIPVisionModel
-
-        from kino.convert.files import load_pth
 
         wan_state = load_pth(pth)
         try:
@@ -224,13 +223,11 @@ def clip_from_wan(state_dict: dict[str, Tensor], num_heads: int = WAN_CLIP_HEADS
             for name, part in zip("qkv", value.chunk(3, dim=0)):
                 out[f"vision_model.encoder.layers.{m.group(1)}.self_attn.{name}_proj.{m.group(2)}"] = part
             continue
-        for pattern, replacement in _CLIP_FROM_WAN:
-            new = re.sub(pattern, replacement, key)
-            if new != key:
-                out[new] = value
-                break
-        else:
+        new = rename_key(key, _CLIP_FROM_WAN)
+        if new is None:
             unknown.append(key)
+        else:
+            out[new] = value
     if unknown:
         raise ValueError(f"keys not in the layout of Wan2.1's CLIP vision tower: {unknown[:8]}")
     try:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kino.convert.files import rename_key
 from kino.errors import KinoUserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,13 +62,11 @@ def umt5_from_wan(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if key == "token_embedding.weight":
             out["shared.weight"] = out["encoder.embed_tokens.weight"] = value
             continue
-        for pattern, replacement in _FROM_WAN:
-            new = re.sub(pattern, replacement, key)
-            if new != key:
-                out[new] = value
-                break
-        else:
+        new = rename_key(key, _FROM_WAN)
+        if new is None:
             unknown.append(key)
+        else:
+            out[new] = value
     if unknown:
         raise ValueError(f"keys not in the layout of Wan2.1's UMT5 encoder: {unknown[:8]}")
     if "shared.weight" not in out:
