@@ -15,33 +15,18 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_wan import _perturb
 from test_wan import dit_to_wan as t2v_dit_to_wan
 
 from kino.models.dit import (DIT_SIZES, DiT, DiTConfig, DiTInputError, config_from_diffusers, config_from_wan,
                              config_to_diffusers, config_to_wan, from_diffusers, from_wan, to_diffusers, to_wan)
 
 diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 IMG_DIM = 20  # CLIP feature width of the tiny models (Wan's is 1280)
 IMG_TOKENS = 5  # CLIP tokens per image (Wan's is 257)
 TEXT_LEN = 512  # diffusers' I2V attention takes everything before the last 512 context tokens as image tokens
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _perturb(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
-    """Seeded noise on every parameter, so zero-initialised layers (emb_pos) and unit norms take part."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * std)
-    return model
 
 
 def diffusers_i2v(kind: str, seed: int = 0, img_dim: int = IMG_DIM):
