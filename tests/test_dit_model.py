@@ -80,7 +80,8 @@ def test_config_json_roundtrip_and_sizes():
     for name, config in DIT_SIZES.items():
         with torch.device("meta"):
             counts[name] = sum(p.numel() for p in DiT(config).parameters())
-    assert counts == {"tiny": 40_608, "tiny-abspos": 41_408, "small": 9_164_096, "small-abspos": 9_170_496, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584,
+    assert counts == {"tiny": 40_608, "tiny-abspos": 41_408, "tiny-abspos-3": 54_432, "small": 9_164_096,
+                      "small-abspos": 9_170_496, "small-abspos-12": 13_390_400, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584,
                       # = diffusers' WanTransformer3DModel with image_dim 1280 (and pos_embed_seq_len 514)
                       "wan2.1-i2v-14b": 16_394_878_784, "wan2.1-flf2v-14b": 16_395_536_704}
 
@@ -320,6 +321,40 @@ def test_position_features_follow_the_token_order():
     coarse, fine = position_features((2, 1, 2), 2, "cpu"), position_features((3, 1, 4), 2, "cpu")
     torch.testing.assert_close(coarse[0], position_features((9, 1, 2), 2, "cpu")[0])
     assert not torch.allclose(coarse[1], fine[1])
+
+
+def test_a_grown_dit_computes_what_it_grew_from_until_it_trains():
+    from kino.models.dit.grow import can_grow, grow, new_block_slots
+
+    # new blocks spread evenly between the old ones, each after the one it follows
+    assert new_block_slots(8, 12) == [0, 1, -1, 2, 3, -1, 4, 5, -1, 6, 7, -1]
+    assert new_block_slots(2, 3) == [0, 1, -1] and new_block_slots(4, 4) == [0, 1, 2, 3]
+    plain = _perturb(_model(), seed=3).eval()  # nonzero head and gates: every block matters
+    wanted = DIT_SIZES["tiny-abspos-3"]  # one block more and the position layer
+    assert can_grow(plain.config, wanted) and not can_grow(wanted, plain.config)
+    grown = grow(plain, wanted)
+    assert grown.config == wanted and not grown.training
+    for i, src in enumerate(new_block_slots(2, 3)):
+        new, old = grown.blocks[i].state_dict(), (plain.blocks[src].state_dict() if src >= 0 else None)
+        if old is not None:
+            assert all(torch.equal(new[k], v) for k, v in old.items())
+        else:  # an identity block: its three output projections zero, the rest drawn fresh
+            assert all(not new[f"{n}.{p}"].any() for n in ("self_attn.o", "cross_attn.o", "ffn.2")
+                       for p in ("weight", "bias"))
+            assert new["self_attn.q.weight"].abs().sum() > 0
+    for frames, h, w in [(1, 4, 6), (3, 4, 4)]:
+        x, t, text = _inputs(2, frames, h, w)
+        with torch.no_grad():
+            assert torch.equal(grown(x, t, text), plain(x, t, text))
+    with torch.no_grad():  # once the new block's projections move, it changes the output
+        _perturb(grown.blocks[2].ffn[2], seed=9, std=0.5)
+        x, t, text = _inputs(2, 3, 4, 4)
+        assert not torch.allclose(grown(x, t, text), plain(x, t, text), atol=1e-3)
+    # width, heads or text width would change what the weights mean: refused
+    for other in [DiTConfig(**{**TINY.to_dict(), "dim": 64, "ffn_dim": 64}), DiTConfig(**{**TINY.to_dict(), "num_layers": 1})]:
+        assert not can_grow(plain.config, other)
+        with pytest.raises(ValueError, match="grows only"):
+            grow(plain, other)
 
 
 def test_abs_pos_embedding_starts_at_zero_then_sees_absolute_places():

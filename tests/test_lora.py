@@ -248,6 +248,32 @@ def test_a_rope_only_dit_grows_the_absolute_position_embedding(cache_dir, base_d
         DiTTask(cfg, LatentCache(cache_dir)).build_model()
 
 
+def test_a_dit_grows_deeper_from_init_from_and_trains_the_new_blocks(cache_dir, base_dir, tmp_path):
+    cfg = run_config(tmp_path / "run", cache_dir, base_dir, None, max_steps=3)
+    cfg.model = "tiny-abspos-3"  # the base's 2 blocks, a new one after them, and the position layer
+    task = DiTTask(cfg, LatentCache(cache_dir))
+    model = task.build_model()
+    on_disk = load_dit(base_dir)
+    state, base = model.state_dict(), on_disk.state_dict()
+    assert model.config.num_layers == 3 and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(state[k], v) for k, v in base.items())  # blocks 0, 1 and the rest: the base's
+    assert not state["blocks.2.ffn.2.weight"].any() and not state["blocks.2.self_attn.o.weight"].any()
+    batch = task.batch(0)
+    with torch.no_grad():  # step 0 computes what the base computes
+        assert task.loss(model, batch)[0].item() == task.loss(on_disk.train(), batch)[0].item()
+    grown_dir = run_train_dit(cfg, text_encoder=FakeTextEncoder())
+    trained = load_dit(grown_dir)
+    assert trained.config == DIT_SIZES["tiny-abspos-3"]
+    assert trained.blocks[2].ffn[2].weight.abs().sum() > 0 and trained.blocks[2].cross_attn.o.weight.abs().sum() > 0
+    # a LoRA adapts its base as it is; a shallower size than the base cannot be grown into
+    cfg.lora, cfg.train.out_dir = LoRAConfig(rank=2), str(tmp_path / "lora")
+    with pytest.raises(KinoUserError, match="has 2 blocks"):
+        DiTTask(cfg, LatentCache(cache_dir)).build_model()
+    cfg.lora, cfg.init_from, cfg.model = None, str(grown_dir), "tiny-abspos"
+    with pytest.raises(KinoUserError, match="differs from model = 'tiny-abspos'.*num_layers"):
+        DiTTask(cfg, LatentCache(cache_dir)).build_model()
+
+
 def test_init_from_is_checked_before_the_cache(cache_dir, base_dir, tmp_path):
     wrong_size = run_config(tmp_path / "r", tmp_path / "never-built", base_dir, None)
     wrong_size.model = "small"

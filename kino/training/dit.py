@@ -33,6 +33,7 @@ from kino.diffusion.flow import (interpolate, logit_normal, sampling_timesteps, 
 from kino.diffusion.samplers import euler, guided
 from kino.errors import KinoUserError
 from kino.models.dit import DIT_SIZES, DiT, DiTConfig
+from kino.models.dit.grow import can_grow, grow
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, read_manifest, save_component,
                                 sha256_file, write_manifest)
 from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
@@ -199,23 +200,18 @@ def model_folder(init_from: str) -> Path:
     return default_model_dir() if init_from == "default" else Path(init_from)
 
 
-def grows_abs_pos(found: DiTConfig, wanted: DiTConfig) -> bool:
-    """Whether `wanted` is `found` plus the absolute-position embedding: such a DiT starts from
-    `found`'s weights with the new (zero) layer, computing exactly what `found` computes."""
-    return wanted.abs_pos_embed and not found.abs_pos_embed and dataclasses.replace(found, abs_pos_embed=True) == wanted
-
-
 def check_init_from(init_from: str, dit_config: DiTConfig, size: str) -> Path:
-    """The folder `init_from` names, once checked to hold a DiT of exactly `dit_config` (the
-    size `model` names, with the text encoder's width). Cheap (configs only), so a run checks
-    it before spending time on the latent cache."""
+    """The folder `init_from` names, once checked to hold a DiT of `dit_config` (the size
+    `model` names, with the text encoder's width) or one that grows into it exactly (an
+    absolute-position layer and/or more blocks, kino/models/dit/grow.py). Cheap (configs
+    only), so a run checks it before spending time on the latent cache."""
     folder = model_folder(init_from)
     manifest = read_manifest(folder) if folder.is_dir() else None
     if not folder.is_dir() or (manifest is not None and "dit" not in manifest.get("components", {})):
         raise KinoUserError(f"init_from = {init_from!r}: {folder} is not a model folder with a DiT "
                             "(a `kino train dit` output, or a folder whose kino.json lists a dit component)")
     found = DiTConfig.from_dict(load_component(folder, "dit", weights=False).config)
-    if found != dit_config and not grows_abs_pos(found, dit_config):
+    if not can_grow(found, dit_config):
         want = dit_config.to_dict()
         diff = {k: v for k, v in found.to_dict().items() if want[k] != v}
         raise KinoUserError(f"init_from {init_from} holds a DiT that differs from model = {size!r} with "
@@ -355,14 +351,13 @@ class DiTTask:
         if cfg.init_from is None:
             return DiT(self.dit_config)
         model = load_dit(check_init_from(cfg.init_from, self.dit_config, cfg.model)).train()
-        if grows_abs_pos(model.config, self.dit_config):
+        if model.config != self.dit_config:  # check_init_from allowed it: a grown model, the same function
             if cfg.lora is not None:
                 raise KinoUserError(f"a LoRA trains on the DiT of init_from as it is; set model to its size "
-                                    f"(it has no absolute-position embedding, model = {cfg.model!r} has one)")
-            grown = DiT(self.dit_config)  # the position layer zero, every other weight init_from's
-            missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-            assert not unexpected and set(missing) == {"pos_embedding.weight", "pos_embedding.bias"}, (missing, unexpected)
-            model = grown.train()
+                                    f"(init_from's DiT has {model.config.num_layers} blocks"
+                                    f"{'' if model.config.abs_pos_embed else ' and no absolute-position embedding'}"
+                                    f"; model = {cfg.model!r} differs)")
+            model = grow(model, self.dit_config).train()
         if cfg.lora is None:
             return model.requires_grad_(True)
         apply_lora(model, cfg.lora)  # freezes the base; only the LoRA layers train

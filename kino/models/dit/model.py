@@ -610,6 +610,8 @@ DIT_SIZES: dict[str, DiTConfig] = {
     "tiny": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=2),
     "tiny-abspos": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=2,
                              abs_pos_embed=True),
+    "tiny-abspos-3": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=3,
+                               abs_pos_embed=True),
     # kino's default for Shapes World, trained on a CPU (MiniLM text tokens, 384 wide): 256 wide,
     # 8 layers, 4 heads of 64. 9.16M params. Batch 8, 32 text tokens, one CPU thread beside a busy
     # process: 17x64x64 clips (5x8x8 latents, 80 tokens) fwd 0.21-0.24 s, fwd+bwd 0.53-0.75 s;
@@ -619,6 +621,9 @@ DIT_SIZES: dict[str, DiTConfig] = {
     # "small" with kino's absolute-position embedding (the shipped default from stage 5 on; a
     # "small" DiT grows into it exactly: the new layer starts at zero).
     "small-abspos": DiTConfig(abs_pos_embed=True),
+    # "small-abspos" 12 blocks deep (13.4M params): a trained "small-abspos" grows into it exactly
+    # (kino/models/dit/grow.py: new blocks start as the identity), ~1.5x its step time.
+    "small-abspos-12": DiTConfig(abs_pos_embed=True, num_layers=12),
     # Wan2.1 T2V 1.3B and 14B (UMT5-XXL text); their weights load into these via adapters.
     "wan2.1-1.3b": DiTConfig(dim=1536, ffn_dim=8960, text_dim=4096, num_heads=12, num_layers=30),
     "wan2.1-14b": DiTConfig(dim=5120, ffn_dim=13824, text_dim=4096, num_heads=40, num_layers=40),
