@@ -244,3 +244,89 @@ def test_decoder_only_needs_init_from():
         VAERunConfig(model="tiny", widen_decoder=2)
     with pytest.raises(KinoUserError, match="widen_decoder"):
         VAERunConfig(model="tiny", init_from="m", widen_decoder=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory):
+    from conftest import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pipe"), "tiny-regen", steps=4, guidance=2.0)
+
+
+def regen_config(pipe_dir, strength, frames=(9,), share=0.5, **data) -> VAERunConfig:
+    from kino.training.vae import VAEDenoiseConfig
+
+    return VAERunConfig(model="tiny", init_from=str(pipe_dir), train_only="decoder",
+                        data=VAEDataConfig(**{"batch_size": 4, "crop_frames": [5], "crop_size": 16, **data}),
+                        denoise=VAEDenoiseConfig(model=str(pipe_dir), share=share, strength=list(strength),
+                                                 frames=list(frames)))
+
+
+def crops_at(target: torch.Tensor, video: torch.Tensor, stride: int) -> list[tuple[int, int]]:
+    """The latent-aligned (y, x) where `target` (3, t, S, S) is a crop of `video` (3, F, H, W)
+    (several where the crop holds background only)."""
+    S, t = target.shape[-1], target.shape[1]
+    return [(y, x) for y in range(0, video.shape[2] - S + 1, stride) for x in range(0, video.shape[3] - S + 1, stride)
+            if torch.equal(video[:, :t, y:y + S, x:x + S], target)]
+
+
+def test_regenerated_crops_are_the_dits_latents_of_the_clips_they_target(one_thread, tiny_pipeline_dir):
+    from kino.world.captions import SIZES
+
+    step = 3
+    # strength 0.1 of a 4-step schedule runs no step: the latents are the encoder's own
+    task = VAETask(regen_config(tiny_pipeline_dir, (0.1, 0.1)))
+    task.build_model()
+    batch = task.batch(step)
+    assert batch["video"].shape == (2, 3, 5, 16, 16)  # the plain half
+    z, x = batch["latents"], batch["target"]
+    stride = task.pipe.vae.config.space_stride
+    assert z.shape == (2, task.pipe.vae.config.z_dim, 2, 16 // stride, 16 // stride) and x.shape == (2, 3, 5, 16, 16)
+    for j in range(2):
+        # the clip behind item j: scene 2**40 + step * 2 + j of the data stream, at one of the world's sizes
+        clips = [to_model_range(render(scene_at("train", 0, 2**40 + step * 2 + j, frames=9, size=s))) for s in SIZES]
+        errors = []
+        for clip in clips:
+            with torch.no_grad():
+                mean, _ = task.pipe.vae.encode(clip[None])
+            s = 16 // stride
+            errors += [(z[j] - mean[0, :, :2, y // stride:y // stride + s, x0 // stride:x0 // stride + s]).abs().max()
+                       for y, x0 in crops_at(x[j], clip, stride)]
+        assert errors and min(errors) < 1e-5
+    again = task.batch(step)
+    assert all(torch.equal(again[k], batch[k]) for k in batch)  # a pure function of step (exact resume)
+    # a real SDEdit moves the latents away from the encoder's; the targets stay the clips
+    strong = VAETask(regen_config(tiny_pipeline_dir, (0.9, 0.9)))
+    strong.build_model()
+    moved = strong.batch(step)
+    assert torch.equal(moved["target"], x) and (moved["latents"] - z).abs().mean() > 1e-3
+
+
+def test_regenerated_round_trains_the_decoder_only(one_thread, tiny_pipeline_dir, tmp_path):
+    extra = (f'[denoise]\nmodel = "{tiny_pipeline_dir}"\nshare = 1.0\nstrength = [0.3, 0.8]\nframes = [1, 9]\n')
+    cfg = decoder_round(tmp_path, tiny_pipeline_dir, max_steps=2, checkpoint_every=1)
+    cfg.write_text(cfg.read_text().replace("[data]", extra + "[data]"))
+    assert main(["train", "vae", "--config", str(cfg)]) == 0
+    before, after = load_vae(tiny_pipeline_dir), load_vae(tmp_path / "run" / "model")
+    b, a = before.state_dict(), after.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b if k.startswith(("encoder.", "conv1.")))
+    assert any(not torch.equal(a[k], b[k]) for k in b if k.startswith(("decoder.", "conv2.")))
+    assert main(["train", "vae", "--config", str(cfg), "--max-steps", "3"]) == 0  # resumes
+
+
+def test_regenerated_round_needs_the_dits_own_encoder(one_thread, tiny_pipeline_dir, tiny_model_dir):
+    from kino.training.vae import VAEDenoiseConfig
+
+    with pytest.raises(KinoUserError, match="differs"):  # another VAE's latents are not what the DiT learned
+        VAETask(VAERunConfig(model="tiny", init_from=str(tiny_model_dir), train_only="decoder",
+                             denoise=VAEDenoiseConfig(model=str(tiny_pipeline_dir)))).build_model()
+    with pytest.raises(KinoUserError, match="train_only"):
+        VAERunConfig(model="tiny", denoise=VAEDenoiseConfig(model=str(tiny_pipeline_dir)))
+    with pytest.raises(KinoUserError, match="strength"):
+        VAEDenoiseConfig(strength=[0.5, 0.2])
+    with pytest.raises(KinoUserError, match="share"):
+        VAEDenoiseConfig(share=0.0)
+    with pytest.raises(KinoUserError, match="world frame counts"):
+        VAEDenoiseConfig(frames=[5])
+    with pytest.raises(KinoUserError, match="longest crop"):
+        regen_config(tiny_pipeline_dir, (0.1, 0.2), frames=(1,))
