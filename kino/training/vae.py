@@ -139,16 +139,21 @@ def to_uint8(video: Tensor) -> Tensor:
     return video.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
 
 
+def _step_rng(step: int, data: VAEDataConfig) -> tuple[np.random.Generator, int]:
+    """The random stream of `step`'s plain crops, after its first draw: the crop length."""
+    rng = np.random.default_rng([data.seed, step])
+    return rng, int(rng.choice(data.crop_frames))
+
+
 def crop_frames(step: int, data: VAEDataConfig) -> int:
     """The crop length of `step` (one per step)."""
-    return int(np.random.default_rng([data.seed, step]).choice(data.crop_frames))
+    return _step_rng(step, data)[1]
 
 
 def world_crops(step: int, data: VAEDataConfig, count: int | None = None) -> Tensor:
     """The batch of `step`: (B, 3, T, S, S) crops of world clips, a pure function of step
     (`count`: its first `count` items)."""
-    rng = np.random.default_rng([data.seed, step])
-    t = int(rng.choice(data.crop_frames))
+    rng, t = _step_rng(step, data)
     clips = []
     for j in range(data.batch_size if count is None else count):
         frames = int(rng.choice([f for f in FRAME_COUNTS if f >= t]))
