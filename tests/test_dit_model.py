@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kino.models.dit import (
     DIT_SIZES,
@@ -80,8 +81,9 @@ def test_config_json_roundtrip_and_sizes():
     for name, config in DIT_SIZES.items():
         with torch.device("meta"):
             counts[name] = sum(p.numel() for p in DiT(config).parameters())
-    assert counts == {"tiny": 40_608, "tiny-abspos": 41_408, "tiny-abspos-3": 54_432, "small": 9_164_096,
-                      "small-abspos": 9_170_496, "small-abspos-12": 13_390_400, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584,
+    assert counts == {"tiny": 40_608, "tiny-abspos": 41_408, "tiny-abspos-3": 54_432, "tiny-abspos-p1": 38_288,
+                      "small": 9_164_096, "small-abspos": 9_170_496, "small-abspos-12": 13_390_400,
+                      "small-abspos-p1": 9_145_872, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584,
                       # = diffusers' WanTransformer3DModel with image_dim 1280 (and pos_embed_seq_len 514)
                       "wan2.1-i2v-14b": 16_394_878_784, "wan2.1-flf2v-14b": 16_395_536_704}
 
@@ -200,6 +202,30 @@ def test_rope_scores_depend_on_relative_position_only():
     torch.testing.assert_close(scores[1:, 1:, 1:, 1:, 1:, 1:], scores[:-1, :-1, :-1, :-1, :-1, :-1], rtol=0, atol=1e-5)
     assert not torch.allclose(scores[0, 0, 0, 0, 0, 0], scores[0, 0, 0, 1, 0, 0])  # time moves it
     assert not torch.allclose(scores[0, 0, 0, 0, 0, 0], scores[0, 0, 0, 0, 0, 1])  # width moves it
+
+
+def test_rope_scale_places_tokens_at_fractional_positions():
+    """With rope_scale (1, 0.5, 0.5), token (f, 2i, 2j) of a grid twice as fine sits where token
+    (f, i, j) of the plain grid sits; the odd ones sit halfway between."""
+    dims = TINY.rope_dims
+    plain = rope_frequencies((3, 2, 3), dims, 10000.0, "cpu")
+    fine = rope_frequencies((3, 4, 6), dims, 10000.0, "cpu", scale=(1.0, 0.5, 0.5))
+    for p, f in zip(plain, fine):
+        torch.testing.assert_close(f.view(3, 4, 6, -1)[:, ::2, ::2], p.view(3, 2, 3, -1), rtol=0, atol=0)
+    half = rope_frequencies((1, 2, 1), dims, 10000.0, "cpu", scale=(1.0, 0.5, 1.0))[0][1]  # position (0, 0.5, 0)
+    full = rope_frequencies((1, 2, 1), dims, 10000.0, "cpu")[0][1]  # (0, 1, 0)
+    h = slice(dims[0] // 2, (dims[0] + dims[1]) // 2)  # the height part's angles halve
+    torch.testing.assert_close(torch.acos(half[h]), torch.acos(full[h]) / 2, rtol=0, atol=1e-5)
+    # written to config.json only when set; Wan's layouts cannot express it
+    assert "rope_scale" not in TINY.to_dict() and DIT_SIZES["tiny-abspos-p1"].to_dict()["rope_scale"] == [1, 0.5, 0.5]
+    with pytest.raises(ValueError, match="rope_scale must be three positive"):
+        DiTConfig(rope_scale=(1.0, 0.0, 0.5))
+    scaled = DiTConfig(**{**TINY.to_dict(), "rope_scale": (1.0, 0.5, 0.5)})
+    from kino.models.dit.adapters import config_to_diffusers, config_to_wan
+
+    for export in (config_to_wan, config_to_diffusers):
+        with pytest.raises(ValueError, match="integer positions"):
+            export(scaled)
 
 
 # ---------------------------------------------------------------------------- diffusers parity
@@ -354,6 +380,39 @@ def test_a_grown_dit_computes_what_it_grew_from_until_it_trains():
     for other in [DiTConfig(**{**TINY.to_dict(), "dim": 64, "ffn_dim": 64}), DiTConfig(**{**TINY.to_dict(), "num_layers": 1})]:
         assert not can_grow(plain.config, other)
         with pytest.raises(ValueError, match="grows only"):
+            grow(plain, other)
+
+
+def test_a_dit_regrown_with_finer_patches_starts_close_to_what_it_was():
+    from kino.models.dit.grow import can_grow, grow
+
+    plain = _perturb(_model(), seed=3).eval()  # 1x2x2 patches, no position layer
+    wanted = DIT_SIZES["tiny-abspos-p1"]  # 1x1x1, RoPE positions halved, the position layer
+    assert can_grow(plain.config, wanted) and not can_grow(wanted, plain.config)
+    fine = grow(plain, wanted)
+    assert fine.config == wanted
+    # the embedding: a latent constant over each 2x2 patch gives every sub-token its old token
+    x, t, text = _inputs(2, 3, 4, 6)
+    blocky = x[..., ::2, ::2].repeat_interleave(2, 3).repeat_interleave(2, 4)
+    with torch.no_grad():
+        old_tokens = plain.patch_embedding(blocky)  # (B, D, 3, 2, 3)
+        new_tokens = fine.patch_embedding(blocky)  # (B, D, 3, 4, 6)
+        torch.testing.assert_close(new_tokens, old_tokens.repeat_interleave(2, 3).repeat_interleave(2, 4))
+        # the head: each sub-token predicts the mean of the old token's four sub-patch outputs
+        tokens, e = torch.randn(2, 7, 32), torch.randn(2, 1, 32)
+        old_out = plain.head(tokens, e).unflatten(-1, (4, 16)).mean(2)  # (pt ph pw, C) rows
+        torch.testing.assert_close(fine.head(tokens, e), old_out, rtol=1e-5, atol=1e-6)
+        # the whole model: near the old prediction averaged over each patch, far from a fresh
+        # 1x1 model's (RoPE's half positions and the new sub-token places make it inexact)
+        old = F.avg_pool3d(plain(blocky, t, text), (1, 2, 2)).repeat_interleave(2, 3).repeat_interleave(2, 4)
+        err = ((fine(blocky, t, text) - old).norm() / old.norm()).item()
+        fresh = ((_model(wanted, seed=5)(blocky, t, text) - old).norm() / old.norm()).item()
+        assert err < 0.05 < fresh, (err, fresh)
+    # patches that do not divide the old ones, or RoPE positions not shrunk alike: refused
+    for other in [DiTConfig(**{**wanted.to_dict(), "rope_scale": (1, 1, 1)}),
+                  DiTConfig(**{**wanted.to_dict(), "patch_size": (1, 3, 3), "rope_scale": (1, 2 / 3, 2 / 3)})]:
+        assert not can_grow(plain.config, other)
+        with pytest.raises(ValueError, match="finer patches"):
             grow(plain, other)
 
 

@@ -274,6 +274,29 @@ def test_a_dit_grows_deeper_from_init_from_and_trains_the_new_blocks(cache_dir, 
         DiTTask(cfg, LatentCache(cache_dir)).build_model()
 
 
+def test_a_dit_regrows_finer_patches_from_init_from_and_trains(cache_dir, base_dir, tmp_path):
+    cfg = run_config(tmp_path / "run", cache_dir, base_dir, None, max_steps=2)
+    cfg.model = "tiny-abspos-p1"  # the base's 1x2x2 patches halved to 1x1x1, RoPE positions halved
+    task = DiTTask(cfg, LatentCache(cache_dir))
+    model = task.build_model()
+    base = load_dit(base_dir)
+    assert model.config == DIT_SIZES["tiny-abspos-p1"] and all(p.requires_grad for p in model.parameters())
+    state = model.state_dict()
+    torch.testing.assert_close(state["patch_embedding.weight"][..., 0, 0, 0],
+                               base.state_dict()["patch_embedding.weight"].sum(dim=(2, 3, 4)))
+    assert all(torch.equal(state[k], v) for k, v in base.state_dict().items() if k.startswith("blocks."))
+    batch = task.batch(0)
+    assert task.batch_tokens(batch) == 4 * DiTTask(run_config(tmp_path / "b", cache_dir, base_dir, None),
+                                                   LatentCache(cache_dir)).batch_tokens(batch)
+    trained = load_dit(run_train_dit(cfg, text_encoder=FakeTextEncoder()))
+    assert trained.config == DIT_SIZES["tiny-abspos-p1"]
+    assert not torch.equal(trained.state_dict()["head.head.weight"], state["head.head.weight"])
+    # a LoRA adapts its base as it is: regrowing the patches under it is refused, naming them
+    cfg.lora, cfg.train.out_dir = LoRAConfig(rank=2), str(tmp_path / "lora")
+    with pytest.raises(KinoUserError, match="1x2x2 patches"):
+        DiTTask(cfg, LatentCache(cache_dir)).build_model()
+
+
 def test_init_from_is_checked_before_the_cache(cache_dir, base_dir, tmp_path):
     wrong_size = run_config(tmp_path / "r", tmp_path / "never-built", base_dir, None)
     wrong_size.model = "small"

@@ -33,7 +33,7 @@ from kino.diffusion.flow import (interpolate, logit_normal, sampling_timesteps, 
 from kino.diffusion.samplers import euler, guided
 from kino.errors import KinoUserError
 from kino.models.dit import DIT_SIZES, DiT, DiTConfig
-from kino.models.dit.grow import can_grow, grow
+from kino.models.dit.grow import can_grow, config_diff, grow
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, read_manifest, save_component,
                                 sha256_file, write_manifest)
 from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
@@ -202,8 +202,8 @@ def model_folder(init_from: str) -> Path:
 
 def check_init_from(init_from: str, dit_config: DiTConfig, size: str) -> Path:
     """The folder `init_from` names, once checked to hold a DiT of `dit_config` (the size
-    `model` names, with the text encoder's width) or one that grows into it exactly (an
-    absolute-position layer and/or more blocks, kino/models/dit/grow.py). Cheap (configs
+    `model` names, with the text encoder's width) or one that grows into it (an
+    absolute-position layer, more blocks, finer patches: kino/models/dit/grow.py). Cheap (configs
     only), so a run checks it before spending time on the latent cache."""
     folder = model_folder(init_from)
     manifest = read_manifest(folder) if folder.is_dir() else None
@@ -212,8 +212,7 @@ def check_init_from(init_from: str, dit_config: DiTConfig, size: str) -> Path:
                             "(a `kino train dit` output, or a folder whose kino.json lists a dit component)")
     found = DiTConfig.from_dict(load_component(folder, "dit", weights=False).config)
     if not can_grow(found, dit_config):
-        want = dit_config.to_dict()
-        diff = {k: v for k, v in found.to_dict().items() if want[k] != v}
+        diff = {k: has for k, (has, _) in config_diff(found, dit_config).items()}
         raise KinoUserError(f"init_from {init_from} holds a DiT that differs from model = {size!r} with "
                             f"{dit_config.text_dim}-d text features: it has {diff}; set model to its size")
     return folder
@@ -353,10 +352,11 @@ class DiTTask:
         model = load_dit(check_init_from(cfg.init_from, self.dit_config, cfg.model)).train()
         if model.config != self.dit_config:  # check_init_from allowed it: a grown model, the same function
             if cfg.lora is not None:
+                found = model.config
                 raise KinoUserError(f"a LoRA trains on the DiT of init_from as it is; set model to its size "
-                                    f"(init_from's DiT has {model.config.num_layers} blocks"
-                                    f"{'' if model.config.abs_pos_embed else ' and no absolute-position embedding'}"
-                                    f"; model = {cfg.model!r} differs)")
+                                    f"(init_from's DiT has {found.num_layers} blocks"
+                                    f"{'' if found.abs_pos_embed else ' and no absolute-position embedding'}"
+                                    f", {'x'.join(map(str, found.patch_size))} patches; model = {cfg.model!r} differs)")
             model = grow(model, self.dit_config).train()
         if cfg.lora is None:
             return model.requires_grad_(True)

@@ -204,8 +204,9 @@ def config_to_wan(config: DiTConfig) -> dict:
     an image branch other than Wan's)."""
     if config.abs_pos_embed:
         raise ValueError("a DiT with kino's absolute-position embedding has no WanModel config")
-    if not config.qk_norm or config.rope_max_len != 1024 or config.rope_theta != 10000.0:
-        raise ValueError("WanModel always has q/k norms and RoPE over 1024 positions with theta 10000")
+    if not config.qk_norm or config.rope_max_len != 1024 or config.rope_theta != 10000.0 \
+            or config.rope_scale != (1.0, 1.0, 1.0):
+        raise ValueError("WanModel always has q/k norms and RoPE over 1024 integer positions with theta 10000")
     if config.img_dim is None:
         model_type = "t2v"
     elif config.img_dim == WAN_CLIP_DIM and config.img_pos_len in (None, WAN_FLF_IMAGE_TOKENS):
@@ -290,8 +291,8 @@ def config_to_diffusers(config: DiTConfig) -> dict:
     ValueError for a DiT diffusers cannot build (kino's absolute positions, no q/k norms)."""
     if config.abs_pos_embed:
         raise ValueError("a DiT with kino's absolute-position embedding has no WanTransformer3DModel config")
-    if not config.qk_norm or config.rope_theta != 10000.0:
-        raise ValueError("WanTransformer3DModel always has q/k norms and RoPE theta 10000")
+    if not config.qk_norm or config.rope_theta != 10000.0 or config.rope_scale != (1.0, 1.0, 1.0):
+        raise ValueError("WanTransformer3DModel always has q/k norms and RoPE theta 10000 over integer positions")
     return {
         "patch_size": list(config.patch_size), "num_attention_heads": config.num_heads,
         "attention_head_dim": config.head_dim, "in_channels": config.in_channels,

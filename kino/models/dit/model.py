@@ -109,18 +109,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (..., dim)
 
 
-def rope_frequencies(grid: tuple[int, int, int], axes_dims: tuple[int, int, int], theta: float, device) -> Rope:
+def rope_frequencies(grid: tuple[int, int, int], axes_dims: tuple[int, int, int], theta: float, device,
+                     scale: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Rope:
     """cos and sin of the rotary angles for a (frames, height, width) token grid, tokens in (t, h, w) order.
 
     The head dimension is split into a time, a height and a width part (`axes_dims`); each
-    part rotates its channel pairs by its own axis' position. Angles are taken in fp64 on
+    part rotates its channel pairs by its own axis' position, the token's index along that
+    axis times `scale` (1 in Wan; 0.5 for a DiT whose patches were halved on that axis, so
+    that two neighbouring tokens stand as far apart as before, `grow.py`). Angles are taken in fp64 on
     the CPU (positions times frequencies lose precision in fp32 at large positions) and only
     the per-axis tables, sum(grid) rows, travel to `device`.
     """
     parts_cos, parts_sin = [], []
-    for axis, (n, d) in enumerate(zip(grid, axes_dims)):
+    for axis, (n, d, step) in enumerate(zip(grid, axes_dims, scale)):
         inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
-        angles = torch.outer(torch.arange(n, dtype=torch.float64), inv_freq)  # (n, d/2)
+        angles = torch.outer(torch.arange(n, dtype=torch.float64) * step, inv_freq)  # (n, d/2)
         shape = [1, 1, 1, d // 2]
         shape[axis] = n
         size = (*grid, d // 2)
@@ -446,7 +449,7 @@ class DiT(nn.Module):
         if self.pos_embedding is not None:
             weight = self.pos_embedding.weight
             tokens = tokens + self.pos_embedding(position_features(grid, POSITION_BANDS, x.device).to(weight.dtype))
-        rope = rope_frequencies(grid, self.config.rope_dims, self.config.rope_theta, x.device)
+        rope = rope_frequencies(grid, self.config.rope_dims, self.config.rope_theta, x.device, self.config.rope_scale)
         e, e0 = self.embed_time(self.frame_timesteps(t, b, frames, x.device))  # (B, F, D), (B, F, 6, D)
         context = self.text_embedding(text)  # (B, L, D)
         mask = None if text_mask is None else text_mask.bool()
@@ -541,9 +544,15 @@ class DiTConfig:
     # the length of FLF2V's learned position over the image tokens (2 x 257). None: no branch.
     img_dim: int | None = None
     img_pos_len: int | None = None
+    # RoPE position of a token = its index along (t, h, w) times this (kino's; 1 in Wan2.1): a
+    # DiT regrown with halved patches (grow.py) keeps its trained geometry with 0.5.
+    rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        self.rope_scale = tuple(float(s) for s in self.rope_scale)
+        if len(self.rope_scale) != 3 or min(self.rope_scale) <= 0:
+            raise ValueError(f"rope_scale must be three positive numbers (t, h, w); got {self.rope_scale}")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be three positive ints (t, h, w); got {self.patch_size}")
         if self.dim % self.num_heads:
@@ -597,6 +606,10 @@ class DiTConfig:
         for key in ("img_dim", "img_pos_len"):  # written only when set: T2V configs stay as they were
             if d[key] is None:
                 del d[key]
+        if self.rope_scale == (1.0, 1.0, 1.0):  # likewise: Wan's and every earlier kino config
+            del d["rope_scale"]
+        else:
+            d["rope_scale"] = list(self.rope_scale)
         return d
 
     @classmethod
@@ -612,6 +625,8 @@ DIT_SIZES: dict[str, DiTConfig] = {
                              abs_pos_embed=True),
     "tiny-abspos-3": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=3,
                                abs_pos_embed=True),
+    "tiny-abspos-p1": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=2,
+                                abs_pos_embed=True, patch_size=(1, 1, 1), rope_scale=(1.0, 0.5, 0.5)),
     # kino's default for Shapes World, trained on a CPU (MiniLM text tokens, 384 wide): 256 wide,
     # 8 layers, 4 heads of 64. 9.16M params. Batch 8, 32 text tokens, one CPU thread beside a busy
     # process: 17x64x64 clips (5x8x8 latents, 80 tokens) fwd 0.21-0.24 s, fwd+bwd 0.53-0.75 s;
@@ -624,6 +639,9 @@ DIT_SIZES: dict[str, DiTConfig] = {
     # "small-abspos" 12 blocks deep (13.4M params): a trained "small-abspos" grows into it exactly
     # (kino/models/dit/grow.py: new blocks start as the identity), ~1.5x its step time.
     "small-abspos-12": DiTConfig(abs_pos_embed=True, num_layers=12),
+    # "small-abspos" over 1x1x1 patches: one token per latent pixel (4x the tokens; 9.15M params).
+    # A trained "small-abspos" regrows into it (grow.py: approximately, RoPE positions halved).
+    "small-abspos-p1": DiTConfig(abs_pos_embed=True, patch_size=(1, 1, 1), rope_scale=(1.0, 0.5, 0.5)),
     # Wan2.1 T2V 1.3B and 14B (UMT5-XXL text); their weights load into these via adapters.
     "wan2.1-1.3b": DiTConfig(dim=1536, ffn_dim=8960, text_dim=4096, num_heads=12, num_layers=30),
     "wan2.1-14b": DiTConfig(dim=5120, ffn_dim=13824, text_dim=4096, num_heads=40, num_layers=40),
