@@ -350,7 +350,7 @@ class DiTTask:
         if cfg.init_from is None:
             return DiT(self.dit_config)
         model = load_dit(check_init_from(cfg.init_from, self.dit_config, cfg.model)).train()
-        if model.config != self.dit_config:  # check_init_from allowed it: a grown model, the same function
+        if model.config != self.dit_config:  # check_init_from allowed it: a grown model (grow.py)
             if cfg.lora is not None:
                 found = model.config
                 raise KinoUserError(f"a LoRA trains on the DiT of init_from as it is; set model to its size "

@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from kino.models.dit.model import DIT_SIZES, DiTConfig
+from kino.models.dit.model import DIT_SIZES, INTEGER_ROPE, DiTConfig
 
 _BLOCK = r"^(blocks\.\d+)"
 
@@ -205,7 +205,7 @@ def config_to_wan(config: DiTConfig) -> dict:
     if config.abs_pos_embed:
         raise ValueError("a DiT with kino's absolute-position embedding has no WanModel config")
     if not config.qk_norm or config.rope_max_len != 1024 or config.rope_theta != 10000.0 \
-            or config.rope_scale != (1.0, 1.0, 1.0):
+            or config.rope_scale != INTEGER_ROPE:
         raise ValueError("WanModel always has q/k norms and RoPE over 1024 integer positions with theta 10000")
     if config.img_dim is None:
         model_type = "t2v"
@@ -291,7 +291,7 @@ def config_to_diffusers(config: DiTConfig) -> dict:
     ValueError for a DiT diffusers cannot build (kino's absolute positions, no q/k norms)."""
     if config.abs_pos_embed:
         raise ValueError("a DiT with kino's absolute-position embedding has no WanTransformer3DModel config")
-    if not config.qk_norm or config.rope_theta != 10000.0 or config.rope_scale != (1.0, 1.0, 1.0):
+    if not config.qk_norm or config.rope_theta != 10000.0 or config.rope_scale != INTEGER_ROPE:
         raise ValueError("WanTransformer3DModel always has q/k norms and RoPE theta 10000 over integer positions")
     return {
         "patch_size": list(config.patch_size), "num_attention_heads": config.num_heads,

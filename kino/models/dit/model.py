@@ -64,6 +64,7 @@ from kino.models.folder import reject_unknown_fields
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each (L, head_dim / 2), fp32
 POSITION_BANDS = 4  # Fourier frequencies per axis of the absolute-position embedding
+INTEGER_ROPE = (1.0, 1.0, 1.0)  # rope_scale of Wan2.1 and of every DiT not regrown with finer patches
 
 
 class DiTInputError(KinoUserError, ValueError):
@@ -110,7 +111,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def rope_frequencies(grid: tuple[int, int, int], axes_dims: tuple[int, int, int], theta: float, device,
-                     scale: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Rope:
+                     scale: tuple[float, float, float] = INTEGER_ROPE) -> Rope:
     """cos and sin of the rotary angles for a (frames, height, width) token grid, tokens in (t, h, w) order.
 
     The head dimension is split into a time, a height and a width part (`axes_dims`); each
@@ -546,7 +547,7 @@ class DiTConfig:
     img_pos_len: int | None = None
     # RoPE position of a token = its index along (t, h, w) times this (kino's; 1 in Wan2.1): a
     # DiT regrown with halved patches (grow.py) keeps its trained geometry with 0.5.
-    rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    rope_scale: tuple[float, float, float] = INTEGER_ROPE
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -606,7 +607,7 @@ class DiTConfig:
         for key in ("img_dim", "img_pos_len"):  # written only when set: T2V configs stay as they were
             if d[key] is None:
                 del d[key]
-        if self.rope_scale == (1.0, 1.0, 1.0):  # likewise: Wan's and every earlier kino config
+        if self.rope_scale == INTEGER_ROPE:  # likewise: Wan's and every earlier kino config
             del d["rope_scale"]
         else:
             d["rope_scale"] = list(self.rope_scale)
