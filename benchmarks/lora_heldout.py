@@ -64,8 +64,7 @@ def write_data(folder: Path, n: int, color: str, shape: str) -> None:
 
 def write_config(path: Path, work: Path, steps: int) -> None:
     buckets = ", ".join(f'"{b}"' for b in BUCKETS)
-    path.write_text(f"""model = "small"
-init_from = "default"
+    path.write_text(f"""init_from = "default"  # model unset: the shipped DiT's size, adapted as it is
 vae = "none"
 
 [lora]

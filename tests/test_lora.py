@@ -10,6 +10,7 @@ of test_dit_training.py; the end-to-end test uses a tiny pipeline with the real 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -288,13 +289,29 @@ def test_a_dit_regrows_finer_patches_from_init_from_and_trains(cache_dir, base_d
     batch = task.batch(0)
     assert task.batch_tokens(batch) == 4 * DiTTask(run_config(tmp_path / "b", cache_dir, base_dir, None),
                                                    LatentCache(cache_dir)).batch_tokens(batch)
-    trained = load_dit(run_train_dit(cfg, text_encoder=FakeTextEncoder()))
+    regrown_dir = run_train_dit(cfg, text_encoder=FakeTextEncoder())
+    trained = load_dit(regrown_dir)
     assert trained.config == DIT_SIZES["tiny-abspos-p1"]
     assert not torch.equal(trained.state_dict()["head.head.weight"], state["head.head.weight"])
     # a LoRA adapts its base as it is: regrowing the patches under it is refused, naming them
     cfg.lora, cfg.train.out_dir = LoRAConfig(rank=2), str(tmp_path / "lora")
     with pytest.raises(KinoUserError, match="1x2x2 patches"):
         DiTTask(cfg, LatentCache(cache_dir)).build_model()
+    # with model unset the run takes init_from's DiT as it is: a LoRA on the regrown model
+    cfg.model, cfg.init_from = None, str(regrown_dir)
+    task = DiTTask(cfg, LatentCache(cache_dir))
+    assert task.dit_config == trained.config
+    adapted = task.build_model()
+    frozen = base_state(adapted)
+    assert lora_state_dict(adapted.state_dict()) and all(torch.equal(v, frozen[k])
+                                                         for k, v in trained.state_dict().items())
+    trainer = Trainer(task, cfg.train, run_config=cfg)
+    trainer.fit()
+    ups = [v for k, v in lora_state_dict(trainer.model.state_dict()).items() if ".lora_up." in k]
+    assert ups and all(v.abs().sum() > 0 for v in ups)  # zero at first: the LoRA trained
+    # unset without init_from: a fresh "small" DiT
+    assert DiTTask(DiTRunConfig(cache=cfg.cache), LatentCache(cache_dir)).dit_config == \
+        dataclasses.replace(DIT_SIZES["small"], text_dim=TINY24.text_dim)
 
 
 def test_init_from_is_checked_before_the_cache(cache_dir, base_dir, tmp_path):

@@ -168,7 +168,9 @@ class ConditioningMix:
 class DiTRunConfig:
     """`kino train dit --config FILE`: a TOML/JSON file with these sections."""
 
-    model: str = "small"  # a named size in DIT_SIZES (its text_dim is set from the text encoder)
+    # A named size in DIT_SIZES (its text_dim is set from the text encoder). Unset: the size of
+    # init_from's DiT as it is (fine-tuning, LoRA), or "small" for a fresh model.
+    model: str | None = None
     # VAE model folder; none: init_from's VAE when that folder has one, else the shipped default
     vae: str | None = None
     # Start from this model folder's DiT ("default": the shipped model; sha256-checked):
@@ -185,7 +187,7 @@ class DiTRunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dit"))
 
     def __post_init__(self):
-        if self.model not in DIT_SIZES:
+        if self.model is not None and self.model not in DIT_SIZES:
             raise KinoUserError(f"unknown DiT size {self.model!r}: allowed {', '.join(DIT_SIZES)}")
         if self.dataset is not None and self.cache.loop_dir is not None:
             raise KinoUserError("cache.loop_dir renders Shapes World loops: it cannot go with a [dataset] (a video "
@@ -200,20 +202,42 @@ def model_folder(init_from: str) -> Path:
     return default_model_dir() if init_from == "default" else Path(init_from)
 
 
-def check_init_from(init_from: str, dit_config: DiTConfig, size: str) -> Path:
-    """The folder `init_from` names, once checked to hold a DiT of `dit_config` (the size
-    `model` names, with the text encoder's width) or one that grows into it (an
-    absolute-position layer, more blocks, finer patches: kino/models/dit/grow.py). Cheap (configs
-    only), so a run checks it before spending time on the latent cache."""
+def init_dit(init_from: str) -> tuple[Path, DiTConfig]:
+    """The folder `init_from` names and its DiT's config (configs only: cheap)."""
     folder = model_folder(init_from)
     manifest = read_manifest(folder) if folder.is_dir() else None
     if not folder.is_dir() or (manifest is not None and "dit" not in manifest.get("components", {})):
         raise KinoUserError(f"init_from = {init_from!r}: {folder} is not a model folder with a DiT "
                             "(a `kino train dit` output, or a folder whose kino.json lists a dit component)")
-    found = DiTConfig.from_dict(load_component(folder, "dit", weights=False).config)
+    return folder, DiTConfig.from_dict(load_component(folder, "dit", weights=False).config)
+
+
+def target_dit_config(config: DiTRunConfig, text_dim: int) -> DiTConfig:
+    """The DiT a run trains: the size `model` names with the text encoder's width, or, with
+    `model` unset, init_from's DiT as it is (a fresh run without init_from: "small")."""
+    if config.model is not None or config.init_from is None:
+        return dataclasses.replace(DIT_SIZES[config.model or "small"], text_dim=text_dim)
+    _, found = init_dit(config.init_from)
+    if found.text_dim != text_dim:
+        raise KinoUserError(f"init_from {config.init_from}'s DiT takes {found.text_dim}-d text features; the "
+                            f"text encoder gives {text_dim}-d ones")
+    return found
+
+
+def size_label(config: DiTRunConfig) -> str:
+    """How messages name the DiT size of a run."""
+    return repr(config.model) if config.model is not None else ("init_from's" if config.init_from else "'small'")
+
+
+def check_init_from(init_from: str, dit_config: DiTConfig, size: str) -> Path:
+    """The folder `init_from` names, once checked to hold a DiT of `dit_config` (the size
+    `model` names, with the text encoder's width) or one that grows into it (an
+    absolute-position layer, more blocks, finer patches: kino/models/dit/grow.py). Cheap (configs
+    only), so a run checks it before spending time on the latent cache."""
+    folder, found = init_dit(init_from)
     if not can_grow(found, dit_config):
         diff = {k: has for k, (has, _) in config_diff(found, dit_config).items()}
-        raise KinoUserError(f"init_from {init_from} holds a DiT that differs from model = {size!r} with "
+        raise KinoUserError(f"init_from {init_from} holds a DiT that differs from model = {size} with "
                             f"{dit_config.text_dim}-d text features: it has {diff}; set model to its size")
     return folder
 
@@ -302,10 +326,10 @@ class DiTTask:
         self.cache = cache
         self.vae = vae
         self.loop_cache = loop_cache
-        self.dit_config = dataclasses.replace(DIT_SIZES[config.model], text_dim=cache.text_dim)
+        self.dit_config = target_dit_config(config, cache.text_dim)
         if cache.latent_channels != self.dit_config.in_channels:
             raise KinoUserError(f"the cache holds {cache.latent_channels}-channel latents; the DiT size "
-                                f"{config.model!r} takes {self.dit_config.in_channels}")
+                                f"{size_label(config)} takes {self.dit_config.in_channels}")
         wanted = config.cache.bucket_list() if config.dataset is None else list(cache.buckets)
         missing = [bucket_name(b) for b in wanted if b not in cache.buckets]
         if missing:
@@ -349,14 +373,14 @@ class DiTTask:
         cfg = self.config
         if cfg.init_from is None:
             return DiT(self.dit_config)
-        model = load_dit(check_init_from(cfg.init_from, self.dit_config, cfg.model)).train()
+        model = load_dit(check_init_from(cfg.init_from, self.dit_config, size_label(cfg))).train()
         if model.config != self.dit_config:  # check_init_from allowed it: a grown model (grow.py)
             if cfg.lora is not None:
                 found = model.config
-                raise KinoUserError(f"a LoRA trains on the DiT of init_from as it is; set model to its size "
+                raise KinoUserError(f"a LoRA trains on the DiT of init_from as it is; leave model unset or set it to its size "
                                     f"(init_from's DiT has {found.num_layers} blocks"
                                     f"{'' if found.abs_pos_embed else ' and no absolute-position embedding'}"
-                                    f", {'x'.join(map(str, found.patch_size))} patches; model = {cfg.model!r} differs)")
+                                    f", {'x'.join(map(str, found.patch_size))} patches; model = {size_label(cfg)} differs)")
             model = grow(model, self.dit_config).train()
         if cfg.lora is None:
             return model.requires_grad_(True)
@@ -553,8 +577,7 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
 
         text_encoder = MiniLMEncoder(max_length=config.cache.text_max_length)
     if config.init_from is not None:  # fail now, not after building the cache
-        check_init_from(config.init_from, dataclasses.replace(DIT_SIZES[config.model], text_dim=text_encoder.dim),
-                        config.model)
+        check_init_from(config.init_from, target_dit_config(config, text_encoder.dim), size_label(config))
     c = config.cache
     procs = init_processes(config.train.parallel, resolve_device(config.train.device))
     show = config.train.progress and procs.is_main
