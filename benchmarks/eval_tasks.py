@@ -22,7 +22,8 @@ go under --out, and each task runs through the same code as its `--batch` CLI co
               background, presence, shape and no_extras (motion is not scored).
   edit        a 17-frame clip and its caption with one object's colour or shape changed,
               --strength S. Pass: the new caption; trajectory: the edited object's centroid
-              within 0.1 of the frame size of the input's in every frame.
+              within 0.1 of the frame size of the input's in every frame. --flowedit: FlowEdit
+              from the input's caption (source_prompt) instead of SDEdit.
 
 A jump is a centroid step larger than the evaluator's smoothness bound (0.15 of max(H, W)).
 --given is the tasks' option: with exact (their default) given frames come back as given, so
@@ -59,7 +60,8 @@ COMMAND = {"i2v": "generate", "extend_fwd": "extend", "extend_bwd": "extend", "c
 SOURCE_FRAMES = {"i2v": 17, "extend_fwd": 33, "extend_bwd": 33, "connect": 33, "loop": 17, "edit": 17}
 
 
-def build_cases(task: str, n: int, seed: int, folder: Path, loop_frames: int = 16) -> list[dict]:
+def build_cases(task: str, n: int, seed: int, folder: Path, loop_frames: int = 16,
+                flowedit: bool = False) -> list[dict]:
     """Write the inputs of n cases under folder and return the batch rows (with the facts
     the scoring needs under '_' keys, stripped before the batch file is written)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,8 @@ def build_cases(task: str, n: int, seed: int, folder: Path, loop_frames: int = 1
             new, k, what = edited_caption(scene.caption, i)
             row.update(video=row["_source"], caption=str(new), _old_color=scene.caption.objects[k].color,
                        _new_color=new.objects[k].color, _changed=what)
+            if flowedit:
+                row["source_prompt"] = scene.text
         rows.append(row)
     (folder / "batch.jsonl").write_text("".join(
         json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n" for r in rows))
@@ -149,6 +153,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="cases per task")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--strength", type=float, default=0.7, help="edit strength")
+    ap.add_argument("--flowedit", action="store_true", help="edit with FlowEdit from the input's caption "
+                    "(source_prompt) instead of SDEdit")
     ap.add_argument("--given", choices=GIVEN_MODES, default="exact",
                     help="how given frames come back (i2v, extend, connect)")
     ap.add_argument("--steps", type=int, default=None)
@@ -162,7 +168,7 @@ def main() -> None:
     report = {"args": vars(args), "tasks": {}}
     for task in args.tasks:
         inputs, results = out / task / "inputs", out / task / "outputs"
-        rows = build_cases(task, args.n, args.seed, inputs, args.loop_frames)
+        rows = build_cases(task, args.n, args.seed, inputs, args.loop_frames, args.flowedit)
         defaults = {"strength": args.strength} if task == "edit" else {}
         if task in ("i2v", "extend_fwd", "extend_bwd", "connect"):
             defaults["given"] = args.given

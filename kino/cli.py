@@ -262,7 +262,7 @@ def _size_kwargs(args) -> dict:
 def _task_kwargs(args) -> dict:
     """The task function's options for this command (shared ones, then its own)."""
     own = {"generate": ("frames", "loop", "given"), "extend": ("frames", "backward", "refine", "given"),
-           "connect": ("frames", "refine", "given"), "edit": ("frames", "strength")}[args.task]
+           "connect": ("frames", "refine", "given"), "edit": ("frames", "strength", "source_prompt")}[args.task]
     return {**_sampling_kwargs(args), **_size_kwargs(args), **{k: getattr(args, k) for k in own}}
 
 
@@ -518,8 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=None, help="what the result shows")
     p.add_argument("--strength", type=unit_interval, default=None, metavar="S",
                    help="0 returns the input, 1 ignores it (required)")
+    p.add_argument("--source-prompt", default=None, metavar="TEXT",
+                   help="what the input shows: edit with FlowEdit from it to PROMPT instead of SDEdit (keeps "
+                        "more of the input; twice the model calls)")
     add_task_options(p, "edit", batch_help="rows with 'caption', 'video' (a path relative to the file) and "
-                     "optional 'strength', 'frames', 'height', 'width', 'seed'")
+                     "optional 'strength', 'source_prompt', 'frames', 'height', 'width', 'seed'")
     add_frames(p, help="edit the input's first N frames (default: all)")
 
     vae = sub.add_parser("vae", help="the video VAE: reconstruct clips")

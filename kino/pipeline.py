@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kino import __version__
 from kino.diffusion.flow import sampling_timesteps, shift_for_tokens
-from kino.diffusion.samplers import SAMPLERS
+from kino.diffusion.samplers import SAMPLERS, flow_edit
 from kino.errors import CaptionError, KinoUserError
 from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
@@ -113,7 +113,8 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
                    shift: float | None = None, callback: Callable[[int], None] | None = None,
                    conditioning: Conditioning | None = None, t_max: float = 1.0, t_min: float = 0.0,
                    integer_dit_time: bool = False, cfg_batch: bool = True,
-                   image: ImageCondition | None = None) -> Tensor:
+                   image: ImageCondition | None = None, source: tuple[Tensor, Tensor] | None = None,
+                   generator: torch.Generator | None = None) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
     guidance; conditional and unconditional branches run as one batch (`cfg_batch=False`:
     one after the other, half the activations). The DiT computes in its own dtype (that of
@@ -125,6 +126,12 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
 
     `image` (Wan2.1 I2V / FLF2V DiTs): extra input channels and CLIP features, given to both
     guidance branches alike (`ImageCondition`).
+
+    `source` (text, mask) of the prompt that describes the start latents of an edit
+    conditioning: the edit then runs FlowEdit (`flow_edit`: the difference of the target's
+    and the source's guided velocities, integrated from the start latents) over the same cut
+    of the schedule instead of SDEdit's sampling from the noised input; `noise` is its first
+    step's noise and `generator` (CPU) draws the others. `sampler` does not apply (Euler).
     """
     if sampler not in SAMPLERS:
         raise KinoUserError(f"unknown sampler {sampler!r}: allowed {', '.join(SAMPLERS)}")
@@ -162,6 +169,36 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         if use_cfg:
             v = v_uncond + guidance * (v_cond - v_uncond)
         return cond.constrain(v)
+
+    if source is not None:
+        if cond.start_latents is None or cond.clean.any() or cond.loop:
+            raise KinoUserError("a source prompt (FlowEdit) goes with an edit: an input to start from, no "
+                                "given frames, no loop")
+        src_text, src_mask = source[0].to(dtype), source[1]
+
+        def velocities(z_src: Tensor, z_tar: Tensor, t: float) -> tuple[Tensor, Tensor]:
+            t_dit = math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE
+            t_frames = cond.frame_times(t_dit, dtype)  # (B, T)
+            # the source under its prompt, the edit under the target (and both unconditioned)
+            calls = [(z_src, src_text, src_mask), (z_tar, text, mask)]
+            if use_cfg:
+                calls = [calls[0], (z_src, neg_text, neg_mask), calls[1], (z_tar, neg_text, neg_mask)]
+            if cfg_batch:  # one batch
+                xs, txt, msk = (torch.cat(parts) for parts in zip(*calls))
+                vs = dit(xs.to(dtype), t_frames.repeat(len(calls), 1), txt, msk).float().chunk(len(calls))
+            else:  # one call after the other: a quarter of the activations
+                vs = [dit(x.to(dtype), t_frames, txt, msk).float() for x, txt, msk in calls]
+            if not use_cfg:
+                return vs[0], vs[1]
+            return vs[1] + guidance * (vs[0] - vs[1]), vs[3] + guidance * (vs[2] - vs[3])
+
+        def step_noise(i: int) -> Tensor:
+            return noise if i == 0 else torch.randn(noise.shape, generator=generator).to(noise)
+
+        x_src = cond.start_latents.to(noise)
+        if len(ts) < 2:  # strength 0: nothing to edit
+            return x_src
+        return flow_edit(velocities, x_src, ts.tolist(), step_noise, callback=callback)
 
     x = cond.start(noise, float(ts[0]))
     if len(ts) > 1:  # an SDEdit at strength 0 has no step to take
@@ -363,7 +400,7 @@ class Pipeline:
                  seed: int = 0, negative: str | None = None, sampler: str | None = None,
                  shift: float | None = None, callback: Callable[[int], None] | None = None,
                  conditioning: Conditioning | None = None, image: Tensor | None = None,
-                 last_image: Tensor | None = None) -> Generation:
+                 last_image: Tensor | None = None, source_prompt: str | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -377,8 +414,13 @@ class Pipeline:
         first (and last) frame, for a Wan2.1 image-to-video pipeline (`image_encoder`), which
         needs them; resized to cover the output and center-cropped for the VAE, given to CLIP
         as they are (`image_condition`).
+
+        `source_prompt`, with an edit conditioning: what the input shows; the edit then runs
+        FlowEdit from it to `prompt` (see `sample_latents`) instead of SDEdit.
         """
         self.check_prompt(prompt)
+        if source_prompt is not None:
+            self.check_prompt(source_prompt)
         d = replace(self.defaults, **{k: v for k, v in dict(
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
             sampler=sampler, shift=shift).items() if v is not None})
@@ -406,18 +448,22 @@ class Pipeline:
             raise KinoUserError(f"{self.name} has no image encoder: Pipeline.generate takes no image (kino's own "
                                 "image-to-video is kino.tasks.generate(pipe, prompt, image=...))")
         # noise from a CPU generator: the same seed gives the same clip on any device
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(shape, generator=generator).to(self.device)
         with self.using("text_encoder"):
-            text, mask = self.text_encoder.encode([prompt, d.negative])
+            text, mask = self.text_encoder.encode([prompt, d.negative] + ([source_prompt] if source_prompt else []))
         text, mask = text.to(self.device), mask.to(self.device)
         with self.using("dit"):
-            latents = sample_latents(self.dit, text[:1], mask[:1], text[1:], mask[1:], noise, steps=d.steps,
+            latents = sample_latents(self.dit, text[:1], mask[:1], text[1:2], mask[1:2], noise, steps=d.steps,
                                      guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback,
                                      conditioning=conditioning, t_max=d.t_max, t_min=d.t_min,
                                      integer_dit_time=d.integer_dit_time, cfg_batch=self.memory.cfg == "batch",
-                                     image=image_cond)
+                                     image=image_cond, generator=generator,
+                                     source=(text[2:], mask[2:]) if source_prompt else None)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
+        if source_prompt:
+            meta["source_prompt"] = source_prompt
         if self.loras:
             meta["lora"] = json.dumps(self.loras)
         loop = conditioning is not None and conditioning.loop

@@ -4,19 +4,19 @@
 import pytest
 import torch
 
-from kino.diffusion import (SAMPLERS, dpm_solver_2m, euler, guided, interpolate, logit_normal, predict_x0,
-                            sampling_timesteps, shift_for_tokens, shift_timesteps, velocity_target)
+from kino.diffusion import (SAMPLERS, dpm_solver_2m, euler, flow_edit, guided, interpolate, logit_normal,
+                            predict_x0, sampling_timesteps, shift_for_tokens, shift_timesteps, velocity_target)
 
 MU, S = 0.7, 0.3  # data: x0 ~ N(MU, S^2) per element
 
 
-def exact_velocity(x, t):
+def exact_velocity(x, t, mu=MU):
     """E[eps - x0 | x_t] for Gaussian data: the flow-matching optimum."""
     if t >= 1.0:
-        return x - MU  # x_1 = eps exactly; E[x0] = MU
+        return x - mu  # x_1 = eps exactly; E[x0] = mu
     var = (1 - t) ** 2 * S ** 2 + t ** 2
-    resid = x - (1 - t) * MU
-    e_x0 = MU + (1 - t) * S ** 2 / var * resid
+    resid = x - (1 - t) * mu
+    e_x0 = mu + (1 - t) * S ** 2 / var * resid
     e_eps = t / var * resid
     return e_eps - e_x0
 
@@ -95,3 +95,42 @@ def test_guidance_combines_branches():
 def test_samplers_reject_bad_timesteps():
     with pytest.raises(ValueError, match="decreasing"):
         euler(exact_velocity, torch.zeros(2), [0.0, 1.0])
+
+
+def test_flow_edit_transports_one_gaussian_onto_another():
+    """Source data N(MU, S^2), target N(MU + 0.5, S^2): with the exact fields the noise cancels
+    and FlowEdit over the whole schedule is the shift by 0.5 (the optimal transport), for any
+    noise and any step count; at strength 0 nothing moves."""
+    gen = torch.Generator().manual_seed(1)
+    x_src = MU + S * torch.randn(500, dtype=torch.float64, generator=gen)
+    noises = []
+
+    def noise(i):
+        noises.append(torch.randn(500, dtype=torch.float64, generator=gen))
+        return noises[-1]
+
+    def velocities(z_src, z_tar, t):
+        return exact_velocity(z_src, t), exact_velocity(z_tar, t, MU + 0.5)
+
+    for steps in (3, 12):
+        out = flow_edit(velocities, x_src, sampling_timesteps(steps, 2.0), noise)
+        torch.testing.assert_close(out, x_src + 0.5, rtol=0, atol=1e-9)
+    assert len(noises) == 15 and not torch.equal(noises[0], noises[1])  # fresh noise every step
+
+
+def test_flow_edit_part_of_the_schedule_lands_on_the_target_point():
+    """Point masses (the source at x_src, the target at b): every step stays on the line from
+    x_src to b, and a schedule cut at t0 = 0.5 (strength 0.5) still ends on b exactly."""
+    x_src, b = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([0.5, 3.0], dtype=torch.float64)
+    seen = []
+
+    def velocities(z_src, z_tar, t):
+        seen.append(t)
+        return (z_src - x_src) / t, (z_tar - b) / t
+
+    ts = [0.5, 0.3, 0.1, 0.0]
+    noise = lambda i: torch.randn(2, dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(flow_edit(velocities, x_src, ts, noise), b, rtol=0, atol=1e-12)
+    assert seen == ts[:-1]
+    mid = flow_edit(velocities, x_src, ts[:2], noise)  # stopped at t = 0.3: 2/5 of the way
+    torch.testing.assert_close(mid, x_src + (b - x_src) * 0.4, rtol=0, atol=1e-12)

@@ -12,6 +12,7 @@ from conftest import save_tiny_pipeline
 
 from kino.cli import main
 from kino.data.video_io import read_metadata, read_video, write_video
+from kino.models.memory import MemoryPlan
 from kino.pipeline import Pipeline
 from kino.tasks import video_tasks as tasks
 from kino.errors import KinoUserError
@@ -194,6 +195,32 @@ def test_edit_strength_ends(pipe):
     assert tasks.edit(pipe, PROMPT, x, strength=0.5, frames=5).video.shape == (5, 32, 32, 3)
 
 
+OTHER = "a large blue square moving up on a white background"
+
+
+def test_flow_edit_moves_the_input_only_where_the_prompts_differ(pipe, model_dir):
+    x = clip(7, seed=9)
+    source = encode(pipe, x)
+    same = tasks.edit(pipe, PROMPT, x, strength=0.8, seed=6, source_prompt=PROMPT)
+    torch.testing.assert_close(same.latents, source, rtol=0, atol=1e-6)  # nothing to change: the input
+    g0 = tasks.edit(pipe, OTHER, x, strength=0.0, seed=6, source_prompt=PROMPT)
+    assert torch.equal(g0.latents, source)
+    a = tasks.edit(pipe, OTHER, x, strength=0.8, seed=6, source_prompt=PROMPT)
+    b = tasks.edit(pipe, OTHER, x, strength=0.8, seed=6, source_prompt=PROMPT)
+    sd = tasks.edit(pipe, OTHER, x, strength=0.8, seed=6)
+    assert torch.equal(a.latents, b.latents) and not torch.allclose(a.latents, source, atol=1e-3)
+    assert not torch.allclose(a.latents, sd.latents, atol=1e-3)  # FlowEdit, not SDEdit
+    assert a.metadata["source_prompt"] == PROMPT and "source_prompt" not in sd.metadata
+    seq = Pipeline.from_pretrained(model_dir)
+    seq.set_memory(MemoryPlan(cfg="sequential"))  # four calls one after the other: the same edit
+    torch.testing.assert_close(tasks.edit(seq, OTHER, x, strength=0.8, seed=6, source_prompt=PROMPT).latents,
+                               a.latents, rtol=0, atol=1e-5)
+    with pytest.raises(KinoUserError, match="goes with an edit"):
+        pipe.generate(OTHER, frames=7, source_prompt=PROMPT)
+    with pytest.raises(KinoUserError, match="goes with an edit"):
+        tasks.generate(pipe, OTHER, frames=4, loop=True, source_prompt=PROMPT)
+
+
 # ---------------------------------------------------------------------------- the CLI
 
 
@@ -216,6 +243,8 @@ def test_cli_tasks_write_files(model_dir, inputs, tmp_path, capsys):
         "con.mp4": (["connect", str(inputs / "a.mp4"), str(inputs / "b.mp4"), PROMPT, "--frames", "4"], 21,
                     "connect"),
         "edit.mp4": (["edit", str(inputs / "a.mp4"), PROMPT, "--strength", "0.4"], 9, "edit"),
+        "flowedit.mp4": (["edit", str(inputs / "a.mp4"), PROMPT, "--strength", "0.4", "--source-prompt", OTHER], 9,
+                         "edit"),
     }
     for name, (argv, frames, task) in runs.items():
         out = tmp_path / name
@@ -227,6 +256,7 @@ def test_cli_tasks_write_files(model_dir, inputs, tmp_path, capsys):
     meta = read_metadata(tmp_path / "con.mp4")
     assert json.loads(meta["inputs"]) == {"first": str(inputs / "a.mp4"), "second": str(inputs / "b.mp4")}
     assert read_metadata(tmp_path / "edit.mp4")["strength"] == "0.4"
+    assert read_metadata(tmp_path / "flowedit.mp4")["source_prompt"] == OTHER
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -249,6 +279,8 @@ def test_cli_tasks_write_files(model_dir, inputs, tmp_path, capsys):
     (["extend", "--batch", "rows.jsonl"], "--out DIR"),
     (["extend", "--batch", "bad_rows.jsonl", "-o", "d"], "'video' is missing"),
     (["edit", "--batch", "bad_types.jsonl", "-o", "d"], "'strength' must be a number"),
+    (["edit", "--batch", "bad_source.jsonl", "-o", "d"], "'source_prompt' must be a str"),
+    (["edit", "a.mp4", "x", "--strength", "0.5", "--source-prompt", ""], "empty"),
     (["extend", "--batch", "bad_given.jsonl", "-o", "d"], "'given' must be one of exact, decoded"),
     (["extend", "a.mp4", "x", "--frames", "4", "--given", "pasted"], "invalid choice"),
     (["connect", "--batch", "bad_paths.jsonl", "-o", "d"], "does not exist"),
@@ -258,6 +290,7 @@ def test_cli_bad_input_exits_2(model_dir, inputs, tmp_path, monkeypatch, capsys,
     (inputs / "rows.jsonl").write_text(json.dumps({"caption": "x", "video": "a.mp4"}) + "\n")
     (inputs / "bad_rows.jsonl").write_text(json.dumps({"caption": "x", "frames": 4}) + "\n")
     (inputs / "bad_types.jsonl").write_text(json.dumps({"caption": "x", "video": "a.mp4", "strength": "high"}) + "\n")
+    (inputs / "bad_source.jsonl").write_text(json.dumps({"caption": "x", "video": "a.mp4", "source_prompt": 3}) + "\n")
     (inputs / "bad_given.jsonl").write_text(json.dumps({"caption": "x", "video": "a.mp4", "given": "all"}) + "\n")
     (inputs / "bad_paths.jsonl").write_text(json.dumps({"caption": "x", "first": "a.mp4", "second": "nope.mp4"}) + "\n")
     assert main(argv + ["--model", str(model_dir), "--steps", "1", "-q"]) == 2
@@ -273,9 +306,10 @@ def test_cli_batch_mode_for_every_task(model_dir, inputs, tmp_path, capsys):
                    {"caption": PROMPT, "video": str(inputs / "a.mp4"), "frames": 1, "backward": True,
                     "given": "decoded"}],
         "connect": [{"caption": PROMPT, "first": "a.mp4", "second": "b.mp4", "frames": 4}],
-        "edit": [{"caption": PROMPT, "video": "a.mp4", "strength": 0.3}, {"caption": PROMPT, "video": "a.mp4"}],
+        "edit": [{"caption": PROMPT, "video": "a.mp4", "strength": 0.3}, {"caption": PROMPT, "video": "a.mp4"},
+                 {"caption": PROMPT, "video": "a.mp4", "source_prompt": OTHER}],
     }
-    frames = {"generate": [5, 4], "extend": [13, 9], "connect": [21], "edit": [9, 9]}
+    frames = {"generate": [5, 4], "extend": [13, 9], "connect": [21], "edit": [9, 9, 9]}
     for task, task_rows in rows.items():
         batch = inputs / f"{task}.jsonl"
         batch.write_text("".join(json.dumps(r) + "\n" for r in task_rows))
@@ -289,7 +323,10 @@ def test_cli_batch_mode_for_every_task(model_dir, inputs, tmp_path, capsys):
             assert read_video(out / r["file"])[0].shape[0] == r["frames"]
     edits = [read_metadata(tmp_path / "edit" / r["file"])["strength"]
              for r in map(json.loads, (tmp_path / "edit" / "captions.jsonl").read_text().splitlines())]
-    assert edits == ["0.3", "1.0"]  # the row's strength, else the command line's
+    assert edits == ["0.3", "1.0", "1.0"]  # the row's strength, else the command line's
+    sources = [read_metadata(tmp_path / "edit" / r["file"]).get("source_prompt")
+               for r in map(json.loads, (tmp_path / "edit" / "captions.jsonl").read_text().splitlines())]
+    assert sources == [None, None, OTHER]
     given = [read_metadata(tmp_path / "extend" / r["file"])["given_frames"]
              for r in map(json.loads, (tmp_path / "extend" / "captions.jsonl").read_text().splitlines())]
     assert given == ["exact", "decoded"]

@@ -140,6 +140,35 @@ def unipc(velocity: Velocity, x: Tensor, timesteps: Sequence[float],
 
 SAMPLERS = {"euler": euler, "dpm++2m": dpm_solver_2m, "unipc": unipc}
 
+# velocities(z_src, z_tar, t) -> (v_src, v_tar): the field under the source and the target prompt
+PairVelocity = Callable[[Tensor, Tensor, float], tuple[Tensor, Tensor]]
+
+
+def flow_edit(velocities: PairVelocity, x_src: Tensor, timesteps: Sequence[float], noise: Callable[[int], Tensor],
+              callback: Callable[[int], None] | None = None) -> Tensor:
+    """FlowEdit (Kulikov et al. 2024): edit x_src from a source prompt to a target prompt
+    without inverting it, by integrating the difference of the two prompts' velocities along
+    a path that starts at x_src.
+
+    Each step from t to t' draws fresh noise eps = noise(i), noises the source the forward
+    way, z_src = (1 - t) x_src + t eps, moves the edit the same way, z_tar = z + z_src - x_src,
+    and takes an Euler step with the difference v_tar(z_tar) - v_src(z_src): what the target
+    prompt changes, while the noise, and so whatever both prompts agree on, cancels. z starts
+    at x_src at timesteps[0] (a share of the schedule, as SDEdit's strength) and the result is
+    z at timesteps[-1]. When each prompt's field is that of a single point (x_src for the
+    source, b for the target) every step lands on the straight line from x_src to b, and t = 0
+    on b exactly, whatever the noise.
+    """
+    ts = _times(timesteps)
+    z = x_src
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+        z_src = (1.0 - t) * x_src + t * noise(i)
+        v_src, v_tar = velocities(z_src, z + z_src - x_src, t)
+        z = z + (t_next - t) * (v_tar - v_src)
+        if callback:
+            callback(i)
+    return z
+
 
 def guided(velocity_cond: Callable[[Tensor, float], Tensor], velocity_uncond: Callable[[Tensor, float], Tensor],
            scale: float) -> Velocity:

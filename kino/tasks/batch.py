@@ -8,7 +8,7 @@ override the command line's:
     generate  {"caption", "image"?, "loop"?, "frames"?, "given"?, ...}
     extend    {"caption", "video", "frames"?, "backward"?, "refine"?, "given"?, ...}
     connect   {"caption", "first", "second", "frames"?, "refine"?, "given"?, ...}
-    edit      {"caption", "video", "strength"?, "frames"?, ...}
+    edit      {"caption", "video", "strength"?, "source_prompt"?, "frames"?, ...}
 
 with "height", "width" and "seed" allowed everywhere. A row without 'seed' uses the
 command's seed + its index, so reruns are identical. A `captions.jsonl` written by `kino
@@ -28,14 +28,14 @@ from kino.tasks import video_tasks
 from kino.world.dataset import clip_filename, read_jsonl, write_clip, write_rows
 
 OPTION_TYPES = {"frames": int, "height": int, "width": int, "seed": int, "loop": bool, "backward": bool,
-                "refine": float, "strength": float, "given": str}
+                "refine": float, "strength": float, "given": str, "source_prompt": str}
 OPTION_CHOICES = {"given": video_tasks.GIVEN_MODES}
 # task -> (the input paths a row must name, those it may name, its options besides height/width/seed)
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "generate": ((), ("image", "last_image"), ("frames", "loop", "given")),
     "extend": (("video",), (), ("frames", "backward", "refine", "given")),
     "connect": (("first", "second"), (), ("frames", "refine", "given")),
-    "edit": (("video",), (), ("frames", "strength")),
+    "edit": (("video",), (), ("frames", "strength", "source_prompt")),
 }
 IGNORED = {"generate": ("file", "fps")}  # keys of a world captions.jsonl row, so it can be a batch
 RUNNERS: dict[str, Callable[..., Generation]] = {"generate": video_tasks.generate, "extend": video_tasks.extend,

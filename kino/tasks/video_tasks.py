@@ -233,11 +233,14 @@ def connect(pipe: Pipeline, prompt: str, first: Media, second: Media, *, frames:
 
 
 def edit(pipe: Pipeline, prompt: str, video: Media, *, strength: float, frames: int | None = None,
-         height: int | None = None, width: int | None = None, seed: int = 0, **sampling) -> Generation:
+         height: int | None = None, width: int | None = None, seed: int = 0, source_prompt: str | None = None,
+         **sampling) -> Generation:
     """SDEdit: the input noised to `strength` and re-generated (0 returns the input as the
     VAE reconstructs it, 1 is text-to-video with the same seed). `frames`: use the input's
-    first `frames` frames (default all)."""
+    first `frames` frames (default all). With `source_prompt` (what the input shows) it is
+    FlowEdit instead, over the same share of the schedule: the input moved by the difference
+    between the two prompts' velocities, never noised away (0 still returns the input)."""
     x, source = load_input(pipe, video, "input")
     h, w = output_size(pipe, x, height, width)
     layout = plan_edit(fit_video(x, h, w), strength, pipe.vae.config.time_stride, frames, source)
-    return run_layout(pipe, prompt, layout, "edit", seed=seed, **sampling)
+    return run_layout(pipe, prompt, layout, "edit", seed=seed, source_prompt=source_prompt, **sampling)
