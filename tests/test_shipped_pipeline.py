@@ -23,7 +23,7 @@ from kino.world.generator import render, scene_at
 SEED = 8080  # eval scenes of this seed are used nowhere else (not in training, tuning or the benchmarks)
 # Floors, set under what the thirteen-stage model (four decoder rounds) measured on these very
 # cases; the fifteen-stage model shipped since (1x1x1 patches) passes every one of them (2026-12-02,
-# the whole file, two threads). The thirteen-stage figures (2026-12-02, two threads: t2v
+# the whole file, two threads; again at its 16-step default, thirteenth session). The thirteen-stage figures (2026-12-02, two threads: t2v
 # background 10/10, presence 8/10, no_extras 9/10, shape 1/10, all checks 1/10; decoded kept frames 30.5-36.7 dB; seam jumps <= 0.035 of
 # the frame; edit trajectory offsets 0.013-0.033; loops' wrap step 0.95, 1.19 and 1.24x their
 # mean step; the eleven-stage model before: presence 9/10, no_extras 10/10, shape 2/10, kept
