@@ -171,9 +171,9 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         return cond.constrain(v)
 
     if source is not None:
-        if cond.start_latents is None or cond.clean.any() or cond.loop:
+        if cond.start_latents is None or cond.clean.any() or cond.loop or image is not None:
             raise KinoUserError("a source prompt (FlowEdit) goes with an edit: an input to start from, no "
-                                "given frames, no loop")
+                                "given frames, no loop, no Wan image condition")
         src_text, src_mask = source[0].to(dtype), source[1]
 
         def velocities(z_src: Tensor, z_tar: Tensor, t: float) -> tuple[Tensor, Tensor]:
