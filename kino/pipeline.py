@@ -153,10 +153,13 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         extra = {"image": image.features.to(dtype).expand(B, -1, -1)}
     both = {k: torch.cat([v, v]) for k, v in extra.items()}
 
+    def frame_times(t: float, dtype) -> Tensor:
+        """(B, T) DiT times of solver time t (0 on clean frames)."""
+        return cond.frame_times(math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE, dtype)
+
     def velocity(x: Tensor, t: float) -> Tensor:
         x = cond.keep_clean(x)
-        t_dit = math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE
-        t_frames = cond.frame_times(t_dit, x.dtype)  # (B, T)
+        t_frames = frame_times(t, x.dtype)  # (B, T)
         x_dit = x.to(dtype) if channels is None else torch.cat([x.to(dtype), channels], dim=1)
         if not use_cfg:
             v = dit(x_dit, t_frames, text, mask, **extra).float()
@@ -177,8 +180,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         src_text, src_mask = source[0].to(dtype), source[1]
 
         def velocities(z_src: Tensor, z_tar: Tensor, t: float) -> tuple[Tensor, Tensor]:
-            t_dit = math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE
-            t_frames = cond.frame_times(t_dit, dtype)  # (B, T)
+            t_frames = frame_times(t, dtype)  # (B, T)
             # the source under its prompt, the edit under the target (and both unconditioned)
             calls = [(z_src, src_text, src_mask), (z_tar, text, mask)]
             if use_cfg:
