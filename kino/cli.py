@@ -128,6 +128,9 @@ def add_sampling(p):
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--sampler", choices=("euler", "dpm++2m", "unipc"), default=None, help="default: the model's")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only the steps at solver times LO <= t <= HI (1 = noise, 0 = clean); the others "
+                        "run the DiT once, unguided (default: the model's)")
 
 
 def add_lora(p):
@@ -251,7 +254,11 @@ METAVARS = {"first": "A", "second": "B"}
 
 
 def _sampling_kwargs(args) -> dict:
-    return dict(steps=args.steps, guidance=args.guidance, negative=args.negative, sampler=args.sampler)
+    from kino.pipeline import check_guidance_interval
+
+    interval = None if args.guidance_interval is None else check_guidance_interval(args.guidance_interval)
+    return dict(steps=args.steps, guidance=args.guidance, negative=args.negative, sampler=args.sampler,
+                guidance_interval=interval)
 
 
 def _size_kwargs(args) -> dict:
@@ -324,13 +331,14 @@ def cmd_task(args) -> int:
     frames = args.frames if args.task == "generate" else None  # elsewhere --frames counts new/used frames
     out = args.out or Path("out.png" if frames == 1 else "out.mp4")
     _check_out(out, frames)
+    kwargs = _task_kwargs(args)  # checked before the model loads
     pipe = _pipeline(args)
     steps = args.steps or pipe.defaults.steps
     # extend backward and connect may take two passes: no total there
     total = steps if args.task == "generate" else round((args.strength or 0) * steps) if args.task == "edit" else None
     with _step_bar(args, args.task, total) as bar:
         clip = RUNNERS[args.task](pipe, args.prompt, seed=args.seed, callback=lambda i: bar.update(1),
-                                  **_task_inputs(args), **_task_kwargs(args))
+                                  **_task_inputs(args), **kwargs)
     _check_out(out, len(clip.video))
     write_video(out, clip.video, clip.fps, metadata=clip.metadata)
     print(out)
@@ -342,8 +350,9 @@ def _task_batch(args) -> int:
 
     if args.out is None:
         raise KinoUserError("--batch needs --out DIR (the folder for the clips and captions.jsonl)")
+    kwargs = _task_kwargs(args)
     pipe = _pipeline(args)
-    rows = generate_batch(pipe, args.batch, args.out, defaults=_task_kwargs(args), seed=args.seed,
+    rows = generate_batch(pipe, args.batch, args.out, defaults=kwargs, seed=args.seed,
                           progress=_progress(args, "batch"), task=args.task)
     print(f"wrote {len(rows)} clips and captions.jsonl to {args.out}")
     return 0

@@ -57,6 +57,9 @@ class GenerationDefaults:
     fps: float = 8.0
     steps: int = 20
     guidance: float = 4.0
+    # solver times t (1 = noise) where guidance applies; elsewhere the conditional velocity
+    # alone, one DiT pass instead of two (Kynkäänniemi et al. 2024). None: every step.
+    guidance_interval: tuple[float, float] | None = None
     sampler: str = "dpm++2m"
     shift: float | None = None  # None: grows with the token count (shift_for_tokens)
     negative: str = ""
@@ -66,10 +69,25 @@ class GenerationDefaults:
     # solver steps between the exact times: True reproduces that.
     integer_dit_time: bool = False
 
+    def __post_init__(self):
+        if self.guidance_interval is not None:
+            self.guidance_interval = check_guidance_interval(self.guidance_interval)
+
     @classmethod
     def from_dict(cls, d: dict) -> GenerationDefaults:
         reject_unknown_fields(cls, d, "pipeline settings", KinoUserError)
         return cls(**d)
+
+
+def check_guidance_interval(interval) -> tuple[float, float]:
+    """(lo, hi) with 0 <= lo <= hi <= 1, or a clear error."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise KinoUserError(f"a guidance interval is two solver times LO HI, got {interval!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise KinoUserError(f"a guidance interval needs 0 <= LO <= HI <= 1 (solver times, 1 = noise), got {lo} {hi}")
+    return lo, hi
 
 
 @dataclass
@@ -114,7 +132,8 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
                    conditioning: Conditioning | None = None, t_max: float = 1.0, t_min: float = 0.0,
                    integer_dit_time: bool = False, cfg_batch: bool = True,
                    image: ImageCondition | None = None, source: tuple[Tensor, Tensor] | None = None,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | None = None,
+                   guidance_interval: tuple[float, float] | None = None) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
     guidance; conditional and unconditional branches run as one batch (`cfg_batch=False`:
     one after the other, half the activations). The DiT computes in its own dtype (that of
@@ -143,7 +162,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     tokens = (T // p[0]) * (H // p[1]) * (W // p[2])
     ts = cond.schedule(sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens), t_max,
                                           t_min))
-    use_cfg = guidance != 1.0
+    lo, hi = guidance_interval if guidance_interval is not None else (0.0, 1.0)
     embed = getattr(dit, "patch_embedding", None)  # any velocity model with a DiT's call signature will do
     dtype = embed.weight.dtype if embed is not None else noise.dtype
     text, neg_text = text.to(dtype), neg_text.to(dtype)
@@ -158,6 +177,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         return cond.frame_times(math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE, dtype)
 
     def velocity(x: Tensor, t: float) -> Tensor:
+        use_cfg = guidance != 1.0 and lo <= t <= hi
         x = cond.keep_clean(x)
         t_frames = frame_times(t, x.dtype)  # (B, T)
         x_dit = x.to(dtype) if channels is None else torch.cat([x.to(dtype), channels], dim=1)
@@ -180,6 +200,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         src_text, src_mask = source[0].to(dtype), source[1]
 
         def velocities(z_src: Tensor, z_tar: Tensor, t: float) -> tuple[Tensor, Tensor]:
+            use_cfg = guidance != 1.0 and lo <= t <= hi
             t_frames = frame_times(t, dtype)  # (B, T)
             # the source under its prompt, the edit under the target (and both unconditioned)
             calls = [(z_src, src_text, src_mask), (z_tar, text, mask)]
@@ -402,7 +423,8 @@ class Pipeline:
                  seed: int = 0, negative: str | None = None, sampler: str | None = None,
                  shift: float | None = None, callback: Callable[[int], None] | None = None,
                  conditioning: Conditioning | None = None, image: Tensor | None = None,
-                 last_image: Tensor | None = None, source_prompt: str | None = None) -> Generation:
+                 last_image: Tensor | None = None, source_prompt: str | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -419,13 +441,16 @@ class Pipeline:
 
         `source_prompt`, with an edit conditioning: what the input shows; the edit then runs
         FlowEdit from it to `prompt` (see `sample_latents`) instead of SDEdit.
+
+        `guidance_interval` (lo, hi): guide only the steps at solver times lo <= t <= hi (1 is
+        noise); the others take the conditional velocity alone, one DiT pass instead of two.
         """
         self.check_prompt(prompt)
         if source_prompt is not None:
             self.check_prompt(source_prompt)
         d = replace(self.defaults, **{k: v for k, v in dict(
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
-            sampler=sampler, shift=shift).items() if v is not None})
+            sampler=sampler, shift=shift, guidance_interval=guidance_interval).items() if v is not None})
         self.check_request(d.frames, d.height, d.width)
         if d.steps < 1:
             raise KinoUserError(f"--steps must be at least 1, got {d.steps}")
@@ -461,7 +486,8 @@ class Pipeline:
                                      conditioning=conditioning, t_max=d.t_max, t_min=d.t_min,
                                      integer_dit_time=d.integer_dit_time, cfg_batch=self.memory.cfg == "batch",
                                      image=image_cond, generator=generator,
-                                     source=(text[2:], mask[2:]) if source_prompt else None)
+                                     source=(text[2:], mask[2:]) if source_prompt else None,
+                                     guidance_interval=d.guidance_interval)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if source_prompt:

@@ -55,6 +55,35 @@ def test_guidance_one_skips_the_unconditional_branch(model_dir):
     assert calls == [1, 1, 2, 2]
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(model_dir):
+    pipe = Pipeline.from_pretrained(model_dir)
+    calls = []
+    orig = pipe.dit.forward
+    pipe.dit.forward = lambda x, t, text, mask: (calls.append((x.shape[0], round(float(t[0, -1]) / 1000, 3))),
+                                                 orig(x, t, text, mask))[1]
+    prompt = "a small red circle moving left on a black background"
+    ref = pipe.generate(prompt, guidance=3.0, steps=4, shift=1.0, seed=4)
+    calls.clear()
+    # shift 1, 4 steps: solver times 1, 0.75, 0.5, 0.25; guide the middle two
+    part = pipe.generate(prompt, guidance=3.0, steps=4, shift=1.0, seed=4, guidance_interval=(0.4, 0.8))
+    assert calls == [(1, 1.0), (2, 0.75), (2, 0.5), (1, 0.25)]
+    assert part.metadata["guidance_interval"] == "(0.4, 0.8)"
+    assert not torch.equal(part.latents, ref.latents)
+    # the whole range is plain guidance; an interval no step falls in is no guidance at all
+    full = pipe.generate(prompt, guidance=3.0, steps=4, shift=1.0, seed=4, guidance_interval=(0.0, 1.0))
+    assert torch.equal(full.latents, ref.latents)
+    none = pipe.generate(prompt, guidance=3.0, steps=4, shift=1.0, seed=4, guidance_interval=(0.0, 0.1))
+    off = pipe.generate(prompt, guidance=1.0, steps=4, shift=1.0, seed=4)
+    assert torch.equal(none.latents, off.latents)
+
+
+@pytest.mark.parametrize("interval", [(0.6, 0.2), (-0.1, 0.5), (0.2, 1.5)])
+def test_guidance_interval_out_of_range_is_refused(model_dir, interval):
+    pipe = Pipeline.from_pretrained(model_dir)
+    with pytest.raises(KinoUserError, match="0 <= LO <= HI <= 1"):
+        pipe.generate("x", steps=1, guidance_interval=interval)
+
+
 def test_negative_prompt_changes_the_result(model_dir):
     pipe = Pipeline.from_pretrained(model_dir)
     a = pipe.generate("a large blue square growing on a white background", seed=0)
@@ -85,11 +114,12 @@ def test_tampered_model_is_refused(model_dir, tmp_path):
 def test_generate_cli_single_and_image(model_dir, tmp_path, capsys):
     out = tmp_path / "a.mp4"
     assert main(["generate", "a small red circle moving left on a black background", "-o", str(out),
-                 "--model", str(model_dir), "--seed", "3", "--steps", "2", "-q"]) == 0
+                 "--model", str(model_dir), "--seed", "3", "--steps", "2", "--guidance-interval", "0.5", "1", "-q"]) == 0
     video, fps = read_video(out)
     assert video.shape == (5, 32, 32, 3) and fps == 8
     meta = read_metadata(out)
     assert meta["seed"] == "3" and meta["prompt"].startswith("a small red") and meta["kino_version"]
+    assert meta["guidance_interval"] == "(0.5, 1.0)"
     png = tmp_path / "a.png"
     assert main(["generate", "a small red circle standing still on a black background", "-o", str(png),
                  "--frames", "1", "--size", "32x48", "--model", str(model_dir), "-q"]) == 0
@@ -132,6 +162,7 @@ def test_a_world_folder_is_a_generate_batch(model_dir, tmp_path):
     (["generate", "x", "-o", "a.png", "--frames", "9"], "one frame"),
     (["generate", "x", "--size", "40x40"], "multiples of 16"),
     (["generate", "x", "--steps", "0"], "at least 1"),
+    (["generate", "x", "--guidance-interval", "0.9", "0.1"], "0 <= LO <= HI <= 1"),
     (["generate", "--batch", "missing.jsonl", "--out", "d"], "does not exist"),
     (["generate", "--batch", "bad.jsonl", "--out", "d"], "caption"),
     (["generate", "x", "--model", "nowhere"], "kino.json"),
