@@ -1,7 +1,8 @@
 """Text-to-video quality of a pipeline on fresh Shapes World `eval` captions.
 
     python benchmarks/eval_t2v.py [--model DIR] [--n 300] [--held-out 60] [--seed 4242]
-                                  [--steps 20] [--guidance G] [--shift S] [--out DIR]
+                                  [--steps 20] [--guidance G] [--shift S] [--guidance-interval LO HI]
+                                  [--out DIR]
 
 Draws n eval scenes (frame counts 1, 9, 17, 25, 33 and the three sizes in turn, one or two
 objects as the eval split draws them) plus `--held-out` more scenes that contain a held-out
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[None])
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--shift", type=float, default=None, help="sampling shift (default: the model's)")
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="guide only solver times LO..HI (default: the model's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -125,8 +128,8 @@ def main() -> None:
     batch.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "held_out"}) + "\n" for r in prompts))
     results = {}
     for steps in args.steps:
-        defaults = {k: v for k, v in (("steps", steps), ("guidance", args.guidance), ("shift", args.shift))
-                    if v is not None}
+        defaults = {k: v for k, v in (("steps", steps), ("guidance", args.guidance), ("shift", args.shift),
+                                                  ("guidance_interval", args.guidance_interval)) if v is not None}
         folder = out / f"steps-{steps or pipe.defaults.steps}"
         start = time.perf_counter()
         generate_batch(pipe, batch, folder, defaults=defaults)

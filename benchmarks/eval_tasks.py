@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--given", choices=GIVEN_MODES, default="exact",
                     help="how given frames come back (i2v, extend, connect)")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="guide only solver times LO..HI (default: the model's)")
     ap.add_argument("--loop-frames", type=int, default=16, help="loop length (4k)")
     ap.add_argument("--seed", type=int, default=5151)
     ap.add_argument("--out", default=None)
@@ -174,6 +176,8 @@ def main() -> None:
             defaults["given"] = args.given
         if args.steps:
             defaults["steps"] = args.steps
+        if args.guidance_interval:
+            defaults["guidance_interval"] = tuple(args.guidance_interval)
         start = time.perf_counter()
         generate_batch(pipe, inputs / "batch.jsonl", results, defaults=defaults, task=COMMAND[task])
         seconds = time.perf_counter() - start
