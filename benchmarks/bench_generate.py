@@ -1,6 +1,6 @@
 """Generation speed of a pipeline on this machine, and its DiT against diffusers' Wan DiT.
 
-    python benchmarks/bench_generate.py [--model DIR] [--repeats 5] [--threads N]
+    python benchmarks/bench_generate.py [--model DIR] [--repeats 5] [--threads N] [--guidance-interval LO HI]
 
 clip: the model time of one default clip (text encoding, every sampling step with
       classifier-free guidance, VAE decode; file writing excluded) for each world clip
@@ -46,16 +46,23 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="guide only solver times LO..HI (default: the model's; 0 1 = every step)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from dataclasses import replace
+
     from kino.pipeline import Pipeline, sample_latents
 
     pipe = Pipeline.from_pretrained(args.model)
+    if args.guidance_interval:
+        pipe.defaults = replace(pipe.defaults, guidance_interval=tuple(args.guidance_interval))
     d = pipe.defaults
     print(f"# {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{d.steps} {d.sampler} steps, guidance {d.guidance}, medians of {args.repeats}")
+          f"{d.steps} {d.sampler} steps, guidance {d.guidance} (interval {d.guidance_interval or 'all steps'}), "
+          f"medians of {args.repeats}")
     print("| clip | model time s | DiT sampling s | text s | VAE decode s | clip lasts s |")
     print("|---|---|---|---|---|---|")
     prompt = "a large red circle moving left and a small blue square growing on a black background"
@@ -66,7 +73,8 @@ def main() -> None:
         latents = pipe.generate(prompt, frames=frames, height=h, width=w, seed=1).latents
         noise = torch.randn(latents.shape)
         dit_s = median_time(lambda: sample_latents(pipe.dit, text[:1], mask[:1], text[1:], mask[1:], noise,
-                                               steps=d.steps, guidance=d.guidance, sampler=d.sampler), args.repeats)
+                                               steps=d.steps, guidance=d.guidance, sampler=d.sampler,
+                                               guidance_interval=d.guidance_interval), args.repeats)
         vae_s = median_time(lambda: pipe.decode(latents, frames), args.repeats)
         print(f"| {frames}x{h}x{w} | {total:.2f} | {dit_s:.2f} | {text_s:.3f} | {vae_s:.2f} | "
               f"{frames / d.fps:.2f} |")

@@ -77,6 +77,22 @@ def test_guidance_interval_guides_only_the_steps_inside_it(model_dir):
     assert torch.equal(none.latents, off.latents)
 
 
+def test_a_model_folder_carries_its_guidance_interval(model_dir, tmp_path):
+    folder = save_tiny_pipeline(tmp_path / "gi", "tiny-gi", frames=5, height=32, width=32, steps=4, guidance=3.0,
+                                shift=1.0, guidance_interval=(0.4, 0.8))
+    assert json.loads((folder / "kino.json").read_text())["pipeline"]["guidance_interval"] == [0.4, 0.8]
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.defaults.guidance_interval == (0.4, 0.8)
+    calls = []
+    orig = pipe.dit.forward
+    pipe.dit.forward = lambda x, t, text, mask: (calls.append(x.shape[0]), orig(x, t, text, mask))[1]
+    pipe.generate("a small red circle moving left on a black background", seed=4)
+    assert calls == [1, 2, 2, 1]
+    calls.clear()  # a call's own interval overrides the folder's
+    pipe.generate("a small red circle moving left on a black background", seed=4, guidance_interval=(0.0, 1.0))
+    assert calls == [2, 2, 2, 2]
+
+
 @pytest.mark.parametrize("interval", [(0.6, 0.2), (-0.1, 0.5), (0.2, 1.5)])
 def test_guidance_interval_out_of_range_is_refused(model_dir, interval):
     pipe = Pipeline.from_pretrained(model_dir)
