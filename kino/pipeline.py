@@ -444,6 +444,8 @@ class Pipeline:
 
         `guidance_interval` (lo, hi): guide only the steps at solver times lo <= t <= hi (1 is
         noise); the others take the conditional velocity alone, one DiT pass instead of two.
+        The model's default interval applies to runs from noise only: a run that starts part way
+        (an edit, a refine pass: strength < 1) guides every step unless given an interval here.
         """
         self.check_prompt(prompt)
         if source_prompt is not None:
@@ -451,6 +453,12 @@ class Pipeline:
         d = replace(self.defaults, **{k: v for k, v in dict(
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
             sampler=sampler, shift=shift, guidance_interval=guidance_interval).items() if v is not None})
+        partial = d.t_max < 1.0 or (conditioning is not None and conditioning.start_latents is not None
+                                    and conditioning.strength < 1.0)
+        if partial and guidance_interval is None:
+            # the model's interval is for runs from noise; a run that starts part way (edit,
+            # refine) has no high-noise steps, and its guidance is what carries the prompt
+            d = replace(d, guidance_interval=None)
         self.check_request(d.frames, d.height, d.width)
         if d.steps < 1:
             raise KinoUserError(f"--steps must be at least 1, got {d.steps}")

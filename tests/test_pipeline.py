@@ -91,6 +91,21 @@ def test_a_model_folder_carries_its_guidance_interval(model_dir, tmp_path):
     calls.clear()  # a call's own interval overrides the folder's
     pipe.generate("a small red circle moving left on a black background", seed=4, guidance_interval=(0.0, 1.0))
     assert calls == [2, 2, 2, 2]
+    # an edit at strength 0.5 runs from t = 0.5: the folder's interval is for runs from noise, so
+    # every step is guided; an interval given with the call still applies
+    from kino.tasks.conditioning import Conditioning
+
+    c = pipe.vae.config
+    shape = (1, c.z_dim, c.latent_frames(5), 32 // c.space_stride, 32 // c.space_stride)
+    edit = Conditioning(torch.zeros(shape), torch.zeros(1, shape[2], dtype=torch.bool),
+                        start_latents=torch.randn(shape), strength=0.5)
+    calls.clear()
+    clip = pipe.generate("a small red circle moving left on a black background", seed=4, conditioning=edit)
+    assert calls == [2, 2] and clip.metadata["guidance_interval"] == ""
+    calls.clear()
+    pipe.generate("a small red circle moving left on a black background", seed=4, conditioning=edit,
+                  guidance_interval=(0.4, 0.8))
+    assert calls == [2, 1]
 
 
 @pytest.mark.parametrize("interval", [(0.6, 0.2), (-0.1, 0.5), (0.2, 1.5)])
