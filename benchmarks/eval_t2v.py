@@ -12,7 +12,7 @@ that runs through the same code as `kino generate --batch`, and the clips are sc
 the same code as `kino world eval`. `--steps` may list several step counts (a table of pass
 rate against steps on the same prompts). `--workers N` generates in N one-thread processes,
 each over every N-th prompt, and merges their clips before scoring: the same clips as one
-process (every prompt carries its own seed), faster on a few cores than one process's threads.
+process (every prompt carries its own seed), each core busy with its own clip.
 
 Reports the pass rate per kind: image (1 frame), single (one object, video), pair (two
 objects, video), held_out (any clip with a held-out composition), and per check; prints
