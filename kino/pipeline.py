@@ -163,6 +163,11 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     ts = cond.schedule(sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens), t_max,
                                           t_min))
     lo, hi = guidance_interval if guidance_interval is not None else (0.0, 1.0)
+
+    def guided(t: float) -> bool:
+        """Whether the step at solver time t runs both guidance branches."""
+        return guidance != 1.0 and lo <= t <= hi
+
     embed = getattr(dit, "patch_embedding", None)  # any velocity model with a DiT's call signature will do
     dtype = embed.weight.dtype if embed is not None else noise.dtype
     text, neg_text = text.to(dtype), neg_text.to(dtype)
@@ -177,7 +182,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         return cond.frame_times(math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE, dtype)
 
     def velocity(x: Tensor, t: float) -> Tensor:
-        use_cfg = guidance != 1.0 and lo <= t <= hi
+        use_cfg = guided(t)
         x = cond.keep_clean(x)
         t_frames = frame_times(t, x.dtype)  # (B, T)
         x_dit = x.to(dtype) if channels is None else torch.cat([x.to(dtype), channels], dim=1)
@@ -200,7 +205,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         src_text, src_mask = source[0].to(dtype), source[1]
 
         def velocities(z_src: Tensor, z_tar: Tensor, t: float) -> tuple[Tensor, Tensor]:
-            use_cfg = guidance != 1.0 and lo <= t <= hi
+            use_cfg = guided(t)
             t_frames = frame_times(t, dtype)  # (B, T)
             # the source under its prompt, the edit under the target (and both unconditioned)
             calls = [(z_src, src_text, src_mask), (z_tar, text, mask)]
@@ -453,8 +458,7 @@ class Pipeline:
         d = replace(self.defaults, **{k: v for k, v in dict(
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
             sampler=sampler, shift=shift, guidance_interval=guidance_interval).items() if v is not None})
-        partial = d.t_max < 1.0 or (conditioning is not None and conditioning.start_latents is not None
-                                    and conditioning.strength < 1.0)
+        partial = d.t_max < 1.0 or (conditioning is not None and conditioning.starts_part_way)
         if partial and guidance_interval is None:
             # the model's interval is for runs from noise; a run that starts part way (edit,
             # refine) has no high-noise steps, and its guidance is what carries the prompt

@@ -166,6 +166,7 @@ def test_conditioning_velocity_start_and_schedule():
     assert torch.equal(sde.start(noise, 0.0), latents)  # strength 0: the input itself
     full = Conditioning(torch.zeros_like(latents), sde.clean, start_latents=latents, strength=1.0)
     assert full.schedule(ts).tolist() == ts.tolist() and torch.equal(full.start(noise, 1.0), noise)
+    assert sde.starts_part_way and not full.starts_part_way and not cond.starts_part_way
     with pytest.raises(KinoUserError, match="3 latent frames"):
         Conditioning(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 2, dtype=torch.bool), loop=True)
     with pytest.raises(KinoUserError, match="bool"):

@@ -156,6 +156,11 @@ class Conditioning:
         return cls(torch.zeros(shape, device=device), torch.zeros(B, T, dtype=torch.bool, device=device))
 
     @property
+    def starts_part_way(self) -> bool:
+        """An edit (SDEdit/FlowEdit) that runs only the last `strength` of the schedule."""
+        return self.start_latents is not None and self.strength < 1.0
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.latents.shape)
 
