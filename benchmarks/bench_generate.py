@@ -17,27 +17,7 @@ import argparse
 import platform
 
 import torch
-from timing import median_time
-
-
-def _peer(dit):
-    from diffusers import WanTransformer3DModel
-
-    from kino.models.dit.adapters import to_diffusers
-
-    c = dit.config
-    peer = WanTransformer3DModel(
-        patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.head_dim,
-        in_channels=c.in_channels, out_channels=c.out_channels, text_dim=c.text_dim, freq_dim=c.freq_dim,
-        ffn_dim=c.ffn_dim, num_layers=c.num_layers, cross_attn_norm=c.cross_attn_norm,
-        qk_norm="rms_norm_across_heads", eps=c.eps, rope_max_seq_len=c.rope_max_len).eval()
-    # kino's absolute-position layer (abs_pos_embed) has no diffusers counterpart: the peer runs
-    # without it, so kino's time below includes that extra (small) work
-    state = {k: v for k, v in dit.state_dict().items() if not k.startswith("pos_embedding.")}
-    missing, unexpected = peer.load_state_dict(to_diffusers(state), strict=False)
-    if unexpected or any("rope" not in k for k in missing):
-        raise RuntimeError(f"weights do not map onto diffusers' Wan DiT: {missing[:4]} {unexpected[:4]}")
-    return peer
+from timing import median_time, wan_peer
 
 
 @torch.no_grad()
@@ -80,7 +60,7 @@ def main() -> None:
               f"{frames / d.fps:.2f} |")
 
     dit = pipe.dit
-    peer = _peer(dit)
+    peer = wan_peer(dit)
     print("\n| DiT call (batch 2, as with guidance) | tokens | kino s | diffusers s | kino/diffusers time |")
     print("|---|---|---|---|---|")
     s = pipe.vae.config.space_stride

@@ -1,0 +1,44 @@
+"""The GPU suite's scripts run end to end at tiny sizes on the CPU (benchmarks/gpu_suite.sh runs
+them at Wan2.1-1.3B sizes on a GPU when one is lent), so a session with a GPU does not spend
+its device time finding a broken script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_dit_peer_compares_the_same_computation():
+    out = _run("bench_dit_peer.py", "--size", "tiny", "--latent", "2x4x4", "--text", "4", "--repeats", "1")
+    assert out["tokens"] == 2 * 2 * 2 and out["relative_max_diff"] < 1e-5  # fp32: the same model
+    assert out["kino_s"] > 0 and out["diffusers_s"] > 0
+
+
+@pytest.mark.slow
+def test_pipeline_memory_runs_a_whole_generation_in_small_gpu_mode():
+    out = _run("bench_pipeline_memory.py", "--dit", "tiny", "--vae", "tiny", "--frames", "5", "--height", "32",
+               "--width", "32", "--device", "cpu", "--weights-dtype", "fp8", "--swap-blocks", "1", "--offload",
+               "model", "--vae-tile", "64", "--cfg", "sequential", "--text-device", "cpu")
+    assert out["video"] == [5, 32, 32, 3] and out["peak_rss_mib"] > 0
+    assert out["plan"]["weights_dtype"] == "fp8" and out["plan"]["cfg"] == "sequential"
+
+
+def test_gpu_suite_script_parses():
+    res = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
