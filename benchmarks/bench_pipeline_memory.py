@@ -62,6 +62,22 @@ def text_encoder(dim: int, words: list[str]) -> UMT5Encoder:
     return UMT5Encoder(transformers.UMT5EncoderModel(config), tokenizer)
 
 
+def random_pipeline(dit_size: str, vae_size: str, perturb: float = 0.0) -> Pipeline:
+    """A pipeline of the given sizes with the models' own random initialisation (seeded), Wan2.1's
+    defaults and the one-layer UMT5 above. `perturb` adds seeded noise of that scale to every
+    DiT parameter: the zero-initialised output layer would otherwise make every video the same."""
+    torch.manual_seed(0)
+    dit = DiT(DIT_SIZES[dit_size]).eval().requires_grad_(False)
+    if perturb:
+        with torch.no_grad():
+            for p in dit.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    vae = VideoVAE(VAE_SIZES[vae_size]).eval().requires_grad_(False)
+    defaults = wan_defaults("t2v")
+    return Pipeline(vae, dit, text_encoder(dit.config.text_dim, (PROMPT + " " + defaults.negative).split()),
+                    defaults=defaults, name="random")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dit", default="wan2.1-1.3b", choices=sorted(DIT_SIZES))
@@ -84,12 +100,7 @@ def main() -> None:
                       offload=args.offload, vae_tile=args.vae_tile, cfg=args.cfg)
 
     t0 = time.perf_counter()
-    torch.manual_seed(0)  # the models' own initialisation: memory and speed do not depend on the values
-    dit = DiT(DIT_SIZES[args.dit]).eval().requires_grad_(False)
-    vae = VideoVAE(VAE_SIZES[args.vae]).eval().requires_grad_(False)
-    defaults = wan_defaults("t2v")
-    pipe = Pipeline(vae, dit, text_encoder(dit.config.text_dim, (PROMPT + " " + defaults.negative).split()),
-                    defaults=defaults, name="random")
+    pipe = random_pipeline(args.dit, args.vae)  # memory and speed do not depend on the weights' values
     pipe.set_memory(plan, device, args.text_device)
     setup_s = time.perf_counter() - t0
 

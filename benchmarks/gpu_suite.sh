@@ -37,13 +37,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
 
 if [ "${SMOKE:-0}" = 1 ]; then
     DEV=cpu DTYPE=fp32 DIT=tiny VAE=tiny LATENT=3x4x4 TEXT=8 CLIP="--frames 9 --height 64 --width 64" TILE=64
-    SWAP=1 COMPILE="" TRAIN="--model tiny --latent 2x4x4 --text-len 8 --batch 2 --steps 3 --warmup 1"
+    SWAP=1 COMPILE="" CHECK="--frames 5 --height 32 --width 32" TRAIN="--model tiny --latent 2x4x4 --text-len 8 --batch 2 --steps 3 --warmup 1"
 else
     DEV=cuda DTYPE=bf16 DIT=wan2.1-1.3b VAE=wan2.1 LATENT=21x60x104 TEXT=512 CLIP="" TILE=256
-    SWAP=30 COMPILE=--compile TRAIN="--model wan2.1-1.3b --latent 21x60x104 --text-len 512 --batch 1 --steps 8 --warmup 3"
+    SWAP=30 COMPILE=--compile CHECK="" TRAIN="--model wan2.1-1.3b --latent 21x60x104 --text-len 512 --batch 1 --steps 8 --warmup 3"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+# small-GPU mode's CUDA paths (side-stream prefetch, pinned copies, offload) against the plain pipeline
+# shellcheck disable=SC2086
+step memory_plans 150 $PY benchmarks/check_memory_plans.py --device $DEV $CHECK
 
 # issue 7: one DiT call at 832x480x81 (32,760 tokens), kino (eager, then blocks compiled) / diffusers
 # shellcheck disable=SC2086
@@ -61,6 +65,7 @@ step memory_plain 150 $PY benchmarks/bench_pipeline_memory.py --dit $DIT --vae $
 step train_mfu 300 $PY benchmarks/bench_train.py $TRAIN --nproc 1 --device $DEV --precision $DTYPE --ac $COMPILE
 
 echo "=== results"
+grep -h "plans as expected" "$OUT/memory_plans.log" 2>/dev/null
 for f in dit_peer memory_small memory_plain train_mfu; do
     grep -h '^{' "$OUT/$f.log" 2>/dev/null | tail -n 1
 done

@@ -39,6 +39,15 @@ def test_pipeline_memory_runs_a_whole_generation_in_small_gpu_mode():
     assert out["plan"]["weights_dtype"] == "fp8" and out["plan"]["cfg"] == "sequential"
 
 
+@pytest.mark.slow
+def test_memory_plan_check_passes_on_the_cpu():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_memory_plans.py"), "--device", "cpu",
+                          "--frames", "5", "--height", "32", "--width", "32", "--steps", "2"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and "6/6 plans as expected on cpu" in res.stdout, res.stdout + res.stderr[-2000:]
+
+
 def test_gpu_suite_script_parses():
     res = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
