@@ -7,7 +7,7 @@
 #   SMOKE=1 bash benchmarks/gpu_suite.sh    # the same steps at tiny sizes on a CPU, uncompiled (a dry run)
 #
 # The GPU machine has torch, transformers, safetensors and tokenizers, but not diffusers
-# (the peer). Carry its wheel: `echo /.whl/ >> .git/info/exclude; pip download --no-deps
+# (the peer). Carry its wheel (.whl/ is git-ignored): `pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl
 # diffusers==0.42.1`, then `carry: [".whl"]`. kino itself runs from the checkout
 # (PYTHONPATH); the paths these benchmarks import need neither PyAV nor the MiniLM package.
