@@ -15,10 +15,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str) -> dict:
+def _script(script: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                         text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def _run(script: str, *args: str) -> dict:
+    """A benchmark's JSON result line (its last line of output)."""
+    res = _script(script, *args)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -41,10 +46,8 @@ def test_pipeline_memory_runs_a_whole_generation_in_small_gpu_mode():
 
 @pytest.mark.slow
 def test_memory_plan_check_passes_on_the_cpu():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_memory_plans.py"), "--device", "cpu",
-                          "--frames", "5", "--height", "32", "--width", "32", "--steps", "2"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    res = _script("check_memory_plans.py", "--device", "cpu", "--frames", "5", "--height", "32", "--width", "32",
+                  "--steps", "2")
     assert res.returncode == 0 and "6/6 plans as expected on cpu" in res.stdout, res.stdout + res.stderr[-2000:]
 
 
