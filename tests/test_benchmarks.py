@@ -1,6 +1,7 @@
-"""The GPU suite's scripts run end to end at tiny sizes on the CPU (benchmarks/gpu_suite.sh runs
-them at Wan2.1-1.3B sizes on a GPU when one is lent), so a session with a GPU does not spend
-its device time finding a broken script."""
+"""Benchmark scripts run end to end at tiny sizes on the CPU, so that they stay working between the
+runs that fill BENCHMARKS.md. The GPU suite's scripts above all: benchmarks/gpu_suite.sh runs them
+at Wan2.1-1.3B sizes on a GPU when one is lent, and a session with a GPU must not spend its
+device time finding a broken script."""
 
 from __future__ import annotations
 
@@ -54,3 +55,12 @@ def test_memory_plan_check_passes_on_the_cpu():
 def test_gpu_suite_script_parses():
     res = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_preprocess_benchmark_times_every_phase():
+    out = _run("bench_preprocess.py", "--n", "2", "--upscale", "2", "--grain", "1", "--repeats", "1",
+               "--buckets", "17x64x64", "17x64x96", "17x96x64")
+    assert out["videos"] == 2 and out["clips"] == 2 and out["skipped"] == 0
+    assert out["source_frames"] == 3 * (17 + 33)  # 8 -> 24 fps: every frame three times
+    assert set(out["seconds"]) == {"decode", "text", "preprocess"} and 0 < out["decode_share"] < 1

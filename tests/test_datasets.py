@@ -236,6 +236,27 @@ def test_aspect_preserving_resize_and_center_crop(tmp_path):
     assert clip.video.shape == (3, 5, 32, 32) and clip.video.min() > 0.5
 
 
+def test_a_large_video_is_scaled_while_decoding(tmp_path):
+    """A video larger than its bucket is shrunk inside the RGB conversion (area filter), then
+    cropped: close to decoding it whole and resizing with torch (fit_video), and the same crop."""
+    from kino.data.video_io import read_video
+    from kino.tasks.conditioning import fit_video, to_model_range
+
+    rng = np.random.default_rng(3)
+    big = np.zeros((9, 192, 384, 3), np.uint8)
+    big[..., 2] = np.linspace(0, 255, 384, dtype=np.uint8)[None, None]  # a horizontal ramp
+    for i in range(9):  # hard-edged squares, moving
+        y, x = rng.integers(0, 150), rng.integers(0, 330)
+        big[i, y:y + 40, x:x + 48] = (230, 200, 20)
+    path = write_video(tmp_path / "big.mp4", big, fps=8, lossless=True)
+    clip = load_clip(path, Sample("big", "x"), 8.0, [(9, 32, 48)])
+    assert clip.video.shape == (3, 9, 32, 48)
+    reference = fit_video(to_model_range(read_video(path)[0]), 32, 48)  # the full-size route
+    err = (clip.video - reference).abs()
+    assert err.mean() < 0.01 and err.max() < 0.5  # [-1, 1] units: 0.5 levels mean here; edges differ most
+    assert float(clip.video[2, 0, :, -1].mean()) > float(clip.video[2, 0, :, 0].mean()) + 0.5  # crop: the middle
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_folder_dataset_skips_exactly_the_bad_files(tmp_path, fmt):
     captions = make_folder(tmp_path / "v", fmt)

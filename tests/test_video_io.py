@@ -258,9 +258,43 @@ def test_sampling_arguments_are_checked(counter_mp4):
         read_video(counter_mp4, fps=8, stride=2)
     with pytest.raises(ValueError, match="not both"):
         iter_frames(counter_mp4, fps=8, stride=2)  # at call time, not at first next()
-    for bad in [dict(fps=0), dict(stride=0), dict(max_frames=0), dict(start=-1.0)]:
+    for bad in [dict(fps=0), dict(stride=0), dict(max_frames=0), dict(start=-1.0), dict(size=(32,)),
+                dict(size=(0, 8)), dict(size=32)]:
         with pytest.raises(ValueError):
             read_video(counter_mp4, **bad)
+
+
+def _torch_resize(frames: np.ndarray, size) -> np.ndarray:
+    x = torch.as_tensor(frames).permute(0, 3, 1, 2).float()
+    y = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return y.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("size", [(16, 24), (8, 12), (64, 96), (32, 48)])
+def test_size_scales_while_converting(tmp_path, size):
+    """`size` resizes inside the YUV -> RGB conversion: shrinking averages like torch's
+    antialiased bilinear resize of the full frames, enlarging interpolates; the frame count and
+    sampling are those of a plain read."""
+    clip = smooth_clip(9, 32, 48)
+    path = write_video(tmp_path / "c.mp4", clip, 8, lossless=True)
+    full = read_video(path)[0]
+    scaled, fps = read_video(path, size=size)
+    assert scaled.shape == (9, *size, 3) and fps == 8.0
+    if size == (32, 48):
+        np.testing.assert_array_equal(scaled, full)  # nothing to scale: the plain conversion
+    else:
+        assert psnr(scaled, _torch_resize(full, size)) > 28
+    lazy = list(iter_frames(path, size=size, max_frames=3, fps=4))
+    assert len(lazy) == 3 and lazy[0].shape == (*size, 3)
+    np.testing.assert_array_equal(np.stack(lazy), scaled[::2][:3])  # one reformatter for all frames
+
+
+def test_reading_twice_gives_the_same_frames(counter_mp4):
+    """The reformatter reused across frames converts each frame as a fresh one does."""
+    a, _ = read_video(counter_mp4, size=(16, 16))
+    b = np.stack([frame for frame in iter_frames(counter_mp4, size=(16, 16))])
+    np.testing.assert_array_equal(a, b)
+    assert frame_indices(a) == list(range(48))
 
 
 def test_iter_frames_is_lazy(tmp_path):

@@ -247,7 +247,7 @@ def load_clip(path: Path, sample: Sample, fps: float, buckets: list[Bucket]) -> 
 
 
 def _load_clip(path: Path, sample: Sample, fps: float, buckets: list[Bucket]) -> Clip | Skipped:
-    from kino.tasks.conditioning import fit_video, to_model_range
+    from kino.tasks.conditioning import cover_size, fit_video, to_model_range
 
     info = probe(path)
     if is_image_path(path):
@@ -261,8 +261,12 @@ def _load_clip(path: Path, sample: Sample, fps: float, buckets: list[Bucket]) ->
         return Skipped(sample.key, f"too short: {available} frames at {fps:g} fps from {sample.start:g}s, the "
                                    f"shortest bucket needs {shortest}")
     f, h, w = bucket
+    # A video larger than the bucket is scaled down while it is converted to RGB (one swscale
+    # pass): then fit_video only crops. A smaller one is decoded as it is and resized by torch.
+    size = cover_size(info.height, info.width, h, w)
+    shrink = size[0] <= info.height and size[1] <= info.width
     frames = list(iter_frames(path) if is_image_path(path)
-                  else iter_frames(path, fps=fps, max_frames=f, start=sample.start))
+                  else iter_frames(path, fps=fps, max_frames=f, start=sample.start, size=size if shrink else None))
     if len(frames) < f:  # the header promised more than the stream holds
         return Skipped(sample.key, f"too short: decoded {len(frames)} frames at {fps:g} fps, bucket "
                                    f"{f}x{h}x{w} needs {f}")

@@ -20,6 +20,9 @@ Frame sampling (`iter_frames`, `read_video`):
 - ``stride=n`` returns every n-th decoded frame from ``start``. ``fps`` and ``stride``
   are exclusive.
 - ``max_frames`` stops decoding as soon as that many frames have been produced.
+- ``size=(h, w)`` returns video frames scaled to that size inside the YUV -> RGB conversion
+  (one swscale pass, area filter when shrinking, bilinear otherwise), so a large video read
+  for a small model never exists as full-size RGB. Images ignore it.
 
 Writing picks the format from the extension and replaces the final file atomically:
 - ``.mp4``/``.mov``/``.mkv``: H.264 (libx264). Default ``yuv420p`` (browser-friendly;
@@ -60,7 +63,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from av.video.reformatter import Interpolation
+from av.video.reformatter import Interpolation, VideoReformatter
 from PIL import Image, ImageOps, PngImagePlugin
 
 from kino.errors import VideoReadError
@@ -87,6 +90,9 @@ _READ_ERRORS = (av.FFmpegError, OSError, EOFError, ValueError)
 # costs about 7 ms more per 720p frame).
 _READ_INTERPOLATION = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
 _WRITE_INTERPOLATION = Interpolation.BICUBIC | Interpolation.ACCURATE_RND
+# Shrinking while converting: the area (box) filter averages every source pixel, an
+# antialiased resize like torch's bilinear with antialias=True.
+_SHRINK_INTERPOLATION = Interpolation.AREA | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
 
 # Tags for the written H.264 stream: BT.601 matrix, limited range, sRGB-like (BT.709)
 # primaries and transfer. AVCOL_SPC_SMPTE170M, AVCOL_RANGE_MPEG, AVCOL_PRI/TRC_BT709.
@@ -118,20 +124,20 @@ def is_image_path(path) -> bool:
 
 def read_video(
     path, *, fps: float | None = None, stride: int | None = None,
-    max_frames: int | None = None, start: float = 0.0,
+    max_frames: int | None = None, start: float = 0.0, size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, float | None]:
     """Decode a video or image into uint8 (F, H, W, 3) RGB and its fps.
 
     Sampling follows the module docstring. The fps returned is the requested ``fps``,
     else the source fps divided by ``stride``; images give their one frame and None.
     """
-    _check_sampling(fps, stride, max_frames, start)
+    _check_sampling(fps, stride, max_frames, start, size)
     path = _existing_file(path)
     if is_image_path(path):
         return _read_image(path)[None], None
     with _open_video(path) as (container, stream):
         source_fps = _source_fps(container, stream)
-        frames = list(_sampled_frames(path, container, stream, fps, stride, max_frames, start))
+        frames = list(_sampled_frames(path, container, stream, fps, stride, max_frames, start, size))
     if fps is not None:
         out_fps = float(fps)
     else:
@@ -141,7 +147,7 @@ def read_video(
 
 def iter_frames(
     path, *, fps: float | None = None, stride: int | None = None,
-    max_frames: int | None = None, start: float = 0.0,
+    max_frames: int | None = None, start: float = 0.0, size: tuple[int, int] | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield uint8 (H, W, 3) RGB frames one at a time, decoding only as far as needed.
 
@@ -150,11 +156,11 @@ def iter_frames(
     generator ends or is closed. Errors met while decoding raise VideoReadError from
     ``next()``, possibly after some frames (a truncated file, say).
     """
-    _check_sampling(fps, stride, max_frames, start)
+    _check_sampling(fps, stride, max_frames, start, size)
     path = _existing_file(path)
     if is_image_path(path):
         return iter([_read_image(path)])
-    return _iter_video(path, fps, stride, max_frames, start)
+    return _iter_video(path, fps, stride, max_frames, start, size)
 
 
 def probe(path) -> VideoInfo:
@@ -227,7 +233,7 @@ def _existing_file(path) -> Path:
     return path
 
 
-def _check_sampling(fps, stride, max_frames, start) -> None:
+def _check_sampling(fps, stride, max_frames, start, size=None) -> None:
     if fps is not None and stride is not None:
         raise ValueError("give either fps (resample by time) or stride (every n-th frame), not both")
     if fps is not None and not _is_positive_number(fps):
@@ -238,6 +244,8 @@ def _check_sampling(fps, stride, max_frames, start) -> None:
         raise ValueError(f"max_frames must be an integer >= 1, got {max_frames!r}")
     if not (isinstance(start, numbers.Real) and math.isfinite(start) and start >= 0):
         raise ValueError(f"start must be a number of seconds >= 0, got {start!r}")
+    if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(n, numbers.Integral) and n >= 2 for n in size)):
+        raise ValueError(f"size must be (height, width), two integers >= 2, got {size!r}")
 
 
 def _is_positive_number(x) -> bool:
@@ -297,12 +305,12 @@ def _open_video(path):
         container.close()
 
 
-def _iter_video(path, fps, stride, max_frames, start) -> Iterator[np.ndarray]:
+def _iter_video(path, fps, stride, max_frames, start, size) -> Iterator[np.ndarray]:
     with _open_video(path) as (container, stream):
-        yield from _sampled_frames(path, container, stream, fps, stride, max_frames, start)
+        yield from _sampled_frames(path, container, stream, fps, stride, max_frames, start, size)
 
 
-def _sampled_frames(path, container, stream, fps, stride, max_frames, start) -> Iterator[np.ndarray]:
+def _sampled_frames(path, container, stream, fps, stride, max_frames, start, size=None) -> Iterator[np.ndarray]:
     """The sampling rule of the module docstring, over an open stream."""
     with _reading(path, "cannot decode"):
         source_fps = _source_fps(container, stream)
@@ -312,10 +320,19 @@ def _sampled_frames(path, container, stream, fps, stride, max_frames, start) -> 
         else:
             picked = (frame for n, (_, frame, _) in enumerate(timed) if n % (stride or 1) == 0)
         produced = 0
+        # One reformatter for the stream keeps its swscale context between frames (a frame's
+        # own to_ndarray() builds a new one every time, which costs more than the conversion).
+        reformatter = VideoReformatter()
         for frame in picked:
+            scale = {}
+            if size is not None and (frame.height, frame.width) != tuple(size):
+                shrink = size[0] <= frame.height and size[1] <= frame.width
+                scale = {"height": size[0], "width": size[1],
+                         "interpolation": _SHRINK_INTERPOLATION if shrink else _READ_INTERPOLATION}
             # Full-range YUV is flagged on the frame, not in its pixel format: pass it on.
-            yield frame.to_ndarray(
-                format="rgb24", src_color_range=frame.color_range, interpolation=_READ_INTERPOLATION)  # (H, W, 3)
+            rgb = reformatter.reformat(frame, **{"format": "rgb24", "src_color_range": frame.color_range,
+                                                 "interpolation": _READ_INTERPOLATION, **scale})
+            yield rgb.to_ndarray()  # (H, W, 3)
             produced += 1
             if produced == max_frames:
                 return  # before asking the decoder for another frame

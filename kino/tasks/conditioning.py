@@ -355,14 +355,21 @@ def to_model_range(video) -> Tensor:
     return v.permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, F, H, W)
 
 
+def cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The size an h x w frame is resized to (aspect kept) so that it covers height x width."""
+    scale = max(height / h, width / w)
+    return max(height, round(h * scale)), max(width, round(w * scale))
+
+
 def fit_video(video: Tensor, height: int, width: int) -> Tensor:
-    """(3, F, h, w) -> (3, F, height, width): aspect-preserving resize to cover, then center crop."""
+    """(3, F, h, w) -> (3, F, height, width): aspect-preserving resize to cover (`cover_size`;
+    none when the input already has that size), then center crop."""
     h, w = video.shape[-2:]
     if (h, w) != (height, width):
-        scale = max(height / h, width / w)
-        size = (max(height, round(h * scale)), max(width, round(w * scale)))
-        video = F.interpolate(video.transpose(0, 1), size=size, mode="bilinear", align_corners=False,
-                              antialias=True).transpose(0, 1)  # (3, F, H', W')
+        size = cover_size(h, w, height, width)
+        if size != (h, w):
+            video = F.interpolate(video.transpose(0, 1), size=size, mode="bilinear", align_corners=False,
+                                  antialias=True).transpose(0, 1)  # (3, F, H', W')
         top, left = (size[0] - height) // 2, (size[1] - width) // 2
         video = video[..., top : top + height, left : left + width]
     return video.clamp(-1.0, 1.0).contiguous()
