@@ -381,3 +381,22 @@ def test_shipped_config_loads():
         DiTRunConfig(model="huge")
     with pytest.raises(KinoUserError, match="caption_dropout"):
         FlowConfig(caption_dropout=1.0)
+
+
+def test_a_fine_tune_keeps_its_parents_generation_defaults(tmp_path):
+    """The exported pipeline of a fine-tune carries init_from's kino.json "pipeline" settings
+    (steps, guidance interval, ...), so it is used and measured as its parent was."""
+    from kino.pipeline import GenerationDefaults
+    from kino.training.dit import init_from_defaults
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "kino/weights/default/kino.json").read_text())
+    assert init_from_defaults("default") == GenerationDefaults.from_dict(shipped["pipeline"])
+    assert init_from_defaults("default") != GenerationDefaults()  # the shipped model has its own settings
+    assert init_from_defaults(None) == GenerationDefaults()
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    assert init_from_defaults(str(parent)) == GenerationDefaults()  # a DiT folder without a manifest
+    (parent / "kino.json").write_text(json.dumps({"name": "x", "pipeline": {"steps": 7,
+                                                                             "guidance_interval": [0.5, 1.0]}}))
+    got = init_from_defaults(str(parent))
+    assert got.steps == 7 and tuple(got.guidance_interval) == (0.5, 1.0) and got.guidance == GenerationDefaults().guidance

@@ -635,5 +635,20 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         from kino.models.dit.pretrained import load_dit
         from kino.pipeline import SHAPES_WORLD_NAME, Pipeline
 
-        Pipeline(vae, load_dit(out), text_encoder, name=SHAPES_WORLD_NAME).save_pretrained(out)
+        Pipeline(vae, load_dit(out), text_encoder, init_from_defaults(config.init_from),
+                 name=SHAPES_WORLD_NAME).save_pretrained(out)
     return out
+
+
+def init_from_defaults(init_from: str | None):
+    """The generation defaults (kino.json "pipeline": steps, guidance, guidance interval, ...)
+    of the pipeline folder a fine-tune started from, so that its model is measured and used as
+    its parent was; the library's defaults for a fresh model or a parent without them."""
+    import json
+
+    from kino.pipeline import GenerationDefaults
+
+    manifest = model_folder(init_from) / "kino.json" if init_from is not None else None
+    if manifest is None or not manifest.is_file():
+        return GenerationDefaults()
+    return GenerationDefaults.from_dict(json.loads(manifest.read_text(encoding="utf-8")).get("pipeline", {}))
