@@ -244,7 +244,8 @@ def _check_sampling(fps, stride, max_frames, start, size=None) -> None:
         raise ValueError(f"max_frames must be an integer >= 1, got {max_frames!r}")
     if not (isinstance(start, numbers.Real) and math.isfinite(start) and start >= 0):
         raise ValueError(f"start must be a number of seconds >= 0, got {start!r}")
-    if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(n, numbers.Integral) and n >= 2 for n in size)):
+    if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2
+                                 and all(isinstance(n, numbers.Integral) and n >= 2 for n in size)):
         raise ValueError(f"size must be (height, width), two integers >= 2, got {size!r}")
 
 
