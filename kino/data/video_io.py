@@ -325,14 +325,13 @@ def _sampled_frames(path, container, stream, fps, stride, max_frames, start, siz
         # own to_ndarray() builds a new one every time, which costs more than the conversion).
         reformatter = VideoReformatter()
         for frame in picked:
-            scale = {}
-            if size is not None and (frame.height, frame.width) != tuple(size):
-                shrink = size[0] <= frame.height and size[1] <= frame.width
-                scale = {"height": size[0], "width": size[1],
-                         "interpolation": _SHRINK_INTERPOLATION if shrink else _READ_INTERPOLATION}
+            height, width = size if size is not None else (frame.height, frame.width)
+            shrink = (height, width) != (frame.height, frame.width) and height <= frame.height \
+                and width <= frame.width
             # Full-range YUV is flagged on the frame, not in its pixel format: pass it on.
-            rgb = reformatter.reformat(frame, **{"format": "rgb24", "src_color_range": frame.color_range,
-                                                 "interpolation": _READ_INTERPOLATION, **scale})
+            rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24",
+                                       src_color_range=frame.color_range,
+                                       interpolation=_SHRINK_INTERPOLATION if shrink else _READ_INTERPOLATION)
             yield rgb.to_ndarray()  # (H, W, 3)
             produced += 1
             if produced == max_frames:

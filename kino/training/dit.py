@@ -644,11 +644,8 @@ def init_from_defaults(init_from: str | None):
     """The generation defaults (kino.json "pipeline": steps, guidance, guidance interval, ...)
     of the pipeline folder a fine-tune started from, so that its model is measured and used as
     its parent was; the library's defaults for a fresh model or a parent without them."""
-    import json
-
+    from kino.models.folder import read_manifest
     from kino.pipeline import GenerationDefaults
 
-    manifest = model_folder(init_from) / "kino.json" if init_from is not None else None
-    if manifest is None or not manifest.is_file():
-        return GenerationDefaults()
-    return GenerationDefaults.from_dict(json.loads(manifest.read_text(encoding="utf-8")).get("pipeline", {}))
+    manifest = read_manifest(model_folder(init_from)) if init_from is not None else None
+    return GenerationDefaults.from_dict((manifest or {}).get("pipeline", {}))
