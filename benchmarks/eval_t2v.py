@@ -2,6 +2,7 @@
 
     python benchmarks/eval_t2v.py [--model DIR] [--n 300] [--held-out 60] [--seed 4242]
                                   [--steps 20] [--guidance G] [--shift S] [--guidance-interval LO HI]
+                                  [--skip-guidance S --skip-blocks I...] [--skip-interval LO HI]
                                   [--workers N] [--out DIR]
 
 Draws n eval scenes (frame counts 1, 9, 17, 25, 33 and the three sizes in turn, one or two
@@ -155,6 +156,9 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=None, help="sampling shift (default: the model's)")
     ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="guide only solver times LO..HI (default: the model's)")
+    ap.add_argument("--skip-guidance", type=float, default=None, help="skip-layer guidance scale (default: the model's)")
+    ap.add_argument("--skip-blocks", type=int, nargs="+", default=None, help="DiT blocks the skip-layer pass leaves out")
+    ap.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"))
     ap.add_argument("--workers", type=int, default=1, help="one-thread generation processes (default: 1, "
                     "this process with torch's threads)")
     ap.add_argument("--out", default=None)
@@ -169,7 +173,9 @@ def main() -> None:
     results = {}
     for steps in args.steps:
         defaults = {k: v for k, v in (("steps", steps), ("guidance", args.guidance), ("shift", args.shift),
-                                                  ("guidance_interval", args.guidance_interval)) if v is not None}
+                                                  ("guidance_interval", args.guidance_interval),
+                                                  ("skip_guidance", args.skip_guidance), ("skip_blocks", args.skip_blocks),
+                                                  ("skip_interval", args.skip_interval)) if v is not None}
         folder = out / f"steps-{steps or pipe.defaults.steps}"
         start = time.perf_counter()
         if args.workers > 1:

@@ -3,6 +3,7 @@ edit) of a pipeline on fresh Shapes World `eval` scenes.
 
     python benchmarks/eval_tasks.py [--model DIR] [--n 100] [--tasks i2v extend_fwd ...]
                                     [--strength 0.7] [--given exact] [--seed 5151] [--out DIR]
+                                    [--guidance-interval LO HI] [--skip-guidance S --skip-blocks I...]
 
 Every case starts from a world clip rendered exactly as `kino world sample` writes it
 (lossless files), cycling over the three world sizes. The inputs and a batch file per task
@@ -160,6 +161,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="guide only solver times LO..HI (default: the model's)")
+    ap.add_argument("--skip-guidance", type=float, default=None, help="skip-layer guidance scale (default: the model's)")
+    ap.add_argument("--skip-blocks", type=int, nargs="+", default=None, help="DiT blocks the skip-layer pass leaves out")
+    ap.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"))
     ap.add_argument("--loop-frames", type=int, default=16, help="loop length (4k)")
     ap.add_argument("--seed", type=int, default=5151)
     ap.add_argument("--out", default=None)
@@ -178,6 +182,9 @@ def main() -> None:
             defaults["steps"] = args.steps
         if args.guidance_interval:
             defaults["guidance_interval"] = tuple(args.guidance_interval)
+        for name in ("skip_guidance", "skip_blocks", "skip_interval"):
+            if getattr(args, name) is not None:
+                defaults[name] = getattr(args, name)
         start = time.perf_counter()
         generate_batch(pipe, inputs / "batch.jsonl", results, defaults=defaults, task=COMMAND[task])
         seconds = time.perf_counter() - start

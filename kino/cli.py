@@ -131,6 +131,13 @@ def add_sampling(p):
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only the steps at solver times LO <= t <= HI (1 = noise, 0 = clean); the others "
                         "run the DiT once, unguided (default: the model's)")
+    p.add_argument("--skip-guidance", type=float, default=None, metavar="S",
+                   help="skip-layer guidance scale (0 = off): also run the DiT without --skip-blocks and move away "
+                        "from that prediction (default: the model's)")
+    p.add_argument("--skip-blocks", type=int, nargs="+", default=None, metavar="I",
+                   help="DiT block indices (from 0) the skip-layer pass leaves out (default: the model's)")
+    p.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="solver times where skip-layer guidance applies (default: the guidance interval)")
 
 
 def add_lora(p):
@@ -257,8 +264,15 @@ def _sampling_kwargs(args) -> dict:
     from kino.pipeline import check_guidance_interval
 
     interval = None if args.guidance_interval is None else check_guidance_interval(args.guidance_interval)
+    skip_interval = None if args.skip_interval is None else check_guidance_interval(args.skip_interval,
+                                                                                     "skip-layer guidance interval")
+    if args.skip_guidance is not None and args.skip_guidance < 0:
+        raise KinoUserError(f"--skip-guidance must be >= 0, got {args.skip_guidance}")
+    if args.skip_blocks is not None and min(args.skip_blocks) < 0:
+        raise KinoUserError(f"--skip-blocks are DiT block indices from 0, got {args.skip_blocks}")
     return dict(steps=args.steps, guidance=args.guidance, negative=args.negative, sampler=args.sampler,
-                guidance_interval=interval)
+                guidance_interval=interval, skip_guidance=args.skip_guidance,
+                skip_blocks=None if args.skip_blocks is None else tuple(args.skip_blocks), skip_interval=skip_interval)
 
 
 def _size_kwargs(args) -> dict:

@@ -68,10 +68,20 @@ class GenerationDefaults:
     # Wan2.1 (and diffusers' WanPipeline) hand the DiT int64 timesteps, floor(1000 t), while the
     # solver steps between the exact times: True reproduces that.
     integer_dit_time: bool = False
+    # skip-layer guidance (sample_latents): scale (0: off), the DiT blocks the weakened pass
+    # leaves out, and the solver times where it applies (None: those of guidance_interval)
+    skip_guidance: float = 0.0
+    skip_blocks: tuple[int, ...] = ()
+    skip_interval: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.guidance_interval is not None:
             self.guidance_interval = check_guidance_interval(self.guidance_interval)
+        if self.skip_interval is not None:
+            self.skip_interval = check_guidance_interval(self.skip_interval, "skip-layer guidance interval")
+        self.skip_blocks = tuple(self.skip_blocks)
+        if self.skip_guidance < 0:
+            raise KinoUserError(f"skip-layer guidance must be >= 0, got {self.skip_guidance}")
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerationDefaults:
@@ -79,14 +89,14 @@ class GenerationDefaults:
         return cls(**d)
 
 
-def check_guidance_interval(interval) -> tuple[float, float]:
+def check_guidance_interval(interval, what: str = "guidance interval") -> tuple[float, float]:
     """(lo, hi) with 0 <= lo <= hi <= 1, or a clear error."""
     try:
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):
-        raise KinoUserError(f"a guidance interval is two solver times LO HI, got {interval!r}") from None
+        raise KinoUserError(f"a {what} is two solver times LO HI, got {interval!r}") from None
     if not 0.0 <= lo <= hi <= 1.0:
-        raise KinoUserError(f"a guidance interval needs 0 <= LO <= HI <= 1 (solver times, 1 = noise), got {lo} {hi}")
+        raise KinoUserError(f"a {what} needs 0 <= LO <= HI <= 1 (solver times, 1 = noise), got {lo} {hi}")
     return lo, hi
 
 
@@ -133,7 +143,9 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
                    integer_dit_time: bool = False, cfg_batch: bool = True,
                    image: ImageCondition | None = None, source: tuple[Tensor, Tensor] | None = None,
                    generator: torch.Generator | None = None,
-                   guidance_interval: tuple[float, float] | None = None) -> Tensor:
+                   guidance_interval: tuple[float, float] | None = None,
+                   skip_guidance: float = 0.0, skip_blocks: tuple[int, ...] = (),
+                   skip_interval: tuple[float, float] | None = None) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
     guidance; conditional and unconditional branches run as one batch (`cfg_batch=False`:
     one after the other, half the activations). The DiT computes in its own dtype (that of
@@ -145,6 +157,12 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
 
     `image` (Wan2.1 I2V / FLF2V DiTs): extra input channels and CLIP features, given to both
     guidance branches alike (`ImageCondition`).
+
+    Skip-layer guidance (`skip_guidance` s > 0, Hyung et al. 2024's STG, SD3.5's SLG): at
+    solver times in `skip_interval` (default: those of `guidance_interval`) the conditional
+    velocity is also computed with the blocks `skip_blocks` left out, and the step moves away
+    from that weakened prediction: v = v_u + g (v_c - v_u) + s (v_c - v_skip). One more DiT
+    pass per such step.
 
     `source` (text, mask) of the prompt that describes the start latents of an edit
     conditioning: the edit then runs FlowEdit (`flow_edit`: the difference of the target's
@@ -163,10 +181,23 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     ts = cond.schedule(sampling_timesteps(steps, shift if shift is not None else shift_for_tokens(tokens), t_max,
                                           t_min))
     lo, hi = guidance_interval if guidance_interval is not None else (0.0, 1.0)
+    skip_lo, skip_hi = skip_interval if skip_interval is not None else (lo, hi)
+    if skip_guidance < 0.0:
+        raise KinoUserError(f"skip-layer guidance must be >= 0, got {skip_guidance}")
+    if skip_guidance > 0.0 and not skip_blocks:
+        raise KinoUserError("skip-layer guidance needs the blocks to skip (skip_blocks)")
 
     def guided(t: float) -> bool:
         """Whether the step at solver time t runs both guidance branches."""
         return guidance != 1.0 and lo <= t <= hi
+
+    def skip_guided(t: float) -> bool:
+        """Whether the step at solver time t also runs the DiT without `skip_blocks`."""
+        return skip_guidance > 0.0 and skip_lo <= t <= skip_hi
+
+    def combine(v_cond: Tensor, v_uncond: Tensor | None, v_skip: Tensor | None) -> Tensor:
+        v = v_cond if v_uncond is None else v_uncond + guidance * (v_cond - v_uncond)
+        return v if v_skip is None else v + skip_guidance * (v_cond - v_skip)
 
     embed = getattr(dit, "patch_embedding", None)  # any velocity model with a DiT's call signature will do
     dtype = embed.weight.dtype if embed is not None else noise.dtype
@@ -186,17 +217,18 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         x = cond.keep_clean(x)
         t_frames = frame_times(t, x.dtype)  # (B, T)
         x_dit = x.to(dtype) if channels is None else torch.cat([x.to(dtype), channels], dim=1)
+        v_uncond = v_skip = None
         if not use_cfg:
-            v = dit(x_dit, t_frames, text, mask, **extra).float()
+            v_cond = dit(x_dit, t_frames, text, mask, **extra).float()
         elif cfg_batch:
             v_cond, v_uncond = dit(torch.cat([x_dit, x_dit]), torch.cat([t_frames, t_frames]),
                                    torch.cat([text, neg_text]), torch.cat([mask, neg_mask]), **both).float().chunk(2)
         else:
             v_cond = dit(x_dit, t_frames, text, mask, **extra).float()
             v_uncond = dit(x_dit, t_frames, neg_text, neg_mask, **extra).float()
-        if use_cfg:
-            v = v_uncond + guidance * (v_cond - v_uncond)
-        return cond.constrain(v)
+        if skip_guided(t):
+            v_skip = dit(x_dit, t_frames, text, mask, skip_blocks=skip_blocks, **extra).float()
+        return cond.constrain(combine(v_cond, v_uncond, v_skip))
 
     if source is not None:
         if cond.start_latents is None or cond.clean.any() or cond.loop or image is not None:
@@ -210,15 +242,18 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
             # the source under its prompt, the edit under the target (and both unconditioned)
             calls = [(z_src, src_text, src_mask), (z_tar, text, mask)]
             if use_cfg:
-                calls = [calls[0], (z_src, neg_text, neg_mask), calls[1], (z_tar, neg_text, neg_mask)]
+                calls += [(z_src, neg_text, neg_mask), (z_tar, neg_text, neg_mask)]
             if cfg_batch:  # one batch
                 xs, txt, msk = (torch.cat(parts) for parts in zip(*calls))
                 vs = dit(xs.to(dtype), t_frames.repeat(len(calls), 1), txt, msk).float().chunk(len(calls))
             else:  # one call after the other: a quarter of the activations
                 vs = [dit(x.to(dtype), t_frames, txt, msk).float() for x, txt, msk in calls]
-            if not use_cfg:
-                return vs[0], vs[1]
-            return vs[1] + guidance * (vs[0] - vs[1]), vs[3] + guidance * (vs[2] - vs[3])
+            skips = [None, None]
+            if skip_guided(t):
+                xs, txt, msk = (torch.cat(parts) for parts in zip(*calls[:2]))
+                skips = dit(xs.to(dtype), t_frames.repeat(2, 1), txt, msk, skip_blocks=skip_blocks).float().chunk(2)
+            uncond = vs[2:] if use_cfg else [None, None]
+            return tuple(combine(vs[k], uncond[k], skips[k]) for k in range(2))
 
         def step_noise(i: int) -> Tensor:
             return noise if i == 0 else torch.randn(noise.shape, generator=generator).to(noise)
@@ -429,7 +464,9 @@ class Pipeline:
                  shift: float | None = None, callback: Callable[[int], None] | None = None,
                  conditioning: Conditioning | None = None, image: Tensor | None = None,
                  last_image: Tensor | None = None, source_prompt: str | None = None,
-                 guidance_interval: tuple[float, float] | None = None) -> Generation:
+                 guidance_interval: tuple[float, float] | None = None, skip_guidance: float | None = None,
+                 skip_blocks: tuple[int, ...] | None = None,
+                 skip_interval: tuple[float, float] | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -451,18 +488,24 @@ class Pipeline:
         noise); the others take the conditional velocity alone, one DiT pass instead of two.
         The model's default interval applies to runs from noise only: a run that starts part way
         (an edit, a refine pass: strength < 1) guides every step unless given an interval here.
+
+        `skip_guidance`, `skip_blocks`, `skip_interval`: skip-layer guidance (see
+        `sample_latents`); the model's defaults unless given.
         """
         self.check_prompt(prompt)
         if source_prompt is not None:
             self.check_prompt(source_prompt)
         d = replace(self.defaults, **{k: v for k, v in dict(
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
-            sampler=sampler, shift=shift, guidance_interval=guidance_interval).items() if v is not None})
+            sampler=sampler, shift=shift, guidance_interval=guidance_interval, skip_guidance=skip_guidance,
+            skip_blocks=skip_blocks, skip_interval=skip_interval).items() if v is not None})
         partial = d.t_max < 1.0 or (conditioning is not None and conditioning.starts_part_way)
         if partial and guidance_interval is None:
             # the model's interval is for runs from noise; a run that starts part way (edit,
             # refine) has no high-noise steps, and its guidance is what carries the prompt
             d = replace(d, guidance_interval=None)
+        if partial and skip_interval is None:
+            d = replace(d, skip_interval=None)
         self.check_request(d.frames, d.height, d.width)
         if d.steps < 1:
             raise KinoUserError(f"--steps must be at least 1, got {d.steps}")
@@ -499,7 +542,8 @@ class Pipeline:
                                      integer_dit_time=d.integer_dit_time, cfg_batch=self.memory.cfg == "batch",
                                      image=image_cond, generator=generator,
                                      source=(text[2:], mask[2:]) if source_prompt else None,
-                                     guidance_interval=d.guidance_interval)
+                                     guidance_interval=d.guidance_interval, skip_guidance=d.skip_guidance,
+                                     skip_blocks=d.skip_blocks, skip_interval=d.skip_interval)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if source_prompt:

@@ -443,6 +443,19 @@ def test_abs_pos_embedding_starts_at_zero_then_sees_absolute_places():
 # ---------------------------------------------------------------------------- init, numerics, training
 
 
+def test_skipped_blocks_pass_their_input_on(tiny):
+    x, t, text = _inputs(2, 2, 4, 4)
+    assert torch.equal(tiny(x, t, text, skip_blocks=()), tiny(x, t, text))
+    ref = _model()  # the same weights, with block 1 taken out of the stack
+    del ref.blocks[1]
+    assert torch.equal(tiny(x, t, text, skip_blocks=[1]), ref(x, t, text))
+    assert not torch.allclose(tiny(x, t, text, skip_blocks=[1]), tiny(x, t, text))
+    with pytest.raises(DiTInputError, match=f"no block {TINY.num_layers}.*0..{TINY.num_layers - 1}"):
+        tiny(x, t, text, skip_blocks=[TINY.num_layers])
+    with pytest.raises(DiTInputError, match="integers"):
+        tiny(x, t, text, skip_blocks=[0.5])
+
+
 def test_fresh_model_outputs_exact_zeros():
     torch.manual_seed(0)
     model = DiT(TINY)

@@ -100,6 +100,18 @@ def test_swapped_blocks_without_a_storage_dtype_are_bit_identical():
     assert not streamer.pending  # no prefetch outlives the forward pass
 
 
+@pytest.mark.parametrize("skip", [(1,), (0, DIT_SIZES["tiny"].num_layers - 1)])
+def test_swapped_blocks_follow_skipped_blocks(skip):
+    """Skip-layer guidance leaves blocks out; a prefetched block the forward skips must not
+    put the next pass's weights out of step."""
+    dit = tiny_dit()
+    plain = copy.deepcopy(dit)
+    BlockStreamer(dit.blocks, torch.device("cpu"), torch.float32, None, swap=10)
+    inputs = dit_inputs(dit)
+    for blocks in (skip, (), skip):
+        assert torch.equal(dit(*inputs, skip_blocks=blocks), plain(*inputs, skip_blocks=blocks))
+
+
 def test_memory_plan_rejects_bad_values():
     for bad in (dict(dtype="int8"), dict(weights="fp4"), dict(swap_blocks=-1), dict(offload="disk"),
                 dict(vae_tile=50), dict(vae_tile=32), dict(cfg="parallel")):

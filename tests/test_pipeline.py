@@ -1,7 +1,9 @@
 """Text to video end to end with tiny random components (and the real MiniLM text encoder)."""
 
 import json
+import types
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -108,6 +110,69 @@ def test_a_model_folder_carries_its_guidance_interval(model_dir, tmp_path):
     assert calls == [2, 1]
 
 
+class ConstantVelocity(torch.nn.Module):
+    """A velocity model whose output says which branch ran: the text's mean, plus 5 when blocks
+    are skipped."""
+
+    config = types.SimpleNamespace(patch_size=(1, 1, 1))
+
+    def forward(self, x, t, text, mask, skip_blocks=()):
+        v = text.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1) + (5.0 if skip_blocks else 0.0)
+        return v.expand_as(x)
+
+
+def test_skip_layer_guidance_moves_away_from_the_weakened_pass():
+    noise = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    cond, neg, m = torch.full((1, 3, 4), 2.0), torch.full((1, 3, 4), 0.5), torch.ones(1, 3, dtype=torch.bool)
+    kw = dict(steps=1, guidance=3.0, sampler="euler", shift=1.0)
+    out = sample_latents(ConstantVelocity(), cond, m, neg, m, noise, **kw, skip_guidance=0.5, skip_blocks=(1,))
+    # one Euler step from t = 1 to 0: x0 = noise - v, v = v_u + g (v_c - v_u) + s (v_c - v_skip)
+    v = 0.5 + 3.0 * (2.0 - 0.5) + 0.5 * (2.0 - 7.0)
+    assert torch.allclose(out, noise - v)
+    plain = sample_latents(ConstantVelocity(), cond, m, neg, m, noise, **kw)
+    assert torch.allclose(plain, noise - (0.5 + 3.0 * 1.5))
+    assert torch.equal(sample_latents(ConstantVelocity(), cond, m, neg, m, noise, **kw, skip_guidance=0.0,
+                                      skip_blocks=(1,)), plain)
+    with pytest.raises(KinoUserError, match="blocks to skip"):
+        sample_latents(ConstantVelocity(), cond, m, neg, m, noise, **kw, skip_guidance=1.0)
+    with pytest.raises(KinoUserError, match=">= 0"):
+        sample_latents(ConstantVelocity(), cond, m, neg, m, noise, **kw, skip_guidance=-1.0, skip_blocks=(1,))
+
+
+def test_skip_layer_guidance_runs_at_its_steps_and_folders_carry_it(model_dir, tmp_path):
+    pipe = Pipeline.from_pretrained(model_dir)
+    calls = []
+    orig = pipe.dit.forward
+
+    def spy(x, t, text, mask, skip_blocks=()):
+        calls.append((x.shape[0], round(float(t[0, -1]) / 1000, 3), tuple(skip_blocks)))
+        return orig(x, t, text, mask, skip_blocks=skip_blocks)
+
+    pipe.dit.forward = spy
+    prompt = "a small red circle moving left on a black background"
+    kw = dict(guidance=3.0, steps=4, shift=1.0, seed=4, guidance_interval=(0.4, 0.8))
+    ref = pipe.generate(prompt, **kw)
+    calls.clear()
+    # shift 1, 4 steps: solver times 1, 0.75, 0.5, 0.25; by default where guidance is
+    slg = pipe.generate(prompt, **kw, skip_guidance=2.0, skip_blocks=(1,))
+    assert calls == [(1, 1.0, ()), (2, 0.75, ()), (1, 0.75, (1,)), (2, 0.5, ()), (1, 0.5, (1,)), (1, 0.25, ())]
+    assert not torch.equal(slg.latents, ref.latents) and slg.metadata["skip_blocks"] == "(1,)"
+    calls.clear()
+    pipe.generate(prompt, **kw, skip_guidance=2.0, skip_blocks=(0, 1), skip_interval=(0.9, 1.0))
+    assert calls == [(1, 1.0, ()), (1, 1.0, (0, 1)), (2, 0.75, ()), (2, 0.5, ()), (1, 0.25, ())]
+    with pytest.raises(KinoUserError, match="no block 9"):
+        pipe.generate(prompt, steps=1, skip_guidance=1.0, skip_blocks=(9,))
+    with pytest.raises(KinoUserError, match="skip-layer guidance interval needs"):
+        pipe.generate(prompt, steps=1, skip_guidance=1.0, skip_blocks=(1,), skip_interval=(0.5, 0.2))
+    # a folder's defaults carry it
+    pipe.dit.forward = orig
+    pipe.defaults = replace(pipe.defaults, skip_guidance=2.0, skip_blocks=(1,), guidance_interval=(0.4, 0.8))
+    pipe.save_pretrained(tmp_path / "slg")
+    again = Pipeline.from_pretrained(tmp_path / "slg")
+    assert (again.defaults.skip_guidance, again.defaults.skip_blocks) == (2.0, (1,))
+    assert torch.equal(again.generate(prompt, guidance=3.0, steps=4, shift=1.0, seed=4).latents, slg.latents)
+
+
 @pytest.mark.parametrize("interval", [(0.6, 0.2), (-0.1, 0.5), (0.2, 1.5)])
 def test_guidance_interval_out_of_range_is_refused(model_dir, interval):
     pipe = Pipeline.from_pretrained(model_dir)
@@ -140,6 +205,23 @@ def test_tampered_model_is_refused(model_dir, tmp_path):
     w.write_bytes(bytes(data))
     with pytest.raises(KinoUserError, match="sha256"):
         Pipeline.from_pretrained(bad)
+
+
+def test_generate_cli_skip_layer_guidance(model_dir, tmp_path, capsys):
+    out = tmp_path / "s.mp4"
+    args = ["generate", "a small red circle moving left on a black background", "--model", str(model_dir),
+            "--steps", "2", "-q"]
+    assert main([*args, "-o", str(out), "--skip-guidance", "1.5", "--skip-blocks", "0", "1",
+                 "--skip-interval", "0.5", "1"]) == 0
+    meta = read_metadata(out)
+    assert (meta["skip_guidance"], meta["skip_blocks"], meta["skip_interval"]) == ("1.5", "(0, 1)", "(0.5, 1.0)")
+    capsys.readouterr()
+    for bad, says in ((["--skip-guidance", "-1", "--skip-blocks", "1"], "--skip-guidance must be >= 0"),
+                      (["--skip-guidance", "1", "--skip-blocks", "7"], "no block 7 to skip"),
+                      (["--skip-guidance", "1"], "needs the blocks to skip"),
+                      (["--skip-blocks", "1", "--skip-interval", "1", "0"], "skip-layer guidance interval needs")):
+        assert main([*args, "-o", str(tmp_path / "bad.mp4"), *bad]) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_generate_cli_single_and_image(model_dir, tmp_path, capsys):

@@ -215,6 +215,10 @@ def test_flow_edit_moves_the_input_only_where_the_prompts_differ(pipe, model_dir
     seq.set_memory(MemoryPlan(cfg="sequential"))  # four calls one after the other: the same edit
     torch.testing.assert_close(tasks.edit(seq, OTHER, x, strength=0.8, seed=6, source_prompt=PROMPT).latents,
                                a.latents, rtol=0, atol=1e-5)
+    # skip-layer guidance weakens both prompts' fields alike: equal prompts still change nothing
+    slg = dict(strength=0.8, seed=6, source_prompt=PROMPT, skip_guidance=1.0, skip_blocks=(0,))
+    torch.testing.assert_close(tasks.edit(pipe, PROMPT, x, **slg).latents, source, rtol=0, atol=1e-6)
+    assert not torch.allclose(tasks.edit(pipe, OTHER, x, **slg).latents, a.latents, atol=1e-4)
     with pytest.raises(KinoUserError, match="goes with an edit"):
         pipe.generate(OTHER, frames=7, source_prompt=PROMPT)
     with pytest.raises(KinoUserError, match="goes with an edit"):

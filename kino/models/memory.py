@@ -182,6 +182,8 @@ class BlockStreamer:
 
     def _before(self, i: int):
         def hook(module, args):
+            for j in [j for j in self.pending if j < i]:  # prefetched for a block the forward skipped
+                del self.pending[j]
             self._fetch(i)
             values, event = self.pending.pop(i)
             if event is not None:

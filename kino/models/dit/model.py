@@ -53,6 +53,8 @@ so its checkpoints need no renaming; `adapters.py` maps diffusers' layout.
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import torch
@@ -93,6 +95,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 # ---------------------------------------------------------------------------- small functions
+
+
+def check_skip_blocks(blocks: Collection[int], num_layers: int) -> frozenset[int]:
+    """The set of block indices to skip, each in [0, num_layers), or a clear error."""
+    try:
+        skip = frozenset(operator.index(b) for b in blocks)
+    except TypeError:
+        raise DiTInputError(f"blocks to skip are block indices (integers), got {blocks!r}") from None
+    bad = sorted(b for b in skip if not 0 <= b < num_layers)
+    if bad:
+        raise DiTInputError(f"no block {bad[0]} to skip: this DiT has blocks 0..{num_layers - 1}")
+    return skip
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -436,15 +450,20 @@ class DiT(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         image: torch.Tensor | None = None,
+        skip_blocks: Collection[int] = (),
     ) -> torch.Tensor:
         """Velocity for latents x (B, C, T, H, W) at timesteps t ((B, T), (B,) or scalar, in [0, 1000])
         given text tokens (B, L, text_dim) and an optional mask (B, L), True for real tokens.
 
         `image` (B, N, img_dim): CLIP image features, required by a DiT with an image branch
         (`img_dim`) and refused by one without; FLF2V's N is `img_pos_len` (first frame's
-        tokens, then the last frame's)."""
+        tokens, then the last frame's).
+
+        `skip_blocks`: indices of transformer blocks to leave out (their input passes on
+        unchanged): the weakened model of skip-layer guidance (`sample_latents`)."""
         grid = self._check_inputs(x, text, text_mask)
         self._check_image(image, x.shape[0])
+        skip = check_skip_blocks(skip_blocks, len(self.blocks))
         b, _, frames = x.shape[:3]
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, F*h*w, D), in (t, h, w) order
         if self.pos_embedding is not None:
@@ -458,8 +477,9 @@ class DiT(nn.Module):
         sp = self.sequence_parallel
         if sp is not None:  # keep this rank's tokens, with the RoPE angles of their global positions
             tokens, rope = sp.shard(tokens, rope, grid)  # (B, F*h*w/P, D)
-        for block in self.blocks:
-            tokens = block(tokens, e0, context, mask, rope, image_tokens)
+        for i, block in enumerate(self.blocks):
+            if i not in skip:
+                tokens = block(tokens, e0, context, mask, rope, image_tokens)
         out = self.head(tokens, e)  # (B, L, pt*ph*pw*C_out)
         if sp is not None:
             out = sp.gather(out, grid)  # (B, F*h*w, pt*ph*pw*C_out)
