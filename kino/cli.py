@@ -142,8 +142,9 @@ def add_sampling(p):
 
 def add_lora(p):
     p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
-                   help="fuse this LoRA (.safetensors from `kino train dit` with [lora]) into the model's DiT, "
-                        "scaled by SCALE (default 1); repeat to add several")
+                   help="fuse this LoRA (.safetensors from `kino train dit` with [lora], or a Wan2.1 LoRA in the "
+                        "wan/ComfyUI, musubi-tuner or diffusers layout) into the model's DiT, scaled by SCALE "
+                        "(default 1); repeat to add several")
 
 
 def add_refine(p):

@@ -177,7 +177,10 @@ def save_lora(path: str | Path, state_dict: dict[str, Tensor], config: LoRAConfi
 
 @dataclass
 class LoRAFile:
-    """A LoRA file as read back: per adapted module, down (rank, in) and up (out, rank)."""
+    """A LoRA file as read back: per adapted module, down (rank, in) and up (out, rank) and
+    the factor of its update (alpha / rank); files from other trainers (`format` other than
+    kino's, see kino/convert/lora_formats.py) may also hold differences added as they are,
+    to a bias (`bias`) or a whole weight (`diff`, by module or parameter name)."""
 
     path: Path
     rank: int
@@ -188,20 +191,29 @@ class LoRAFile:
     sha256: str
     base: str | None = None
     base_sha256: str | None = None
+    format: str = LORA_FORMAT
+    scales: dict[str, float] = field(default_factory=dict)  # alpha / rank per module (default: the file's)
+    bias: dict[str, Tensor] = field(default_factory=dict)
+    diff: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def modules(self) -> list[str]:
-        return list(self.down)
+        return list(dict.fromkeys([*self.down, *self.bias, *self.diff]))
 
     def delta(self, name: str, scale: float = 1.0) -> Tensor:
         """scale * alpha / rank * up @ down for module `name`, in fp32: (out, in)."""
-        return (scale * self.alpha / self.rank) * (self.up[name].float() @ self.down[name].float())
+        factor = self.scales.get(name, self.alpha / self.rank)
+        return (scale * factor) * (self.up[name].float() @ self.down[name].float())
 
 
 def read_lora(path: str | Path) -> LoRAFile:
-    """Read and check a kino LoRA file. When a JSON record beside it (same stem, `.json`,
-    as `kino train dit` writes) names this file and its sha256, the file is checked first."""
+    """Read and check a LoRA file: kino's own, or a Wan2.1 LoRA in the wan, musubi or
+    diffusers layout (kino/convert/lora_formats.py). When a JSON record beside it (same stem,
+    `.json`, as `kino train dit` writes) names this file and its sha256, the file is checked
+    first."""
     from safetensors import safe_open
+
+    from kino.convert.lora_formats import read_foreign
 
     path = Path(path)
     if not path.exists():
@@ -217,8 +229,15 @@ def read_lora(path: str | Path) -> LoRAFile:
     except Exception as e:  # safetensors raises its own error types for a file that is not one
         raise KinoUserError(f"LoRA file {path} is not a safetensors file ({e})") from None
     if metadata.get("format") != LORA_FORMAT:
-        raise KinoUserError(f"{path} is not a kino LoRA file: its safetensors metadata lacks "
-                            f"format={LORA_FORMAT!r} (files from `kino train dit` with a [lora] section have it)")
+        foreign = read_foreign(path, tensors, metadata)
+        if foreign is None:
+            raise KinoUserError(
+                f"{path} is not a kino LoRA file (its safetensors metadata lacks format={LORA_FORMAT!r}) nor a "
+                "Wan2.1 LoRA with keys under diffusion_model., lora_unet_ or transformer.")
+        ranks = sorted({d.shape[0] for d in foreign["down"].values()})
+        return LoRAFile(path, ranks[-1] if ranks else 0, float(ranks[-1]) if ranks else 0.0, foreign_targets(foreign),
+                        foreign["down"], foreign["up"], digest, format=foreign["format"], scales=foreign["scales"],
+                        bias=foreign["bias"], diff=foreign["diff"])
     try:
         rank, alpha = int(metadata["rank"]), float(metadata["alpha"])
         targets = json.loads(metadata.get("targets", "[]"))
@@ -240,6 +259,10 @@ def read_lora(path: str | Path) -> LoRAFile:
             raise KinoUserError(f"LoRA file {path} is malformed: {name} has down {tuple(d.shape)} and up "
                                 f"{tuple(u.shape)}, expected (rank, in) and (out, rank) with rank {rank}")
     return LoRAFile(path, rank, alpha, targets, down, up, digest, metadata.get("base"), metadata.get("base_sha256"))
+
+
+def foreign_targets(foreign: dict) -> list[str]:
+    return list(dict.fromkeys([*foreign["down"], *foreign["bias"], *foreign["diff"]]))
 
 
 def write_record(path: str | Path, sha256: str, **info) -> Path:
@@ -268,18 +291,29 @@ def _check_record(path: Path, digest: str) -> None:
 # ---------------------------------------------------------------------------- fusing
 
 
-def fuse_lora(model: nn.Module, lora: LoRAFile, scale: float, originals: dict[str, Tensor]) -> None:
-    """W += scale * alpha / rank * up @ down for every module of `lora`, in place.
+def _target(params: dict[str, nn.Parameter], modules: dict[str, nn.Module], name: str, what: str):
+    """The parameter a LoRA entry changes: the module's weight or bias, or (a `diff` of) a
+    parameter named directly (e.g. a block's `modulation`)."""
+    if what == "bias":
+        return f"{name}.bias"
+    return f"{name}.weight" if name in modules else name
 
-    Every module is checked before any weight changes (a misfit file changes nothing).
-    `originals` receives a copy of each weight before its first change (it may already hold
-    some from earlier fusions); `unfuse_lora(model, originals)` restores them bit for bit.
+
+def fuse_lora(model: nn.Module, lora: LoRAFile, scale: float, originals: dict[str, Tensor]) -> None:
+    """W += scale * alpha / rank * up @ down for every low-rank module of `lora`, and
+    scale * each difference the file holds (bias: `bias`, whole weights: `diff`), in place.
+
+    Every entry is checked before any weight changes (a misfit file changes nothing).
+    `originals` receives a copy of each parameter before its first change, by parameter
+    name (it may already hold some from earlier fusions); `unfuse_lora(model, originals)`
+    restores them bit for bit.
     """
     if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise KinoUserError(f"LoRA scale must be a finite number, got {scale!r}")
     modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
     problems = []
-    for name in lora.modules:
+    for name in lora.down:
         m = modules.get(name)
         want = (lora.up[name].shape[0], lora.down[name].shape[1])
         if m is None:
@@ -288,22 +322,31 @@ def fuse_lora(model: nn.Module, lora: LoRAFile, scale: float, originals: dict[st
             problems.append(f"{name} is a {type(m).__name__}, not a linear layer")
         elif tuple(m.weight.shape) != want:
             problems.append(f"{name} is {m.out_features}x{m.in_features}, the LoRA's update {want[0]}x{want[1]}")
+    for what, entries in (("bias", lora.bias), ("diff", lora.diff)):
+        for name, value in entries.items():
+            key = _target(params, modules, name, what)
+            if key not in params:
+                problems.append(f"{key} does not exist")
+            elif tuple(params[key].shape) != tuple(value.shape):
+                problems.append(f"{key} is {tuple(params[key].shape)}, the LoRA's {what} {tuple(value.shape)}")
     if problems:
         raise KinoUserError(f"LoRA file {lora.path} does not fit this model ({len(problems)} of its "
                             f"{len(lora.modules)} layers): " + "; ".join(problems[:3]))
+    changes: list[tuple[str, Tensor]] = [(f"{name}.weight", lora.delta(name, scale)) for name in lora.down]
+    changes += [(_target(params, modules, n, "bias"), scale * v.float()) for n, v in lora.bias.items()]
+    changes += [(_target(params, modules, n, "diff"), scale * v.float()) for n, v in lora.diff.items()]
     with torch.no_grad():
-        for name in lora.modules:
-            weight = modules[name].weight
-            if name not in originals:
-                originals[name] = weight.detach().clone()
-            fused = weight.float() + lora.delta(name, scale).to(weight.device)  # (out, in)
-            weight.copy_(fused.to(weight.dtype))
+        for key, delta in changes:
+            p = params[key]
+            if key not in originals:
+                originals[key] = p.detach().clone()
+            p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
 
 
 def unfuse_lora(model: nn.Module, originals: dict[str, Tensor]) -> None:
-    """Copy the weights saved by `fuse_lora` back (bit for bit) and empty `originals`."""
-    modules = dict(model.named_modules())
+    """Copy the parameters saved by `fuse_lora` back (bit for bit) and empty `originals`."""
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, weight in originals.items():
-            modules[name].weight.copy_(weight)
+        for key, value in originals.items():
+            params[key].copy_(value)
     originals.clear()

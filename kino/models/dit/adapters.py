@@ -120,6 +120,11 @@ def _reject_abs_pos(state_dict: dict[str, torch.Tensor], target: str) -> None:
                          "does not have: it cannot be converted")
 
 
+def diffusers_param_name(key: str) -> str:
+    """kino's (= Wan's) name of one parameter named the diffusers way (unchanged if shared)."""
+    return _rename(key, _FROM_DIFFUSERS)[0]
+
+
 def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers WanTransformer3DModel (Wan2.1 T2V, I2V, FLF2V) state dict -> kino DiT state dict
     (same tensors; unused `norm_added_q` weights are dropped, as diffusers does)."""
