@@ -213,7 +213,9 @@ def test_bad_foreign_files_are_refused_clearly(tmp_path):
     refused({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down}, "lacks its up weight")
     refused({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down, "diffusion_model.blocks.0.self_attn.q"
              ".lora_B.weight": up, "diffusion_model.blocks.0.self_attn.q.lora_magnitude_vector": up[:, 0].clone()}, "DoRA")
-    refused({"diffusion_model.blocks.0.self_attn.q.hada_w1_a": down}, "cannot place")
+    refused({"diffusion_model.blocks.0.self_attn.q.hada_w1_a": down}, "LoHa/LoKr")
+    refused({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down, "diffusion_model.blocks.0.self_attn.q"
+             ".lora_B.weight": up, "diffusion_model.blocks.0.self_attn.q.scale": up[:1, 0].clone()}, "cannot place")
     refused({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down,
              "diffusion_model.blocks.0.self_attn.q.lora_B.weight": up.T.contiguous()}, "malformed")
     refused({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down, "other.weight": up}, "keys outside it")

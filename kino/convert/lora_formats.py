@@ -19,7 +19,8 @@ keys; a file mixing them is refused):
 
 A module's update is (alpha / rank) up @ down with rank = down's rows (alpha = rank when the
 file gives none), plus its differences; `fuse_lora` multiplies all of it by the user's scale.
-DoRA files (`lora_magnitude_vector`) are refused: their update is not a sum.
+DoRA files (`lora_magnitude_vector`) and LyCORIS LoHa/LoKr files are refused by name: their
+update is not W + scale * up @ down.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def read_foreign(path: Path, tensors: dict[str, Tensor], metadata: dict) -> dict
         return None
     if any("lora_magnitude_vector" in k for k in tensors):
         raise KinoUserError(f"LoRA file {path} is a DoRA (lora_magnitude_vector): kino fuses plain LoRAs only")
+    if any(".hada_" in k or ".lokr_" in k for k in tensors):
+        raise KinoUserError(f"LoRA file {path} is a LyCORIS LoHa/LoKr (hada_/lokr_ keys): kino fuses plain LoRAs only")
     parts: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         body = key[len(PREFIXES[layout]):]
