@@ -7,6 +7,7 @@ internal failure and exits 1 with its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -301,17 +302,45 @@ def _step_bar(args, desc: str, total: int | None):
     return tqdm(total=total, desc=desc, disable=args.quiet, file=sys.stderr, leave=False)
 
 
-def _pipeline(args):
-    """The --model pipeline on --device, with every --lora fused in."""
+def _join_torchrun(args):
+    """Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1): join the process group and return
+    this process's place (kino.training.distributed.Processes); None for a lone process. One
+    clip is split across the N processes by sequence parallelism (each holds 1/N of every
+    latent frame's tokens; the DiT's attention exchanges them), a --batch is shared out by
+    rows. Every process must be given the same command."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    from kino.training.distributed import ParallelConfig, init_processes
+
+    sp = 1 if args.batch is not None else world
+    return init_processes(ParallelConfig(sequence_parallel=sp), _device(args.device))
+
+
+def _pipeline(args, procs=None):
+    """The --model pipeline on --device, with every --lora fused in; under torchrun (`procs`)
+    on this process's own GPU (cuda:LOCAL_RANK), its DiT sequence-parallel for one clip."""
+    import torch
+
     from kino.pipeline import Pipeline
 
     text_device = _device(args.text_device) if args.text_device is not None else None
     plan = memory_plan(args)  # checked before anything loads
     device = _device(args.device)
+    if procs is not None and device.type == "cuda":
+        device = torch.device("cuda", procs.local_rank)
+        if text_device is not None and text_device.type == "cuda":
+            text_device = device
     pipe = Pipeline.from_pretrained(args.model, "cpu", dit_dtype=plan.compute_dtype(device))
     for path, scale in args.lora:
         pipe.load_lora(path, scale)
     pipe.set_memory(plan, device, text_device)
+    if procs is not None and procs.sp_group is not None:
+        from kino.training.distributed import apply_sequence_parallel
+
+        apply_sequence_parallel(pipe.dit, procs.sp_group)
     return pipe
 
 
@@ -347,16 +376,18 @@ def cmd_task(args) -> int:
     out = args.out or Path("out.png" if frames == 1 else "out.mp4")
     _check_out(out, frames)
     kwargs = _task_kwargs(args)  # checked before the model loads
-    pipe = _pipeline(args)
-    steps = args.steps or pipe.defaults.steps
-    # extend backward and connect may take two passes: no total there
-    total = steps if args.task == "generate" else round((args.strength or 0) * steps) if args.task == "edit" else None
-    with _step_bar(args, args.task, total) as bar:
-        clip = RUNNERS[args.task](pipe, args.prompt, seed=args.seed, callback=lambda i: bar.update(1),
-                                  **_task_inputs(args), **kwargs)
-    _check_out(out, len(clip.video))
-    write_video(out, clip.video, clip.fps, metadata=clip.metadata)
-    print(out)
+    with _torchrun(args) as procs:
+        pipe = _pipeline(args, procs)
+        steps = args.steps or pipe.defaults.steps
+        # extend backward and connect may take two passes: no total there
+        total = steps if args.task == "generate" else round((args.strength or 0) * steps) if args.task == "edit" else None
+        with _step_bar(args, args.task, total) as bar:
+            clip = RUNNERS[args.task](pipe, args.prompt, seed=args.seed, callback=lambda i: bar.update(1),
+                                      **_task_inputs(args), **kwargs)
+        if procs is None or procs.is_main:  # every rank holds the same clip
+            _check_out(out, len(clip.video))
+            write_video(out, clip.video, clip.fps, metadata=clip.metadata)
+            print(out)
     return 0
 
 
@@ -366,11 +397,40 @@ def _task_batch(args) -> int:
     if args.out is None:
         raise KinoUserError("--batch needs --out DIR (the folder for the clips and captions.jsonl)")
     kwargs = _task_kwargs(args)
-    pipe = _pipeline(args)
-    rows = generate_batch(pipe, args.batch, args.out, defaults=kwargs, seed=args.seed,
-                          progress=_progress(args, "batch"), task=args.task)
-    print(f"wrote {len(rows)} clips and captions.jsonl to {args.out}")
+    with _torchrun(args) as procs:
+        pipe = _pipeline(args, procs)
+        shard, merge = ((0, 1), None) if procs is None else ((procs.rank, procs.world_size), _gather_rows)
+        rows = generate_batch(pipe, args.batch, args.out, defaults=kwargs, seed=args.seed,
+                              progress=_progress(args, "batch"), task=args.task, shard=shard, merge=merge)
+        if procs is None or procs.is_main:
+            print(f"wrote {len(rows)} clips and captions.jsonl to {args.out}")
     return 0
+
+
+def _gather_rows(rows: list) -> list | None:
+    """Every process's (index, row) pairs on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(rows, parts, dst=0)
+    return None if parts is None else [pair for part in parts for pair in part]
+
+
+@contextlib.contextmanager
+def _torchrun(args):
+    """`_join_torchrun`'s processes for the body, and a clean exit from the group after it
+    (on an error, without waiting for ranks that may never arrive)."""
+    from kino.training.distributed import shutdown_processes
+
+    procs = _join_torchrun(args)
+    if procs is not None and not procs.is_main:
+        args.quiet = True  # one progress bar, rank 0's
+    try:
+        yield procs
+    except BaseException:
+        shutdown_processes(wait=False)
+        raise
+    shutdown_processes()
 
 
 # ---- kino vae ------------------------------------------------------------------------

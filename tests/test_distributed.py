@@ -342,3 +342,47 @@ device = "cpu"
     assert "model folder" in outputs[0] and "model folder" not in outputs[1]
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
     load_component(tmp_path / "run" / "model", "dit")  # sha256-checked
+
+
+def test_cli_generate_under_torchrun_splits_a_clip_and_shares_a_batch(tmp_path):
+    """`torchrun --nproc-per-node 2 -m kino generate`: one clip is sampled with the DiT's
+    tokens split across both processes (Ulysses) and equals the one-process clip up to float
+    rounding (attention sums in another order); a --batch is shared out by rows and gives the
+    one-process clips bit for bit, with one captions.jsonl in row order."""
+    import numpy as np
+    from conftest import save_tiny_pipeline
+
+    from kino.cli import main
+    from kino.data.video_io import read_metadata, read_video
+
+    model = save_tiny_pipeline(tmp_path / "model", "tiny-sp", frames=5, height=32, width=32, steps=3, guidance=3.0)
+    prompt = "a small red circle moving left on a black background"
+    common = ["--model", str(model), "--seed", "3", "-q"]
+    assert main(["generate", prompt, "-o", str(tmp_path / "one.png"), "--frames", "1", *common]) == 0
+    assert main(["generate", prompt, "-o", str(tmp_path / "one.mp4"), *common]) == 0
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"caption": prompt.replace("red", c), "frames": f}) + "\n"
+                            for c, f in (("red", 5), ("blue", 1), ("green", 5))))
+    assert main(["generate", "--batch", str(rows), "--out", str(tmp_path / "b1"), *common]) == 0
+    for args in (["-o", str(tmp_path / "two.png"), "--frames", "1"], ["-o", str(tmp_path / "two.mp4")],
+                 ["--batch", str(rows), "--out", str(tmp_path / "b2")]):
+        procs = launch(2, command=[sys.executable, "-m", "kino", "generate", *([] if "--batch" in args else [prompt]),
+                                   *args, *common])
+        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+        for p, out in zip(procs, outputs):
+            assert p.returncode == 0, out
+        assert outputs[0].strip() and not outputs[1].strip()  # rank 0 reports, rank 1 stays quiet
+    for name in ("one.png", "one.mp4"):
+        one, two = (read_video(tmp_path / name.replace("one", n))[0].astype(np.int16) for n in ("one", "two"))
+        assert one.shape == two.shape and np.abs(one - two).max() <= 2, name
+    assert read_metadata(tmp_path / "two.mp4")["seed"] == "3"
+    # 48x48: 3x3 tokens per latent frame do not split over 2 ranks -> a clear error on both, exit 2
+    procs = launch(2, command=[sys.executable, "-m", "kino", "generate", prompt, "-o", str(tmp_path / "odd.mp4"),
+                               "--size", "48x48", *common])
+    for p in procs:
+        out = p.communicate(timeout=TIMEOUT)[0]
+        assert p.returncode == 2 and "9 tokens evenly" in out and "Traceback" not in out, out
+    b1, b2 = ((tmp_path / b / "captions.jsonl").read_text() for b in ("b1", "b2"))
+    assert b1 == b2 and len(b1.splitlines()) == 3
+    for row in map(json.loads, b1.splitlines()):
+        assert np.array_equal(read_video(tmp_path / "b1" / row["file"])[0], read_video(tmp_path / "b2" / row["file"])[0])

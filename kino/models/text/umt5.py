@@ -32,6 +32,7 @@ from torch import Tensor
 
 from kino.convert.files import rename_key
 from kino.errors import KinoUserError
+from kino.models.text.encoder import quiet_loading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,8 +133,9 @@ class UMT5Encoder:
             raise KinoUserError(f"{weights / 'config.json'} is missing: the UMT5 text encoder folder holds "
                                 "transformers' config.json and model*.safetensors")
         try:
-            model = UMT5EncoderModel.from_pretrained(weights, dtype="auto" if dtype is None else _dtype(dtype),
-                                                     local_files_only=True)
+            with quiet_loading():
+                model = UMT5EncoderModel.from_pretrained(weights, dtype="auto" if dtype is None else _dtype(dtype),
+                                                         local_files_only=True)
         except (OSError, ValueError, RuntimeError) as e:
             raise KinoUserError(f"cannot load the UMT5 text encoder from {weights}: {e}") from None
         return cls(model.to(device), _tokenizer(tokenizer), max_length, attend_padding)
