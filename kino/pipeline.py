@@ -468,7 +468,7 @@ class Pipeline:
                  last_image: Tensor | None = None, source_prompt: str | None = None,
                  guidance_interval: tuple[float, float] | None = None, skip_guidance: float | None = None,
                  skip_blocks: tuple[int, ...] | None = None,
-                 skip_interval: tuple[float, float] | None = None) -> Generation:
+                 skip_interval: tuple[float, float] | None = None, fps: float | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -492,7 +492,8 @@ class Pipeline:
         (an edit, a refine pass: strength < 1) guides every step unless given an interval here.
 
         `skip_guidance`, `skip_blocks`, `skip_interval`: skip-layer guidance (see
-        `sample_latents`); the model's defaults unless given.
+        `sample_latents`); the model's defaults unless given. `fps`: the clip's frame rate
+        (for the file; the model's by default).
         """
         self.check_prompt(prompt)
         if source_prompt is not None:
@@ -500,7 +501,7 @@ class Pipeline:
         d = replace(self.defaults, **{k: v for k, v in dict(
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
             sampler=sampler, shift=shift, guidance_interval=guidance_interval, skip_guidance=skip_guidance,
-            skip_blocks=skip_blocks, skip_interval=skip_interval).items() if v is not None})
+            skip_blocks=skip_blocks, skip_interval=skip_interval, fps=fps).items() if v is not None})
         partial = d.t_max < 1.0 or (conditioning is not None and conditioning.starts_part_way)
         if partial and guidance_interval is None:
             # the model's interval is for runs from noise; a run that starts part way (edit,

@@ -224,6 +224,20 @@ def test_generate_cli_skip_layer_guidance(model_dir, tmp_path, capsys):
         assert says in capsys.readouterr().err
 
 
+def test_generate_cli_shift_and_fps(model_dir, tmp_path, capsys):
+    args = ["generate", "a small red circle moving left on a black background", "--model", str(model_dir),
+            "--steps", "3", "--seed", "2", "-q"]
+    assert main([*args, "-o", str(tmp_path / "a.mp4")]) == 0
+    assert main([*args, "-o", str(tmp_path / "b.mp4"), "--shift", "3", "--fps", "16"]) == 0
+    (a, fps_a), (b, fps_b) = read_video(tmp_path / "a.mp4"), read_video(tmp_path / "b.mp4")
+    assert (fps_a, fps_b) == (8, 16) and not np.array_equal(a, b)
+    assert read_metadata(tmp_path / "b.mp4")["shift"] == "3.0"
+    capsys.readouterr()
+    for bad in (["--shift", "0"], ["--fps", "-1"], ["--shift", "nan"]):
+        assert main([*args, "-o", str(tmp_path / "c.mp4"), *bad]) == 2
+        assert "must be a positive number" in capsys.readouterr().err
+
+
 def test_generate_cli_single_and_image(model_dir, tmp_path, capsys):
     out = tmp_path / "a.mp4"
     assert main(["generate", "a small red circle moving left on a black background", "-o", str(out),
