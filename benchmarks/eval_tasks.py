@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--skip-guidance", type=float, default=None, help="skip-layer guidance scale (default: the model's)")
     ap.add_argument("--skip-blocks", type=int, nargs="+", default=None, help="DiT blocks the skip-layer pass leaves out")
     ap.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"))
+    ap.add_argument("--cache-threshold", type=float, default=None, help="first-block cache threshold (0 = off)")
     ap.add_argument("--loop-frames", type=int, default=16, help="loop length (4k)")
     ap.add_argument("--seed", type=int, default=5151)
     ap.add_argument("--out", default=None)
@@ -182,7 +183,7 @@ def main() -> None:
             defaults["steps"] = args.steps
         if args.guidance_interval:
             defaults["guidance_interval"] = tuple(args.guidance_interval)
-        for name in ("skip_guidance", "skip_blocks", "skip_interval"):
+        for name in ("skip_guidance", "skip_blocks", "skip_interval", "cache_threshold"):
             if getattr(args, name) is not None:
                 defaults[name] = getattr(args, name)
         start = time.perf_counter()

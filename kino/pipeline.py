@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,7 @@ from kino import __version__
 from kino.diffusion.flow import sampling_timesteps, shift_for_tokens
 from kino.diffusion.samplers import SAMPLERS, flow_edit
 from kino.errors import CaptionError, KinoUserError
+from kino.models.dit.cache import FirstBlockCache
 from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
@@ -73,6 +75,8 @@ class GenerationDefaults:
     skip_guidance: float = 0.0
     skip_blocks: tuple[int, ...] = ()
     skip_interval: tuple[float, float] | None = None
+    # first-block cache (kino/models/dit/cache.py): 0 runs every block on every call
+    cache_threshold: float = 0.0
 
     def __post_init__(self):
         if self.guidance_interval is not None:
@@ -82,6 +86,8 @@ class GenerationDefaults:
         self.skip_blocks = tuple(self.skip_blocks)
         if self.skip_guidance < 0:
             raise KinoUserError(f"skip-layer guidance must be >= 0, got {self.skip_guidance}")
+        if not self.cache_threshold >= 0:
+            raise KinoUserError(f"the cache threshold must be >= 0 (0 = off), got {self.cache_threshold}")
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerationDefaults:
@@ -134,6 +140,16 @@ def frame_mask(frames: int, given: list[int], stride: int) -> Tensor:
     m[given] = 1.0
     m = torch.cat([m[:1].repeat(stride), m[1:]])  # (stride * T,)
     return m.view(-1, stride).transpose(0, 1)  # (stride, T)
+
+
+@contextmanager
+def _installed(dit: DiT, step_cache: FirstBlockCache | None):
+    """`step_cache` on the DiT for one sampling run (None: every block runs, as always)."""
+    dit.step_cache = step_cache
+    try:
+        yield
+    finally:
+        dit.step_cache = None
 
 
 def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_mask: Tensor,
@@ -468,7 +484,8 @@ class Pipeline:
                  last_image: Tensor | None = None, source_prompt: str | None = None,
                  guidance_interval: tuple[float, float] | None = None, skip_guidance: float | None = None,
                  skip_blocks: tuple[int, ...] | None = None,
-                 skip_interval: tuple[float, float] | None = None, fps: float | None = None) -> Generation:
+                 skip_interval: tuple[float, float] | None = None, fps: float | None = None,
+                 cache_threshold: float | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -493,7 +510,10 @@ class Pipeline:
 
         `skip_guidance`, `skip_blocks`, `skip_interval`: skip-layer guidance (see
         `sample_latents`); the model's defaults unless given. `fps`: the clip's frame rate
-        (for the file; the model's by default).
+        (for the file; the model's by default). `cache_threshold` > 0: first-block caching
+        (kino/models/dit/cache.py), an approximation that skips most of the DiT on steps
+        where its first block changes by less than that (relative); the metadata's
+        "cache_reused" says on how many of the DiT calls.
         """
         self.check_prompt(prompt)
         if source_prompt is not None:
@@ -501,7 +521,8 @@ class Pipeline:
         d = replace(self.defaults, **{k: v for k, v in dict(
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
             sampler=sampler, shift=shift, guidance_interval=guidance_interval, skip_guidance=skip_guidance,
-            skip_blocks=skip_blocks, skip_interval=skip_interval, fps=fps).items() if v is not None})
+            skip_blocks=skip_blocks, skip_interval=skip_interval, fps=fps,
+            cache_threshold=cache_threshold).items() if v is not None})
         partial = d.t_max < 1.0 or (conditioning is not None and conditioning.starts_part_way)
         if partial and guidance_interval is None:
             # the model's interval is for runs from noise; a run that starts part way (edit,
@@ -538,7 +559,8 @@ class Pipeline:
         with self.using("text_encoder"):
             text, mask = self.text_encoder.encode([prompt, d.negative] + ([source_prompt] if source_prompt else []))
         text, mask = text.to(self.device), mask.to(self.device)
-        with self.using("dit"):
+        cache = FirstBlockCache(d.cache_threshold) if d.cache_threshold > 0 else None
+        with self.using("dit"), _installed(self.dit, cache):
             latents = sample_latents(self.dit, text[:1], mask[:1], text[1:2], mask[1:2], noise, steps=d.steps,
                                      guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback,
                                      conditioning=conditioning, t_max=d.t_max, t_min=d.t_min,
@@ -551,6 +573,8 @@ class Pipeline:
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if source_prompt:
             meta["source_prompt"] = source_prompt
+        if cache is not None:
+            meta["cache_reused"] = f"{cache.reused}/{cache.calls}"
         if self.loras:
             meta["lora"] = json.dumps(self.loras)
         loop = conditioning is not None and conditioning.loop

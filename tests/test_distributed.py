@@ -360,11 +360,15 @@ def test_cli_generate_under_torchrun_splits_a_clip_and_shares_a_batch(tmp_path):
     common = ["--model", str(model), "--seed", "3", "-q"]
     assert main(["generate", prompt, "-o", str(tmp_path / "one.png"), "--frames", "1", *common]) == 0
     assert main(["generate", prompt, "-o", str(tmp_path / "one.mp4"), *common]) == 0
+    # the first-block cache's distance is reduced over the ranks (a huge threshold: reuse after the first call)
+    cached = ["--cache-threshold", "1e9", "--frames", "1"]
+    assert main(["generate", prompt, "-o", str(tmp_path / "onec.png"), *cached, *common]) == 0
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"caption": prompt.replace("red", c), "frames": f}) + "\n"
                             for c, f in (("red", 5), ("blue", 1), ("green", 5))))
     assert main(["generate", "--batch", str(rows), "--out", str(tmp_path / "b1"), *common]) == 0
     for args in (["-o", str(tmp_path / "two.png"), "--frames", "1"], ["-o", str(tmp_path / "two.mp4")],
+                 ["-o", str(tmp_path / "twoc.png"), *cached],
                  ["--batch", str(rows), "--out", str(tmp_path / "b2")]):
         procs = launch(2, command=[sys.executable, "-m", "kino", "generate", *([] if "--batch" in args else [prompt]),
                                    *args, *common])
@@ -372,7 +376,8 @@ def test_cli_generate_under_torchrun_splits_a_clip_and_shares_a_batch(tmp_path):
         for p, out in zip(procs, outputs):
             assert p.returncode == 0, out
         assert outputs[0].strip() and not outputs[1].strip()  # rank 0 reports, rank 1 stays quiet
-    for name in ("one.png", "one.mp4"):
+    assert read_metadata(tmp_path / "twoc.png")["cache_reused"] == "2/3"
+    for name in ("one.png", "one.mp4", "onec.png"):
         one, two = (read_video(tmp_path / name.replace("one", n))[0].astype(np.int16) for n in ("one", "two"))
         assert one.shape == two.shape and np.abs(one - two).max() <= 2, name
     assert read_metadata(tmp_path / "two.mp4")["seed"] == "3"

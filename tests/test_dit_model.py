@@ -456,6 +456,37 @@ def test_skipped_blocks_pass_their_input_on(tiny):
         tiny(x, t, text, skip_blocks=[0.5])
 
 
+def test_first_block_cache_reuses_the_other_blocks_only_when_the_first_changes_little():
+    from kino.models.dit.cache import FirstBlockCache
+
+    model = _model(DiTConfig(**{**TINY.to_dict(), "num_layers": 3}))
+    x, t, text = _inputs(2, 2, 4, 4)
+    calls = []
+    model.blocks[2].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        plain = model(x, t, text)
+        model.step_cache = cache = FirstBlockCache(0.05)
+        assert torch.equal(model(x, t, text), plain) and len(calls) == 2  # first call: every block
+        # the same input again: the first block adds the same, the rest is reused
+        torch.testing.assert_close(model(x, t, text), plain, rtol=0, atol=1e-6)
+        assert (cache.calls, cache.reused, len(calls)) == (2, 1, 2)
+        # a close timestep is reused (approximately), a far one and other text run in full
+        near, far = model(x, t + 1.0, text), model(x, t + 400.0, text)
+        assert (cache.calls, cache.reused, len(calls)) == (4, 2, 3)
+        model.step_cache = None
+        torch.testing.assert_close(near, model(x, t + 1.0, text), rtol=0, atol=0.05)
+        torch.testing.assert_close(far, model(x, t + 400.0, text), rtol=0, atol=0)
+        model.step_cache = cache
+        model(x, t, text + 1.0)  # another prompt: its own entry, which leaves the first one be
+        model(x, t, text, skip_blocks=[1])  # skip-layer passes: their own entry too
+        assert cache.reused == 2 and sum(len(v) for v in cache.entries.values()) == 3
+        model(x, t + 400.0, text)  # the last full call of the first prompt (its reference) was at t + 400
+        assert cache.reused == 3
+    model.step_cache = None
+    with pytest.raises(ValueError, match=">= 0"):
+        FirstBlockCache(-1.0)
+
+
 def test_fresh_model_outputs_exact_zeros():
     torch.manual_seed(0)
     model = DiT(TINY)

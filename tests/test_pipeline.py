@@ -224,6 +224,24 @@ def test_generate_cli_skip_layer_guidance(model_dir, tmp_path, capsys):
         assert says in capsys.readouterr().err
 
 
+def test_first_block_cache_in_generation(model_dir, tmp_path, capsys):
+    pipe = Pipeline.from_pretrained(model_dir)
+    prompt = "a small red circle moving left on a black background"
+    kw = dict(steps=6, seed=1, guidance=3.0)
+    ref = pipe.generate(prompt, **kw)
+    off = pipe.generate(prompt, **kw, cache_threshold=0.0)
+    assert torch.equal(off.latents, ref.latents) and "cache_reused" not in off.metadata
+    every = pipe.generate(prompt, **kw, cache_threshold=1e9)  # after the first call, every call reuses
+    assert every.metadata["cache_reused"] == "5/6" and not torch.equal(every.latents, ref.latents)
+    assert pipe.dit.step_cache is None  # only for the run
+    out = tmp_path / "c.mp4"
+    assert main(["generate", prompt, "--model", str(model_dir), "-o", str(out), "--cache-threshold", "1e9", "-q"]) == 0
+    assert read_metadata(out)["cache_reused"] == "2/3" and read_metadata(out)["cache_threshold"] == "1000000000.0"
+    capsys.readouterr()
+    assert main(["generate", prompt, "--model", str(model_dir), "-o", str(out), "--cache-threshold", "-1", "-q"]) == 2
+    assert "--cache-threshold must be >= 0" in capsys.readouterr().err
+
+
 def test_generate_cli_shift_and_fps(model_dir, tmp_path, capsys):
     args = ["generate", "a small red circle moving left on a black background", "--model", str(model_dir),
             "--steps", "3", "--seed", "2", "-q"]

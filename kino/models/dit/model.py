@@ -365,6 +365,8 @@ class DiT(nn.Module):
         # Set from outside by `parallelize` to split each clip's tokens across ranks (Ulysses):
         # None keeps every token on this device.
         self.sequence_parallel = None
+        # Set from outside for one sampling run (kino/models/dit/cache.py): None runs every block.
+        self.step_cache = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -477,9 +479,14 @@ class DiT(nn.Module):
         sp = self.sequence_parallel
         if sp is not None:  # keep this rank's tokens, with the RoPE angles of their global positions
             tokens, rope = sp.shard(tokens, rope, grid)  # (B, F*h*w/P, D)
-        for i, block in enumerate(self.blocks):
-            if i not in skip:
-                tokens = block(tokens, e0, context, mask, rope, image_tokens)
+        run = [block for i, block in enumerate(self.blocks) if i not in skip]
+        args = (e0, context, mask, rope, image_tokens)
+        if self.step_cache is not None and len(run) > 1:
+            key = (tuple(x.shape), tuple(sorted(skip)), None if image is None else tuple(image.shape))
+            tokens = self.step_cache.run(run, tokens, args, key, text, None if sp is None else sp.group)
+        else:
+            for block in run:
+                tokens = block(tokens, *args)
         out = self.head(tokens, e)  # (B, L, pt*ph*pw*C_out)
         if sp is not None:
             out = sp.gather(out, grid)  # (B, F*h*w, pt*ph*pw*C_out)
