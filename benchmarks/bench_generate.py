@@ -1,6 +1,7 @@
 """Generation speed of a pipeline on this machine, and its DiT against diffusers' Wan DiT.
 
     python benchmarks/bench_generate.py [--model DIR] [--repeats 5] [--threads N] [--guidance-interval LO HI]
+                                        [--cache-threshold T]
 
 clip: the model time of one default clip (text encoding, every sampling step with
       classifier-free guidance, VAE decode; file writing excluded) for each world clip
@@ -28,20 +29,35 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="guide only solver times LO..HI (default: the model's; 0 1 = every step)")
+    ap.add_argument("--cache-threshold", type=float, default=None,
+                    help="first-block cache threshold (default: the model's, 0 = off)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from dataclasses import replace
 
+    from kino.models.dit.cache import FirstBlockCache
     from kino.pipeline import Pipeline, sample_latents
 
     pipe = Pipeline.from_pretrained(args.model)
     if args.guidance_interval:
         pipe.defaults = replace(pipe.defaults, guidance_interval=tuple(args.guidance_interval))
+    if args.cache_threshold is not None:
+        pipe.defaults = replace(pipe.defaults, cache_threshold=args.cache_threshold)
     d = pipe.defaults
+
+    def sample(*a, **kw):
+        """sample_latents with a fresh first-block cache when one is asked for, as generate runs it."""
+        pipe.dit.step_cache = FirstBlockCache(d.cache_threshold) if d.cache_threshold > 0 else None
+        try:
+            return sample_latents(*a, **kw)
+        finally:
+            pipe.dit.step_cache = None
+
     print(f"# {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{d.steps} {d.sampler} steps, guidance {d.guidance} (interval {d.guidance_interval or 'all steps'}), "
+          f"first-block cache {d.cache_threshold or 'off'}, "
           f"medians of {args.repeats}")
     print("| clip | model time s | DiT sampling s | text s | VAE decode s | clip lasts s |")
     print("|---|---|---|---|---|---|")
@@ -52,7 +68,7 @@ def main() -> None:
         text, mask = pipe.text_encoder.encode([prompt, d.negative])
         latents = pipe.generate(prompt, frames=frames, height=h, width=w, seed=1).latents
         noise = torch.randn(latents.shape)
-        dit_s = median_time(lambda: sample_latents(pipe.dit, text[:1], mask[:1], text[1:], mask[1:], noise,
+        dit_s = median_time(lambda: sample(pipe.dit, text[:1], mask[:1], text[1:], mask[1:], noise,
                                                steps=d.steps, guidance=d.guidance, sampler=d.sampler,
                                                guidance_interval=d.guidance_interval), args.repeats)
         vae_s = median_time(lambda: pipe.decode(latents, frames), args.repeats)
