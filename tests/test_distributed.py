@@ -334,6 +334,10 @@ log_every = 1
 checkpoint_every = 0
 progress = false
 device = "cpu"
+validate_every = 2
+[validation]
+clips_per_bucket = 2
+batch_size = 2
 """)
     procs = launch(2, command=[sys.executable, "-m", "kino", "train", "dit", "--config", str(config)])
     outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
@@ -342,6 +346,9 @@ device = "cpu"
     assert "model folder" in outputs[0] and "model folder" not in outputs[1]
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
     load_component(tmp_path / "run" / "model", "dit")  # sha256-checked
+    # validation under FSDP2: each rank scores its rows, rank 0 logs the mean over both
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    assert row["step"] == 2 and 0 < row["val_loss"] < 100
 
 
 def test_cli_generate_under_torchrun_splits_a_clip_and_shares_a_batch(tmp_path):

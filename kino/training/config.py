@@ -48,6 +48,9 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     sample_every: int = 0  # 0: never call task.samples
+    # steps between validations (the task's fixed held-out batches, logged to validation.jsonl
+    # and TensorBoard val/); 0: never. Also at the last step when on.
+    validate_every: int = 0
     seed: int = 0
     # auto: bf16 autocast on CUDA devices that support it, fp32 elsewhere (bf16 matmuls
     # on CPUs without AMX are hundreds of times slower than fp32).
@@ -82,7 +85,7 @@ class TrainConfig:
             problems.append("grad_clip must be > 0 (or none to disable clipping)")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             problems.append("ema_decay must be in [0, 1) (or none to disable EMA)")
-        for name in ("ema_start", "checkpoint_every", "sample_every"):
+        for name in ("ema_start", "checkpoint_every", "sample_every", "validate_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         for name in ("keep_last", "log_every"):

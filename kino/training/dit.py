@@ -165,6 +165,28 @@ class ConditioningMix:
 
 
 @dataclass
+class ValidationConfig:
+    """`[validation]`: held-out clips the trainer scores every `train.validate_every` steps
+    with fixed noise at fixed flow times (text-to-video, nothing given), so that the curve
+    shows learning without the training loss's noise from random times and batches."""
+
+    # A latent cache of held-out clips (same VAE and text encoder as the training cache; for a
+    # video dataset: `kino preprocess` of held-out videos). None: Shapes World's `eval` split,
+    # encoded on first use beside the training cache, in cache.dir + "-val".
+    dir: str | None = None
+    clips_per_bucket: int = 16  # the first clips of each training bucket the cache has
+    batch_size: int = 8  # rows per forward; a multiple of the data-parallel size
+    times: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.clips_per_bucket < 1 or self.batch_size < 1:
+            raise KinoUserError("validation.clips_per_bucket and validation.batch_size must be >= 1")
+        if not self.times or not all(0.0 < t <= 1.0 for t in self.times):
+            raise KinoUserError(f"validation.times must be flow times in (0, 1], got {self.times}")
+
+
+@dataclass
 class DiTRunConfig:
     """`kino train dit --config FILE`: a TOML/JSON file with these sections."""
 
@@ -184,6 +206,7 @@ class DiTRunConfig:
     data: DiTDataConfig = field(default_factory=DiTDataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     conditioning: ConditioningMix = field(default_factory=ConditioningMix)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dit"))
 
     def __post_init__(self):
@@ -192,6 +215,9 @@ class DiTRunConfig:
         if self.dataset is not None and self.cache.loop_dir is not None:
             raise KinoUserError("cache.loop_dir renders Shapes World loops: it cannot go with a [dataset] (a video "
                                 "dataset has no loops to render); remove one of them")
+        if self.dataset is not None and self.train.validate_every and self.validation.dir is None:
+            raise KinoUserError("train.validate_every with a [dataset] needs validation.dir: a latent cache of "
+                                "held-out videos (`kino preprocess` of another dataset)")
         if self.lora is not None and self.init_from is None:
             raise KinoUserError("a [lora] section needs init_from = \"MODEL_DIR\" (or \"default\"): the model "
                                 "whose DiT the LoRA adapts")
@@ -321,9 +347,14 @@ class DiTTask:
     `samples`; without it no samples are logged."""
 
     def __init__(self, config: DiTRunConfig, cache: LatentCache, vae: nn.Module | None = None,
-                 loop_cache: LatentCache | None = None):
+                 loop_cache: LatentCache | None = None, val_cache: LatentCache | None = None):
         self.config = config
         self.cache = cache
+        self.val_cache = val_cache
+        if val_cache is not None and (not same_latents(val_cache.meta["vae"], cache.meta["vae"]) or
+                                      val_cache.meta["text_encoder"] != cache.meta["text_encoder"]):
+            raise KinoUserError(f"the validation cache {val_cache.root} was encoded by another VAE or text encoder "
+                                f"than {cache.root}")
         self.vae = vae
         self.loop_cache = loop_cache
         self.dit_config = target_dit_config(config, cache.text_dim)
@@ -458,6 +489,39 @@ class DiTTask:
             inside = free & (t >= lo) & ((t < hi) if hi < 1.0 else (t <= hi))  # (B, T)
             logs[f"loss_t{lo:.2f}-{hi:.2f}"] = (per_frame * inside).sum() / (count * p)
         return logs
+
+    def validation_batches(self):
+        """The fixed validation batches (the trainer's `validate_every`), built anew each time
+        from the validation cache: per training bucket it holds, its first
+        `validation.clips_per_bucket` clips in batches, each with noise for every validation
+        time, seeded by (validation.seed, bucket, batch)."""
+        v = self.config.validation
+        if self.val_cache is None:
+            return
+        for k, bucket in enumerate(b for b in self.buckets if b in self.val_cache.buckets):
+            n = min(v.clips_per_bucket, self.val_cache.num_clips(bucket))
+            for j, start in enumerate(range(0, n, v.batch_size)):
+                data = self.val_cache.get(bucket, list(range(start, min(start + v.batch_size, n))))
+                x0 = data["latents"]  # (B, C, T, h, w)
+                gen = torch.Generator().manual_seed(int(np.random.default_rng([v.seed, k, j]).integers(2**63 - 1)))
+                noise = torch.randn((x0.shape[0], len(v.times), *x0.shape[1:]), generator=gen)  # (B, K, C, T, h, w)
+                yield {"latents": x0, "noise": noise, "text": data["text"], "mask": data["mask"]}
+
+    def validation_losses(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        """(sum, count) of each validation loss over a batch: the mean squared velocity error of
+        every latent at each validation time (`val_loss_t0.30`), and over all of them (`val_loss`)."""
+        x0, text, mask = batch["latents"], batch["text"], batch["mask"]
+        out, total = {}, torch.zeros((), device=x0.device)
+        count = torch.tensor(float(x0.shape[0]), device=x0.device)
+        for k, t in enumerate(self.config.validation.times):
+            noise = batch["noise"][:, k]
+            times = torch.full(x0.shape[:1] + x0.shape[2:3], t, device=x0.device)  # (B, T)
+            v = model(interpolate(x0, noise, times), 1000.0 * times, text, mask)
+            err = (v.float() - velocity_target(x0, noise).float()).pow(2).mean(dim=(1, 2, 3, 4)).sum()
+            out[f"val_loss_t{t:.2f}"] = (err, count)
+            total = total + err
+        out["val_loss"] = (total, count * len(self.config.validation.times))
+        return out
 
     def samples(self, model: nn.Module) -> dict[str, Tensor]:
         """Preview: the caption of a cached clip generated from fixed noise, beside that clip
@@ -602,7 +666,20 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
 
         cache = open_video_cache(c.dir, config.dataset, vae)
     loop_cache = LatentCache(c.loop_dir) if config.dataset is None and c.loop_dir is not None else None
-    task = DiTTask(config, cache, vae=vae, loop_cache=loop_cache)
+    val_cache = None
+    if config.train.validate_every:
+        v = config.validation
+        if v.dir is None:  # Shapes World: its eval split, encoded once beside the training cache
+            if procs.is_main:
+                build_world_cache(
+                    c.dir + "-val", vae, text_encoder, clips_per_bucket=v.clips_per_bucket, split="eval",
+                    seed=v.seed, buckets=c.bucket_list(),
+                    progress=lambda it: tqdm(it, desc="validation cache", unit="batch", file=sys.stderr,
+                                             disable=not show),
+                )
+            procs.barrier()
+        val_cache = LatentCache(v.dir if v.dir is not None else c.dir + "-val")
+    task = DiTTask(config, cache, vae=vae, loop_cache=loop_cache, val_cache=val_cache)
     if config.lora is not None:
         pin_lora_base(config)
     trainer = Trainer(task, config.train, run_config=config)

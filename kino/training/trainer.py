@@ -78,6 +78,12 @@ class TrainTask(Protocol):
       `torch.no_grad()`, with the EMA weights when EMA is on: uint8 videos
       (F, H, W, 3) by name, logged to TensorBoard as animated GIFs. Random draws here do
       not disturb the training RNG streams.
+    - `validation_batches()` and `validation_losses(model, batch)` (optional) every
+      `validate_every` steps and at the end, in eval mode under `torch.no_grad()`, with the
+      trained weights and (one process) the EMA weights: fixed held-out batches (an
+      iterable of CPU tensor dicts, built the same way each time) and, per batch, a
+      (sum, count) pair of 0-dim tensors for each loss; the trainer logs sum / count over
+      all batches to OUT/validation.jsonl and TensorBoard (val/).
     """
 
     def build_model(self) -> nn.Module: ...
@@ -323,6 +329,9 @@ class Trainer:
                 if stopping:
                     interrupted = True
                     break
+                if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
+                    with window.paused():
+                        self._validate(log, step)
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
                     with window.paused():
                         self._log_samples(log, step)
@@ -364,6 +373,37 @@ class Trainer:
             dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         )
+
+    def _validate(self, log: _RunLog, step: int) -> dict[str, float] | None:
+        """The task's validation losses on its fixed held-out batches, with the weights being
+        trained (EMA weights too when EMA is on: `ema_` keys). A task without
+        `validation_batches` has none. Under several processes each data-parallel group takes
+        its rows of every batch and the sums are averaged over all ranks."""
+        batches = getattr(self.task, "validation_batches", None)
+        if batches is None:
+            return None
+        models = [("", self.model)]
+        if self.ema is not None and not self.procs.distributed:  # an EMA copy is one process's luxury
+            models.append(("ema_", self.ema_model()))
+        sums: dict[str, list[Tensor]] = {}
+        with _rng_preserved(), torch.no_grad(), self._autocast():
+            for prefix, model in models:
+                model.eval()
+                try:
+                    for full in batches():
+                        batch = {k: v.to(self.device) if isinstance(v, Tensor) else v
+                                 for k, v in _rows(full, self.procs.dp_rank, self.procs.dp_size).items()}
+                        for key, (total, count) in self.task.validation_losses(model, batch).items():
+                            acc = sums.setdefault(prefix + key, [torch.zeros((), dtype=torch.float64)] * 2)
+                            sums[prefix + key] = [acc[0] + total.double().cpu(), acc[1] + count.double().cpu()]
+                finally:
+                    self.model.train()
+        row = {"step": step}
+        for key, (total, count) in sums.items():
+            both = self.procs.mean(torch.stack([total, count]))  # sp peers repeat their group's rows: a ratio of means
+            row[key] = float(both[0] / both[1].clamp_min(1e-12))
+        log.validation(step, row)
+        return row
 
     def _log_samples(self, log: _RunLog, step: int) -> None:
         sample = getattr(self.task, "samples", None)
@@ -596,6 +636,7 @@ class _RunLog:
 
     def __init__(self, out_dir: Path, start_step: int, enabled: bool = True):
         self.metrics_path = out_dir / "metrics.jsonl"
+        self.validation_path = out_dir / "validation.jsonl"
         self.start_step = start_step
         self.enabled = enabled  # False on every rank but 0 of a distributed run
         self.writer = None
@@ -604,7 +645,8 @@ class _RunLog:
     def __enter__(self) -> _RunLog:
         if not self.enabled:
             return self
-        _drop_rows_after(self.metrics_path, self.start_step)  # from a run that died after its last checkpoint
+        for path in (self.metrics_path, self.validation_path):  # rows of a run that died after its last checkpoint
+            _drop_rows_after(path, self.start_step)
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")
         self.writer = _summary_writer(self.metrics_path.parent / "tb", purge_step=self.start_step + 1)
         return self
@@ -632,6 +674,18 @@ class _RunLog:
             else:
                 tag = f"perf/{key}"
             self.writer.add_scalar(tag, value, step)
+
+    def validation(self, step: int, row: dict[str, float]) -> None:
+        """One row of validation losses: OUT/validation.jsonl and TensorBoard val/."""
+        if not self.enabled:
+            return
+        with open(self.validation_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.writer.add_scalar(f"val/{key}", value, step)
+            self.writer.flush()
 
     def videos(self, step: int, videos: dict[str, Tensor]) -> None:
         if self.writer is None:
