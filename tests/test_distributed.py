@@ -297,6 +297,25 @@ def test_dit_flop_count_matches_torch_flop_counter(monkeypatch):
 
 
 
+def test_validation_and_previews_leave_training_untouched(tmp_path):
+    """Validating and sampling every 2 steps (the EMA weights swapped into the FSDP2 shards and
+    back) changes nothing in the run: weights and EMA equal a run without, bit for bit, for 1
+    and 2 processes; and both process counts log the same validation losses."""
+    rows = {}
+    for world in (1, 2):
+        plain, peek = tmp_path / f"plain{world}", tmp_path / f"peek{world}"
+        run(world, plain, 4)
+        run(world, peek, 4, "--peek", 2)
+        for name in ("final.safetensors", "final_ema.safetensors"):
+            a, b = load_file(str(plain / name)), load_file(str(peek / name))
+            assert all(torch.equal(a[k], b[k]) for k in a), (world, name)
+        rows[world] = [json.loads(line) for line in (peek / "validation.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows[world]] == [2, 4] and set(rows[world][0]) == {"step", "val_loss", "ema_val_loss"}
+    for one, two in zip(rows[1], rows[2]):
+        for key in ("val_loss", "ema_val_loss"):
+            assert one[key] == pytest.approx(two[key], rel=1e-4)
+
+
 # --- the CLI under torchrun ---------------------------------------------------------------
 
 
@@ -335,6 +354,8 @@ checkpoint_every = 0
 progress = false
 device = "cpu"
 validate_every = 2
+sample_every = 2
+ema_decay = 0.9
 [validation]
 clips_per_bucket = 2
 batch_size = 2
@@ -348,7 +369,12 @@ batch_size = 2
     load_component(tmp_path / "run" / "model", "dit")  # sha256-checked
     # validation under FSDP2: each rank scores its rows, rank 0 logs the mean over both
     (row,) = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
-    assert row["step"] == 2 and 0 < row["val_loss"] < 100
+    assert row["step"] == 2 and 0 < row["val_loss"] < 100 and 0 < row["ema_val_loss"] < 100
+    # previews too: both ranks sample with the EMA weights swapped into their shards, rank 0 logs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"tensors": 0, "images": 0}).Reload()
+    assert any(tag.startswith("samples/") for tags in events.Tags().values() if isinstance(tags, list) for tag in tags)
 
 
 def test_cli_generate_under_torchrun_splits_a_clip_and_shares_a_batch(tmp_path):

@@ -40,7 +40,9 @@ class SyntheticDiT:
         if step == self.stall_at:
             while True:
                 time.sleep(1)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return self._draw(torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+
+    def _draw(self, g: torch.Generator) -> dict[str, Tensor]:
         b, c = self.batch_size, self.config.in_channels
         x0 = torch.randn((b, c, *self.latent), generator=g)  # (B, C, T, h, w)
         noise = torch.randn(x0.shape, generator=g)
@@ -53,6 +55,27 @@ class SyntheticDiT:
         v = model(interpolate(x0, noise, t), 1000.0 * t, batch["text"])  # (B, C, T, h, w)
         loss = (v.float() - velocity_target(x0, noise).float()).pow(2).mean()
         return loss, {"batch_sum": x0.sum()}  # batch_sum: tests check the data order with it
+
+    def validation_batches(self):
+        """Two fixed held-out batches, from a stream apart from the training batches'."""
+        for k in range(2):
+            yield self._draw(torch.Generator().manual_seed(self.seed * 1_000_003 + 10**9 + k))
+
+    def validation_losses(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        x0, noise, t = batch["latents"], batch["noise"], batch["t"]
+        v = model(interpolate(x0, noise, t), 1000.0 * t, batch["text"])
+        err = (v.float() - velocity_target(x0, noise).float()).pow(2).mean(dim=(1, 2, 3, 4)).sum()
+        return {"val_loss": (err, torch.tensor(float(x0.shape[0]), device=x0.device))}
+
+    def samples(self, model: nn.Module) -> dict[str, Tensor]:
+        """A preview for the machinery's tests: the velocity at a fixed input, its first three
+        channels as a uint8 video (T, h, w, 3)."""
+        batch = self._draw(torch.Generator().manual_seed(self.seed * 1_000_003 + 2 * 10**9))
+        device = next(model.parameters()).device
+        x, text = batch["latents"][:1].to(device), batch["text"][:1].to(device)
+        v = model(x, torch.full((1,), 500.0, device=device), text)[0, :3].float()  # (3, T, h, w)
+        v = (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)
+        return {"velocity": (v * 255).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()}
 
     def grid(self) -> tuple[int, int, int]:
         return tuple(n // p for n, p in zip(self.latent, self.config.patch_size))

@@ -382,22 +382,16 @@ class Trainer:
         batches = getattr(self.task, "validation_batches", None)
         if batches is None:
             return None
-        models = [("", self.model)]
-        if self.ema is not None and not self.procs.distributed:  # an EMA copy is one process's luxury
-            models.append(("ema_", self.ema_model()))
         sums: dict[str, list[Tensor]] = {}
         with _rng_preserved(), torch.no_grad(), self._autocast():
-            for prefix, model in models:
-                model.eval()
-                try:
+            for prefix in ("", "ema_") if self.ema is not None else ("",):
+                with self._weights(ema=prefix == "ema_") as model:
                     for full in batches():
                         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v
                                  for k, v in _rows(full, self.procs.dp_rank, self.procs.dp_size).items()}
                         for key, (total, count) in self.task.validation_losses(model, batch).items():
                             acc = sums.setdefault(prefix + key, [torch.zeros((), dtype=torch.float64)] * 2)
                             sums[prefix + key] = [acc[0] + total.double().cpu(), acc[1] + count.double().cpu()]
-                finally:
-                    self.model.train()
         row = {"step": step}
         for key, (total, count) in sums.items():
             both = self.procs.mean(torch.stack([total, count]))  # sp peers repeat their group's rows: a ratio of means
@@ -405,17 +399,40 @@ class Trainer:
         log.validation(step, row)
         return row
 
+    @contextmanager
+    def _weights(self, ema: bool):
+        """The model in eval mode for the body, carrying the EMA weights when `ema`: swapped
+        into its own parameters in place (each rank its shards under FSDP2, so every rank can
+        take part in the forwards) and swapped back bit for bit after, so training goes on
+        exactly as if nothing had happened."""
+        # FSDP2 keeps the root's gathered (unsharded) weights after a forward: put every module
+        # back on its shards, which are what is swapped here and what the next forward gathers
+        reshard = getattr(self.model, "reshard", lambda: None)
+        saved: dict[str, Tensor] = {}
+        reshard()
+        params = dict(self.model.named_parameters())
+        try:
+            with torch.no_grad():
+                for name, shadow in (self.ema.shadow.items() if ema else ()):
+                    saved[name] = params[name].detach().clone()
+                    params[name].detach().copy_(shadow.to(params[name].dtype))
+            self.model.eval()
+            yield self.model
+        finally:
+            self.model.train()
+            reshard()
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].detach().copy_(value)
+
     def _log_samples(self, log: _RunLog, step: int) -> None:
+        """The task's previews, with the EMA weights when EMA is on. Under several processes
+        every rank runs them (the forwards are collective under FSDP2) and rank 0 logs."""
         sample = getattr(self.task, "samples", None)
-        if sample is None or self.procs.distributed:  # previews are single-process only, for now
+        if sample is None:
             return
-        model = self.ema_model() if self.ema is not None else self.model
-        with _rng_preserved(), torch.no_grad(), self._autocast():
-            model.eval()
-            try:
-                videos = sample(model)
-            finally:
-                self.model.train()
+        with _rng_preserved(), torch.no_grad(), self._autocast(), self._weights(ema=self.ema is not None) as model:
+            videos = sample(model)
         log.videos(step, videos)
 
     # --- checkpoints and export ---------------------------------------------------------
