@@ -80,7 +80,7 @@ class TrainTask(Protocol):
       not disturb the training RNG streams.
     - `validation_batches()` and `validation_losses(model, batch)` (optional) every
       `validate_every` steps and at the end, in eval mode under `torch.no_grad()`, with the
-      trained weights and (one process) the EMA weights: fixed held-out batches (an
+      trained weights and the EMA weights: fixed held-out batches (an
       iterable of CPU tensor dicts, built the same way each time) and, per batch, a
       (sum, count) pair of 0-dim tensors for each loss; the trainer logs sum / count over
       all batches to OUT/validation.jsonl and TensorBoard (val/).
