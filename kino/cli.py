@@ -478,6 +478,18 @@ def cmd_convert_wan(args) -> int:
     return 0
 
 
+def cmd_convert_lora(args) -> int:
+    from kino.convert.lora_formats import write_foreign
+    from kino.models.lora import read_lora
+
+    if args.dst.resolve() == args.src.resolve():
+        raise KinoUserError("DST must be another file than SRC")
+    lora = read_lora(args.src)
+    write_foreign(lora, args.dst, args.layout)
+    print(f"wrote {args.dst} ({args.layout} layout, {len(lora.modules)} modules)")
+    return 0
+
+
 # ---- kino train -----------------------------------------------------------------------
 
 def _run_config(args, cls):
@@ -640,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_vae_reconstruct)
 
-    convert = sub.add_parser("convert", help="third-party weights into a kino model folder")
+    convert = sub.add_parser("convert", help="third-party weights into a kino model folder; LoRAs between layouts")
     convert.set_defaults(group_help=convert.format_help)
     csub = convert.add_subparsers(dest="convert_command", metavar="COMMAND", parser_class=_Parser)
     p = csub.add_parser("wan", help="a Wan2.1 folder (T2V, I2V, FLF2V; original or diffusers layout) -> kino")
@@ -648,6 +660,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", type=Path, metavar="DST", help="new kino model folder (must not exist or be empty)")
     add_common(p)
     p.set_defaults(func=cmd_convert_wan)
+
+    p = csub.add_parser("lora", help="a LoRA file (kino's or a Wan2.1 one kino reads) -> another trainer's layout")
+    p.add_argument("src", type=Path, metavar="SRC", help="LoRA .safetensors (kino, wan, musubi or diffusers layout)")
+    p.add_argument("dst", type=Path, metavar="DST", help="the .safetensors to write")
+    p.add_argument("--layout", choices=("wan", "musubi", "diffusers"), default="wan",
+                   help="wan: ComfyUI / Wan names (default); musubi: musubi-tuner; diffusers: diffusers / PEFT")
+    add_common(p)
+    p.set_defaults(func=cmd_convert_lora)
 
     p = sub.add_parser("preprocess", help="encode the config's [dataset] once into its latent cache (resumable; "
                        "under torchrun each rank takes its parts)")

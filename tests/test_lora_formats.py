@@ -250,3 +250,44 @@ def test_generate_cli_fuses_a_musubi_lora(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "-o", str(tmp_path / "junk.mp4"), "--lora", str(tmp_path / "junk.safetensors")]) == 2
     assert "nor a Wan2.1 LoRA" in capsys.readouterr().err
+
+
+def test_convert_lora_writes_every_layout_and_diffusers_reads_it(tmp_path, capsys):
+    """A kino LoRA (per-file alpha) written in each layout reads back to the same fused
+    weights; the diffusers file also matches diffusers + PEFT's own reading of it."""
+    from diffusers import WanPipeline
+
+    from kino.models.lora import LoRAConfig, apply_lora, save_lora
+
+    reference = _diffusers_wan(TINY, seed=4)
+    base = DiT(TINY).eval()
+    base.load_state_dict(from_diffusers(reference.state_dict()), strict=True)
+    trained = copy.deepcopy(base)
+    apply_lora(trained, LoRAConfig(rank=3, alpha=5.0))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_up" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    src = tmp_path / "kino.safetensors"
+    save_lora(src, trained.state_dict(), LoRAConfig(rank=3, alpha=5.0))
+    want = _fused(base, src)
+    for layout in ("wan", "musubi", "diffusers"):
+        dst = tmp_path / f"{layout}.safetensors"
+        assert main(["convert", "lora", str(src), str(dst), "--layout", layout]) == 0
+        assert f"{layout} layout" in capsys.readouterr().out
+        assert read_lora(dst).format == layout
+        _assert_params(_fused(base, dst), want)
+    reference.load_lora_adapter(WanPipeline.lora_state_dict(str(tmp_path / "diffusers.safetensors")),
+                                prefix="transformer", adapter_name="k")
+    reference.fuse_lora(lora_scale=1.0)
+    fused = copy.deepcopy(base)
+    fuse_lora(fused, read_lora(src), 1.0, {})
+    x, t, text = _inputs(2, 3, 4, 6, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, t, text), reference(x, t, text).sample, rtol=0, atol=1e-5)
+    # what a layout cannot hold is refused by name
+    low, bias, diff, _ = _entries(base)
+    wan = _wan_file(tmp_path / "diffs.safetensors", low, bias, diff)
+    assert main(["convert", "lora", str(wan), str(tmp_path / "d.safetensors"), "--layout", "diffusers"]) == 2
+    assert "whole-weight differences" in capsys.readouterr().err
+    assert main(["convert", "lora", str(wan), str(wan)]) == 2

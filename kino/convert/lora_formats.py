@@ -166,3 +166,52 @@ def read_foreign(path: Path, tensors: dict[str, Tensor], metadata: dict) -> dict
         if "diff" in kinds:
             out["diff"][name] = kinds["diff"]
     return out
+
+
+def write_foreign(lora, path: str | Path, layout: str) -> Path:
+    """Write a LoRA (`LoRAFile`, any layout kino reads) in another trainer's `layout`, so a
+    LoRA trained with kino runs in ComfyUI (wan), musubi-tuner's tools (musubi) or diffusers
+    (diffusers). Each module's alpha is written so that the update stays alpha / rank x
+    up @ down (diffusers: folded into up, its keys carry no alpha); bias differences go along
+    (wan: diff_b, diffusers: lora_B.bias) and whole-weight differences as wan `diff` keys.
+    A layout that cannot hold a part of the file is a clear error."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kino.models.dit.adapters import diffusers_name
+
+    if layout not in PREFIXES:
+        raise KinoUserError(f"unknown LoRA layout {layout!r}: allowed {', '.join(PREFIXES)}")
+    if layout != WAN and lora.diff:
+        raise KinoUserError(f"the {layout} layout has no place for whole-weight differences "
+                            f"({', '.join(list(lora.diff)[:3])}): write the wan layout")
+    if layout == MUSUBI and lora.bias:
+        raise KinoUserError("the musubi layout has no place for bias differences: write the wan or diffusers layout")
+    out: dict[str, Tensor] = {}
+    for name in lora.down:
+        down, up = lora.down[name].contiguous(), lora.up[name].contiguous()
+        factor = lora.scales.get(name, lora.alpha / lora.rank)
+        alpha = torch.tensor(factor * down.shape[0], dtype=torch.float32)
+        if layout == WAN:
+            out[f"diffusion_model.{name}.lora_down.weight"], out[f"diffusion_model.{name}.lora_up.weight"] = down, up
+            out[f"diffusion_model.{name}.alpha"] = alpha
+        elif layout == MUSUBI:
+            flat = "lora_unet_" + name.replace(".", "_")
+            out[f"{flat}.lora_down.weight"], out[f"{flat}.lora_up.weight"], out[f"{flat}.alpha"] = down, up, alpha
+        else:
+            key = "transformer." + diffusers_name(name + ".weight")[: -len(".weight")]
+            out[f"{key}.lora_A.weight"] = down
+            out[f"{key}.lora_B.weight"] = (up.float() * factor).to(up.dtype).contiguous()
+    for name, value in lora.bias.items():
+        if layout == WAN:
+            out[f"diffusion_model.{name}.diff_b"] = value.contiguous()
+        else:
+            out["transformer." + diffusers_name(name + ".bias")[: -len(".bias")] + ".lora_B.bias"] = value.contiguous()
+    for name, value in lora.diff.items():
+        out[f"diffusion_model.{name}.diff"] = value.contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(out, str(tmp), metadata={"format": f"{layout} (written by kino)"})
+    tmp.replace(path)
+    return path

@@ -125,6 +125,11 @@ def diffusers_param_name(key: str) -> str:
     return _rename(key, _FROM_DIFFUSERS)[0]
 
 
+def diffusers_name(key: str) -> str:
+    """diffusers' name of one kino (= Wan) parameter (unchanged if shared)."""
+    return _rename(key, _TO_DIFFUSERS)[0]
+
+
 def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers WanTransformer3DModel (Wan2.1 T2V, I2V, FLF2V) state dict -> kino DiT state dict
     (same tensors; unused `norm_added_q` weights are dropped, as diffusers does)."""
