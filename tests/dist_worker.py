@@ -1,6 +1,6 @@
 """One process of a small distributed training run, for tests/test_distributed.py.
 
-    python tests/dist_worker.py OUT MAX_STEPS [--stall STEP] [--sp P] [--checkpoint-every N] [--ac] [--peek N]
+    python tests/dist_worker.py OUT MAX_STEPS [--stall STEP] [--sp P] [--checkpoint-every N] [--ac] [--peek N] [--meta-init]
 
 Rank, world size and the rendezvous come from the environment, as torchrun sets them. At the
 end every rank takes part in gathering the weights; rank 0 writes OUT/final.safetensors.
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--peek", type=int, default=0, help="validate and sample every N steps")
+    p.add_argument("--meta-init", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     task = task_for_tests(stall_at=args.stall)
@@ -42,7 +43,7 @@ def main() -> None:
         ema_decay=0.9, checkpoint_every=args.checkpoint_every, keep_last=2, log_every=1, seed=3, device="cpu",
         precision=args.precision, progress=False, peak_tflops=args.peak_tflops,
         validate_every=args.peek, sample_every=args.peek,
-        parallel=ParallelConfig(sequence_parallel=args.sp, activation_checkpointing=args.ac),
+        parallel=ParallelConfig(sequence_parallel=args.sp, activation_checkpointing=args.ac, meta_init=args.meta_init),
     )
     trainer = Trainer(task, cfg)
     result = trainer.fit()

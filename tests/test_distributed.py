@@ -297,6 +297,18 @@ def test_dit_flop_count_matches_torch_flop_counter(monkeypatch):
 
 
 
+def test_meta_init_builds_the_model_once_and_trains_the_same(tmp_path):
+    """parallel.meta_init: rank 0 alone builds the model, the other rank starts from the meta
+    device and gets its shards by broadcast; the run ends bitwise where the plain run does."""
+    run(2, tmp_path / "plain", 4)
+    run(2, tmp_path / "meta", 4, "--meta-init")
+    for name in ("final.safetensors", "final_ema.safetensors"):
+        a, b = load_file(str(tmp_path / "plain" / name)), load_file(str(tmp_path / "meta" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    losses = [[r["loss"] for r in metrics(tmp_path / d)] for d in ("plain", "meta")]
+    assert losses[0] == losses[1]
+
+
 def test_validation_and_previews_leave_training_untouched(tmp_path):
     """Validating and sampling every 2 steps (the EMA weights swapped into the FSDP2 shards and
     back) changes nothing in the run: weights and EMA equal a run without, bit for bit, for 1

@@ -37,6 +37,10 @@ class ParallelConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     compile: bool = False  # torch.compile each block (needs a working inductor backend: a C++ compiler on CPU)
     reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3); False: ZeRO-2
+    # Several processes: only rank 0 builds the model in memory (init or init_from); the others
+    # build it on the meta device, every rank shards it, and rank 0's weights are broadcast into
+    # the shards. For models too big to build once per process (Wan2.1-14B: 56 GB in fp32).
+    meta_init: bool = False
 
     def __post_init__(self):
         if self.sequence_parallel < 1:

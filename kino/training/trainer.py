@@ -184,9 +184,12 @@ class Trainer:
         if self.procs.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.procs.local_rank)
         _seed_everything(cfg.seed)  # the same seed everywhere: every rank builds the same weights
-        model = self.task.build_model().to(self.device)
-        model.train()
-        model = parallelize(model, cfg.parallel, self.procs, param_dtype=self.autocast_dtype)
+        if self.procs.distributed and cfg.parallel.meta_init:
+            model = self._build_on_rank0()
+        else:
+            model = self.task.build_model().to(self.device)
+            model.train()
+            model = parallelize(model, cfg.parallel, self.procs, param_dtype=self.autocast_dtype)
         self.model = model
         if cfg.ema_decay is not None:
             self.ema = EMA(model, cfg.ema_decay, cfg.ema_start)
@@ -201,6 +204,26 @@ class Trainer:
             self._resume(path)
             self._saved_step = self.step
         self.start_step = self.step
+
+    def _build_on_rank0(self) -> nn.Module:
+        """`parallel.meta_init`: rank 0 builds the model in CPU memory, every rank builds it on
+        the meta device (no memory), shards it with `parallelize`, allocates its own shards on
+        its device, and rank 0's weights are broadcast into them. The weights, and the torch
+        RNG after the build, are those of the plain path, where every rank builds the whole
+        model: the run is the same."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = self.task.build_model() if self.procs.is_main else None
+        torch.set_rng_state(self.procs.broadcast(torch.get_rng_state()))  # as if every rank had built it
+        with torch.device("meta"):
+            model = self.task.build_model()
+        model.train()
+        model = parallelize(model, self.config.parallel, self.procs, param_dtype=self.autocast_dtype)
+        model.to_empty(device=self.device)
+        state = full.state_dict() if full is not None else {}
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full, state
+        return model
 
     def _build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         # Decay matrices (linear/conv kernels, embeddings), not biases or norm gains.
