@@ -288,6 +288,45 @@ def test_generate_cli_batch_writes_world_format(model_dir, tmp_path, capsys):
     assert main(["world", "eval", str(out), "-q"]) == 0  # scored directly (random weights fail, but it runs)
 
 
+def test_a_killed_batch_resumes_where_it_stopped(model_dir, tmp_path, monkeypatch):
+    from kino.tasks import batch as batch_module
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"caption": f"a small {c} circle moving left on a black background",
+                                           "frames": f}) + "\n" for c, f in (("red", 5), ("blue", 1), ("green", 5))))
+    pipe = Pipeline.from_pretrained(model_dir)
+    calls = []
+    run = batch_module.RUNNERS["generate"]
+    monkeypatch.setitem(batch_module.RUNNERS, "generate", lambda *a, **k: (calls.append(a[1]), run(*a, **k))[1])
+
+    def killed_after(n):
+        def progress(items):
+            for k, item in enumerate(items):
+                if k == n:
+                    raise KeyboardInterrupt  # as if the process died here
+                yield item
+        return progress
+
+    whole = batch_module.generate_batch(pipe, prompts, tmp_path / "whole", defaults={"steps": 2}, seed=1)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        batch_module.generate_batch(pipe, prompts, tmp_path / "out", defaults={"steps": 2}, seed=1,
+                                    progress=killed_after(2))
+    assert len(calls) == 2 and not (tmp_path / "out" / "captions.jsonl").exists()
+    calls.clear()
+    again = batch_module.generate_batch(pipe, prompts, tmp_path / "out", defaults={"steps": 2}, seed=1)
+    assert calls == ["a small green circle moving left on a black background"]  # only the one left
+    assert again == whole
+    for row in whole:
+        assert np.array_equal(read_video(tmp_path / "whole" / row["file"])[0], read_video(tmp_path / "out" / row["file"])[0])
+    calls.clear()  # other settings, or a clip that went missing: generated again
+    (tmp_path / "out" / whole[1]["file"]).unlink()
+    batch_module.generate_batch(pipe, prompts, tmp_path / "out", defaults={"steps": 2}, seed=1)
+    assert len(calls) == 1
+    batch_module.generate_batch(pipe, prompts, tmp_path / "out", defaults={"steps": 3}, seed=1)
+    assert len(calls) == 4
+
+
 def test_a_world_folder_is_a_generate_batch(model_dir, tmp_path):
     world = tmp_path / "world"
     assert main(["world", "sample", "--out", str(world), "--n", "2", "--split", "eval", "--size", "32x32", "-q"]) == 0

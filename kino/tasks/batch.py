@@ -19,6 +19,9 @@ and sizes.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -93,6 +96,36 @@ def read_prompt_rows(path: str | Path, task: str = "generate") -> list[dict]:
     return rows
 
 
+JOURNAL = ".kino-batch"  # OUT/.kino-batch/part-K.jsonl: one line per clip written, for resuming
+
+
+def _stamp(path: str) -> list:
+    st = os.stat(path)
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def _request_key(pipe: Pipeline, task: str, row: dict, kwargs: dict, seed: int, inputs: tuple[str, ...]) -> str:
+    """What decides a row's clip: the task, its caption, options and seed, its input files (path,
+    size, modification time) and the model (name, DiT weights, fused LoRAs)."""
+    request = {"task": task, "caption": row["caption"], "options": kwargs, "seed": seed,
+               "inputs": {k: _stamp(row[k]) for k in inputs if k in row},
+               "model": [pipe.name, pipe.dit_sha256, pipe.loras]}
+    return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_journal(out: Path) -> dict[int, tuple[str, dict]]:
+    """index -> (request key, captions.jsonl row) of every clip an earlier run finished."""
+    done = {}
+    for path in sorted((out / JOURNAL).glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                done[int(entry["index"])] = (entry["key"], entry["row"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+    return done
+
+
 def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defaults: dict, seed: int = 0,
                    progress: Callable[[Iterable], Iterable] = iter, task: str = "generate",
                    shard: tuple[int, int] = (0, 1),
@@ -103,7 +136,12 @@ def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defa
     `shard` (k, n): run only rows k, k + n, k + 2n, ... (one of n processes); each keeps its
     row's index, file name and seed, so the clips are those one process would write. `merge`
     then collects every process's (index, row) pairs (e.g. a gather to rank 0) and returns
-    them all on the process that writes captions.jsonl, None on the others."""
+    them all on the process that writes captions.jsonl, None on the others.
+
+    Resumable: each finished clip is recorded in OUT/.kino-batch/ as soon as it is written,
+    and a rerun keeps every clip whose request (task, caption, options, seed, input files,
+    model) is unchanged and whose file is still there, generating only the others: a batch
+    killed part way loses at most the clip it was on."""
     rows = read_prompt_rows(prompts, task)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -118,12 +156,24 @@ def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defa
     if not 0 <= part < parts:
         raise ValueError(f"shard {part} of {parts}")
     mine = [(i, row) for i, row in enumerate(rows) if i % parts == part]
+    done = _read_journal(out)
+    (out / JOURNAL).mkdir(exist_ok=True)
     written = []
-    for i, row in progress(mine):
-        kwargs = {**defaults, **{k: row[k] for k in (*required, *optional, *options, "height", "width") if k in row}}
-        clip = RUNNERS[task](pipe, row["caption"], seed=row.get("seed", seed + i), **kwargs)
-        name = clip_filename(i, len(clip.video))
-        written.append((i, write_clip(out, name, clip.video.numpy(), row["caption"], clip.fps, clip.metadata)))
+    with open(out / JOURNAL / f"part-{part}.jsonl", "a", encoding="utf-8") as journal:
+        for i, row in progress(mine):
+            kwargs = {**defaults, **{k: row[k] for k in (*required, *optional, *options, "height", "width") if k in row}}
+            row_seed = row.get("seed", seed + i)
+            key = _request_key(pipe, task, row, kwargs, row_seed, (*required, *optional))
+            if i in done and done[i][0] == key and (out / done[i][1]["file"]).is_file():
+                written.append((i, done[i][1]))
+                continue
+            clip = RUNNERS[task](pipe, row["caption"], seed=row_seed, **kwargs)
+            name = clip_filename(i, len(clip.video))
+            result = write_clip(out, name, clip.video.numpy(), row["caption"], clip.fps, clip.metadata)
+            journal.write(json.dumps({"index": i, "key": key, "row": result}) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+            written.append((i, result))
     if merge is not None:
         written = merge(written)
         if written is None:
