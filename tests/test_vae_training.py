@@ -330,3 +330,23 @@ def test_regenerated_round_needs_the_dits_own_encoder(one_thread, tiny_pipeline_
         VAEDenoiseConfig(frames=[5])
     with pytest.raises(KinoUserError, match="longest crop"):
         regen_config(tiny_pipeline_dir, (0.1, 0.2), frames=(1,))
+
+
+def test_validation_reconstructs_whole_eval_clips(tmp_path):
+    from kino.training.vae import psnr
+    from kino.world.captions import SIZES
+
+    cfg = tmp_path / "vae.toml"
+    cfg.write_text(TINY_RUN.format(out=(tmp_path / "out").as_posix()).replace("max_steps = 3", "max_steps = 2")
+                   .replace("[train]", "[validation]\nclips = 2\nframes = [1, 5]\n[train]\nvalidate_every = 2"))
+    assert main(["train", "vae", "--config", str(cfg), "--quiet"]) == 0
+    (row,) = [json.loads(x) for x in (tmp_path / "out" / "validation.jsonl").read_text().splitlines()]
+    assert row["step"] == 2 and set(row) == {"step", "val_mse", "val_psnr", "ema_val_mse", "ema_val_psnr"}
+    # the EMA figures are the exported model's own reconstructions of those clips
+    model = load_vae(tmp_path / "out" / "model")
+    scores = []
+    for frames in (1, 5):
+        for i in range(2):
+            x = to_model_range(render(scene_at("eval", 0, i, frames=frames, size=SIZES[i % len(SIZES)])))[None]
+            scores.append(float(psnr(model.reconstruct(x), x)))
+    assert row["ema_val_psnr"] == pytest.approx(sum(scores) / len(scores), abs=1e-3)

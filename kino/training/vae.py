@@ -83,6 +83,21 @@ class VAEDenoiseConfig:
 
 
 @dataclass
+class VAEValidationConfig:
+    """Whole Shapes World `eval` clips the trainer reconstructs every `train.validate_every`
+    steps (posterior means, as `kino vae reconstruct` does): val_mse and val_psnr (the mean of
+    per-clip PSNR). `clips` of each frame count, cycling over the world's sizes."""
+
+    clips: int = 4
+    frames: list[int] = field(default_factory=lambda: [1, 9, 17])
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.clips < 1 or not self.frames or min(self.frames) < 1:
+            raise KinoUserError("validation.clips must be >= 1 and validation.frames a list of frame counts >= 1")
+
+
+@dataclass
 class VAERunConfig:
     """`kino train vae --config FILE`: a TOML/JSON file with these sections."""
 
@@ -99,6 +114,7 @@ class VAERunConfig:
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
     denoise: VAEDenoiseConfig = field(default_factory=VAEDenoiseConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
+    validation: VAEValidationConfig = field(default_factory=VAEValidationConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/vae"))
 
     def __post_init__(self):
@@ -320,6 +336,20 @@ class VAETask:
             loss = loss + w.palette * pal
             logs["palette"] = pal.detach()
         return loss, logs
+
+    def validation_batches(self):
+        """One clip per batch (sizes differ): `validation.clips` eval clips of each frame count."""
+        v = self.config.validation
+        for frames in v.frames:
+            for i in range(v.clips):
+                scene = scene_at("eval", v.seed, i, frames=frames, size=SIZES[i % len(SIZES)])
+                yield {"video": to_model_range(render(scene))[None]}  # (1, 3, F, H, W)
+
+    def validation_losses(self, model: VideoVAE, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        x = batch["video"]
+        rec = model.reconstruct(x)  # posterior means, clamped: what `kino vae reconstruct` returns
+        one = torch.ones((), device=x.device)
+        return {"val_mse": ((rec.float() - x.float()).pow(2).mean(), one), "val_psnr": (psnr(rec, x), one)}
 
     def samples(self, model: VideoVAE) -> dict[str, Tensor]:
         x = to_model_range(self._sample_clip)[None]
