@@ -235,9 +235,11 @@ def read_lora(path: str | Path) -> LoRAFile:
                 f"{path} is not a kino LoRA file (its safetensors metadata lacks format={LORA_FORMAT!r}) nor a "
                 "Wan2.1 LoRA with keys under diffusion_model., lora_unet_ or transformer.")
         ranks = sorted({d.shape[0] for d in foreign["down"].values()})
-        return LoRAFile(path, ranks[-1] if ranks else 0, float(ranks[-1]) if ranks else 0.0, foreign_targets(foreign),
-                        foreign["down"], foreign["up"], digest, format=foreign["format"], scales=foreign["scales"],
+        lora = LoRAFile(path, ranks[-1] if ranks else 0, float(ranks[-1]) if ranks else 0.0, [], foreign["down"],
+                        foreign["up"], digest, format=foreign["format"], scales=foreign["scales"],
                         bias=foreign["bias"], diff=foreign["diff"])
+        lora.targets = lora.modules  # every module it names
+        return lora
     try:
         rank, alpha = int(metadata["rank"]), float(metadata["alpha"])
         targets = json.loads(metadata.get("targets", "[]"))
@@ -259,10 +261,6 @@ def read_lora(path: str | Path) -> LoRAFile:
             raise KinoUserError(f"LoRA file {path} is malformed: {name} has down {tuple(d.shape)} and up "
                                 f"{tuple(u.shape)}, expected (rank, in) and (out, rank) with rank {rank}")
     return LoRAFile(path, rank, alpha, targets, down, up, digest, metadata.get("base"), metadata.get("base_sha256"))
-
-
-def foreign_targets(foreign: dict) -> list[str]:
-    return list(dict.fromkeys([*foreign["down"], *foreign["bias"], *foreign["diff"]]))
 
 
 def write_record(path: str | Path, sha256: str, **info) -> Path:
