@@ -156,8 +156,10 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=None, help="sampling shift (default: the model's)")
     ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="guide only solver times LO..HI (default: the model's)")
-    ap.add_argument("--skip-guidance", type=float, default=None, help="skip-layer guidance scale (default: the model's)")
-    ap.add_argument("--skip-blocks", type=int, nargs="+", default=None, help="DiT blocks the skip-layer pass leaves out")
+    ap.add_argument("--skip-guidance", type=float, default=None,
+                    help="skip-layer guidance scale (default: the model's)")
+    ap.add_argument("--skip-blocks", type=int, nargs="+", default=None,
+                    help="DiT blocks the skip-layer pass leaves out")
     ap.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"))
     ap.add_argument("--cache-threshold", type=float, default=None, help="first-block cache threshold (0 = off)")
     ap.add_argument("--workers", type=int, default=1, help="one-thread generation processes (default: 1, "
@@ -175,7 +177,8 @@ def main() -> None:
     for steps in args.steps:
         defaults = {k: v for k, v in (("steps", steps), ("guidance", args.guidance), ("shift", args.shift),
                                                   ("guidance_interval", args.guidance_interval),
-                                                  ("skip_guidance", args.skip_guidance), ("skip_blocks", args.skip_blocks),
+                                                  ("skip_guidance", args.skip_guidance),
+                                                  ("skip_blocks", args.skip_blocks),
                                                   ("skip_interval", args.skip_interval),
                                                   ("cache_threshold", args.cache_threshold)) if v is not None}
         folder = out / f"steps-{steps or pipe.defaults.steps}"

@@ -161,8 +161,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="guide only solver times LO..HI (default: the model's)")
-    ap.add_argument("--skip-guidance", type=float, default=None, help="skip-layer guidance scale (default: the model's)")
-    ap.add_argument("--skip-blocks", type=int, nargs="+", default=None, help="DiT blocks the skip-layer pass leaves out")
+    ap.add_argument("--skip-guidance", type=float, default=None,
+                    help="skip-layer guidance scale (default: the model's)")
+    ap.add_argument("--skip-blocks", type=int, nargs="+", default=None,
+                    help="DiT blocks the skip-layer pass leaves out")
     ap.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"))
     ap.add_argument("--cache-threshold", type=float, default=None, help="first-block cache threshold (0 = off)")
     ap.add_argument("--loop-frames", type=int, default=16, help="loop length (4k)")

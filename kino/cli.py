@@ -146,7 +146,8 @@ def add_sampling(p):
     p.add_argument("--cache-threshold", type=float, default=None, metavar="T",
                    help="first-block cache (an approximation, faster): skip the DiT's other blocks on steps where "
                         "its first block changes by less than T (relative; 0 = off, the default; ~0.1-0.2)")
-    p.add_argument("--fps", type=positive_float, default=None, help="frame rate of the written file (default: the model's)")
+    p.add_argument("--fps", type=positive_float, default=None,
+                   help="frame rate of the written file (default: the model's)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only the steps at solver times LO <= t <= HI (1 = noise, 0 = clean); the others "
                         "run the DiT once, unguided (default: the model's)")
@@ -293,7 +294,8 @@ def _sampling_kwargs(args) -> dict:
     if args.skip_blocks is not None and min(args.skip_blocks) < 0:
         raise KinoUserError(f"--skip-blocks are DiT block indices from 0, got {args.skip_blocks}")
     return dict(steps=args.steps, guidance=args.guidance, negative=args.negative, sampler=args.sampler,
-                shift=args.shift, fps=args.fps, cache_threshold=args.cache_threshold, guidance_interval=interval, skip_guidance=args.skip_guidance,
+                shift=args.shift, fps=args.fps, cache_threshold=args.cache_threshold, guidance_interval=interval,
+                skip_guidance=args.skip_guidance,
                 skip_blocks=None if args.skip_blocks is None else tuple(args.skip_blocks), skip_interval=skip_interval)
 
 
@@ -400,7 +402,8 @@ def cmd_task(args) -> int:
         pipe = _pipeline(args, procs)
         steps = args.steps or pipe.defaults.steps
         # extend backward and connect may take two passes: no total there
-        total = steps if args.task == "generate" else round((args.strength or 0) * steps) if args.task == "edit" else None
+        total = (steps if args.task == "generate" else round((args.strength or 0) * steps) if args.task == "edit"
+                 else None)
         with _step_bar(args, args.task, total) as bar:
             clip = RUNNERS[args.task](pipe, args.prompt, seed=args.seed, callback=lambda i: bar.update(1),
                                       **_task_inputs(args), **kwargs)

@@ -428,7 +428,8 @@ class Pipeline:
         restores the DiT bit for bit. Besides kino's own files, Wan2.1 LoRAs from other
         trainers load (wan / ComfyUI, musubi-tuner and diffusers layouts, with their alphas
         and bias or norm differences: kino/convert/lora_formats.py). A file in none of these
-        layouts, or whose layers do not fit this DiT, raises KinoUserError and changes nothing. A LoRA trained on other base
+        layouts, or whose layers do not fit this DiT, raises KinoUserError and changes nothing.
+        A LoRA trained on other base
         weights (its recorded base sha256 differs) still fuses when the shapes fit, with a
         warning: adapting a close relative of the base is legitimate but may not work.
         `save_pretrained` afterwards writes the fused (merged) DiT.

@@ -1,6 +1,7 @@
 """One process of a small distributed training run, for tests/test_distributed.py.
 
-    python tests/dist_worker.py OUT MAX_STEPS [--stall STEP] [--sp P] [--checkpoint-every N] [--ac] [--peek N] [--meta-init]
+    python tests/dist_worker.py OUT MAX_STEPS [--stall STEP] [--sp P] [--checkpoint-every N] [--ac]
+                                [--peek N] [--meta-init]
 
 Rank, world size and the rendezvous come from the environment, as torchrun sets them. At the
 end every rank takes part in gathering the weights; rank 0 writes OUT/final.safetensors.

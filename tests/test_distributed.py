@@ -322,7 +322,8 @@ def test_validation_and_previews_leave_training_untouched(tmp_path):
             a, b = load_file(str(plain / name)), load_file(str(peek / name))
             assert all(torch.equal(a[k], b[k]) for k in a), (world, name)
         rows[world] = [json.loads(line) for line in (peek / "validation.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows[world]] == [2, 4] and set(rows[world][0]) == {"step", "val_loss", "ema_val_loss"}
+        assert [r["step"] for r in rows[world]] == [2, 4]
+        assert set(rows[world][0]) == {"step", "val_loss", "ema_val_loss"}
     for one, two in zip(rows[1], rows[2]):
         for key in ("val_loss", "ema_val_loss"):
             assert one[key] == pytest.approx(two[key], rel=1e-4)
@@ -435,4 +436,5 @@ def test_cli_generate_under_torchrun_splits_a_clip_and_shares_a_batch(tmp_path):
     b1, b2 = ((tmp_path / b / "captions.jsonl").read_text() for b in ("b1", "b2"))
     assert b1 == b2 and len(b1.splitlines()) == 3
     for row in map(json.loads, b1.splitlines()):
-        assert np.array_equal(read_video(tmp_path / "b1" / row["file"])[0], read_video(tmp_path / "b2" / row["file"])[0])
+        one, two = (read_video(tmp_path / b / row["file"])[0] for b in ("b1", "b2"))
+        assert np.array_equal(one, two)

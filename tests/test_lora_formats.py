@@ -28,7 +28,8 @@ D, FFN = TINY.dim, TINY.ffn_dim
 LOW_RANK = {"blocks.0.self_attn.q": (D, D, 4, 2.0), "blocks.1.cross_attn.o": (D, D, 2, 8.0),
             "blocks.0.ffn.2": (D, FFN, 4, None), "head.head": (None, D, 3, 1.5)}
 DIFFUSERS_NAME = {"blocks.0.self_attn.q": "blocks.0.attn1.to_q", "blocks.1.cross_attn.o": "blocks.1.attn2.to_out.0",
-                  "blocks.0.ffn.2": "blocks.0.ffn.net.2", "head.head": "proj_out", "blocks.1.ffn.0": "blocks.1.ffn.net.0.proj"}
+                  "blocks.0.ffn.2": "blocks.0.ffn.net.2", "head.head": "proj_out",
+                  "blocks.1.ffn.0": "blocks.1.ffn.net.0.proj"}
 
 
 def _entries(model: DiT, seed: int = 0, diffs: bool = True):
@@ -39,8 +40,10 @@ def _entries(model: DiT, seed: int = 0, diffs: bool = True):
     for name, (_, fan_in, rank, alpha) in LOW_RANK.items():
         out = params[f"{name}.weight"].shape[0]
         low[name] = (torch.randn(rank, fan_in, generator=g) * 0.2, torch.randn(out, rank, generator=g) * 0.2, alpha)
-    bias = {"blocks.0.self_attn.q": torch.randn(D, generator=g) * 0.1, "blocks.1.ffn.0": torch.randn(FFN, generator=g) * 0.1}
-    diff = {"blocks.0.norm3": torch.randn(D, generator=g) * 0.1, "blocks.1.modulation": torch.randn(1, 6, D, generator=g) * 0.1}
+    bias = {"blocks.0.self_attn.q": torch.randn(D, generator=g) * 0.1,
+            "blocks.1.ffn.0": torch.randn(FFN, generator=g) * 0.1}
+    diff = {"blocks.0.norm3": torch.randn(D, generator=g) * 0.1,
+            "blocks.1.modulation": torch.randn(1, 6, D, generator=g) * 0.1}
     if not diffs:
         diff = {}
     expected = {k: v.detach().clone() for k, v in params.items()}
@@ -142,8 +145,8 @@ def test_musubi_and_diffusers_layouts_give_the_same_weights(tmp_path):
     for name, (down, up, _) in low.items():
         torch.testing.assert_close(got[f"{name}.weight"], params[f"{name}.weight"] + 6.0 / down.shape[0] * up @ down,
                                    rtol=0, atol=1e-6)
-    torch.testing.assert_close(got["blocks.1.ffn.0.bias"], params["blocks.1.ffn.0.bias"] + 6.0 / 4 * bias["blocks.1.ffn.0"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(got["blocks.1.ffn.0.bias"],
+                               params["blocks.1.ffn.0.bias"] + 6.0 / 4 * bias["blocks.1.ffn.0"], rtol=0, atol=1e-6)
 
 
 def test_musubi_flat_names_read_back_as_wan_names():
@@ -179,7 +182,8 @@ def test_fused_model_matches_diffusers_with_peft(tmp_path, layout):
     low = _every_block_layer(model, seed=5)
     bias = {"blocks.0.self_attn.q": torch.randn(D) * 0.1, "blocks.1.ffn.0": torch.randn(FFN) * 0.1}
     if layout == "wan":
-        path = _wan_file(tmp_path / "w.safetensors", low, bias, {}, ("lora_down", "lora_up"))  # diffusers drops norm diffs
+        # no norm diffs: diffusers drops them
+        path = _wan_file(tmp_path / "w.safetensors", low, bias, {}, ("lora_down", "lora_up"))
     elif layout == "musubi":
         path = _musubi_file(tmp_path / "m.safetensors", low)
     else:  # what diffusers itself makes of the wan file is the diffusers layout
@@ -211,8 +215,9 @@ def test_bad_foreign_files_are_refused_clearly(tmp_path):
     refused({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down,
              "lora_unet_blocks_0_self_attn_q.lora_up.weight": up}, "mixes key layouts")
     refused({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down}, "lacks its up weight")
-    refused({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down, "diffusion_model.blocks.0.self_attn.q"
-             ".lora_B.weight": up, "diffusion_model.blocks.0.self_attn.q.lora_magnitude_vector": up[:, 0].clone()}, "DoRA")
+    q = "diffusion_model.blocks.0.self_attn.q"
+    refused({f"{q}.lora_A.weight": down, f"{q}.lora_B.weight": up, f"{q}.lora_magnitude_vector": up[:, 0].clone()},
+            "DoRA")
     refused({"diffusion_model.blocks.0.self_attn.q.hada_w1_a": down}, "LoHa/LoKr")
     refused({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down, "diffusion_model.blocks.0.self_attn.q"
              ".lora_B.weight": up, "diffusion_model.blocks.0.self_attn.q.scale": up[:1, 0].clone()}, "cannot place")

@@ -318,7 +318,8 @@ def test_a_killed_batch_resumes_where_it_stopped(model_dir, tmp_path, monkeypatc
     assert calls == ["a small green circle moving left on a black background"]  # only the one left
     assert again == whole
     for row in whole:
-        assert np.array_equal(read_video(tmp_path / "whole" / row["file"])[0], read_video(tmp_path / "out" / row["file"])[0])
+        one, two = (read_video(tmp_path / d / row["file"])[0] for d in ("whole", "out"))
+        assert np.array_equal(one, two)
     calls.clear()  # other settings, or a clip that went missing: generated again
     (tmp_path / "out" / whole[1]["file"]).unlink()
     batch_module.generate_batch(pipe, prompts, tmp_path / "out", defaults={"steps": 2}, seed=1)

@@ -131,7 +131,8 @@ def read_foreign(path: Path, tensors: dict[str, Tensor], metadata: dict) -> dict
         else:
             raise KinoUserError(f"LoRA file {path} has a key kino cannot place: {key!r} (a LoRA holds "
                                 "lora_A/lora_B or lora_down/lora_up weights, alpha, diff and diff_b)")
-    peft_alpha, peft_r, peft_pattern, rslora = _peft_scales(metadata) if layout == DIFFUSERS else (None, None, {}, False)
+    peft_alpha, peft_r, peft_pattern, rslora = (_peft_scales(metadata) if layout == DIFFUSERS
+                                                else (None, None, {}, False))
     out = {"format": layout, "down": {}, "up": {}, "scales": {}, "bias": {}, "diff": {}}
     for module, kinds in parts.items():
         name = _module_name(layout, module)

@@ -129,7 +129,8 @@ def _read_journal(out: Path) -> dict[int, tuple[str, dict]]:
 def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defaults: dict, seed: int = 0,
                    progress: Callable[[Iterable], Iterable] = iter, task: str = "generate",
                    shard: tuple[int, int] = (0, 1),
-                   merge: Callable[[list[tuple[int, dict]]], list[tuple[int, dict]] | None] | None = None) -> list[dict]:
+                   merge: Callable[[list[tuple[int, dict]]], list[tuple[int, dict]] | None] | None = None,
+                   ) -> list[dict]:
     """Run `task` on every row into the folder `out` (clips + captions.jsonl). `defaults`
     are the keyword arguments of the task function the rows may override.
 
@@ -161,7 +162,8 @@ def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defa
     written = []
     with open(out / JOURNAL / f"part-{part}.jsonl", "a", encoding="utf-8") as journal:
         for i, row in progress(mine):
-            kwargs = {**defaults, **{k: row[k] for k in (*required, *optional, *options, "height", "width") if k in row}}
+            given = (*required, *optional, *options, "height", "width")
+            kwargs = {**defaults, **{k: row[k] for k in given if k in row}}
             row_seed = row.get("seed", seed + i)
             key = _request_key(pipe, task, row, kwargs, row_seed, (*required, *optional))
             if i in done and done[i][0] == key and (out / done[i][1]["file"]).is_file():
