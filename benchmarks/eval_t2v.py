@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kino.cli import add_guidance_options, guidance_options
 from kino.pipeline import Pipeline
 from kino.tasks.batch import generate_batch
 from kino.world.captions import FRAME_COUNTS, SIZES, is_held_out, parse_caption
@@ -154,14 +155,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[None])
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--shift", type=float, default=None, help="sampling shift (default: the model's)")
-    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                    help="guide only solver times LO..HI (default: the model's)")
-    ap.add_argument("--skip-guidance", type=float, default=None,
-                    help="skip-layer guidance scale (default: the model's)")
-    ap.add_argument("--skip-blocks", type=int, nargs="+", default=None,
-                    help="DiT blocks the skip-layer pass leaves out")
-    ap.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"))
-    ap.add_argument("--cache-threshold", type=float, default=None, help="first-block cache threshold (0 = off)")
+    add_guidance_options(ap)
     ap.add_argument("--workers", type=int, default=1, help="one-thread generation processes (default: 1, "
                     "this process with torch's threads)")
     ap.add_argument("--out", default=None)
@@ -176,11 +170,7 @@ def main() -> None:
     results = {}
     for steps in args.steps:
         defaults = {k: v for k, v in (("steps", steps), ("guidance", args.guidance), ("shift", args.shift),
-                                                  ("guidance_interval", args.guidance_interval),
-                                                  ("skip_guidance", args.skip_guidance),
-                                                  ("skip_blocks", args.skip_blocks),
-                                                  ("skip_interval", args.skip_interval),
-                                                  ("cache_threshold", args.cache_threshold)) if v is not None}
+                                      *guidance_options(args).items()) if v is not None}
         folder = out / f"steps-{steps or pipe.defaults.steps}"
         start = time.perf_counter()
         if args.workers > 1:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kino.cli import add_guidance_options, guidance_options
 from kino.data.video_io import read_video, write_image
 from kino.pipeline import Pipeline
 from kino.tasks.batch import generate_batch
@@ -159,14 +160,7 @@ def main() -> None:
     ap.add_argument("--given", choices=GIVEN_MODES, default="exact",
                     help="how given frames come back (i2v, extend, connect)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                    help="guide only solver times LO..HI (default: the model's)")
-    ap.add_argument("--skip-guidance", type=float, default=None,
-                    help="skip-layer guidance scale (default: the model's)")
-    ap.add_argument("--skip-blocks", type=int, nargs="+", default=None,
-                    help="DiT blocks the skip-layer pass leaves out")
-    ap.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"))
-    ap.add_argument("--cache-threshold", type=float, default=None, help="first-block cache threshold (0 = off)")
+    add_guidance_options(ap)
     ap.add_argument("--loop-frames", type=int, default=16, help="loop length (4k)")
     ap.add_argument("--seed", type=int, default=5151)
     ap.add_argument("--out", default=None)
@@ -183,11 +177,7 @@ def main() -> None:
             defaults["given"] = args.given
         if args.steps:
             defaults["steps"] = args.steps
-        if args.guidance_interval:
-            defaults["guidance_interval"] = tuple(args.guidance_interval)
-        for name in ("skip_guidance", "skip_blocks", "skip_interval", "cache_threshold"):
-            if getattr(args, name) is not None:
-                defaults[name] = getattr(args, name)
+        defaults |= {k: v for k, v in guidance_options(args).items() if v is not None}
         start = time.perf_counter()
         generate_batch(pipe, inputs / "batch.jsonl", results, defaults=defaults, task=COMMAND[task])
         seconds = time.perf_counter() - start

@@ -143,11 +143,17 @@ def add_sampling(p):
     p.add_argument("--shift", type=positive_float, default=None, metavar="S",
                    help="timestep shift of the sampling schedule (> 1 spends more steps at high noise; Wan2.1 "
                         "uses 3 at 480p, 5 at 720p; default: the model's, else one that grows with the token count)")
+    p.add_argument("--fps", type=positive_float, default=None,
+                   help="frame rate of the written file (default: the model's)")
+    add_guidance_options(p)
+
+
+def add_guidance_options(p):
+    """The guidance and speed options the generation commands and the quality benchmarks share
+    (read back, checked, by `guidance_options`)."""
     p.add_argument("--cache-threshold", type=float, default=None, metavar="T",
                    help="first-block cache (an approximation, faster): skip the DiT's other blocks on steps where "
                         "its first block changes by less than T (relative; 0 = off, the default; ~0.1-0.2)")
-    p.add_argument("--fps", type=positive_float, default=None,
-                   help="frame rate of the written file (default: the model's)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only the steps at solver times LO <= t <= HI (1 = noise, 0 = clean); the others "
                         "run the DiT once, unguided (default: the model's)")
@@ -281,7 +287,8 @@ POSITIONALS = {"generate": ("prompt",), "extend": ("input", "prompt"), "connect"
 METAVARS = {"first": "A", "second": "B"}
 
 
-def _sampling_kwargs(args) -> dict:
+def guidance_options(args) -> dict:
+    """`add_guidance_options`' values, checked (a clear error before any model loads); None: unset."""
     from kino.pipeline import check_guidance_interval
 
     interval = None if args.guidance_interval is None else check_guidance_interval(args.guidance_interval)
@@ -293,10 +300,14 @@ def _sampling_kwargs(args) -> dict:
         raise KinoUserError(f"--skip-guidance must be >= 0, got {args.skip_guidance}")
     if args.skip_blocks is not None and min(args.skip_blocks) < 0:
         raise KinoUserError(f"--skip-blocks are DiT block indices from 0, got {args.skip_blocks}")
+    return dict(guidance_interval=interval, skip_guidance=args.skip_guidance,
+                skip_blocks=None if args.skip_blocks is None else tuple(args.skip_blocks), skip_interval=skip_interval,
+                cache_threshold=args.cache_threshold)
+
+
+def _sampling_kwargs(args) -> dict:
     return dict(steps=args.steps, guidance=args.guidance, negative=args.negative, sampler=args.sampler,
-                shift=args.shift, fps=args.fps, cache_threshold=args.cache_threshold, guidance_interval=interval,
-                skip_guidance=args.skip_guidance,
-                skip_blocks=None if args.skip_blocks is None else tuple(args.skip_blocks), skip_interval=skip_interval)
+                shift=args.shift, fps=args.fps, **guidance_options(args))
 
 
 def _size_kwargs(args) -> dict:
