@@ -285,6 +285,24 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     return cond.keep_clean(x)
 
 
+def transformer_units(model: torch.nn.Module) -> list:
+    """The shard groups of a transformers model: its repeated layers (`_no_split_modules`, as
+    accelerate's FSDP wrapping picks them: UMT5Block, BertLayer, ...), and the input embedding
+    table unless one of them holds it (UMT5-XXL's is a fifth of the encoder), together with
+    every other module that shares its weight (T5's `shared` and `encoder.embed_tokens`: a tied
+    weight must be in one group)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    if not units:
+        raise KinoUserError(f"{type(model).__name__} names no repeated layers to shard")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is not None and not any(embedding is m for unit in units for m in unit.modules()):
+        weight = embedding.weight
+        tied = [m for m in model.modules() if any(p is weight for p in m.parameters(recurse=False))]
+        units.insert(0, tied if len(tied) > 1 else embedding)
+    return units
+
+
 class Pipeline:
     def __init__(self, vae: VideoVAE, dit: DiT, text_encoder: TextEncoder,
                  defaults: GenerationDefaults | None = None, name: str = "kino", image_encoder=None):
@@ -310,6 +328,7 @@ class Pipeline:
         self._device = next(dit.parameters()).device  # where the models run
         self._offloaded: set[str] = set()  # components kept in CPU memory between uses
         self._streamer: BlockStreamer | None = None
+        self.sharded = False  # weights shared over a torchrun job's processes (set_memory(shard=))
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
@@ -360,6 +379,8 @@ class Pipeline:
         """Write a model folder: vae/, dit/, text_encoder/ (MiniLM: a reference, its weights ship
         in a package; UMT5: weights and tokenizer too) and kino.json with every file's sha256
         and the generation defaults."""
+        if self.sharded:
+            raise KinoUserError("this pipeline's weights are sharded over processes; save it from a plain load")
         root = Path(path)
         save_component(root / "vae", self.vae.config.to_dict(), self.vae.state_dict())
         save_component(root / "dit", self.dit.config.to_dict(), self.dit.state_dict())
@@ -374,7 +395,7 @@ class Pipeline:
         return write_manifest(root, self.name, components, extra={"pipeline": asdict(self.defaults)})
 
     def set_memory(self, plan: MemoryPlan, device: str | torch.device | None = None,
-                   text_device: str | torch.device | None = None) -> None:
+                   text_device: str | torch.device | None = None, *, shard=None) -> None:
         """Place the models for generation on `device` (default: where they run now) as `plan`
         says (kino/models/memory.py): the DiT's compute dtype, its blocks' storage dtype and
         how many stay in CPU memory, whole-model offload, VAE tiling, sequential guidance.
@@ -383,8 +404,16 @@ class Pipeline:
         `offload="model"` and a block storage dtype, every block's stored weights live in
         CPU memory. The VAE and text encoder keep their dtypes. The text encoder goes to
         `text_device` when given (and stays there), else it follows the other models.
+
+        `shard`, a 1-D DeviceMesh over the processes of a torchrun job (on `device`'s kind):
+        instead of a whole copy each, the processes share the DiT's weights, and the text
+        encoder's when it runs on `device`, by FSDP2 (each keeps 1/N of every weight and
+        gathers one block's for its forward, as Wan's --dit_fsdp / --t5_fsdp). Every process
+        must then run the same generations together (sequence-parallel: each clip's tokens
+        split over the same processes). It does not combine with block streaming or offload,
+        which keep weights off the device another way.
         """
-        if self._streamer is not None:
+        if self._streamer is not None or self.sharded:
             raise KinoUserError("this pipeline's memory plan is already set; load it again to change it")
         device = torch.device(device) if device is not None else self._device
         dtype = plan.compute_dtype(device)
@@ -392,6 +421,9 @@ class Pipeline:
         home = torch.device("cpu") if offload else device
         text_model = getattr(self.text_encoder, "model", None)
         self.dit.to(dtype=dtype)
+        if shard is not None:
+            self._shard(plan, shard, device, text_device, dtype)
+            return
         if plan.streams_blocks:  # before the move: only what stays on the device goes there
             n = len(self.dit.blocks)
             self._streamer = BlockStreamer(self.dit.blocks, device, dtype, plan.weights,
@@ -409,6 +441,29 @@ class Pipeline:
             self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
         self._device, self.memory = device, plan
 
+    def _shard(self, plan: MemoryPlan, mesh, device: torch.device, text_device, dtype: torch.dtype) -> None:
+        from kino.training.distributed import shard_modules
+
+        if plan.streams_blocks or plan.offload == "model":
+            raise KinoUserError("sharding the weights over the processes (--fsdp) does not combine with "
+                                "--swap-blocks, --weights-dtype or --offload: use one or the other")
+        if mesh.device_type != device.type:
+            raise KinoUserError(f"the processes' mesh is on {mesh.device_type}, the pipeline's device is {device}")
+        shard_modules(self.dit, self.dit.blocks, mesh)  # the shards move to this process's device
+        self.sharded = True
+        self.vae.to(device)
+        for model in (getattr(self.text_encoder, "model", None), getattr(self.image_encoder, "model", None)):
+            if model is None:
+                continue
+            if model is getattr(self.text_encoder, "model", None) and (text_device is None
+                                                                       or torch.device(text_device) == device):
+                shard_modules(model, transformer_units(model), mesh)
+            else:  # an encoder on another device (--text-device cpu), and the (small) CLIP image encoder
+                model.to(text_device if text_device is not None else device)
+        if plan.vae_tile is not None:
+            self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
+        self._device, self.memory = device, plan
+
     def using(self, component: str):
         """Context in which `component` ("dit", "vae", "text_encoder", "image_encoder") sits on the
         pipeline's device: a no-op unless the memory plan offloads whole models."""
@@ -417,6 +472,9 @@ class Pipeline:
         return placed(module[component], self._device, component in self._offloaded)
 
     def _check_fusable(self) -> None:
+        if self.sharded:
+            raise KinoUserError("fuse LoRAs before sharding the weights over the processes: "
+                                "load the pipeline, load_lora, then set_memory(shard=...)")
         if self._streamer is not None:
             raise KinoUserError("fuse LoRAs before setting a memory plan (the DiT's blocks are streamed): "
                                 "load the pipeline, load_lora, then set_memory")

@@ -438,3 +438,87 @@ def test_cli_generate_under_torchrun_splits_a_clip_and_shares_a_batch(tmp_path):
     for row in map(json.loads, b1.splitlines()):
         one, two = (read_video(tmp_path / b / row["file"])[0] for b in ("b1", "b2"))
         assert np.array_equal(one, two)
+
+
+SHARD_CHECK = """
+import json, sys, torch
+from kino.errors import KinoUserError
+from kino.models.memory import MemoryPlan
+from kino.pipeline import Pipeline
+from kino.training.distributed import init_processes, shutdown_processes
+procs = init_processes()
+torch.set_num_threads(1)
+try:  # block streaming keeps weights off the device another way: refused before anything changes
+    Pipeline.from_pretrained(sys.argv[1]).set_memory(MemoryPlan(swap_blocks=1), "cpu", shard=procs.fsdp_mesh)
+except KinoUserError as e:
+    refused = str(e)
+pipe = Pipeline.from_pretrained(sys.argv[1])
+full = {name: sum(p.numel() for p in m.parameters()) for name, m in (("dit", pipe.dit), ("text", pipe.text_encoder.model))}
+pipe.set_memory(MemoryPlan(), "cpu", shard=procs.fsdp_mesh)
+local = {name: sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in m.parameters())
+         for name, m in (("dit", pipe.dit), ("text", pipe.text_encoder.model))}
+try:
+    pipe.load_lora(sys.argv[1] + "/missing.safetensors")
+except KinoUserError as e:
+    late = str(e)
+clip = pipe.generate("a small red circle moving left on a black background", frames=1, seed=3)
+print(json.dumps({"rank": procs.rank, "full": full, "local": local, "refused": refused, "late": late,
+                  "sum": int(clip.video.long().sum())}))
+shutdown_processes()
+"""
+
+
+def test_generate_with_fsdp_shares_the_weights_over_the_processes(tmp_path):
+    """`--fsdp` (set_memory(shard=)): each of 2 processes keeps half of the DiT's and the text
+    encoder's weights (FSDP2) and all of them generate every clip together; a --batch then
+    runs row after row on both, and its folder equals the one-process folder (within 2 grey
+    levels: the attention sums in another order). Streaming plans, LoRAs after sharding and
+    --fsdp without torchrun are refused with clear messages."""
+    import numpy as np
+    from conftest import save_tiny_pipeline
+
+    from kino.cli import main
+    from kino.data.video_io import read_video
+
+    model = save_tiny_pipeline(tmp_path / "model", "tiny-fsdp", frames=5, height=32, width=32, steps=3,
+                               guidance=3.0)
+    procs = launch(2, command=[sys.executable, "-c", SHARD_CHECK, str(model)])
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    reports = []
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    for name in ("dit", "text"):  # half each (rank 0 takes the larger half of an odd-sized row)
+        assert sum(r["local"][name] for r in reports) == reports[0]["full"][name]
+        assert all(0.45 < r["local"][name] / r["full"][name] < 0.55 for r in reports), reports
+    for report in reports:
+        assert "does not combine with --swap-blocks" in report["refused"]
+        assert "fuse LoRAs before sharding" in report["late"]
+    assert reports[0]["sum"] == reports[1]["sum"]  # the same clip on both
+
+    prompt = "a small {} circle moving left on a black background"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"caption": prompt.format(c), "frames": f}) + "\n"
+                            for c, f in (("red", 5), ("blue", 1), ("green", 5))))
+    common = ["--batch", str(rows), "--model", str(model), "--seed", "3", "-q"]
+    assert main(["generate", *common, "--out", str(tmp_path / "b1")]) == 0
+    procs = launch(2, command=[sys.executable, "-m", "kino", "generate", *common, "--out", str(tmp_path / "b2"),
+                               "--fsdp"])
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    assert "wrote 3 clips" in outputs[0] and not outputs[1].strip()
+    b1, b2 = ((tmp_path / b / "captions.jsonl").read_text() for b in ("b1", "b2"))
+    assert b1 == b2 and len(b1.splitlines()) == 3
+    for row in map(json.loads, b1.splitlines()):
+        one, two = (read_video(tmp_path / b / row["file"])[0].astype(np.int16) for b in ("b1", "b2"))
+        assert one.shape == two.shape and np.abs(one - two).max() <= 2, row
+    assert [p.name for p in (tmp_path / "b2" / ".kino-batch").iterdir()] == ["part-0.jsonl"]  # rank 0 writes
+
+
+def test_fsdp_needs_torchrun(tmp_path, capsys):
+    from kino.cli import main
+
+    assert main(["generate", "a small red circle moving left on a black background", "-o",
+                 str(tmp_path / "x.mp4"), "--fsdp"]) == 2
+    assert "run it under torchrun" in capsys.readouterr().err

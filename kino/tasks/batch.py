@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -130,7 +131,7 @@ def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defa
                    progress: Callable[[Iterable], Iterable] = iter, task: str = "generate",
                    shard: tuple[int, int] = (0, 1),
                    merge: Callable[[list[tuple[int, dict]]], list[tuple[int, dict]] | None] | None = None,
-                   ) -> list[dict]:
+                   joint=None) -> list[dict]:
     """Run `task` on every row into the folder `out` (clips + captions.jsonl). `defaults`
     are the keyword arguments of the task function the rows may override.
 
@@ -138,6 +139,11 @@ def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defa
     row's index, file name and seed, so the clips are those one process would write. `merge`
     then collects every process's (index, row) pairs (e.g. a gather to rank 0) and returns
     them all on the process that writes captions.jsonl, None on the others.
+
+    `joint` (kino.training.distributed.Processes), for a pipeline whose weights are shared
+    over processes (set_memory(shard=)): every process runs every row with the others; its
+    main process alone reads the journal (its choice of the rows left to run is broadcast),
+    writes the clips and returns the rows, the others return [].
 
     Resumable: each finished clip is recorded in OUT/.kino-batch/ as soon as it is written,
     and a rerun keeps every clip whose request (task, caption, options, seed, input files,
@@ -157,25 +163,37 @@ def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defa
     if not 0 <= part < parts:
         raise ValueError(f"shard {part} of {parts}")
     mine = [(i, row) for i, row in enumerate(rows) if i % parts == part]
-    done = _read_journal(out)
-    (out / JOURNAL).mkdir(exist_ok=True)
+    writes = joint is None or joint.is_main
+    done = _read_journal(out) if writes else {}
+    given = (*required, *optional, *options, "height", "width")
+    requests = []
+    for i, row in mine:
+        kwargs = {**defaults, **{k: row[k] for k in given if k in row}}
+        row_seed = row.get("seed", seed + i)
+        key = _request_key(pipe, task, row, kwargs, row_seed, (*required, *optional))
+        kept = i in done and done[i][0] == key and (out / done[i][1]["file"]).is_file()
+        requests.append((i, row, kwargs, row_seed, key, kept))
+    if joint is not None:  # the same rows left to run on every process
+        kept = joint.broadcast([r[5] for r in requests])
+        requests = [(*r[:5], k) for r, k in zip(requests, kept)]
     written = []
-    with open(out / JOURNAL / f"part-{part}.jsonl", "a", encoding="utf-8") as journal:
-        for i, row in progress(mine):
-            given = (*required, *optional, *options, "height", "width")
-            kwargs = {**defaults, **{k: row[k] for k in given if k in row}}
-            row_seed = row.get("seed", seed + i)
-            key = _request_key(pipe, task, row, kwargs, row_seed, (*required, *optional))
-            if i in done and done[i][0] == key and (out / done[i][1]["file"]).is_file():
+    (out / JOURNAL).mkdir(exist_ok=True)
+    with open(out / JOURNAL / f"part-{part}.jsonl", "a", encoding="utf-8") if writes else nullcontext() as journal:
+        for i, row, kwargs, row_seed, key, kept in progress(requests):
+            if kept:
                 written.append((i, done[i][1]))
                 continue
             clip = RUNNERS[task](pipe, row["caption"], seed=row_seed, **kwargs)
+            if not writes:
+                continue
             name = clip_filename(i, len(clip.video))
             result = write_clip(out, name, clip.video.numpy(), row["caption"], clip.fps, clip.metadata)
             journal.write(json.dumps({"index": i, "key": key, "row": result}) + "\n")
             journal.flush()
             os.fsync(journal.fileno())
             written.append((i, result))
+    if not writes:
+        return []
     if merge is not None:
         written = merge(written)
         if written is None:

@@ -188,18 +188,29 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, procs: Processes, *,
         for block in _required(blocks, model, "compile"):
             block.compile()  # in place: names unchanged; one graph per block shape, reused across blocks
     if procs.distributed:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # Blocks return reshaped views; kino never modifies a block's output in place, which
-        # is the only case this warning (emitted once per module and step) is about.
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        kwargs = dict(mesh=procs.fsdp_mesh, mp_policy=mp)
-        for block in blocks if blocks is not None else ():
-            fully_shard(block, reshard_after_forward=parallel.reshard_after_forward, **kwargs)
-        fully_shard(model, **kwargs)  # the rest: embeddings and head; kept gathered after forward
+        shard_modules(model, blocks if blocks is not None else (), procs.fsdp_mesh, param_dtype=param_dtype,
+                      reshard_after_forward=parallel.reshard_after_forward)
     return model
+
+
+def shard_modules(model: nn.Module, units, mesh, *, param_dtype: torch.dtype | None = None,
+                  reshard_after_forward: bool = True) -> None:
+    """FSDP2 over `mesh`: each of `units` (a model's repeated blocks; a list of modules that
+    share weights counts as one) becomes one shard group,
+    whose weights are gathered for its forward and freed after it (unless
+    `reshard_after_forward` is False), then `model` itself, for what is left (embeddings, head:
+    kept gathered after the forward). Every rank keeps 1/N of each weight, on the mesh's
+    device: parameters elsewhere (e.g. built on the CPU) move there shard by shard."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Blocks return reshaped views; kino never modifies a block's output in place, which
+    # is the only case this warning (emitted once per module and step) is about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+    kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def apply_sequence_parallel(model: nn.Module, group) -> None:
