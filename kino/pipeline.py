@@ -35,6 +35,7 @@ from kino.models.dit.cache import FirstBlockCache
 from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
+from kino.models.hub import resolve_model
 from kino.models.lora import fuse_lora, read_lora, unfuse_lora
 from kino.models.memory import BlockStreamer, MemoryPlan, placed
 from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
@@ -346,7 +347,7 @@ class Pipeline:
             pipe = cls.from_pretrained(path, "cpu", None, text_dtype, dit_dtype=dtype)
             pipe.set_memory(memory, device, text_device)
             return pipe
-        root = Path(path) if path is not None else default_model_dir()
+        root = resolve_model(path) if path is not None else default_model_dir()
         manifest = read_manifest(root)
         if manifest is None:
             from kino.convert.wan import detect_layout, load_wan_pipeline

@@ -277,6 +277,26 @@ def test_kino_convert_wan_writes_a_kino_folder_that_matches_diffusers(folders, c
     assert code == 2 and "integrity" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_wan_folder_from_the_hub(folders, components, layout, tmp_path, monkeypatch):
+    """`--model Wan-AI/...` and `kino convert wan Wan-AI/... DST`: a Wan2.1 repository in the
+    huggingface_hub cache (here written by the test, offline) loads by its id, hash-checked,
+    and carries the repository's name."""
+    from huggingface_hub import constants
+    from test_hub import hub_cache
+
+    from kino.pipeline import Pipeline
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_cache(tmp_path / "hf", f"Wan-AI/tiny-{layout}", folders[layout])
+    pipe = Pipeline.from_pretrained(f"Wan-AI/tiny-{layout}", text_dtype="float32")
+    assert pipe.name == f"Wan-AI/tiny-{layout}"
+    check_pipeline_matches(pipe, components)
+    assert main(["convert", "wan", f"Wan-AI/tiny-{layout}", str(tmp_path / "kino-wan")]) == 0
+    assert json.loads((tmp_path / "kino-wan" / "kino.json").read_text())["name"] == f"Wan-AI/tiny-{layout} (kino)"
+
+
 def test_umt5_encoder_matches_transformers(tmp_path, components):
     from kino.models.text.umt5 import UMT5Encoder
 

@@ -36,6 +36,7 @@ from kino.errors import KinoUserError
 from kino.models.dit import adapters as dit_adapters
 from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import MANIFEST
+from kino.models.hub import folder_name, resolve_model
 from kino.models.vae import adapters as vae_adapters
 from kino.models.vae.model import VAEConfig, VideoVAE
 
@@ -269,7 +270,7 @@ def load_wan_pipeline_from(src: WanSource, device: str | torch.device = "cpu",
     encoder = src.text.load(text_device if text_device is not None else device, text_dtype)
     image = None if src.image is None else src.image.load(text_device if text_device is not None else device)
     try:
-        return Pipeline(vae, dit, encoder, wan_defaults(src.model_type), name=src.root.resolve().name,
+        return Pipeline(vae, dit, encoder, wan_defaults(src.model_type), name=folder_name(src.root),
                         image_encoder=image)
     except KinoUserError as e:
         raise KinoUserError(f"{src.root}: {e}") from None
@@ -284,7 +285,7 @@ def convert_wan(src_root: str | Path, dst: str | Path, name: str | None = None) 
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise KinoUserError(f"{dst} exists and is not an empty folder: convert into a new folder")
-    src = read_wan(src_root)
+    src = read_wan(resolve_model(src_root))
     pipe = load_wan_pipeline_from(src, "cpu", None, text_dtype=None)  # every shape is checked before writing
-    pipe.name = name or f"{Path(src_root).resolve().name} (kino)"
+    pipe.name = name or f"{folder_name(src.root)} (kino)"
     return pipe.save_pretrained(dst)

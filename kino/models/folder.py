@@ -229,7 +229,9 @@ def load_module(path: str | Path | None, component: str, config_cls, model_cls,
     """A frozen model of `model_cls(config_cls.from_dict(config.json))` in eval mode, in `dtype`,
     from a model folder (sha256-checked) or a bare component folder; None = the shipped default.
     Built on the meta device and given the file's tensors (no random init, no second copy)."""
-    comp = load_component(default_model_dir() if path is None else path, component, dtype=dtype)
+    from kino.models.hub import resolve_model  # hub imports this module
+
+    comp = load_component(default_model_dir() if path is None else resolve_model(path), component, dtype=dtype)
     try:
         config = config_cls.from_dict(comp.config)
     except (TypeError, ValueError) as e:

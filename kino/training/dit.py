@@ -36,6 +36,7 @@ from kino.models.dit import DIT_SIZES, DiT, DiTConfig
 from kino.models.dit.grow import can_grow, config_diff, grow
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, read_manifest, save_component,
                                 sha256_file, write_manifest)
+from kino.models.hub import resolve_model
 from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
 from kino.tasks.conditioning import LOOP_TIE
 from kino.training.config import TrainConfig
@@ -225,7 +226,7 @@ class DiTRunConfig:
 
 def model_folder(init_from: str) -> Path:
     """The folder an `init_from` value names ("default": the model shipped with kino)."""
-    return default_model_dir() if init_from == "default" else Path(init_from)
+    return default_model_dir() if init_from == "default" else resolve_model(init_from)
 
 
 def init_dit(init_from: str) -> tuple[Path, DiTConfig]:

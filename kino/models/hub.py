@@ -1,0 +1,103 @@
+"""Model folders from the Hugging Face Hub: `--model ORG/NAME[@REVISION]` wherever a model
+folder is taken (generation, `kino convert wan`, a training run's `init_from`).
+
+A name that is not a folder on disk but has the form of a Hub repository id is downloaded with
+huggingface_hub into its usual cache (HF_HOME / HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses only what
+is there; a gated repository needs `hf auth login` or HF_TOKEN), and the snapshot folder is
+used as a local folder: a kino model folder, or a Wan2.1 folder in either layout.
+
+Every file is checked before use against the hash the Hub records for it: the cache names
+each file's content by that hash (the sha256 of a large, LFS-stored file; the git blob sha1
+of a small one), and kino hashes the file again and compares. A file that does not match is
+an error naming it. A big file's check is remembered while the file is unchanged
+(kino.models.folder.checked_sha256), so loading the same weights again costs no second hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from kino.errors import KinoUserError
+from kino.models.folder import checked_sha256
+
+# ORG/NAME as the Hub spells repository ids, optionally @REVISION (a branch, tag or commit)
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<revision>[\w./-]+))?$")
+# files a model never needs: pictures and example clips in model cards, the cards themselves
+IGNORE = ["*.md", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.mp4", "assets/*", "examples/*"]
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def hub_id(spec: str | Path) -> tuple[str, str | None] | None:
+    """(repo id, revision) when `spec` names a Hub repository rather than a folder on disk."""
+    text = str(spec)
+    match = HUB_ID.match(text)
+    if match is None or Path(text).exists() or text.startswith(("./", "../")):
+        return None
+    return match["repo"], match["revision"]
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """The local folder `spec` names: itself when it exists on disk, else the verified snapshot
+    of the Hub repository it names (downloaded on first use)."""
+    found = hub_id(spec)
+    if found is None:
+        return Path(spec)
+    repo, revision = found
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - transformers depends on it
+        raise KinoUserError(f"{spec} is not a folder here, and huggingface_hub (to download it) is not installed")
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, ignore_patterns=IGNORE))
+    except LocalEntryNotFoundError as e:
+        raise KinoUserError(f"no folder {spec} here, and the Hugging Face Hub repository {repo} is not in the "
+                            f"local cache and could not be downloaded (offline?): {_first_line(e)}") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise KinoUserError(f"no folder {spec} here, and the Hugging Face Hub repository {repo} could not be "
+                            f"downloaded: {_first_line(e)}") from None
+    verify_snapshot(folder, repo)
+    return folder
+
+
+def verify_snapshot(folder: Path, repo: str) -> None:
+    """Check every file of a huggingface_hub cache snapshot against the hash its blob is named
+    by (see the module docstring); raise KinoUserError naming the first that differs."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        blob = Path(path.resolve()).name
+        if re.fullmatch(r"[0-9a-f]{64}", blob):
+            expected, actual, kind = blob, checked_sha256(path), "sha256"
+        elif re.fullmatch(r"[0-9a-f]{40}", blob):
+            expected, actual, kind = blob, git_blob_sha1(path), "git blob sha1"
+        elif path.suffix in WEIGHT_SUFFIXES:
+            raise KinoUserError(f"{repo}: {rel} in {folder} is not a Hub cache file named by its hash, so it "
+                                "cannot be checked; download the repository again (huggingface_hub's cache)")
+        else:
+            continue  # a small non-weights file the cache holds under another name
+        if actual != expected:
+            raise KinoUserError(f"{repo}: {rel} ({path.resolve()}) does not match the {kind} the Hub records for "
+                                f"it ({expected}, the file has {actual}): it is damaged or was altered; delete it "
+                                "and download again")
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The id git (and so the Hub) gives a small file's content."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def folder_name(root: str | Path) -> str:
+    """A model folder's name for humans: ORG/NAME for a Hub cache snapshot (whose own name is
+    a commit hash), else the folder's name."""
+    root = Path(root).resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return root.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return root.name
