@@ -171,7 +171,8 @@ def add_lora(p):
     p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse this LoRA (.safetensors from `kino train dit` with [lora], or a Wan2.1 LoRA in the "
                         "wan/ComfyUI, musubi-tuner or diffusers layout) into the model's DiT, scaled by SCALE "
-                        "(default 1); repeat to add several")
+                        "(default 1); repeat to add several. FILE may be ORG/NAME/PATH, a file of a Hugging Face "
+                        "Hub repository (downloaded once, hash-checked)")
 
 
 def add_refine(p):

@@ -102,7 +102,8 @@ def test_hub_files_are_checked_against_the_recorded_hashes(offline_hub, tmp_path
     # a repository neither here nor reachable: exit 2, one clear line
     assert main(["generate", "x", "--model", "kino-org/absent", "-o", str(tmp_path / "y.png")]) == 2
     err = capsys.readouterr().err
-    assert "kino-org/absent is not in the local cache" in err and "Traceback" not in err
+    assert "no folder kino-org/absent here, and it is neither in the local Hugging Face Hub cache" in err
+    assert "Traceback" not in err
 
 
 def test_training_init_from_a_hub_repository(offline_hub, tmp_path):
@@ -114,3 +115,42 @@ def test_training_init_from_a_hub_repository(offline_hub, tmp_path):
     snapshot = hub_cache(offline_hub, "kino-org/tiny", folder)
     root, config = init_dit("kino-org/tiny")
     assert root == snapshot and config.num_layers >= 1
+
+
+def test_lora_from_a_hub_repository(offline_hub, tmp_path, capsys):
+    """`--lora ORG/NAME/PATH[:SCALE]`: one file of a Hub repository, hash-checked, fuses like
+    the local file."""
+    import torch
+    from conftest import save_tiny_pipeline
+
+    from kino.cli import main
+    from kino.models.hub import resolve_file
+    from kino.models.lora import LoRAConfig, apply_lora, save_lora
+    from kino.pipeline import Pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "model", "tiny-hub", frames=1, height=32, width=32, steps=2)
+    pipe = Pipeline.from_pretrained(folder)
+    torch.manual_seed(1)
+    config = LoRAConfig(rank=2)
+    apply_lora(pipe.dit, config)
+    for name, p in pipe.dit.named_parameters():
+        if "lora_up" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    (tmp_path / "repo" / "loras").mkdir(parents=True)
+    save_lora(tmp_path / "repo" / "loras" / "style.safetensors", pipe.dit.state_dict(), config)
+    hub_cache(offline_hub, "kino-org/loras", tmp_path / "repo")
+    assert resolve_file("kino-org/loras/loras/style.safetensors").read_bytes() == \
+        (tmp_path / "repo" / "loras" / "style.safetensors").read_bytes()
+    outs = []
+    for lora in (str(tmp_path / "repo" / "loras" / "style.safetensors"), "kino-org/loras/loras/style.safetensors"):
+        out = tmp_path / f"{len(outs)}.png"
+        assert main(["generate", "a small red circle moving left on a black background", "--model", str(folder),
+                     "--lora", lora + ":0.5", "-o", str(out), "-q"]) == 0, capsys.readouterr().err
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert main(["generate", "a small red circle moving left on a black background", "--model", str(folder),
+                 "-o", str(tmp_path / "plain.png"), "-q"]) == 0
+    assert (tmp_path / "plain.png").read_bytes() != outs[0]  # the LoRA changed the image
+    assert main(["generate", "x", "--model", str(folder), "--lora", "kino-org/loras/loras/other.safetensors",
+                 "-o", str(tmp_path / "z.png")]) == 2
+    assert "no kino-org/loras/loras/other.safetensors here" in capsys.readouterr().err

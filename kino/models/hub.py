@@ -23,7 +23,10 @@ from kino.errors import KinoUserError
 from kino.models.folder import checked_sha256
 
 # ORG/NAME as the Hub spells repository ids, optionally @REVISION (a branch, tag or commit)
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<revision>[\w./-]+))?$")
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<revision>[\w.-]+))?$")
+# one file of a repository: ORG/NAME[@REVISION]/PATH
+HUB_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<revision>[\w.-]+))?"
+                      r"/(?P<file>[^@]+)$")
 # files a model never needs: pictures and example clips in model cards, the cards themselves
 IGNORE = ["*.md", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.mp4", "assets/*", "examples/*"]
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -45,42 +48,65 @@ def resolve_model(spec: str | Path) -> Path:
     if found is None:
         return Path(spec)
     repo, revision = found
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError:  # pragma: no cover - transformers depends on it
-        raise KinoUserError(f"{spec} is not a folder here, and huggingface_hub (to download it) is not installed")
-    try:
-        folder = Path(snapshot_download(repo, revision=revision, ignore_patterns=IGNORE))
-    except LocalEntryNotFoundError as e:
-        raise KinoUserError(f"no folder {spec} here, and the Hugging Face Hub repository {repo} is not in the "
-                            f"local cache and could not be downloaded (offline?): {_first_line(e)}") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise KinoUserError(f"no folder {spec} here, and the Hugging Face Hub repository {repo} could not be "
-                            f"downloaded: {_first_line(e)}") from None
+    from huggingface_hub import snapshot_download  # a dependency of transformers
+
+    folder = Path(_download(lambda: snapshot_download(repo, revision=revision, ignore_patterns=IGNORE),
+                            f"folder {spec}", repo))
     verify_snapshot(folder, repo)
     return folder
+
+
+def resolve_file(spec: str | Path) -> Path:
+    """The local file `spec` names: itself when it exists on disk, else the verified download
+    of ORG/NAME[@REVISION]/PATH, one file of a Hub repository (e.g. a LoRA)."""
+    text = str(spec)
+    match = HUB_FILE.match(text)
+    if match is None or Path(text).exists() or text.startswith(("./", "../")):
+        return Path(spec)
+    repo, revision, name = match["repo"], match["revision"], match["file"]
+    from huggingface_hub import hf_hub_download
+
+    path = Path(_download(lambda: hf_hub_download(repo, name, revision=revision), spec, repo))
+    verify_file(path, repo, name)
+    return path
+
+
+def _download(fetch, spec, repo: str) -> str:
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return fetch()
+    except LocalEntryNotFoundError as e:
+        raise KinoUserError(f"no {spec} here, and it is neither in the local Hugging Face Hub cache nor "
+                            f"downloadable from {repo} now (offline?): {_first_line(e)}") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise KinoUserError(f"no {spec} here, and it could not be downloaded from the Hugging Face Hub "
+                            f"repository {repo}: {_first_line(e)}") from None
 
 
 def verify_snapshot(folder: Path, repo: str) -> None:
     """Check every file of a huggingface_hub cache snapshot against the hash its blob is named
     by (see the module docstring); raise KinoUserError naming the first that differs."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder)
-        blob = Path(path.resolve()).name
-        if re.fullmatch(r"[0-9a-f]{64}", blob):
-            expected, actual, kind = blob, checked_sha256(path), "sha256"
-        elif re.fullmatch(r"[0-9a-f]{40}", blob):
-            expected, actual, kind = blob, git_blob_sha1(path), "git blob sha1"
-        elif path.suffix in WEIGHT_SUFFIXES:
-            raise KinoUserError(f"{repo}: {rel} in {folder} is not a Hub cache file named by its hash, so it "
-                                "cannot be checked; download the repository again (huggingface_hub's cache)")
-        else:
-            continue  # a small non-weights file the cache holds under another name
-        if actual != expected:
-            raise KinoUserError(f"{repo}: {rel} ({path.resolve()}) does not match the {kind} the Hub records for "
-                                f"it ({expected}, the file has {actual}): it is damaged or was altered; delete it "
-                                "and download again")
+        verify_file(path, repo, path.relative_to(folder))
+
+
+def verify_file(path: Path, repo: str, rel) -> None:
+    """Check one file of a Hub cache snapshot against the hash its blob is named by."""
+    blob = Path(path.resolve()).name
+    if re.fullmatch(r"[0-9a-f]{64}", blob):
+        expected, actual, kind = blob, checked_sha256(path), "sha256"
+    elif re.fullmatch(r"[0-9a-f]{40}", blob):
+        expected, actual, kind = blob, git_blob_sha1(path), "git blob sha1"
+    elif path.suffix in WEIGHT_SUFFIXES:
+        raise KinoUserError(f"{repo}: {rel} ({path}) is not a Hub cache file named by its hash, so it cannot be "
+                            "checked; download it again into huggingface_hub's cache")
+    else:
+        return  # a small non-weights file the cache holds under another name
+    if actual != expected:
+        raise KinoUserError(f"{repo}: {rel} ({path.resolve()}) does not match the {kind} the Hub records for "
+                            f"it ({expected}, the file has {actual}): it is damaged or was altered; delete it "
+                            "and download again")
 
 
 def git_blob_sha1(path: Path) -> str:

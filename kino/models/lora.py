@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from kino import __version__
 from kino.errors import KinoUserError
 from kino.models.folder import WeightsIntegrityError, sha256_file
+from kino.models.hub import resolve_file
 
 LORA_FORMAT = "kino-lora"
 DOWN, UP = ".lora_down.weight", ".lora_up.weight"
@@ -215,7 +216,7 @@ def read_lora(path: str | Path) -> LoRAFile:
 
     from kino.convert.lora_formats import read_foreign
 
-    path = Path(path)
+    path = resolve_file(path)  # ORG/NAME/FILE: one file of a Hub repository
     if not path.exists():
         raise KinoUserError(f"LoRA file {path} does not exist")
     if not path.is_file():
