@@ -1,7 +1,7 @@
 """One process of a small distributed training run, for tests/test_distributed.py.
 
     python tests/dist_worker.py OUT MAX_STEPS [--stall STEP] [--sp P] [--checkpoint-every N] [--ac]
-                                [--peek N] [--meta-init]
+                                [--peek N] [--meta-init] [--accum K]
 
 Rank, world size and the rendezvous come from the environment, as torchrun sets them. At the
 end every rank takes part in gathering the weights; rank 0 writes OUT/final.safetensors.
@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--peek", type=int, default=0, help="validate and sample every N steps")
     p.add_argument("--meta-init", action="store_true")
+    p.add_argument("--accum", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(1)
     task = task_for_tests(stall_at=args.stall)
@@ -43,7 +44,7 @@ def main() -> None:
         out_dir=args.out, max_steps=args.max_steps, lr=3e-3, warmup_steps=2, lr_schedule="cosine", decay_steps=8,
         ema_decay=0.9, checkpoint_every=args.checkpoint_every, keep_last=2, log_every=1, seed=3, device="cpu",
         precision=args.precision, progress=False, peak_tflops=args.peak_tflops,
-        validate_every=args.peek, sample_every=args.peek,
+        validate_every=args.peek, sample_every=args.peek, grad_accum=args.accum,
         parallel=ParallelConfig(sequence_parallel=args.sp, activation_checkpointing=args.ac, meta_init=args.meta_init),
     )
     trainer = Trainer(task, cfg)

@@ -101,6 +101,26 @@ def test_fsdp_two_processes_match_one(tmp_path):
     assert (two / "checkpoints" / "step-00000006" / "dcp" / ".metadata").is_file()
 
 
+def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
+    """`train.grad_accum = 2`: the global batch of 4 in micro-batches (2 of 2 rows in one
+    process; 2 of 1 row on each of 2 FSDP2 ranks) trains as the whole batch does, to float32
+    rounding: losses, gradient norms and final weights."""
+    one, accum, both = tmp_path / "one", tmp_path / "accum", tmp_path / "both"
+    run(1, one, 4)
+    run(1, accum, 4, "--accum", 2)
+    run(2, both, 4, "--accum", 2)
+    for out in (accum, both):
+        for ra, rb in zip(metrics(one), metrics(out), strict=True):
+            assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-7)
+            assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
+        wa, wb = load_file(one / "final.safetensors"), load_file(out / "final.safetensors")
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+    # 4 rows do not split into 3 micro-batches: a clear error before any step
+    with pytest.raises(AssertionError, match="does not split evenly over 3 gradient accumulation micro-batches"):
+        run(1, tmp_path / "odd", 2, "--accum", 3)
+
+
 def test_bf16_mixed_precision_with_sequence_parallelism_trains(tmp_path):
     """FSDP2 bf16 compute (fp32 master weights and reductions) with 2-way sequence parallelism:
     runs on gloo and stays near fp32 (bf16 has 8 mantissa bits: losses within 1%). Speed in

@@ -42,6 +42,10 @@ class TrainConfig:
     # stopped early and continued, so that the schedule does not depend on max_steps.
     decay_steps: int | None = None
     grad_clip: float | None = 1.0  # max global grad norm; None: no clipping
+    # Gradient accumulation: each rank's rows of a step's batch go through forward and backward
+    # in this many equal micro-batches (activations of one micro-batch at a time), then one
+    # optimizer step. The step's batch, and so the data and the schedule, do not change.
+    grad_accum: int = 1
     ema_decay: float | None = None  # None: no EMA
     ema_start: int = 0  # until this step the EMA just copies the weights
     checkpoint_every: int = 1000  # 0: only the final checkpoint
@@ -81,6 +85,8 @@ class TrainConfig:
             problems.append("decay_steps must be >= 1 (or none)")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             problems.append("peak_tflops must be > 0 (or none)")
+        if self.grad_accum < 1:
+            problems.append("grad_accum must be >= 1")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append("grad_clip must be > 0 (or none to disable clipping)")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

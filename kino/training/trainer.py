@@ -371,13 +371,21 @@ class Trainer:
         full = self.task.batch(self.step)
         sizes = (_batch_size(full), _task_count(self.task, "batch_tokens", full),
                  _task_count(self.task, "batch_flops", full))
-        batch = {
-            k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
-            for k, v in _rows(full, self.procs.dp_rank, self.procs.dp_size).items()
-        }
-        with self._autocast():
-            loss, logs = self.task.loss(self.model, batch)
-        (loss * self.procs.grad_scale if self.procs.sp_size > 1 else loss).backward()
+        mine = _rows(full, self.procs.dp_rank, self.procs.dp_size)
+        k = cfg.grad_accum
+        losses, logs = [], {}
+        for part in range(k):  # the mean gradient of k micro-batches, as k data-parallel ranks would give
+            batch = {key: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
+                     for key, v in (_rows(mine, part, k, "gradient accumulation micro-batches") if k > 1
+                                    else mine).items()}
+            with self._autocast():
+                micro, micro_logs = self.task.loss(self.model, batch)
+            scale = (self.procs.grad_scale if self.procs.sp_size > 1 else 1.0) / k
+            (micro * scale if scale != 1.0 else micro).backward()
+            losses.append(micro.detach())
+            for name, value in micro_logs.items():
+                logs[name] = value if k == 1 else logs.get(name, 0.0) + value / k
+        loss = losses[0] if k == 1 else torch.stack(losses).mean()
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf  # inf: measure only
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2: already reduced over ranks
@@ -388,7 +396,7 @@ class Trainer:
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model, self.step)
-        return loss.detach(), logs, grad_norm, sizes
+        return loss, logs, grad_norm, sizes
 
     def _autocast(self):
         return torch.autocast(
@@ -554,13 +562,14 @@ def peak_flops(peak_tflops: float | None, device: torch.device, dtype: torch.dty
     return None
 
 
-def _rows(batch: dict[str, Any], rank: int, ranks: int) -> dict[str, Any]:
-    """Data-parallel rank `rank`'s contiguous share of every batch tensor's rows."""
+def _rows(batch: dict[str, Any], rank: int, ranks: int, what: str = "data-parallel ranks") -> dict[str, Any]:
+    """Share `rank` of `ranks` (a data-parallel rank's, a micro-batch's): a contiguous slice of
+    every batch tensor's rows."""
     if ranks == 1:
         return batch
     size = _batch_size(batch)
     if size % ranks:
-        raise KinoUserError(f"the batch of {size} does not split evenly over {ranks} data-parallel ranks")
+        raise KinoUserError(f"the batch of {size} does not split evenly over {ranks} {what}")
     share = size // ranks
     return {k: v[rank * share:(rank + 1) * share] if isinstance(v, Tensor) and v.ndim else v
             for k, v in batch.items()}
