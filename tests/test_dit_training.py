@@ -294,6 +294,24 @@ def test_batches_are_deterministic_and_bucket_pure(cache_dir, tmp_path):
     assert not torch.equal(task.batch(4)["noise"][:, :, :1], a["noise"][:, :, :1])
 
 
+def test_a_token_budget_sets_each_buckets_batch(cache_dir, tmp_path):
+    """data.batch_tokens: images (4 tokens) come 2x as many rows per step as 2-latent-frame
+    clips (8 tokens), both multiples of batch_size; a step trains on them."""
+    cfg = run_config(tmp_path, cache_dir, max_steps=2)
+    cfg.data = DiTDataConfig(batch_size=2, batch_tokens=33)
+    task = DiTTask(cfg, LatentCache(cache_dir))
+    assert task.tokens == [4, 8] and task.batch_sizes == [8, 4]  # 2 * (33 // 8), 2 * (33 // 16)
+    rows = {task.batch(step)["latents"].shape[2]: task.batch(step)["latents"].shape[0] for step in range(20)}
+    assert rows == {1: 8, 2: 4}
+    cfg.data = DiTDataConfig(batch_size=2, batch_tokens=7)  # under one batch_size of any bucket: batch_size
+    assert DiTTask(cfg, LatentCache(cache_dir)).batch_sizes == [2, 2]
+    with pytest.raises(KinoUserError, match="batch_tokens must be >= 1"):
+        DiTDataConfig(batch_tokens=0)
+    cfg.data = DiTDataConfig(batch_size=2, batch_tokens=33)
+    result = Trainer(DiTTask(cfg, LatentCache(cache_dir)), cfg.train).fit()
+    assert result.step == 2
+
+
 def test_frame_times_and_bin_probabilities():
     flow = FlowConfig()
     t = frame_times(torch.Generator().manual_seed(0), 20000, 3, flow)

@@ -85,7 +85,13 @@ class CacheConfig:
 
 @dataclass
 class DiTDataConfig:
+    # Rows per step; with batch_tokens, the smallest step, and every step's rows a multiple of
+    # it (so it must split over the data-parallel ranks and grad_accum micro-batches).
     batch_size: int = 8
+    # A token budget per step: each bucket's rows are the largest multiple of batch_size whose
+    # transformer tokens fit in it (at least batch_size), so short clips and images come in
+    # bigger batches and every step costs about the same. None: batch_size rows for every bucket.
+    batch_tokens: int | None = None
     # P(bucket) ~ tokens^-bucket_weight_power. 0: every bucket as often (most compute on the
     # longest clips); 1: every bucket the same compute (images drawn ~9x as often as 33-frame
     # clips). 0.5: compute per bucket ~ sqrt(tokens), see configs/dit_small.toml.
@@ -98,6 +104,8 @@ class DiTDataConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise KinoUserError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise KinoUserError(f"data.batch_tokens must be >= 1 (or unset), got {self.batch_tokens}")
         if not math.isfinite(self.bucket_weight_power):
             raise KinoUserError("data.bucket_weight_power must be a number")
         if self.caption_filter is not None:
@@ -334,6 +342,14 @@ def time_bin_probability(lo: float, hi: float, flow: FlowConfig, shift: float = 
     return cdf(hi) - cdf(lo)
 
 
+def bucket_batch_size(tokens: int, data: DiTDataConfig) -> int:
+    """Rows of a step drawn from a bucket of `tokens` transformer tokens per clip (see
+    DiTDataConfig.batch_tokens)."""
+    if data.batch_tokens is None:
+        return data.batch_size
+    return data.batch_size * max(1, data.batch_tokens // (data.batch_size * tokens))
+
+
 def bucket_tokens(latent: tuple[int, ...], patch: tuple[int, int, int]) -> int:
     """Transformer tokens of a clip with latents (C, T, h, w)."""
     return math.prod(n // p for n, p in zip(latent[1:], patch))
@@ -392,6 +408,7 @@ class DiTTask:
         self.tokens = [bucket_tokens(cache.latent_shape(b), patch) for b in self.buckets]
         w = np.array([n ** -config.data.bucket_weight_power for n in self.tokens], dtype=np.float64)
         self.bucket_probs = w / w.sum()
+        self.batch_sizes = [bucket_batch_size(n, config.data) for n in self.tokens]
 
     def shift(self, latent: tuple[int, ...]) -> float:
         if not self.config.flow.shift_by_tokens:
@@ -425,7 +442,7 @@ class DiTTask:
         cfg = self.config
         rng = np.random.default_rng([cfg.train.seed, step])
         k = int(rng.choice(len(self.buckets), p=self.bucket_probs))
-        bucket, size = self.buckets[k], cfg.data.batch_size
+        bucket, size = self.buckets[k], self.batch_sizes[k]
         rows = self.rows[bucket]
         n = self.cache.num_clips(bucket) if rows is None else len(rows)
         indices = rng.choice(n, size=size, replace=n < size)
