@@ -139,6 +139,9 @@ def add_common(p):
 def add_sampling(p):
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-2", type=float, default=None, metavar="G",
+                   help="a two-expert model's (Wan2.2 A14B) guidance on its low-noise expert's steps "
+                        "(--guidance is the high-noise one's; default: the model's)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--sampler", choices=("euler", "dpm++2m", "unipc"), default=None, help="default: the model's")
     p.add_argument("--shift", type=positive_float, default=None, metavar="S",
@@ -312,8 +315,8 @@ def guidance_options(args) -> dict:
 
 
 def _sampling_kwargs(args) -> dict:
-    return dict(steps=args.steps, guidance=args.guidance, negative=args.negative, sampler=args.sampler,
-                shift=args.shift, fps=args.fps, **guidance_options(args))
+    return dict(steps=args.steps, guidance=args.guidance, guidance_2=args.guidance_2, negative=args.negative,
+                sampler=args.sampler, shift=args.shift, fps=args.fps, **guidance_options(args))
 
 
 def _size_kwargs(args) -> dict:

@@ -78,6 +78,11 @@ class GenerationDefaults:
     skip_interval: tuple[float, float] | None = None
     # first-block cache (kino/models/dit/cache.py): 0 runs every block on every call
     cache_threshold: float = 0.0
+    # Two-expert models (Wan2.2 A14B): the DiT (high-noise expert) runs where the DiT time is at
+    # least boundary x 1000, the second DiT (low-noise expert) below, with guidance_2 (None:
+    # guidance). Unused by one-DiT models.
+    boundary: float | None = None
+    guidance_2: float | None = None
 
     def __post_init__(self):
         if self.guidance_interval is not None:
@@ -89,6 +94,8 @@ class GenerationDefaults:
             raise KinoUserError(f"skip-layer guidance must be >= 0, got {self.skip_guidance}")
         if not self.cache_threshold >= 0:
             raise KinoUserError(f"the cache threshold must be >= 0 (0 = off), got {self.cache_threshold}")
+        if self.boundary is not None and not 0.0 < self.boundary < 1.0:
+            raise KinoUserError(f"the experts' boundary must be in (0, 1), got {self.boundary}")
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerationDefaults:
@@ -162,7 +169,9 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
                    generator: torch.Generator | None = None,
                    guidance_interval: tuple[float, float] | None = None,
                    skip_guidance: float = 0.0, skip_blocks: tuple[int, ...] = (),
-                   skip_interval: tuple[float, float] | None = None) -> Tensor:
+                   skip_interval: tuple[float, float] | None = None, dit_2: DiT | None = None,
+                   boundary: float | None = None, guidance_2: float | None = None,
+                   on_switch: Callable[[DiT], None] | None = None) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
     guidance; conditional and unconditional branches run as one batch (`cfg_batch=False`:
     one after the other, half the activations). The DiT computes in its own dtype (that of
@@ -180,6 +189,11 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     velocity is also computed with the blocks `skip_blocks` left out, and the step moves away
     from that weakened prediction: v = v_u + g (v_c - v_u) + s (v_c - v_skip). One more DiT
     pass per such step.
+
+    `dit_2` (Wan2.2 A14B's low-noise expert): a second DiT that takes over from `dit` (the
+    high-noise expert) on the steps whose DiT time is below `boundary` x 1000, guided by
+    `guidance_2` (None: `guidance`); `on_switch(expert)` is called before an expert's first
+    step and whenever the other one takes over (e.g. to swap them in and out of the device).
 
     `source` (text, mask) of the prompt that describes the start latents of an edit
     conditioning: the edit then runs FlowEdit (`flow_edit`: the difference of the target's
@@ -204,16 +218,31 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     if skip_guidance > 0.0 and not skip_blocks:
         raise KinoUserError("skip-layer guidance needs the blocks to skip (skip_blocks)")
 
+    if dit_2 is not None and boundary is None:
+        raise KinoUserError("a second DiT (expert) needs the boundary where it takes over")
+    active: list[DiT] = []
+
+    def expert(t: float) -> tuple[DiT, float]:
+        """The DiT and the guidance scale of the step at solver time t."""
+        if dit_2 is None:
+            return dit, guidance
+        high = dit_time(t) >= boundary * T_SCALE
+        model = dit if high else dit_2
+        if on_switch is not None and (not active or active[0] is not model):
+            on_switch(model)
+        active[:] = [model]
+        return model, guidance if high or guidance_2 is None else guidance_2
+
     def guided(t: float) -> bool:
         """Whether the step at solver time t runs both guidance branches."""
-        return guidance != 1.0 and lo <= t <= hi
+        return expert(t)[1] != 1.0 and lo <= t <= hi
 
     def skip_guided(t: float) -> bool:
         """Whether the step at solver time t also runs the DiT without `skip_blocks`."""
         return skip_guidance > 0.0 and skip_lo <= t <= skip_hi
 
-    def combine(v_cond: Tensor, v_uncond: Tensor | None, v_skip: Tensor | None) -> Tensor:
-        v = v_cond if v_uncond is None else v_uncond + guidance * (v_cond - v_uncond)
+    def combine(v_cond: Tensor, v_uncond: Tensor | None, v_skip: Tensor | None, g: float) -> Tensor:
+        v = v_cond if v_uncond is None else v_uncond + g * (v_cond - v_uncond)
         return v if v_skip is None else v + skip_guidance * (v_cond - v_skip)
 
     embed = getattr(dit, "patch_embedding", None)  # any velocity model with a DiT's call signature will do
@@ -225,12 +254,16 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         extra = {"image": image.features.to(dtype).expand(B, -1, -1)}
     both = {k: torch.cat([v, v]) for k, v in extra.items()}
 
+    def dit_time(t: float) -> float:
+        return math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE
+
     def frame_times(t: float, dtype) -> Tensor:
         """(B, T) DiT times of solver time t (0 on clean frames)."""
-        return cond.frame_times(math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE, dtype)
+        return cond.frame_times(dit_time(t), dtype)
 
     def velocity(x: Tensor, t: float) -> Tensor:
         use_cfg = guided(t)
+        dit, g = expert(t)
         x = cond.keep_clean(x)
         t_frames = frame_times(t, x.dtype)  # (B, T)
         x_dit = x.to(dtype) if channels is None else torch.cat([x.to(dtype), channels], dim=1)
@@ -245,7 +278,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
             v_uncond = dit(x_dit, t_frames, neg_text, neg_mask, **extra).float()
         if skip_guided(t):
             v_skip = dit(x_dit, t_frames, text, mask, skip_blocks=skip_blocks, **extra).float()
-        return cond.constrain(combine(v_cond, v_uncond, v_skip))
+        return cond.constrain(combine(v_cond, v_uncond, v_skip, g))
 
     if source is not None:
         if cond.start_latents is None or cond.clean.any() or cond.loop or image is not None:
@@ -255,6 +288,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
 
         def velocities(z_src: Tensor, z_tar: Tensor, t: float) -> tuple[Tensor, Tensor]:
             use_cfg = guided(t)
+            dit, g = expert(t)
             t_frames = frame_times(t, dtype)  # (B, T)
             # the source under its prompt, the edit under the target (and both unconditioned)
             calls = [(z_src, src_text, src_mask), (z_tar, text, mask)]
@@ -270,7 +304,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
                 xs, txt, msk = (torch.cat(parts) for parts in zip(*calls[:2]))
                 skips = dit(xs.to(dtype), t_frames.repeat(2, 1), txt, msk, skip_blocks=skip_blocks).float().chunk(2)
             uncond = vs[2:] if use_cfg else [None, None]
-            return tuple(combine(vs[k], uncond[k], skips[k]) for k in range(2))
+            return tuple(combine(vs[k], uncond[k], skips[k], g) for k in range(2))
 
         def step_noise(i: int) -> Tensor:
             return noise if i == 0 else torch.randn(noise.shape, generator=generator).to(noise)
@@ -306,7 +340,8 @@ def transformer_units(model: torch.nn.Module) -> list:
 
 class Pipeline:
     def __init__(self, vae: VideoVAE, dit: DiT, text_encoder: TextEncoder,
-                 defaults: GenerationDefaults | None = None, name: str = "kino", image_encoder=None):
+                 defaults: GenerationDefaults | None = None, name: str = "kino", image_encoder=None,
+                 dit_2: DiT | None = None):
         if dit.config.text_dim != text_encoder.dim:
             raise KinoUserError(f"the DiT expects {dit.config.text_dim}-d text features but the text encoder "
                                 f"gives {text_encoder.dim}-d")
@@ -318,7 +353,11 @@ class Pipeline:
         if img_dim is not None and dit.config.in_channels != 2 * vae.config.z_dim + vae.config.time_stride:
             raise KinoUserError(f"a Wan image-to-video DiT reads {2 * vae.config.z_dim + vae.config.time_stride} "
                                 f"channels (noise, mask, image latents); this one reads {dit.config.in_channels}")
+        if dit_2 is not None and (dit_2.config != dit.config or (defaults or GenerationDefaults()).boundary is None):
+            raise KinoUserError("a second DiT (the low-noise expert of a Wan2.2 A14B model) must have the first "
+                                "one's config, and the settings must give the boundary where it takes over")
         self.vae, self.dit, self.text_encoder = vae, dit, text_encoder
+        self.dit_2 = dit_2  # Wan2.2 A14B: the low-noise expert (`dit` is the high-noise one)
         self.image_encoder = image_encoder  # Wan2.1 I2V / FLF2V: CLIP (kino/models/clip.py)
         self.defaults = defaults or GenerationDefaults()
         self.name = name
@@ -328,7 +367,7 @@ class Pipeline:
         self.memory = MemoryPlan(dtype="float32")  # what set_memory last applied
         self._device = next(dit.parameters()).device  # where the models run
         self._offloaded: set[str] = set()  # components kept in CPU memory between uses
-        self._streamer: BlockStreamer | None = None
+        self._streamers: list[BlockStreamer] = []  # one per DiT, when the memory plan streams blocks
         self.sharded = False  # weights shared over a torchrun job's processes (set_memory(shard=))
 
     @classmethod
@@ -361,6 +400,9 @@ class Pipeline:
                                 "a generation model needs vae, dit and text_encoder")
         vae = load_module(root, "vae", VAEConfig, VideoVAE, device)
         dit = load_module(root, "dit", DiTConfig, DiT, device, dit_dtype)
+        dit_2 = None  # a two-expert model's low-noise DiT (Wan2.2 A14B)
+        if "dit_2" in manifest["components"]:
+            dit_2 = load_module(root, "dit_2", DiTConfig, DiT, device, dit_dtype)
         text = load_component(root, "text_encoder", weights=False)
         text_encoder = load_text_encoder(text.config, text_device if text_device is not None else device, text.folder,
                                          text_dtype)
@@ -372,7 +414,8 @@ class Pipeline:
             image_encoder = CLIPImageEncoder.from_reference(image.config, image.folder,
                                                             device=text_device if text_device is not None else device)
         defaults = GenerationDefaults.from_dict(manifest.get("pipeline", {}))
-        pipe = cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name), image_encoder=image_encoder)
+        pipe = cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name), image_encoder=image_encoder,
+                   dit_2=dit_2)
         pipe.dit_sha256 = manifest["components"]["dit"].get("files", {}).get(WEIGHTS)
         return pipe
 
@@ -388,6 +431,9 @@ class Pipeline:
         save_text_encoder(self.text_encoder, root / "text_encoder")
         components = {"vae": ("vae", "VideoVAE"), "dit": ("dit", "DiT"),
                       "text_encoder": ("text_encoder", type(self.text_encoder).__name__)}
+        if self.dit_2 is not None:
+            save_component(root / "dit_2", self.dit_2.config.to_dict(), self.dit_2.state_dict())
+            components["dit_2"] = ("dit_2", "DiT")
         if self.image_encoder is not None:  # a reference config.json beside the weights in clip/
             self.image_encoder.save(root / "image_encoder")
             (root / "image_encoder" / "config.json").write_text(json.dumps(self.image_encoder.reference(), indent=2)
@@ -414,24 +460,26 @@ class Pipeline:
         split over the same processes). It does not combine with block streaming or offload,
         which keep weights off the device another way.
         """
-        if self._streamer is not None or self.sharded:
+        if self._streamers or self.sharded:
             raise KinoUserError("this pipeline's memory plan is already set; load it again to change it")
         device = torch.device(device) if device is not None else self._device
         dtype = plan.compute_dtype(device)
         offload = plan.offload == "model"
         home = torch.device("cpu") if offload else device
         text_model = getattr(self.text_encoder, "model", None)
-        self.dit.to(dtype=dtype)
+        for dit in self.dits:
+            dit.to(dtype=dtype)
         if shard is not None:
             self._shard(plan, shard, device, text_device, dtype)
             return
-        if plan.streams_blocks:  # before the move: only what stays on the device goes there
-            n = len(self.dit.blocks)
-            self._streamer = BlockStreamer(self.dit.blocks, device, dtype, plan.weights,
-                                           n if offload else plan.swap_blocks)
-        self.dit.to(home)  # the blocks' parameters are empty placeholders by now
+        for dit in self.dits:
+            if plan.streams_blocks:  # before the move: only what stays on the device goes there
+                n = len(dit.blocks)
+                self._streamers.append(BlockStreamer(dit.blocks, device, dtype, plan.weights,
+                                                     n if offload else plan.swap_blocks))
+            dit.to(home)  # the blocks' parameters are empty placeholders by now
         self.vae.to(home)
-        self._offloaded = {"dit", "vae"} if offload else set()
+        self._offloaded = {"vae", *("dit", "dit_2")[:len(self.dits)]} if offload else set()
         for name, model in (("text_encoder", text_model),
                             ("image_encoder", getattr(self.image_encoder, "model", None))):
             if model is not None:  # the encoders follow --text-device when given
@@ -450,7 +498,8 @@ class Pipeline:
                                 "--swap-blocks, --weights-dtype or --offload: use one or the other")
         if mesh.device_type != device.type:
             raise KinoUserError(f"the processes' mesh is on {mesh.device_type}, the pipeline's device is {device}")
-        shard_modules(self.dit, self.dit.blocks, mesh)  # the shards move to this process's device
+        for dit in self.dits:
+            shard_modules(dit, dit.blocks, mesh)  # the shards move to this process's device
         self.sharded = True
         self.vae.to(device)
         for model in (getattr(self.text_encoder, "model", None), getattr(self.image_encoder, "model", None)):
@@ -465,18 +514,52 @@ class Pipeline:
             self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
         self._device, self.memory = device, plan
 
+    @property
+    def dits(self) -> list[DiT]:
+        """The DiT, and a two-expert model's second one."""
+        return [self.dit] if self.dit_2 is None else [self.dit, self.dit_2]
+
+    @contextmanager
+    def _experts(self):
+        """For the sampling loop: nothing for one DiT; for two experts, the `on_switch` that
+        (when the memory plan offloads whole models) moves the expert that takes over onto the
+        device and the other back to CPU memory, so one 14B expert at a time sits there."""
+        if self.dit_2 is None:
+            with self.using("dit"):
+                yield None
+            return
+        offload = "dit" in self._offloaded
+
+        def switch(expert: DiT) -> None:
+            if offload:
+                for dit in self.dits:
+                    if dit is not expert:
+                        dit.to("cpu")
+                expert.to(self._device)
+
+        try:
+            yield switch
+        finally:
+            if offload:
+                for dit in self.dits:
+                    dit.to("cpu")
+
     def using(self, component: str):
         """Context in which `component` ("dit", "vae", "text_encoder", "image_encoder") sits on the
         pipeline's device: a no-op unless the memory plan offloads whole models."""
-        module = {"dit": self.dit, "vae": self.vae, "text_encoder": getattr(self.text_encoder, "model", None),
+        module = {"dit": self.dit, "dit_2": self.dit_2, "vae": self.vae,
+                  "text_encoder": getattr(self.text_encoder, "model", None),
                   "image_encoder": getattr(self.image_encoder, "model", None)}
         return placed(module[component], self._device, component in self._offloaded)
 
     def _check_fusable(self) -> None:
+        if self.dit_2 is not None:
+            raise KinoUserError(f"{self.name} has two DiT experts (Wan2.2 A14B); fusing LoRAs into them is not "
+                                "supported yet")
         if self.sharded:
             raise KinoUserError("fuse LoRAs before sharding the weights over the processes: "
                                 "load the pipeline, load_lora, then set_memory(shard=...)")
-        if self._streamer is not None:
+        if self._streamers:
             raise KinoUserError("fuse LoRAs before setting a memory plan (the DiT's blocks are streamed): "
                                 "load the pipeline, load_lora, then set_memory")
 
@@ -545,7 +628,7 @@ class Pipeline:
                  guidance_interval: tuple[float, float] | None = None, skip_guidance: float | None = None,
                  skip_blocks: tuple[int, ...] | None = None,
                  skip_interval: tuple[float, float] | None = None, fps: float | None = None,
-                 cache_threshold: float | None = None) -> Generation:
+                 cache_threshold: float | None = None, guidance_2: float | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -573,7 +656,8 @@ class Pipeline:
         (for the file; the model's by default). `cache_threshold` > 0: first-block caching
         (kino/models/dit/cache.py), an approximation that skips most of the DiT on steps
         where its first block changes by less than that (relative); the metadata's
-        "cache_reused" says on how many of the DiT calls.
+        "cache_reused" says on how many of the DiT calls. `guidance_2`: a two-expert model's
+        guidance scale on its low-noise expert's steps (`guidance` is the high-noise one's).
         """
         self.check_prompt(prompt)
         if source_prompt is not None:
@@ -582,7 +666,7 @@ class Pipeline:
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
             sampler=sampler, shift=shift, guidance_interval=guidance_interval, skip_guidance=skip_guidance,
             skip_blocks=skip_blocks, skip_interval=skip_interval, fps=fps,
-            cache_threshold=cache_threshold).items() if v is not None})
+            cache_threshold=cache_threshold, guidance_2=guidance_2).items() if v is not None})
         partial = d.t_max < 1.0 or (conditioning is not None and conditioning.starts_part_way)
         if partial and guidance_interval is None:
             # the model's interval is for runs from noise; a run that starts part way (edit,
@@ -620,7 +704,10 @@ class Pipeline:
             text, mask = self.text_encoder.encode([prompt, d.negative] + ([source_prompt] if source_prompt else []))
         text, mask = text.to(self.device), mask.to(self.device)
         cache = FirstBlockCache(d.cache_threshold) if d.cache_threshold > 0 else None
-        with self.using("dit"), _installed(self.dit, cache):
+        if cache is not None and self.dit_2 is not None:
+            raise KinoUserError("the first-block cache (--cache-threshold) is not supported on two-expert models "
+                                "(Wan2.2 A14B) yet")
+        with self._experts() as switch, _installed(self.dit, cache):
             latents = sample_latents(self.dit, text[:1], mask[:1], text[1:2], mask[1:2], noise, steps=d.steps,
                                      guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback,
                                      conditioning=conditioning, t_max=d.t_max, t_min=d.t_min,
@@ -628,7 +715,8 @@ class Pipeline:
                                      image=image_cond, generator=generator,
                                      source=(text[2:], mask[2:]) if source_prompt else None,
                                      guidance_interval=d.guidance_interval, skip_guidance=d.skip_guidance,
-                                     skip_blocks=d.skip_blocks, skip_interval=d.skip_interval)
+                                     skip_blocks=d.skip_blocks, skip_interval=d.skip_interval, dit_2=self.dit_2,
+                                     boundary=d.boundary, guidance_2=d.guidance_2, on_switch=switch)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if source_prompt:

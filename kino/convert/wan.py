@@ -49,14 +49,21 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 
-def wan_defaults(model_type: str = "t2v"):
+def wan_defaults(model_type: str = "t2v", boundary: float | None = None):
     """Wan2.1's recommended settings: 81 frames of 832x480 at 16 fps, 50 steps of UniPC
     from t = 0.999 with integer DiT times (as Wan's sampler does), guidance 5, flow shift 5
     (Wan's generate.py for t2v at every size; diffusers' docs suggest 3 at 480p), Wan's
     negative prompt. Image-to-video (Wan's generate.py): i2v 40 steps with shift 3 (its
-    choice at 832x480; 5 at 720p), flf2v shift 16."""
+    choice at 832x480; 5 at 720p), flf2v shift 16. Wan2.2 T2V-A14B (its t2v_A14B config and
+    generate.py): 1280x720, 40 steps, shift 12, the low-noise expert from DiT time 875 down
+    (`boundary`, which a diffusers folder may set), guidance 4 on the high-noise expert's
+    steps and 3 on the low-noise one's."""
     from kino.pipeline import GenerationDefaults
 
+    if model_type == "t2v-A14B":
+        return GenerationDefaults(frames=81, height=720, width=1280, fps=16.0, steps=40, guidance=4.0,
+                                  guidance_2=3.0, boundary=boundary or 0.875, sampler="unipc", shift=12.0,
+                                  negative=WAN_NEGATIVE_PROMPT, t_max=0.999, integer_dit_time=True)
     steps, shift = {"t2v": (50, 5.0), "i2v": (40, 3.0), "flf2v": (50, 16.0)}[model_type]
     return GenerationDefaults(frames=81, height=480, width=832, fps=16.0, steps=steps, guidance=5.0,
                               sampler="unipc", shift=shift, negative=WAN_NEGATIVE_PROMPT, t_max=0.999,
@@ -67,6 +74,7 @@ ORIGINAL_VAE = "Wan2.1_VAE.pth"
 ORIGINAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 ORIGINAL_TOKENIZER = "google/umt5-xxl"
 ORIGINAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+WAN22_HIGH, WAN22_LOW = "high_noise_model", "low_noise_model"  # Wan2.2 A14B's experts (original layout)
 DIT_STEM = "diffusion_pytorch_model"
 
 
@@ -116,10 +124,17 @@ class WanSource:
     vae_file: Path
     text: TextSource
     image: ImageSource | None = None  # I2V / FLF2V
+    # Wan2.2 A14B: the low-noise expert (the DiT above is the high-noise one) and the boundary
+    # between them (None: Wan's default for the model type)
+    dit_2_state: dict[str, torch.Tensor] | None = None
+    dit_2_file: Path | None = None
+    boundary: float | None = None
 
     @property
     def model_type(self) -> str:
         c = self.dit_config
+        if self.dit_2_state is not None:
+            return "t2v-A14B"
         return "t2v" if c.img_dim is None else "i2v" if c.img_pos_len is None else "flf2v"
 
 
@@ -172,14 +187,26 @@ def read_wan(root: str | Path, dit_dtype: torch.dtype = torch.float32) -> WanSou
                         "(Wan's original release) nor model_index.json (diffusers)")
 
 
-def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
-    config_file = _need(root / "config.json", "the DiT's config.json (WanModel)")
-    dit_files = shards(root, DIT_STEM)
+def _original_dit(folder: Path, dit_dtype: torch.dtype) -> tuple[DiTConfig, dict, Path]:
+    config_file = _need(folder / "config.json", "the DiT's config.json (WanModel)")
+    dit_files = shards(folder, DIT_STEM)
     if not dit_files:
-        raise KinoUserError(f"{root / (DIT_STEM + '.safetensors')} is missing (nor are there shards "
-                            f"{DIT_STEM}-*-of-*.safetensors): a Wan2.1 folder needs the DiT's weights")
+        raise KinoUserError(f"{folder / (DIT_STEM + '.safetensors')} is missing (nor are there shards "
+                            f"{DIT_STEM}-*-of-*.safetensors): a Wan folder needs the DiT's weights")
     dit_config = _config(dit_adapters.config_from_wan, read_json(config_file), config_file)
-    dit_state = _adapt(dit_adapters.from_wan, load_safetensors(dit_files, dit_dtype), dit_files[0])
+    return dit_config, _adapt(dit_adapters.from_wan, load_safetensors(dit_files, dit_dtype), dit_files[0]), dit_files[0]
+
+
+def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
+    experts = {}
+    if (root / WAN22_HIGH).is_dir() or (root / WAN22_LOW).is_dir():  # Wan2.2 A14B: two experts
+        for name in (WAN22_HIGH, WAN22_LOW):
+            experts[name] = _original_dit(_need(root / name, f"{WAN22_HIGH}/ and {WAN22_LOW}/ (Wan2.2's experts)"),
+                                          dit_dtype)
+        dit_config, dit_state, dit_file = experts[WAN22_HIGH]
+        _check_experts(dit_config, experts[WAN22_LOW][0], root)
+    else:
+        dit_config, dit_state, dit_file = _original_dit(root, dit_dtype)
     vae_file = _need(root / ORIGINAL_VAE, f"the VAE's weights {ORIGINAL_VAE}")
     wan_vae = load_pth(vae_file)
     vae_config = _config(vae_adapters.config_from_wan, wan_vae, vae_file)
@@ -190,8 +217,17 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
     if dit_config.img_dim is not None:
         image = ImageSource("wan", _need(root / ORIGINAL_CLIP, f"the CLIP image encoder {ORIGINAL_CLIP} for its "
                                                                "image-to-video DiT"))
-    return WanSource(root, "original", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_file, text,
-                     image)
+    low = experts.get(WAN22_LOW, (None, None, None))
+    return WanSource(root, "original", dit_config, dit_state, dit_file, vae_config, vae_state, vae_file, text,
+                     image, dit_2_state=low[1], dit_2_file=low[2])
+
+
+def _check_experts(high: DiTConfig, low: DiTConfig, root: Path) -> None:
+    if high != low:
+        raise KinoUserError(f"{root}: Wan2.2's two experts have different configs")
+    if high.in_channels != 16 or high.img_dim is not None:
+        raise KinoUserError(f"{root}: a Wan2.2 image-to-video A14B model (its DiT reads {high.in_channels} "
+                            "channels); kino loads the text-to-video A14B only so far")
 
 
 def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
@@ -199,9 +235,9 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     if index.get("_class_name") not in ("WanPipeline", "WanImageToVideoPipeline", None):
         raise KinoUserError(f"{root / 'model_index.json'} describes a {index.get('_class_name')}, not a Wan2.1 "
                             "WanPipeline or WanImageToVideoPipeline")
-    if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
-        raise KinoUserError(f"{root / 'model_index.json'} describes a two-expert Wan2.2 pipeline (transformer_2), "
-                            "which kino does not load")
+    if index.get("expand_timesteps"):
+        raise KinoUserError(f"{root / 'model_index.json'} describes Wan2.2 TI2V-5B (expand_timesteps, a VAE of "
+                            "another family), which kino does not load")
     tdir = _need(root / "transformer", "transformer/ (the DiT)")
     dit_files = shards(tdir, DIT_STEM)
     if not dit_files:
@@ -216,6 +252,17 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
         raise KinoUserError(f"{tdir / 'config.json'}: a WanImageToVideoPipeline whose DiT has no image branch "
                             "(image_dim): not a Wan2.1 I2V model kino loads")
     dit_state = _adapt(dit_adapters.from_diffusers, load_safetensors(dit_files, dit_dtype), dit_files[0])
+    low = (None, None)
+    boundary = None
+    if index.get("transformer_2") not in (None, [None, None]):  # Wan2.2 A14B: the low-noise expert
+        t2dir = _need(root / "transformer_2", "transformer_2/ (Wan2.2's low-noise expert)")
+        files_2 = shards(t2dir, DIT_STEM)
+        if not files_2:
+            raise KinoUserError(f"{t2dir / (DIT_STEM + '.safetensors')} is missing: transformer_2/ needs its weights")
+        config_2 = _config(dit_adapters.config_from_diffusers, read_json(t2dir / "config.json"), t2dir / "config.json")
+        _check_experts(dit_config, config_2, root)
+        low = (_adapt(dit_adapters.from_diffusers, load_safetensors(files_2, dit_dtype), files_2[0]), files_2[0])
+        boundary = index.get("boundary_ratio")
     vdir = _need(root / "vae", "vae/")
     vae_files = shards(vdir, DIT_STEM)
     if not vae_files:
@@ -227,15 +274,17 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     text = TextSource("transformers", _need(root / "text_encoder", "text_encoder/ (UMT5)"),
                       _need(root / "tokenizer", "tokenizer/"))
     return WanSource(root, "diffusers", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_files[0],
-                     text, image)
+                     text, image, dit_2_state=low[0], dit_2_file=low[1], boundary=boundary)
 
 
-def build_models(src: WanSource, device: str | torch.device = "cpu") -> tuple[VideoVAE, DiT]:
+def build_models(src: WanSource, device: str | torch.device = "cpu") -> tuple[VideoVAE, DiT, DiT | None]:
     """kino's VAE (float32) and DiT (in the dtype its state dict was read in) with the source's
-    weights, frozen, in eval mode."""
+    weights, frozen, in eval mode; and a Wan2.2 A14B's second DiT (None for Wan2.1)."""
     models = []
-    for cls, config, state, source in ((VideoVAE, src.vae_config, src.vae_state, src.vae_file),
-                                       (DiT, src.dit_config, src.dit_state, src.dit_file)):
+    parts = [(VideoVAE, src.vae_config, src.vae_state, src.vae_file), (DiT, src.dit_config, src.dit_state, src.dit_file)]
+    if src.dit_2_state is not None:
+        parts.append((DiT, src.dit_config, src.dit_2_state, src.dit_2_file))
+    for cls, config, state, source in parts:
         with torch.device("meta"):  # no random init of weights about to be replaced
             model = cls(config)
         try:
@@ -244,7 +293,7 @@ def build_models(src: WanSource, device: str | torch.device = "cpu") -> tuple[Vi
             raise KinoUserError(f"{source} holds weights that do not fit its config: {_one_line(e)}") from None
         dtype = torch.float32 if cls is VideoVAE else next(t.dtype for t in state.values() if t.is_floating_point())
         models.append(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
-    return models[0], models[1]
+    return models[0], models[1], models[2] if len(models) > 2 else None
 
 
 def _one_line(e: Exception, limit: int = 400) -> str:
@@ -266,12 +315,12 @@ def load_wan_pipeline_from(src: WanSource, device: str | torch.device = "cpu",
     """load_wan_pipeline from a folder already read; text_dtype None keeps the stored dtype."""
     from kino.pipeline import Pipeline
 
-    vae, dit = build_models(src, device)
+    vae, dit, dit_2 = build_models(src, device)
     encoder = src.text.load(text_device if text_device is not None else device, text_dtype)
     image = None if src.image is None else src.image.load(text_device if text_device is not None else device)
     try:
-        return Pipeline(vae, dit, encoder, wan_defaults(src.model_type), name=folder_name(src.root),
-                        image_encoder=image)
+        return Pipeline(vae, dit, encoder, wan_defaults(src.model_type, src.boundary), name=folder_name(src.root),
+                        image_encoder=image, dit_2=dit_2)
     except KinoUserError as e:
         raise KinoUserError(f"{src.root}: {e}") from None
 

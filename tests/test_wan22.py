@@ -1,0 +1,150 @@
+"""Wan2.2 T2V-A14B: two Wan DiTs (a high-noise and a low-noise expert) in kino's own class,
+switched at a boundary DiT time, each with its guidance scale. Tiny random models in both
+release layouts, checked against diffusers' WanPipeline with `transformer_2` and
+`boundary_ratio` (its Wan2.2 support); no downloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kino.cli import main
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from test_wan import _components, dit_to_wan, write_diffusers, write_original  # noqa: E402
+
+BOUNDARY = 0.875
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def components():
+    dit, vae, text, tokenizer = _components()
+    dit_2 = _components(seed=10)[0]  # another random DiT of the same config: the low-noise expert
+    return dit, dit_2, vae, text, tokenizer
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, components):
+    dit, dit_2, vae, text, tokenizer = components
+    root = tmp_path_factory.mktemp("wan22")
+    diff = write_diffusers(root / "Wan2.2-T2V-tiny-Diffusers", (dit, vae, text, tokenizer))
+    dit_2.save_pretrained(diff / "transformer_2")
+    index = json.loads((diff / "model_index.json").read_text())
+    index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=BOUNDARY)
+    (diff / "model_index.json").write_text(json.dumps(index))
+    orig = write_original(root / "Wan2.2-T2V-tiny", (dit, vae, text, tokenizer))
+    (orig / "high_noise_model").mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.move(orig / name, orig / "high_noise_model" / name)
+    (orig / "low_noise_model").mkdir()
+    shutil.copy(orig / "high_noise_model" / "config.json", orig / "low_noise_model" / "config.json")
+    save_file({k: v.contiguous() for k, v in dit_to_wan(dit_2.state_dict()).items()},
+              str(orig / "low_noise_model" / "diffusion_pytorch_model.safetensors"))
+    return {"original": orig, "diffusers": diff}
+
+
+def _reference(components, shift: float):
+    dit, dit_2, vae, text, tokenizer = components
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  num_train_timesteps=1000, flow_shift=shift)
+    pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text, transformer=dit, transformer_2=dit_2,
+                                 vae=vae, scheduler=scheduler, boundary_ratio=BOUNDARY)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_wan22_folder_loads_both_experts(folders, components, layout):
+    from kino.pipeline import Pipeline
+
+    dit, dit_2 = components[:2]
+    pipe = Pipeline.from_pretrained(folders[layout], text_dtype="float32")
+    d = pipe.defaults
+    assert (d.frames, d.height, d.width, d.steps, d.shift) == (81, 720, 1280, 40, 12.0)
+    assert (d.guidance, d.guidance_2, d.boundary) == (4.0, 3.0, BOUNDARY)
+    gen = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(1, 16, 2, 4, 6, generator=gen), torch.tensor([500.0]), torch.randn(1, 7, 24, generator=gen)
+    with torch.no_grad():
+        for ours, theirs in ((pipe.dit, dit), (pipe.dit_2, dit_2)):
+            torch.testing.assert_close(ours(x, t, ctx), theirs(x, t, ctx).sample, rtol=0, atol=1e-5)
+
+
+def test_wan22_sampling_matches_diffusers(folders, components):
+    """The same noise through kino and diffusers' two-expert WanPipeline: the same latents.
+    Shift 3 over 6 steps puts steps on both sides of the boundary (asserted), so both experts
+    and both guidance scales are exercised."""
+    from kino.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(folders["diffusers"], text_dtype="float32")
+    shift, steps = 3.0, 6
+    start = (1 - 1e-6) / (shift - (shift - 1) * (1 - 1e-6))  # diffusers' first time (test_wan.py explains)
+    pipe.defaults = dataclasses.replace(pipe.defaults, t_max=start, t_min=0.001, shift=shift)
+    prompt, negative = "a cat walks on the grass", "dog in snow"
+    kw = dict(negative=negative, frames=5, height=16, width=32, steps=steps, seed=3)
+    clip = pipe.generate(prompt, **kw)
+    noise = torch.randn(clip.latents.shape, generator=torch.Generator().manual_seed(3))
+    reference = _reference(components, shift)
+    with torch.no_grad():
+        latents = reference(prompt=prompt, negative_prompt=negative, height=16, width=32, num_frames=5,
+                            num_inference_steps=steps, guidance_scale=4.0, guidance_scale_2=3.0,
+                            max_sequence_length=512, latents=noise.clone(), output_type="latent").frames
+    sigmas = reference.scheduler.timesteps.tolist()
+    assert any(s >= BOUNDARY * 1000 for s in sigmas) and any(s < BOUNDARY * 1000 for s in sigmas)
+    assert latents.std() > 0.1
+    torch.testing.assert_close(clip.latents, latents, rtol=0, atol=1e-4)
+    # not vacuous: one guidance scale for both experts, or the first expert alone, differ
+    same_g = pipe.generate(prompt, **kw, guidance_2=4.0)
+    assert (same_g.latents - latents).abs().max() > 1e-3
+    alone = dataclasses.replace(pipe.defaults, boundary=0.001)
+    pipe.defaults, saved = alone, pipe.defaults
+    assert (pipe.generate(prompt, **kw).latents - latents).abs().max() > 1e-3
+    pipe.defaults = saved
+
+
+def test_wan22_convert_offload_and_limits(folders, tmp_path, capsys):
+    """`kino convert wan` writes both experts (dit/, dit_2/); whole-model offload swaps the
+    experts on and off the device as they take over and changes nothing; fp8 block storage
+    streams both; LoRAs and the first-block cache are refused with clear messages."""
+    from kino.models.memory import MemoryPlan
+    from kino.pipeline import Pipeline
+
+    dst = tmp_path / "kino-wan22"
+    assert main(["convert", "wan", str(folders["original"]), str(dst)]) == 0
+    manifest = json.loads((dst / "kino.json").read_text())
+    assert {"dit", "dit_2"} <= set(manifest["components"]) and manifest["pipeline"]["boundary"] == BOUNDARY
+    kw = dict(frames=5, height=16, width=32, steps=4, seed=1)
+    base = Pipeline.from_pretrained(folders["original"], text_dtype="float32").generate("a cat", **kw)
+    converted = Pipeline.from_pretrained(dst, text_dtype="float32").generate("a cat", **kw)
+    torch.testing.assert_close(converted.latents, base.latents, rtol=0, atol=1e-6)
+    offloaded = Pipeline.from_pretrained(dst, text_dtype="float32", memory=MemoryPlan(offload="model"))
+    torch.testing.assert_close(offloaded.generate("a cat", **kw).latents, base.latents, rtol=0, atol=1e-6)
+    fp8 = Pipeline.from_pretrained(dst, text_dtype="float32", memory=MemoryPlan(weights="fp8"))
+    assert len(fp8._streamers) == 2
+    err = (fp8.generate("a cat", **kw).latents - base.latents).abs().mean() / base.latents.abs().mean()
+    assert 0 < err < 0.05
+    lora = tmp_path / "x.safetensors"
+    save_file({"blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 32)}, str(lora))
+    for extra, message in ((["--lora", str(lora)], "fusing LoRAs into them is not supported yet"),
+                           (["--cache-threshold", "0.1"], "not supported on two-expert models")):
+        code = main(["generate", "a cat", "--model", str(dst), "--frames", "5", "--size", "16x32", "--steps", "2",
+                     "-o", str(tmp_path / "o.mp4"), "-q", *extra])
+        assert code == 2 and message in capsys.readouterr().err
+    assert main(["generate", "a cat", "--model", str(dst), "--frames", "5", "--size", "16x32", "--steps", "2",
+                 "--guidance-2", "1.5", "-o", str(tmp_path / "o.mp4"), "-q"]) == 0
+    assert os.path.getsize(tmp_path / "o.mp4") > 0
