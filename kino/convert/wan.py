@@ -1,5 +1,10 @@
-"""Wan2.1 weights -> kino: read either release layout, build kino's classes, or write a kino
-model folder (`kino convert wan SRC DST`).
+"""Wan2.1 (and Wan2.2 T2V-A14B) weights -> kino: read either release layout, build kino's
+classes, or write a kino model folder (`kino convert wan SRC DST`).
+
+Wan2.2 T2V-A14B is two Wan2.1-architecture DiTs, a high-noise and a low-noise expert: in the
+original layout `high_noise_model/` and `low_noise_model/` (each config.json + shards) beside
+the same VAE and UMT5 files; in diffusers' `transformer/` and `transformer_2/`, with
+`boundary_ratio` in model_index.json.
 
 Layouts read (T2V-1.3B, T2V-14B, I2V-14B, FLF2V-14B; found by their files, not by their
 folder names):
