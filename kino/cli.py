@@ -175,7 +175,11 @@ def add_lora(p):
                    help="fuse this LoRA (.safetensors from `kino train dit` with [lora], or a Wan2.1 LoRA in the "
                         "wan/ComfyUI, musubi-tuner or diffusers layout) into the model's DiT, scaled by SCALE "
                         "(default 1); repeat to add several. FILE may be ORG/NAME/PATH, a file of a Hugging Face "
-                        "Hub repository (downloaded once, hash-checked)")
+                        "Hub repository (downloaded once, hash-checked). On a two-expert model (Wan2.2 A14B): into "
+                        "the high-noise expert")
+    p.add_argument("--lora-2", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a two-expert model's (Wan2.2 A14B) LoRA for its low-noise expert (the other file of a "
+                        "Wan2.2 LoRA pair); repeat to add several")
 
 
 def add_refine(p):
@@ -381,8 +385,9 @@ def _pipeline(args, procs=None):
         if text_device is not None and text_device.type == "cuda":
             text_device = device
     pipe = Pipeline.from_pretrained(args.model, "cpu", dit_dtype=plan.compute_dtype(device))
-    for path, scale in args.lora:
-        pipe.load_lora(path, scale)
+    for expert, loras in ((1, args.lora), (2, args.lora_2)):
+        for path, scale in loras:
+            pipe.load_lora(path, scale, expert)
     pipe.set_memory(plan, device, text_device, shard=procs.fsdp_mesh if args.fsdp else None)
     if procs is not None and procs.sp_group is not None:
         from kino.training.distributed import apply_sequence_parallel

@@ -362,7 +362,8 @@ class Pipeline:
         self.defaults = defaults or GenerationDefaults()
         self.name = name
         self.loras: list[dict] = []  # fused LoRAs, in order: {"file", "sha256", "scale"}
-        self._dit_base: dict[str, Tensor] = {}  # DiT weights as they were before the first LoRA
+        # each DiT's weights as they were before its first LoRA
+        self._dit_bases: list[dict[str, Tensor]] = [{}, {}]
         self.dit_sha256: str | None = None  # of the DiT's weights file, when loaded from a model folder
         self.memory = MemoryPlan(dtype="float32")  # what set_memory last applied
         self._device = next(dit.parameters()).device  # where the models run
@@ -553,9 +554,6 @@ class Pipeline:
         return placed(module[component], self._device, component in self._offloaded)
 
     def _check_fusable(self) -> None:
-        if self.dit_2 is not None:
-            raise KinoUserError(f"{self.name} has two DiT experts (Wan2.2 A14B); fusing LoRAs into them is not "
-                                "supported yet")
         if self.sharded:
             raise KinoUserError("fuse LoRAs before sharding the weights over the processes: "
                                 "load the pipeline, load_lora, then set_memory(shard=...)")
@@ -563,8 +561,10 @@ class Pipeline:
             raise KinoUserError("fuse LoRAs before setting a memory plan (the DiT's blocks are streamed): "
                                 "load the pipeline, load_lora, then set_memory")
 
-    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+    def load_lora(self, path: str | Path, scale: float = 1.0, expert: int = 1) -> None:
         """Fuse a LoRA file into the DiT's weights: W += scale * alpha / rank * up @ down.
+        `expert` 2: into a two-expert model's second (low-noise) DiT instead; Wan2.2 LoRAs come
+        as a pair, one file for each expert.
 
         Several LoRAs add up; sampling then costs the same as without. `unload_loras()`
         restores the DiT bit for bit. Besides kino's own files, Wan2.1 LoRAs from other
@@ -577,17 +577,21 @@ class Pipeline:
         `save_pretrained` afterwards writes the fused (merged) DiT.
         """
         self._check_fusable()
+        if expert not in (1, 2) or (expert == 2 and self.dit_2 is None):
+            raise KinoUserError(f"{self.name} has {len(self.dits)} DiT(s): no expert {expert} to fuse a LoRA into")
         lora = read_lora(path)
-        fuse_lora(self.dit, lora, scale, self._dit_base)
-        if lora.base_sha256 and self.dit_sha256 and lora.base_sha256 != self.dit_sha256:
+        fuse_lora(self.dits[expert - 1], lora, scale, self._dit_bases[expert - 1])
+        if expert == 1 and lora.base_sha256 and self.dit_sha256 and lora.base_sha256 != self.dit_sha256:
             warnings.warn(f"LoRA {lora.path.name} was trained on a DiT with weights sha256 {lora.base_sha256[:12]}... "
                           f"({lora.base}), not this model's ({self.dit_sha256[:12]}...)", stacklevel=2)
-        self.loras.append({"file": lora.path.name, "sha256": lora.sha256, "scale": float(scale)})
+        entry = {"file": lora.path.name, "sha256": lora.sha256, "scale": float(scale)}
+        self.loras.append(entry if expert == 1 else {**entry, "expert": 2})
 
     def unload_loras(self) -> None:
-        """Undo every `load_lora`: the DiT's original weights, bit for bit."""
+        """Undo every `load_lora`: the DiTs' original weights, bit for bit."""
         self._check_fusable()
-        unfuse_lora(self.dit, self._dit_base)
+        for dit, base in zip(self.dits, self._dit_bases):
+            unfuse_lora(dit, base)
         self.loras.clear()
 
     @property

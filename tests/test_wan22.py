@@ -120,7 +120,7 @@ def test_wan22_sampling_matches_diffusers(folders, components):
 def test_wan22_convert_offload_and_limits(folders, tmp_path, capsys):
     """`kino convert wan` writes both experts (dit/, dit_2/); whole-model offload swaps the
     experts on and off the device as they take over and changes nothing; fp8 block storage
-    streams both; LoRAs and the first-block cache are refused with clear messages."""
+    streams both; the first-block cache is refused with a clear message."""
     from kino.models.memory import MemoryPlan
     from kino.pipeline import Pipeline
 
@@ -138,13 +138,63 @@ def test_wan22_convert_offload_and_limits(folders, tmp_path, capsys):
     assert len(fp8._streamers) == 2
     err = (fp8.generate("a cat", **kw).latents - base.latents).abs().mean() / base.latents.abs().mean()
     assert 0 < err < 0.05
-    lora = tmp_path / "x.safetensors"
-    save_file({"blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 32)}, str(lora))
-    for extra, message in ((["--lora", str(lora)], "fusing LoRAs into them is not supported yet"),
-                           (["--cache-threshold", "0.1"], "not supported on two-expert models")):
-        code = main(["generate", "a cat", "--model", str(dst), "--frames", "5", "--size", "16x32", "--steps", "2",
-                     "-o", str(tmp_path / "o.mp4"), "-q", *extra])
-        assert code == 2 and message in capsys.readouterr().err
+    code = main(["generate", "a cat", "--model", str(dst), "--frames", "5", "--size", "16x32", "--steps", "2",
+                 "-o", str(tmp_path / "o.mp4"), "-q", "--cache-threshold", "0.1"])
+    assert code == 2 and "not supported on two-expert models" in capsys.readouterr().err
     assert main(["generate", "a cat", "--model", str(dst), "--frames", "5", "--size", "16x32", "--steps", "2",
                  "--guidance-2", "1.5", "-o", str(tmp_path / "o.mp4"), "-q"]) == 0
     assert os.path.getsize(tmp_path / "o.mp4") > 0
+
+
+def _lora_file(pipe, path, seed: int):
+    """A random kino LoRA file for the pipeline's DiT config (rank 2, every linear layer)."""
+    from kino.models.dit import DiT
+    from kino.models.lora import LoRAConfig, apply_lora, save_lora
+
+    model = DiT(pipe.dit.config)
+    config = LoRAConfig(rank=2)
+    torch.manual_seed(seed)
+    apply_lora(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_up" in name:
+                p.normal_(std=0.2)
+    save_lora(path, model.state_dict(), config)
+    return path
+
+
+def test_wan22_lora_pair(folders, tmp_path, capsys):
+    """A Wan2.2 LoRA pair: `--lora` fuses into the high-noise expert, `--lora-2` into the
+    low-noise one, each changing only its own DiT; unload_loras restores both bit for bit; a
+    one-DiT model has no second expert (exit 2)."""
+    import numpy as np
+    from conftest import save_tiny_pipeline
+
+    from kino.data.video_io import read_video
+    from kino.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(folders["diffusers"], text_dtype="float32")
+    high, low = _lora_file(pipe, tmp_path / "high.safetensors", 1), _lora_file(pipe, tmp_path / "low.safetensors", 2)
+    before = [{k: v.clone() for k, v in dit.state_dict().items()} for dit in pipe.dits]
+    pipe.load_lora(low, 0.5, expert=2)
+    after = [dit.state_dict() for dit in pipe.dits]
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])  # the high-noise expert untouched
+    assert not all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    assert pipe.loras == [{"file": "low.safetensors", "sha256": pipe.loras[0]["sha256"], "scale": 0.5, "expert": 2}]
+    pipe.load_lora(high, 1.0)
+    pipe.unload_loras()
+    for dit, state in zip(pipe.dits, before):
+        assert all(torch.equal(v, state[k]) for k, v in dit.state_dict().items())
+    args = ["generate", "a cat", "--model", str(folders["diffusers"]), "--frames", "5", "--size", "16x32",
+            "--steps", "4", "-q"]
+    outs = {}
+    for name, extra in (("none", []), ("high", ["--lora", str(high)]), ("low", ["--lora-2", f"{low}:0.5"]),
+                        ("both", ["--lora", str(high), "--lora-2", f"{low}:0.5"])):
+        assert main([*args, *extra, "-o", str(tmp_path / f"{name}.mp4")]) == 0, capsys.readouterr().err
+        outs[name] = read_video(tmp_path / f"{name}.mp4")[0].astype(np.int16)
+    for a, b in (("none", "high"), ("none", "low"), ("high", "both"), ("low", "both")):
+        assert np.abs(outs[a] - outs[b]).max() > 0, (a, b)
+    one = save_tiny_pipeline(tmp_path / "one", "tiny", frames=1, height=32, width=32, steps=2)
+    assert main(["generate", "a small red circle moving left on a black background", "--model", str(one),
+                 "--lora-2", str(high), "-o", str(tmp_path / "x.png")]) == 2
+    assert "no expert 2" in capsys.readouterr().err
