@@ -131,14 +131,15 @@ class ImageCondition:
     frames (frame 0 counted four times, then 4 pixel frames per latent frame: 4 channels),
     then the normalised VAE latents of the given frames with black (zero) frames between
     them; the DiT reads them after the noisy latents. `features` (1, N, img_dim): the CLIP
-    features of the given images (FLF2V: the first frame's tokens, then the last's).
+    features of the given images (FLF2V: the first frame's tokens, then the last's); None for
+    Wan2.2 I2V-A14B, whose DiT reads the channels alone.
     """
 
     channels: Tensor
-    features: Tensor
+    features: Tensor | None
 
     def to(self, device) -> ImageCondition:
-        return ImageCondition(self.channels.to(device), self.features.to(device))
+        return ImageCondition(self.channels.to(device), None if self.features is None else self.features.to(device))
 
 
 def frame_mask(frames: int, given: list[int], stride: int) -> Tensor:
@@ -251,7 +252,8 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     extra, channels = {}, None
     if image is not None:
         channels = image.channels.to(dtype).expand(B, -1, -1, -1, -1)
-        extra = {"image": image.features.to(dtype).expand(B, -1, -1)}
+        if image.features is not None:
+            extra = {"image": image.features.to(dtype).expand(B, -1, -1)}
     both = {k: torch.cat([v, v]) for k, v in extra.items()}
 
     def dit_time(t: float) -> float:
@@ -516,6 +518,12 @@ class Pipeline:
         self._device, self.memory = device, plan
 
     @property
+    def takes_image(self) -> bool:
+        """A Wan image-to-video model: its DiT reads a mask and image latents beside the noise
+        (Wan2.1 I2V / FLF2V with CLIP features too, Wan2.2 I2V-A14B without)."""
+        return self.dit.config.in_channels == 2 * self.vae.config.z_dim + self.vae.config.time_stride
+
+    @property
     def dits(self) -> list[DiT]:
         """The DiT, and a two-expert model's second one."""
         return [self.dit] if self.dit_2 is None else [self.dit, self.dit_2]
@@ -691,15 +699,15 @@ class Pipeline:
             shape = conditioning.shape
             conditioning = conditioning.to(self.device)
         image_cond = None
-        if self.image_encoder is not None:
+        if self.takes_image:
             if image is None:
-                raise KinoUserError(f"{self.name} is a Wan2.1 image-to-video model: give the first frame (--image)")
+                raise KinoUserError(f"{self.name} is a Wan image-to-video model: give the first frame (--image)")
             if conditioning is not None:
                 raise KinoUserError("a Wan2.1 image-to-video model takes its image through the DiT, not kino's "
                                     "conditioning (loops, extend, connect, edit)")
             image_cond = self.image_condition(image, d.frames, d.height, d.width, last_image)
         elif image is not None or last_image is not None:
-            raise KinoUserError(f"{self.name} has no image encoder: Pipeline.generate takes no image (kino's own "
+            raise KinoUserError(f"{self.name} is no Wan image-to-video model: Pipeline.generate takes no image (kino's own "
                                 "image-to-video is kino.tasks.generate(pipe, prompt, image=...))")
         # noise from a CPU generator: the same seed gives the same clip on any device
         generator = torch.Generator().manual_seed(seed)
@@ -742,8 +750,8 @@ class Pipeline:
         clip from (3, H, W) images in [-1, 1]: CLIP features of the images as given, and the
         VAE latents (the posterior mean, normalised) of the clip holding the images, resized to
         cover height x width and center-cropped, as its first (and last) frame, black between."""
-        if self.image_encoder is None:
-            raise KinoUserError(f"{self.name} has no image encoder: not a Wan2.1 image-to-video model")
+        if not self.takes_image:
+            raise KinoUserError(f"{self.name} is not a Wan image-to-video model")
         images = [image] + ([] if last_image is None else [last_image])
         for name, x in zip(("image", "last image"), images):
             if x.ndim != 3 or x.shape[0] != 3:
@@ -756,8 +764,10 @@ class Pipeline:
         if frames % stride != 1 or (last_image is not None and frames < stride + 1):
             raise KinoUserError(f"a Wan2.1 image-to-video clip has {stride}k + 1 frames"
                                 f"{' (k >= 1 with a last frame)' if last_image is not None else ''}; got {frames}")
-        with self.using("image_encoder"):
-            features = torch.cat([self.image_encoder.encode(x[None].float()) for x in images], dim=1)  # (1, N, D)
+        features = None  # Wan2.2 I2V-A14B: no CLIP
+        if self.image_encoder is not None:
+            with self.using("image_encoder"):
+                features = torch.cat([self.image_encoder.encode(x[None].float()) for x in images], dim=1)  # (1, N, D)
         pixels = [fit_video(x[:, None].float(), height, width) for x in images]  # each (3, 1, H, W)
         video = torch.zeros(1, 3, frames, height, width)
         video[0, :, :1] = pixels[0]
@@ -769,7 +779,8 @@ class Pipeline:
         given = [0] if last_image is None else [0, frames - 1]
         mask = frame_mask(frames, given, stride)[None, :, :, None, None]  # (1, stride, T, 1, 1)
         mask = mask.expand(-1, -1, -1, *latents.shape[3:]).to(latents)
-        return ImageCondition(torch.cat([mask, latents], dim=1), features.to(self.device))
+        return ImageCondition(torch.cat([mask, latents], dim=1),
+                              None if features is None else features.to(self.device))
 
     @torch.no_grad()
     def decode(self, latents: Tensor, frames: int, loop: bool = False, image_first: bool = False) -> Tensor:

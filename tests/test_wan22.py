@@ -198,3 +198,115 @@ def test_wan22_lora_pair(folders, tmp_path, capsys):
     assert main(["generate", "a small red circle moving left on a black background", "--model", str(one),
                  "--lora-2", str(high), "-o", str(tmp_path / "x.png")]) == 2
     assert "no expert 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- I2V-A14B
+
+
+def _i2v_expert(seed: int):
+    """A tiny Wan2.2 I2V expert: 36 input channels (noise, mask, image latents), no CLIP branch."""
+    from test_wan import _perturb
+
+    torch.manual_seed(seed)
+    dit = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
+        text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=1e-6, rope_max_seq_len=1024)
+    return _perturb(dit, seed + 1).eval()
+
+
+@pytest.fixture(scope="module")
+def i2v(tmp_path_factory, components):
+    vae, text, tokenizer = components[2:]
+    high, low = _i2v_expert(20), _i2v_expert(30)
+    root = tmp_path_factory.mktemp("wan22i2v")
+    diff = root / "Wan2.2-I2V-tiny-Diffusers"
+    diff.mkdir()
+    (diff / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanImageToVideoPipeline", "_diffusers_version": diffusers.__version__,
+        "image_encoder": [None, None], "image_processor": [None, None], "boundary_ratio": 0.9,
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}))
+    high.save_pretrained(diff / "transformer")
+    low.save_pretrained(diff / "transformer_2")
+    vae.save_pretrained(diff / "vae")
+    text.save_pretrained(diff / "text_encoder")
+    tokenizer.save_pretrained(diff / "tokenizer")
+    orig = write_original(root / "Wan2.2-I2V-tiny", (components[0], vae, text, tokenizer))
+    (orig / "config.json").unlink()
+    (orig / "diffusion_pytorch_model.safetensors").unlink()
+    for name, dit in (("high_noise_model", high), ("low_noise_model", low)):
+        (orig / name).mkdir()
+        (orig / name / "config.json").write_text(json.dumps({  # as released: model_type i2v, in_dim 36
+            "_class_name": "WanModel", "model_type": "i2v", "dim": 32, "ffn_dim": 64, "freq_dim": 32, "in_dim": 36,
+            "out_dim": 16, "num_heads": 2, "num_layers": 2, "eps": 1e-6, "text_len": 512, "text_dim": 24}))
+        save_file({k: v.contiguous() for k, v in dit_to_wan(dit.state_dict()).items()},
+                  str(orig / name / "diffusion_pytorch_model.safetensors"))
+    return (high, low), {"diffusers": diff, "original": orig}
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_wan22_i2v_matches_diffusers(i2v, components, layout, monkeypatch):
+    """Wan2.2 I2V-A14B (two 36-channel experts, no CLIP): kino's image conditioning and expert
+    switch == diffusers' WanImageToVideoPipeline with transformer_2 and boundary_ratio 0.9."""
+    import importlib.util
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from kino.pipeline import Pipeline
+
+    if importlib.util.find_spec("ftfy") is None:  # as in test_wan_i2v.py
+        from diffusers.pipelines.wan import pipeline_wan_i2v
+
+        monkeypatch.setattr(pipeline_wan_i2v, "ftfy", types.SimpleNamespace(fix_text=lambda t: t), raising=False)
+    (high, low), folders = i2v
+    vae, text, tokenizer = components[2:]
+    pipe = Pipeline.from_pretrained(folders[layout], text_dtype="float32")
+    d = pipe.defaults
+    assert pipe.takes_image and pipe.image_encoder is None and pipe.dit.config.img_dim is None
+    assert (d.steps, d.shift, d.guidance, d.guidance_2, d.boundary) == (40, 5.0, 3.5, 3.5, 0.9)
+    shift, steps = 3.0, 6
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  num_train_timesteps=1000, flow_shift=shift)
+    reference = diffusers.WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text, vae=vae, scheduler=scheduler,
+                                                  transformer=high, transformer_2=low, boundary_ratio=0.9)
+    reference.set_progress_bar_config(disable=True)
+    start = (1 - 1e-6) / (shift - (shift - 1) * (1 - 1e-6))
+    pipe.defaults = dataclasses.replace(d, t_max=start, t_min=0.001, shift=shift, guidance=4.0, guidance_2=2.0)
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
+    prompt, negative = "a cat walks on the grass", "dog in snow"
+    clip = pipe.generate(prompt, negative=negative, frames=9, height=32, width=48, steps=steps, seed=3, image=image)
+    noise = torch.randn(clip.latents.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        latents = reference(image=Image.fromarray(pixels), prompt=prompt, negative_prompt=negative, height=32,
+                            width=48, num_frames=9, num_inference_steps=steps, guidance_scale=4.0,
+                            guidance_scale_2=2.0, max_sequence_length=512, latents=noise.clone(),
+                            output_type="latent").frames
+    assert any(t < 900 for t in reference.scheduler.timesteps.tolist())
+    assert latents.std() > 0.1
+    torch.testing.assert_close(clip.latents, latents, rtol=0, atol=1e-4)
+    other = pipe.generate(prompt, negative=negative, frames=9, height=32, width=48, steps=steps, seed=3,
+                          image=image.flip(-1))
+    assert (other.latents - latents).abs().max() > 1e-2  # the image conditions the clip
+
+
+def test_wan22_i2v_cli(i2v, tmp_path, capsys):
+    """`kino generate PROMPT --image I --model WAN22_I2V` (and its convert); without --image: exit 2."""
+    import numpy as np
+    from PIL import Image
+
+    from kino.data.video_io import read_video
+
+    folders = i2v[1]
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    dst = tmp_path / "kino"
+    assert main(["convert", "wan", str(folders["original"]), str(dst)]) == 0
+    args = ["a cat", "--model", str(dst), "--frames", "5", "--size", "32x48", "--steps", "2", "-q"]
+    assert main(["generate", *args, "--image", str(tmp_path / "i.png"), "-o", str(tmp_path / "o.mp4")]) == 0
+    assert read_video(tmp_path / "o.mp4")[0].shape == (5, 32, 48, 3)
+    assert main(["generate", *args, "-o", str(tmp_path / "p.mp4")]) == 2
+    assert "give the first frame (--image)" in capsys.readouterr().err

@@ -31,6 +31,7 @@ and Wan's recommended generation settings (`wan_defaults()`) in kino.json.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,13 +63,15 @@ def wan_defaults(model_type: str = "t2v", boundary: float | None = None):
     choice at 832x480; 5 at 720p), flf2v shift 16. Wan2.2 T2V-A14B (its t2v_A14B config and
     generate.py): 1280x720, 40 steps, shift 12, the low-noise expert from DiT time 875 down
     (`boundary`, which a diffusers folder may set), guidance 4 on the high-noise expert's
-    steps and 3 on the low-noise one's."""
+    steps and 3 on the low-noise one's. I2V-A14B: shift 5, boundary 0.9, guidance 3.5 on both."""
     from kino.pipeline import GenerationDefaults
 
-    if model_type == "t2v-A14B":
-        return GenerationDefaults(frames=81, height=720, width=1280, fps=16.0, steps=40, guidance=4.0,
-                                  guidance_2=3.0, boundary=boundary or 0.875, sampler="unipc", shift=12.0,
-                                  negative=WAN_NEGATIVE_PROMPT, t_max=0.999, integer_dit_time=True)
+    if model_type in ("t2v-A14B", "i2v-A14B"):  # Wan2.2's t2v_A14B / i2v_A14B configs
+        t2v = model_type == "t2v-A14B"
+        return GenerationDefaults(frames=81, height=720, width=1280, fps=16.0, steps=40, guidance=4.0 if t2v else 3.5,
+                                  guidance_2=3.0 if t2v else 3.5, boundary=boundary or (0.875 if t2v else 0.9),
+                                  sampler="unipc", shift=12.0 if t2v else 5.0, negative=WAN_NEGATIVE_PROMPT,
+                                  t_max=0.999, integer_dit_time=True)
     steps, shift = {"t2v": (50, 5.0), "i2v": (40, 3.0), "flf2v": (50, 16.0)}[model_type]
     return GenerationDefaults(frames=81, height=480, width=832, fps=16.0, steps=steps, guidance=5.0,
                               sampler="unipc", shift=shift, negative=WAN_NEGATIVE_PROMPT, t_max=0.999,
@@ -139,7 +142,7 @@ class WanSource:
     def model_type(self) -> str:
         c = self.dit_config
         if self.dit_2_state is not None:
-            return "t2v-A14B"
+            return "t2v-A14B" if c.in_channels == c.out_channels else "i2v-A14B"
         return "t2v" if c.img_dim is None else "i2v" if c.img_pos_len is None else "flf2v"
 
 
@@ -206,8 +209,13 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
     experts = {}
     if (root / WAN22_HIGH).is_dir() or (root / WAN22_LOW).is_dir():  # Wan2.2 A14B: two experts
         for name in (WAN22_HIGH, WAN22_LOW):
-            experts[name] = _original_dit(_need(root / name, f"{WAN22_HIGH}/ and {WAN22_LOW}/ (Wan2.2's experts)"),
-                                          dit_dtype)
+            config, state, file = _original_dit(_need(root / name, f"{WAN22_HIGH}/ and {WAN22_LOW}/ (Wan2.2's "
+                                                                   "experts)"), dit_dtype)
+            if config.img_dim is not None and not any(k.startswith("img_emb.") for k in state):
+                # Wan2.2 I2V-A14B says model_type "i2v" but has no CLIP branch (it reads the image's
+                # latents only): what the weights hold decides
+                config = dataclasses.replace(config, img_dim=None, img_pos_len=None)
+            experts[name] = (config, state, file)
         dit_config, dit_state, dit_file = experts[WAN22_HIGH]
         _check_experts(dit_config, experts[WAN22_LOW][0], root)
     else:
@@ -230,9 +238,8 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
 def _check_experts(high: DiTConfig, low: DiTConfig, root: Path) -> None:
     if high != low:
         raise KinoUserError(f"{root}: Wan2.2's two experts have different configs")
-    if high.in_channels != 16 or high.img_dim is not None:
-        raise KinoUserError(f"{root}: a Wan2.2 image-to-video A14B model (its DiT reads {high.in_channels} "
-                            "channels); kino loads the text-to-video A14B only so far")
+    if high.img_dim is not None:
+        raise KinoUserError(f"{root}: Wan2.2 experts with a CLIP image branch (img_dim): not a Wan2.2 release")
 
 
 def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
@@ -253,7 +260,7 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
         processor = root / "image_processor"
         image = ImageSource("transformers", _need(root / "image_encoder", "image_encoder/ (CLIP) for its "
                                                   "image-to-video DiT"), processor if processor.is_dir() else None)
-    elif index.get("_class_name") == "WanImageToVideoPipeline":
+    elif index.get("_class_name") == "WanImageToVideoPipeline" and index.get("transformer_2") in (None, [None, None]):
         raise KinoUserError(f"{tdir / 'config.json'}: a WanImageToVideoPipeline whose DiT has no image branch "
                             "(image_dim): not a Wan2.1 I2V model kino loads")
     dit_state = _adapt(dit_adapters.from_diffusers, load_safetensors(dit_files, dit_dtype), dit_files[0])

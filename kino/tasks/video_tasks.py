@@ -26,7 +26,7 @@ Given frames in the output (`given`, for image-to-video, extend and connect):
   frames, which can alter them (see kino/tasks/conditioning.py).
 In both cases `latents` are the final latents (which decode to the "decoded" video).
 
-Wan2.1 image-to-video models (a pipeline with an `image_encoder`: I2V, FLF2V) take `image`
+Wan image-to-video models (`pipe.takes_image`: Wan2.1 I2V, FLF2V, Wan2.2 I2V-A14B) take `image`
 (and FLF2V `last_image`) their own way (`Pipeline.image_condition`): every frame is
 sampled, the image conditions the DiT. Without a size, the output keeps the image's aspect
 ratio at the area of the model's default size, each side rounded down to the stride (Wan's
@@ -140,9 +140,9 @@ def generate(pipe: Pipeline, prompt: str, *, image: Media | None = None, loop: b
     and loops (`loop`, 4k frames, by default the most the default length holds; with an
     image, the loop starts and wraps around at it). A Wan2.1 I2V / FLF2V pipeline takes
     `image` (and `last_image`) through its DiT instead (module doc)."""
-    if pipe.image_encoder is not None:
+    if pipe.takes_image:
         if loop:
-            raise KinoUserError("--loop is not available with a Wan2.1 image-to-video model")
+            raise KinoUserError("--loop is not available with a Wan image-to-video model")
         return wan_image_to_video(pipe, prompt, image, last_image, frames=frames, height=height, width=width,
                                   seed=seed, **sampling)
     if last_image is not None:
