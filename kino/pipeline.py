@@ -152,13 +152,15 @@ def frame_mask(frames: int, given: list[int], stride: int) -> Tensor:
 
 
 @contextmanager
-def _installed(dit: DiT, step_cache: FirstBlockCache | None):
-    """`step_cache` on the DiT for one sampling run (None: every block runs, as always)."""
-    dit.step_cache = step_cache
+def _installed(dits: list[DiT], caches: list[FirstBlockCache] | None):
+    """A step cache on each DiT for one sampling run (None: every block runs, as always)."""
+    for dit, cache in zip(dits, caches or [None] * len(dits)):
+        dit.step_cache = cache
     try:
         yield
     finally:
-        dit.step_cache = None
+        for dit in dits:
+            dit.step_cache = None
 
 
 def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_mask: Tensor,
@@ -715,11 +717,9 @@ class Pipeline:
         with self.using("text_encoder"):
             text, mask = self.text_encoder.encode([prompt, d.negative] + ([source_prompt] if source_prompt else []))
         text, mask = text.to(self.device), mask.to(self.device)
-        cache = FirstBlockCache(d.cache_threshold) if d.cache_threshold > 0 else None
-        if cache is not None and self.dit_2 is not None:
-            raise KinoUserError("the first-block cache (--cache-threshold) is not supported on two-expert models "
-                                "(Wan2.2 A14B) yet")
-        with self._experts() as switch, _installed(self.dit, cache):
+        # one cache per DiT: an expert never reuses the other's residuals
+        caches = [FirstBlockCache(d.cache_threshold) for _ in self.dits] if d.cache_threshold > 0 else None
+        with self._experts() as switch, _installed(self.dits, caches):
             latents = sample_latents(self.dit, text[:1], mask[:1], text[1:2], mask[1:2], noise, steps=d.steps,
                                      guidance=d.guidance, sampler=d.sampler, shift=d.shift, callback=callback,
                                      conditioning=conditioning, t_max=d.t_max, t_min=d.t_min,
@@ -733,8 +733,8 @@ class Pipeline:
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if source_prompt:
             meta["source_prompt"] = source_prompt
-        if cache is not None:
-            meta["cache_reused"] = f"{cache.reused}/{cache.calls}"
+        if caches is not None:
+            meta["cache_reused"] = f"{sum(c.reused for c in caches)}/{sum(c.calls for c in caches)}"
         if self.loras:
             meta["lora"] = json.dumps(self.loras)
         loop = conditioning is not None and conditioning.loop
