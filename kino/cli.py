@@ -384,15 +384,63 @@ def _pipeline(args, procs=None):
         device = torch.device("cuda", procs.local_rank)
         if text_device is not None and text_device.type == "cuda":
             text_device = device
-    pipe = Pipeline.from_pretrained(args.model, "cpu", dit_dtype=plan.compute_dtype(device))
-    for expert, loras in ((1, args.lora), (2, args.lora_2)):
-        for path, scale in loras:
-            pipe.load_lora(path, scale, expert)
-    pipe.set_memory(plan, device, text_device, shard=procs.fsdp_mesh if args.fsdp else None)
-    if procs is not None and procs.sp_group is not None:
+
+    def load():
+        pipe = Pipeline.from_pretrained(args.model, "cpu", dit_dtype=plan.compute_dtype(device))
+        for expert, loras in ((1, args.lora), (2, args.lora_2)):
+            for path, scale in loras:
+                pipe.load_lora(path, scale, expert)
+        pipe.set_memory(plan, device, text_device, shard=procs.fsdp_mesh if args.fsdp else None)
+        return pipe
+
+    if procs is None:
+        return load()
+    pipe = _in_waves(args, procs, load)
+    if procs.sp_group is not None:
         from kino.training.distributed import apply_sequence_parallel
 
-        apply_sequence_parallel(pipe.dit, procs.sp_group)
+        for dit in pipe.dits:
+            apply_sequence_parallel(dit, procs.sp_group)
+    return pipe
+
+
+def _in_waves(args, procs, load):
+    """Run `load` on every process of a torchrun job, as many of a machine's processes at
+    once as its host memory holds the model (each reads the whole model into host memory
+    before it goes to its device or is sharded): N processes of a 28 GB model would otherwise
+    need N x 28 GB at once."""
+    import os
+
+    from kino.models.hub import resolve_model
+    from kino.models.memory import host_memory_bytes, load_waves, weights_bytes
+
+    def together(step, *, main_only: bool = False):
+        """`step()` (on rank 0 alone with main_only); a user error on any rank stops every rank
+        with it, instead of leaving the others waiting for a process that has left."""
+        result, error = None, None
+        if procs.is_main or not main_only:
+            try:
+                result = step()
+            except KinoUserError as e:
+                error = str(e)
+        if procs.any(error is not None):
+            raise KinoUserError(error or "another process could not load the model (its message is above)")
+        return result
+
+    if args.model is not None:  # a Hub id downloads once, on rank 0, before the others look
+        together(lambda: resolve_model(args.model), main_only=True)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world_size))
+    folder = resolve_model(args.model) if args.model is not None else None
+    size = weights_bytes(folder) if folder is not None else 0
+    at_once = procs.broadcast(load_waves(local, size, host_memory_bytes()))
+    waves = -(-local // at_once)
+    if waves > 1 and procs.is_main:
+        print(f"kino: loading the model {at_once} process(es) of each machine at a time ({size / 2**30:.1f} GiB of "
+              f"weights each, {waves} waves; set KINO_LOAD_MEMORY to the bytes to use)", file=sys.stderr)
+    pipe = None
+    for wave in range(waves):
+        result = together(load if wave == procs.local_rank // at_once else lambda: None)
+        pipe = pipe if result is None else result
     return pipe
 
 

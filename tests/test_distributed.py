@@ -488,7 +488,7 @@ shutdown_processes()
 """
 
 
-def test_generate_with_fsdp_shares_the_weights_over_the_processes(tmp_path):
+def test_generate_with_fsdp_shares_the_weights_over_the_processes(tmp_path, monkeypatch):
     """`--fsdp` (set_memory(shard=)): each of 2 processes keeps half of the DiT's and the text
     encoder's weights (FSDP2) and all of them generate every clip together; a --batch then
     runs row after row on both, and its folder equals the one-process folder (within 2 grey
@@ -522,18 +522,59 @@ def test_generate_with_fsdp_shares_the_weights_over_the_processes(tmp_path):
                             for c, f in (("red", 5), ("blue", 1), ("green", 5))))
     common = ["--batch", str(rows), "--model", str(model), "--seed", "3", "-q"]
     assert main(["generate", *common, "--out", str(tmp_path / "b1")]) == 0
+    monkeypatch.setenv("KINO_LOAD_MEMORY", "1")  # too little for two copies: the processes load one at a time
     procs = launch(2, command=[sys.executable, "-m", "kino", "generate", *common, "--out", str(tmp_path / "b2"),
                                "--fsdp"])
     outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out
     assert "wrote 3 clips" in outputs[0] and not outputs[1].strip()
+    assert "loading the model 1 process(es) of each machine at a time" in outputs[0]
     b1, b2 = ((tmp_path / b / "captions.jsonl").read_text() for b in ("b1", "b2"))
     assert b1 == b2 and len(b1.splitlines()) == 3
     for row in map(json.loads, b1.splitlines()):
         one, two = (read_video(tmp_path / b / row["file"])[0].astype(np.int16) for b in ("b1", "b2"))
         assert one.shape == two.shape and np.abs(one - two).max() <= 2, row
     assert [p.name for p in (tmp_path / "b2" / ".kino-batch").iterdir()] == ["part-0.jsonl"]  # rank 0 writes
+
+
+def test_a_load_error_in_one_wave_stops_every_process(tmp_path, monkeypatch):
+    """Processes loading one after the other (KINO_LOAD_MEMORY too small for two): a user error
+    while loading (a LoRA file that is not there) ends both with exit 2 and a message, rather
+    than leaving the second waiting for the first."""
+    from conftest import save_tiny_pipeline
+
+    model = save_tiny_pipeline(tmp_path / "model", "tiny-waves", frames=1, height=32, width=32, steps=2)
+    monkeypatch.setenv("KINO_LOAD_MEMORY", "1")
+    procs = launch(2, command=[sys.executable, "-m", "kino", "generate", "a small red circle moving left on a black "
+                               "background", "--model", str(model), "--lora", str(tmp_path / "none.safetensors"),
+                               "-o", str(tmp_path / "x.png"), "-q"])
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 2 and "Traceback" not in out, out
+    assert "none.safetensors does not exist" in outputs[0]
+    assert "another process could not load the model" in outputs[1]
+
+
+def test_load_waves_follow_host_memory(tmp_path, monkeypatch):
+    from kino.errors import KinoUserError
+    from kino.models.memory import host_memory_bytes, load_waves, weights_bytes
+
+    gb = 10**9
+    assert load_waves(8, 28 * gb, 100 * gb) == 2  # 80 GB to use: two 28 GB copies at a time
+    assert load_waves(8, 28 * gb, 1000 * gb) == 8 and load_waves(8, 28 * gb, None) == 8
+    assert load_waves(8, 28 * gb, 1) == 1 and load_waves(2, 0, 5) == 2
+    (tmp_path / "dit").mkdir()
+    (tmp_path / "dit" / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "kino.json").write_text("{}")
+    assert weights_bytes(tmp_path) == 1000
+    monkeypatch.setenv("KINO_LOAD_MEMORY", "5e9")
+    assert host_memory_bytes() == 5 * gb
+    monkeypatch.setenv("KINO_LOAD_MEMORY", "lots")
+    with pytest.raises(KinoUserError, match="KINO_LOAD_MEMORY must be a number of bytes"):
+        host_memory_bytes()
+    monkeypatch.delenv("KINO_LOAD_MEMORY")
+    assert host_memory_bytes() is None or host_memory_bytes() > 0
 
 
 def test_fsdp_needs_torchrun(tmp_path, capsys):

@@ -25,7 +25,9 @@ are in BENCHMARKS.md.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -212,6 +214,54 @@ class BlockStreamer:
         self.pending.clear()
         for store in self.stores:
             store.install(store.materialized())
+
+
+# ---------------------------------------------------------------------------- host memory
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def weights_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files under a model folder: what loading it puts in host memory,
+    at most (weights stored in fp32 and read into bf16 take half)."""
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
+def host_memory_bytes() -> int | None:
+    """Host memory a load may use now: $KINO_LOAD_MEMORY (bytes) when set, else the smaller of
+    MemAvailable (/proc/meminfo) and what the cgroup (a container's limit) has left; None when
+    neither can be read."""
+    if os.environ.get("KINO_LOAD_MEMORY"):
+        try:
+            return int(float(os.environ["KINO_LOAD_MEMORY"]))
+        except ValueError:
+            raise KinoUserError(f"KINO_LOAD_MEMORY must be a number of bytes, got {os.environ['KINO_LOAD_MEMORY']!r}")
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v2
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def load_waves(processes: int, model_bytes: int, available: int | None) -> int:
+    """How many of a machine's `processes` may load a model of `model_bytes` at once with
+    `available` bytes of host memory (keeping a fifth spare): all of them when that is
+    unknown, at least one."""
+    if available is None or model_bytes <= 0:
+        return processes
+    return max(1, min(processes, int(0.8 * available) // model_bytes))
 
 
 # ---------------------------------------------------------------------------- whole components
