@@ -262,9 +262,46 @@ def test_matches_diffusers_autoencoder_kl_wan(name):
     assert list(back) == list(state) and all(back[k] is state[k] for k in state)
 
 
+WAN22_CONFIGS = {
+    # Wan2.2's VAE (TI2V-5B): residual stages, 2x2 pixel patches, 48 latent channels, wider decoder
+    "wan2.2-like": dict(base_dim=8, decoder_base_dim=12, z_dim=6, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                        temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12,
+                        out_channels=12, scale_factor_spatial=16, latents_mean=[0.0] * 6, latents_std=[1.0] * 6),
+    "nrb2-early-time": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=2,
+                            temperal_downsample=[True, True], is_residual=True, patch_size=2, in_channels=12,
+                            out_channels=12, latents_mean=[0.0] * 4, latents_std=[1.0] * 4),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(WAN22_CONFIGS))
+def test_wan22_vae_matches_diffusers(name):
+    """Wan2.2's VAE in kino's class (`residual`, `patch_size`): diffusers' AutoencoderKLWan with
+    is_residual and patch_size gives the same moments and frames, first frame and 4-frame
+    chunks alike (the shortcuts' first-frame rules), for 1, 5 and 9 frames."""
+    reference = _diffusers_wan(5, **WAN22_CONFIGS[name])
+    config = config_from_diffusers(dict(reference.config))
+    assert config.residual and config.patch_size == 2
+    assert config.space_stride == 2 ** (len(config.dim_mult) - 1) * 2
+    model = VideoVAE(config).eval()
+    model.load_state_dict(from_diffusers(reference.state_dict()), strict=True)
+    s = config.space_stride
+    for frames in (1, 5, 9):
+        video = torch.rand(1, 3, frames, 2 * s, 3 * s, generator=torch.Generator().manual_seed(frames)) * 2 - 1
+        with torch.no_grad():
+            posterior = reference.encode(video).latent_dist
+            mean, logvar = model.encode(video)
+            assert mean.shape == (1, config.z_dim, config.latent_frames(frames), 2, 3)
+            torch.testing.assert_close(mean, posterior.mean, rtol=0, atol=1e-4)
+            torch.testing.assert_close(logvar, posterior.logvar, rtol=0, atol=1e-4)
+            expected = reference.decode(posterior.mean).sample
+            decoded = model.decode(mean)
+            assert decoded.shape == video.shape and 0.05 < (expected.abs() < 1).float().mean()
+            torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-4)
+
+
 def test_config_from_diffusers_rejects_other_families():
-    with pytest.raises(ValueError, match="is_residual"):
-        config_from_diffusers({"is_residual": True, "patch_size": 2})
+    with pytest.raises(ValueError, match="in_channels / out_channels"):
+        config_from_diffusers({"is_residual": True, "patch_size": 2})  # 3 channels cannot hold 2x2 patches
     # diffusers' AutoencoderKLWan cannot run attn_scales (its encoder passes a cache its attention
     # blocks do not take; its decoder drops them), so there is no such layout to convert.
     with pytest.raises(ValueError, match="attn_scales"):

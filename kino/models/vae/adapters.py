@@ -50,6 +50,10 @@ _TO_DIFFUSERS: list[tuple[str, str]] = [
 ]
 
 _DIFFUSERS_UP = re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.")
+# Wan2.2 (is_residual): diffusers nests each stage as down_blocks.i.{resnets.j, downsampler} and
+# up_blocks.i.{resnets.j, upsampler}; Wan's release and kino as downsamples.i.downsamples.j
+# and upsamples.i.upsamples.j, the resample last.
+_DIFFUSERS_STAGE = re.compile(r"^(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.(resnets\.(\d+)|downsampler|upsampler)\.")
 _KINO_UP = re.compile(r"^decoder\.upsamples\.(\d+)\.")
 
 
@@ -67,8 +71,35 @@ def _blocks_per_stage(keys: list[str]) -> int:
     return max(resnets) + 1
 
 
+def _from_diffusers_residual(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' Wan2.2 VAE (is_residual) -> kino: the stages' nesting renamed, then the
+    names every Wan VAE shares."""
+    resnets = {"encoder": set(), "decoder": set()}
+    for key in state_dict:
+        if (m := _DIFFUSERS_STAGE.match(key)) and m.group(4) is not None:
+            resnets[m.group(1).split(".")[0]].add(int(m.group(4)))
+    count = {part: max(found) + 1 if found else 0 for part, found in resnets.items()}
+
+    def nested(m: re.Match) -> str:
+        part = m.group(1).split(".")[0]
+        outer = "downsamples" if part == "encoder" else "upsamples"
+        j = m.group(4) if m.group(4) is not None else count[part]  # the resample follows the residual blocks
+        return f"{part}.{outer}.{m.group(2)}.{outer}.{j}."
+
+    out = {}
+    for key, value in state_dict.items():
+        new = _rename(_DIFFUSERS_STAGE.sub(nested, key), _FROM_DIFFUSERS)
+        if new in out:
+            raise ValueError(f"two diffusers keys map to {new}")
+        out[new] = value
+    return out
+
+
 def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers AutoencoderKLWan (Wan2.1) state dict -> kino VideoVAE state dict (same tensors)."""
+    """diffusers AutoencoderKLWan state dict -> kino VideoVAE state dict (same tensors); Wan2.1's
+    layout, or Wan2.2's (is_residual: `.downsampler.` / `.upsampler.` stages)."""
+    if any(".downsampler." in k or re.match(r"^decoder\.up_blocks\.\d+\.upsampler\.", k) for k in state_dict):
+        return _from_diffusers_residual(state_dict)
     per_stage = _blocks_per_stage(list(state_dict))
 
     def flat_decoder_index(m: re.Match) -> str:
@@ -210,8 +241,8 @@ def config_from_diffusers(diffusers_config: dict) -> VAEConfig:
     """A diffusers AutoencoderKLWan config.json (as a dict) -> VAEConfig.
 
     Keys diffusers left out take diffusers' defaults, which are Wan2.1's. A separate decoder
-    width (`decoder_base_dim`) is kino's too; Wan2.2-style variants (is_residual, patch_size)
-    are not this architecture.
+    width (`decoder_base_dim`) is kino's too, and so is Wan2.2's VAE (`is_residual` stages,
+    pixels folded `patch_size` x `patch_size` into 3 p^2 input and output channels).
     """
     wan = VAE_SIZES["wan2.1"]
     defaults = {
@@ -231,10 +262,10 @@ def config_from_diffusers(diffusers_config: dict) -> VAEConfig:
         "patch_size": None,
     }
     c = {**defaults, **diffusers_config}
+    patch = c["patch_size"] or 1
     unsupported = {
-        "is_residual": c["is_residual"],
-        "patch_size": c["patch_size"],
-        "in_channels / out_channels": (c["in_channels"], c["out_channels"]) != (3, 3),
+        "in_channels / out_channels other than 3 x patch_size^2":
+            (c["in_channels"], c["out_channels"]) != (3 * patch**2,) * 2,
         # diffusers drops attn_scales in its decoder, Wan does not: the layouts would disagree.
         "attn_scales": bool(c["attn_scales"]),
     }
@@ -253,4 +284,6 @@ def config_from_diffusers(diffusers_config: dict) -> VAEConfig:
         dropout=c["dropout"],
         latents_mean=list(c["latents_mean"]),
         latents_std=list(c["latents_std"]),
+        residual=bool(c["is_residual"]),
+        patch_size=patch,
     )

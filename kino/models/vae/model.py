@@ -259,6 +259,123 @@ class Head(nn.Module):
         return self.conv(F.silu(self.norm(x)), cache)
 
 
+# ---------------------------------------------------------------------------- Wan2.2's residual stages
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C*p*p, T, H/p, W/p): each p x p pixel patch folded into channels,
+    channel c*p*p + r*p + q holding row offset q and column offset r (Wan2.2's order)."""
+    if p == 1:
+        return x
+    b, c, t, h, w = x.shape
+    x = x.view(b, c, t, h // p, p, w // p, p).permute(0, 1, 6, 4, 2, 3, 5)  # (B, C, r, q, T, h, w)
+    return x.reshape(b, c * p * p, t, h // p, w // p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of `patchify`."""
+    if p == 1:
+        return x
+    b, cpp, t, h, w = x.shape
+    x = x.view(b, cpp // (p * p), p, p, t, h, w).permute(0, 1, 4, 5, 3, 6, 2)  # (B, C, T, h, q, w, r)
+    return x.reshape(b, cpp // (p * p), t, h * p, w * p)
+
+
+class AvgDown(nn.Module):
+    """The parameter-free shortcut of a Wan2.2 encoder stage: every factor_t x factor_s x
+    factor_s block of positions folded into channels, then channels averaged in equal groups
+    down to `out_dim`. A chunk whose frame count factor_t does not divide gets zero frames in
+    front (Wan's rule; with kino's 1 + 4 + 4 ... chunks that is the first frame only)."""
+
+    def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        folded = in_dim * factor_t * factor_s * factor_s
+        if folded % out_dim:
+            raise ValueError(f"AvgDown: {in_dim} channels x {factor_t * factor_s**2} positions do not split "
+                             f"into {out_dim} groups")
+        self.out_dim, self.group, self.factor_t, self.factor_s = out_dim, folded // out_dim, factor_t, factor_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ft, fs = self.factor_t, self.factor_s
+        x = F.pad(x, (0, 0, 0, 0, -x.shape[2] % ft, 0))
+        b, c, t, h, w = x.shape
+        x = x.view(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)  # folded channels
+        return x.reshape(b, self.out_dim, self.group, t // ft, h // fs, w // fs).mean(dim=2)
+
+
+class DupUp(nn.Module):
+    """The parameter-free shortcut of a Wan2.2 decoder stage, AvgDown's mirror: channels
+    repeated, then unfolded into factor_t x factor_s x factor_s positions. On the clip's first
+    latent frame only the last of the factor_t frames is kept (frame 0 stays one frame)."""
+
+    def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        unfolded = out_dim * factor_t * factor_s * factor_s
+        if unfolded % in_dim:
+            raise ValueError(f"DupUp: {out_dim} channels x {factor_t * factor_s**2} positions are no multiple of "
+                             f"{in_dim}")
+        self.out_dim, self.repeats, self.factor_t, self.factor_s = out_dim, unfolded // in_dim, factor_t, factor_s
+
+    def forward(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        ft, fs = self.factor_t, self.factor_s
+        x = x.repeat_interleave(self.repeats, dim=1)
+        b, _, t, h, w = x.shape
+        x = x.view(b, self.out_dim, ft, fs, fs, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, C, T, ft, H, fs, W, fs)
+        x = x.reshape(b, self.out_dim, t * ft, h * fs, w * fs)
+        return x[:, :, ft - 1 :] if first else x
+
+
+class ResidualDownStage(nn.Module):
+    """A Wan2.2 encoder stage: residual blocks and the stage's downsample, plus AvgDown of the
+    stage's input as a shortcut around all of them."""
+
+    def __init__(self, in_dim: int, out_dim: int, config: VAEConfig, temporal: bool, down: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(config.num_res_blocks):
+            layers.append(ResidualBlock(dim, out_dim, config.dropout))
+            dim = out_dim
+        if down:
+            layers.append(Downsample(out_dim, temporal=temporal))
+        self.downsamples = nn.ModuleList(layers)
+        self.avg_shortcut = AvgDown(in_dim, out_dim, 2 if temporal else 1, 2 if down else 1)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        y = x
+        for layer in self.downsamples:
+            y = layer(y, cache)
+        return y + self.avg_shortcut(x)
+
+
+class ResidualUpStage(nn.Module):
+    """A Wan2.2 decoder stage: residual blocks and the stage's upsample, plus DupUp of the
+    stage's input as a shortcut (on upsampling stages)."""
+
+    def __init__(self, in_dim: int, out_dim: int, config: VAEConfig, temporal: bool, up: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(config.num_res_blocks + 1):
+            layers.append(ResidualBlock(dim, out_dim, config.dropout))
+            dim = out_dim
+        if up:
+            layers.append(Upsample(out_dim, out_dim, temporal=temporal))
+        self.upsamples = nn.ModuleList(layers)
+        self.avg_shortcut = DupUp(in_dim, out_dim, 2 if temporal else 1, 2) if up else None
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        y = x
+        for layer in self.upsamples:
+            y = layer(y, cache)
+        if self.avg_shortcut is None:
+            return y
+        first = cache is None or cache.get(self) is None  # the clip's first latent frame
+        if cache is not None:
+            cache.put(self, x.new_empty(0))  # a mark: the first frame has been through
+        return y + self.avg_shortcut(x, first)
+
+
 def _middle(dim: int, config: VAEConfig) -> nn.ModuleList:
     attention = AttentionBlock(dim) if config.mid_attention else NoAttention()
     return nn.ModuleList([ResidualBlock(dim, dim, config.dropout), attention, ResidualBlock(dim, dim, config.dropout)])
@@ -273,10 +390,15 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         dims = [config.base_dim * m for m in [1, *config.dim_mult]]
-        self.conv1 = CausalConv3d(3, dims[0], 3)
+        self.patch = config.patch_size
+        self.conv1 = CausalConv3d(3 * self.patch**2, dims[0], 3)
         blocks: list[nn.Module] = []
         scale = 1.0  # resolution relative to the input, as attn_scales counts it
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if config.residual:  # Wan2.2: one module per stage, with a shortcut around it
+                down = i < len(config.dim_mult) - 1
+                blocks.append(ResidualDownStage(in_dim, out_dim, config, down and config.temporal_downsample[i], down))
+                continue
             for _ in range(config.num_res_blocks):
                 blocks.append(ResidualBlock(in_dim, out_dim, config.dropout))
                 if scale in config.attn_scales:
@@ -290,7 +412,7 @@ class Encoder(nn.Module):
         self.head = Head(dims[-1], 2 * config.z_dim)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        x = self.conv1(x, cache)  # (B, D, T, H, W)
+        x = self.conv1(patchify(x, self.patch), cache)  # (B, D, T, H/p, W/p)
         for block in (*self.downsamples, *self.middle):
             x = block(x, cache)
         return self.head(x, cache)  # (B, 2Z, T', H/8, W/8)
@@ -311,6 +433,10 @@ class Decoder(nn.Module):
         # stage's real resolution; kept so Wan-family checkpoints using attn_scales load unchanged.
         scale = 1.0 / 2 ** (stages - 2)
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if config.residual:  # Wan2.2: one module per stage, no halving of the channels
+                up = i < stages - 1
+                blocks.append(ResidualUpStage(in_dim, out_dim, config, up and temporal_upsample[i], up))
+                continue
             if i > 0:
                 in_dim //= 2  # every upsample halves the channels
             for _ in range(config.num_res_blocks + 1):
@@ -322,13 +448,14 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(out_dim, out_dim // 2, temporal=temporal_upsample[i]))
                 scale *= 2.0
         self.upsamples = nn.ModuleList(blocks)
-        self.head = Head(dims[-1], 3)
+        self.patch = config.patch_size
+        self.head = Head(dims[-1], 3 * self.patch**2)
 
     def forward(self, z: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         x = self.conv1(z, cache)  # (B, D, T, h, w)
         for block in (*self.middle, *self.upsamples):
             x = block(x, cache)
-        return self.head(x, cache)  # (B, 3, T', 8h, 8w)
+        return unpatchify(self.head(x, cache), self.patch)  # (B, 3, T', 8h, 8w) (x p with patches)
 
 
 # ---------------------------------------------------------------------------- spatial tiling
@@ -643,6 +770,11 @@ class VAEConfig:
     dropout: float = 0.0
     latents_mean: list[float] = field(default_factory=lambda: [0.0] * 16)
     latents_std: list[float] = field(default_factory=lambda: [1.0] * 16)
+    # Wan2.2's VAE: each stage one module with a parameter-free shortcut around it (AvgDown /
+    # DupUp), decoder stages keeping their width; and pixels folded p x p into channels
+    # before the encoder (and unfolded after the decoder), so space shrinks by p more.
+    residual: bool = False
+    patch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.decoder_base_dim is not None and self.decoder_base_dim < 1:
@@ -661,6 +793,10 @@ class VAEConfig:
             )
         if min(self.latents_std) <= 0:
             raise ValueError("latents_std must be positive")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        if self.residual and self.attn_scales:
+            raise ValueError("Wan2.2's residual stages have no attention inside them (attn_scales)")
 
     @property
     def decoder_dim(self) -> int:
@@ -672,7 +808,7 @@ class VAEConfig:
 
     @property
     def space_stride(self) -> int:
-        return 2 ** (len(self.dim_mult) - 1)
+        return 2 ** (len(self.dim_mult) - 1) * self.patch_size
 
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames for a clip of `num_frames` pixel frames (padded up to 1 + 4k)."""
