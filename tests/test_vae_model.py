@@ -70,7 +70,8 @@ def test_config_json_roundtrip_and_sizes():
     for name, config in VAE_SIZES.items():
         d = json.loads(json.dumps(config.to_dict()))
         assert VAEConfig.from_dict(d) == config, name
-        assert config.time_stride == 4 and config.space_stride == 8 and config.z_dim == 16
+        wan22 = name == "wan2.2"  # 4 x 16 x 16 to 48 channels; every other size 4 x 8 x 8 to 16
+        assert (config.time_stride, config.space_stride, config.z_dim) == ((4, 16, 48) if wan22 else (4, 8, 16))
     with pytest.raises(ValueError, match="unknown VAEConfig fields"):
         VAEConfig.from_dict({**TINY.to_dict(), "temperal_downsample": [True]})
     with pytest.raises(ValueError, match="z_dim"):
@@ -297,6 +298,28 @@ def test_wan22_vae_matches_diffusers(name):
             decoded = model.decode(mean)
             assert decoded.shape == video.shape and 0.05 < (expected.abs() < 1).float().mean()
             torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-4)
+
+
+def test_wan22_vae_original_layout_round_trip():
+    """Wan2.2_VAE.pth's names (the stages nested as downsamples.i.downsamples.j, Wan's
+    Sequential indices) to kino and back, and its config read off the shapes."""
+    from kino.models.vae import from_wan, to_wan
+    from kino.models.vae.adapters import config_from_wan
+
+    reference = _diffusers_wan(5, **WAN22_CONFIGS["wan2.2-like"])
+    kino_state = from_diffusers(reference.state_dict())
+    wan_state = to_wan(kino_state)
+    assert "encoder.downsamples.1.downsamples.1.resample.1.weight" in wan_state
+    assert "decoder.upsamples.0.upsamples.0.residual.6.weight" in wan_state
+    back = from_wan(wan_state)
+    assert back.keys() == kino_state.keys() and all(back[k] is kino_state[k] for k in back)
+    config = config_from_wan(wan_state)
+    expected = config_from_diffusers(dict(reference.config))
+    assert dataclasses.replace(config, latents_mean=expected.latents_mean, latents_std=expected.latents_std) == expected
+    released = VAE_SIZES["wan2.2"]  # the released size: Wan2.2's 48 latent statistics come with it
+    model = VideoVAE(dataclasses.replace(released, base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1],
+                                         num_res_blocks=1))
+    assert config_from_wan(to_wan(model.state_dict())).latents_mean == released.latents_mean
 
 
 def test_config_from_diffusers_rejects_other_families():

@@ -26,7 +26,7 @@ from kino.models.dit.model import DIT_SIZES, INTEGER_ROPE, DiTConfig
 
 _BLOCK = r"^(blocks\.\d+)"
 
-WAN_MODEL_TYPES = ("t2v", "i2v", "flf2v")
+WAN_MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")  # ti2v: Wan2.2 TI2V-5B, no image branch
 WAN_CLIP_DIM = 1280  # width of the CLIP ViT-H/14 features every Wan2.1 I2V / FLF2V DiT takes
 WAN_FLF_IMAGE_TOKENS = 2 * 257  # FLF2V's emb_pos: the first and the last frame's CLIP tokens
 
@@ -203,7 +203,7 @@ def config_from_wan(wan_config: dict) -> DiTConfig:
         cross_attn_norm=c["cross_attn_norm"],
         eps=c["eps"],
         rope_max_len=1024,  # Wan's rope_params(1024, ...)
-        img_dim=None if c["model_type"] == "t2v" else WAN_CLIP_DIM,
+        img_dim=None if c["model_type"] in ("t2v", "ti2v") else WAN_CLIP_DIM,
         img_pos_len=WAN_FLF_IMAGE_TOKENS if c["model_type"] == "flf2v" else None,
     )
 

@@ -160,7 +160,8 @@ _TO_WAN: list[tuple[str, str]] = [
     (r"\.conv2\.(weight|bias)$", r".residual.6.\1"),
     (r"^(encoder|decoder)\.head\.norm\.", r"\1.head.0."),
     (r"^(encoder|decoder)\.head\.conv\.", r"\1.head.2."),
-    (r"^((?:encoder|decoder)\.\w+\.\d+)\.conv\.", r"\1.resample.1."),
+    # a resample's conv: in Wan2.1's flat stage lists, or inside Wan2.2's stages
+    (r"^((?:encoder|decoder)\.\w+\.\d+(?:\.\w+\.\d+)?)\.conv\.", r"\1.resample.1."),
 ]
 
 # Keys no rule touches in either direction (same name in both layouts).
@@ -203,6 +204,8 @@ def config_from_wan(state_dict: dict[str, torch.Tensor]) -> VAEConfig:
         z_dim = state_dict["conv1.weight"].shape[0] // 2
     except KeyError as e:
         raise ValueError(f"not a Wan2.1 VAE state dict: {e.args[0]} is missing") from None
+    if any(k.startswith("encoder.downsamples.0.downsamples.") for k in state_dict):
+        return _config_from_wan22(state_dict, base_dim, z_dim)
     layers = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"^encoder\.downsamples\.(\d+)\.", k))})
     widths, temporal, res_blocks, blocks_in_stage = [], [], set(), 0
     for i in layers:
@@ -235,6 +238,32 @@ def config_from_wan(state_dict: dict[str, torch.Tensor]) -> VAEConfig:
         latents_mean=list(wan.latents_mean),
         latents_std=list(wan.latents_std),
     )
+
+
+def _config_from_wan22(state_dict: dict[str, torch.Tensor], base_dim: int, z_dim: int) -> VAEConfig:
+    """config_from_wan for Wan2.2's VAE (Wan2.2_VAE.pth): residual stages, 2x2 pixel patches."""
+    wan = VAE_SIZES["wan2.2"]
+    stages = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"^encoder\.downsamples\.(\d+)\.", k))})
+    widths, temporal, res_blocks = [], [], set()
+    for i in stages:
+        prefix = f"encoder.downsamples.{i}.downsamples."
+        inner = sorted({int(m.group(1)) for k in state_dict if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
+        resnets = [j for j in inner if f"{prefix}{j}.residual.6.weight" in state_dict]
+        if not resnets:
+            raise ValueError(f"Wan2.2 VAE stage encoder.downsamples.{i} has no residual blocks")
+        widths.append(state_dict[f"{prefix}{resnets[0]}.residual.6.weight"].shape[0])
+        res_blocks.add(len(resnets))
+        if i < len(stages) - 1:
+            temporal.append(f"{prefix}{len(resnets)}.time_conv.weight" in state_dict)
+    patch = round((state_dict["encoder.conv1.weight"].shape[1] // 3) ** 0.5)
+    if len(res_blocks) != 1 or any(w % base_dim for w in widths) or 3 * patch**2 != state_dict[
+            "encoder.conv1.weight"].shape[1]:
+        raise ValueError("the Wan2.2 VAE state dict's encoder stages do not form a VAEConfig")
+    dim_mult = [w // base_dim for w in widths]
+    stats = (list(wan.latents_mean), list(wan.latents_std)) if z_dim == wan.z_dim else ([0.0] * z_dim, [1.0] * z_dim)
+    return VAEConfig(base_dim=base_dim, decoder_base_dim=state_dict["decoder.conv1.weight"].shape[0] // dim_mult[-1],
+                     z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=res_blocks.pop(), temporal_downsample=temporal,
+                     mid_attention=True, latents_mean=stats[0], latents_std=stats[1], residual=True, patch_size=patch)
 
 
 def config_from_diffusers(diffusers_config: dict) -> VAEConfig:
