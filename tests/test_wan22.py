@@ -314,3 +314,141 @@ def test_wan22_i2v_cli(i2v, tmp_path, capsys):
     assert read_video(tmp_path / "o.mp4")[0].shape == (5, 32, 48, 3)
     assert main(["generate", *args, "-o", str(tmp_path / "p.mp4")]) == 2
     assert "give the first frame (--image)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- TI2V-5B
+
+
+TI2V_Z = 8  # latent channels of the tiny Wan2.2 VAE (the release has 48)
+
+
+def _ti2v_components():
+    from test_wan import _perturb
+
+    vae_kw = dict(base_dim=8, decoder_base_dim=12, z_dim=TI2V_Z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                  temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12,
+                  out_channels=12, scale_factor_spatial=16,
+                  latents_mean=[0.1 * i - 0.3 for i in range(TI2V_Z)], latents_std=[0.5 + 0.1 * i for i in range(TI2V_Z)])
+    torch.manual_seed(40)
+    vae = _perturb(diffusers.AutoencoderKLWan(**vae_kw), 41).eval()
+    torch.manual_seed(42)
+    dit = _perturb(diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=TI2V_Z,
+        out_channels=TI2V_Z, text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024), 43).eval()
+    return dit, vae
+
+
+@pytest.fixture(scope="module")
+def ti2v(tmp_path_factory, components):
+    text, tokenizer = components[3:]
+    dit, vae = _ti2v_components()
+    root = tmp_path_factory.mktemp("ti2v")
+    diff = write_diffusers(root / "Wan2.2-TI2V-tiny-Diffusers", (dit, vae, text, tokenizer))
+    index = json.loads((diff / "model_index.json").read_text())
+    index.update(expand_timesteps=True, boundary_ratio=None, transformer_2=[None, None])
+    (diff / "model_index.json").write_text(json.dumps(index))
+    orig = write_original(root / "Wan2.2-TI2V-tiny", (dit, _components()[1], text, tokenizer))
+    (orig / "Wan2.1_VAE.pth").unlink()
+    from kino.models.vae import from_diffusers as vae_from_diffusers
+    from kino.models.vae import to_wan as vae_to_wan
+
+    torch.save(vae_to_wan(vae_from_diffusers(vae.state_dict())), orig / "Wan2.2_VAE.pth")
+    config = json.loads((orig / "config.json").read_text())
+    config.update(model_type="ti2v", in_dim=TI2V_Z, out_dim=TI2V_Z)
+    (orig / "config.json").write_text(json.dumps(config))
+    return (dit, vae), {"diffusers": diff, "original": orig}
+
+
+def _diffusers_grid(pipe, shift: float):
+    start = (1 - 1e-6) / (shift - (shift - 1) * (1 - 1e-6))  # diffusers' first time (test_wan.py explains)
+    pipe.defaults = dataclasses.replace(pipe.defaults, t_max=start, t_min=0.001, shift=shift)
+
+
+def test_ti2v_text_and_image_to_video_match_diffusers(ti2v, components, monkeypatch):
+    """Wan2.2 TI2V-5B: one DiT on Wan2.2's VAE (4 x 16 x 16, here 8 latent channels). Text to
+    video equals diffusers' WanPipeline with expand_timesteps; image to video, which kino runs
+    with its own conditioning (the image's latent frame given clean, at DiT time 0), equals
+    diffusers' WanImageToVideoPipeline with expand_timesteps (the first frame's tokens at
+    timestep 0, their latents the image's), in both layouts."""
+    import copy
+    import importlib.util
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from kino.pipeline import Pipeline
+    from kino.tasks.video_tasks import generate
+
+    if importlib.util.find_spec("ftfy") is None:  # as in test_wan_i2v.py
+        from diffusers.pipelines.wan import pipeline_wan_i2v
+
+        monkeypatch.setattr(pipeline_wan_i2v, "ftfy", types.SimpleNamespace(fix_text=lambda t: t), raising=False)
+    (dit, vae), folders = ti2v
+    text, tokenizer = components[3:]
+    shift, steps, prompt, negative = 3.0, 5, "a cat walks on the grass", "dog in snow"
+    kw = dict(negative_prompt=negative, height=32, width=64, num_frames=9, num_inference_steps=steps,
+              guidance_scale=5.0, max_sequence_length=512, output_type="latent")
+
+    def scheduler():
+        return diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                 num_train_timesteps=1000, flow_shift=shift)
+
+    t2v = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text, vae=vae, scheduler=scheduler(),
+                                transformer=dit, expand_timesteps=True)
+    # Wan2.2_VAE.pth carries no latent statistics (Wan's code holds the release's 48): the tiny
+    # original-layout VAE loads with none (0 and 1), so its reference is told the same
+    plain = copy.deepcopy(vae)
+    plain.register_to_config(latents_mean=[0.0] * TI2V_Z, latents_std=[1.0] * TI2V_Z)
+    i2v = {layout: diffusers.WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text, vae=v,
+                                                     scheduler=scheduler(), transformer=dit, expand_timesteps=True)
+           for layout, v in (("diffusers", vae), ("original", plain))}
+    for ref in (t2v, *i2v.values()):
+        ref.set_progress_bar_config(disable=True)
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    for layout in ("diffusers", "original"):
+        pipe = Pipeline.from_pretrained(folders[layout], text_dtype="float32")
+        d = pipe.defaults
+        assert pipe.vae.config.residual and pipe.vae.config.space_stride == 16 and not pipe.takes_image
+        assert (d.frames, d.height, d.width, d.fps, d.steps, d.guidance, d.shift) == (121, 704, 1280, 24, 50, 5.0, 5.0)
+        _diffusers_grid(pipe, shift)
+        clip = pipe.generate(prompt, negative=negative, frames=9, height=32, width=64, steps=steps, seed=3)
+        noise = torch.randn(clip.latents.shape, generator=torch.Generator().manual_seed(3))
+        assert clip.latents.shape == (1, TI2V_Z, 3, 2, 4)
+        with torch.no_grad():
+            expected = t2v(prompt=prompt, latents=noise.clone(), **kw).frames
+        assert expected.std() > 0.1
+        torch.testing.assert_close(clip.latents, expected, rtol=0, atol=1e-4)
+
+        clip = generate(pipe, prompt, image=torch.from_numpy(pixels), negative=negative, frames=9, height=32, width=64, steps=steps,
+                        seed=3)
+        with torch.no_grad():
+            expected = i2v[layout](image=Image.fromarray(pixels), prompt=prompt, latents=noise.clone(), **kw).frames
+        torch.testing.assert_close(clip.latents, expected, rtol=0, atol=1e-4)
+        assert (clip.latents - clip.latents[:, :, :1]).abs().max() > 0.1  # not a still of the image
+
+
+def test_ti2v_convert_and_cli(ti2v, tmp_path, capsys):
+    """`kino convert wan` on a TI2V folder keeps Wan2.2's VAE (residual, patches) and the
+    clip; `kino generate --image` runs image to video on it."""
+    import numpy as np
+    from PIL import Image
+
+    from kino.data.video_io import read_video
+    from kino.pipeline import Pipeline
+
+    folders = ti2v[1]
+    dst = tmp_path / "kino-ti2v"
+    assert main(["convert", "wan", str(folders["original"]), str(dst)]) == 0
+    vae = json.loads((dst / "vae" / "config.json").read_text())
+    assert vae["residual"] and vae["patch_size"] == 2
+    kw = dict(frames=5, height=32, width=64, steps=2, seed=4)
+    a = Pipeline.from_pretrained(folders["original"], text_dtype="float32").generate("a cat", **kw)
+    b = Pipeline.from_pretrained(dst, text_dtype="float32").generate("a cat", **kw)
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-6)
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    assert main(["generate", "a cat", "--model", str(dst), "--image", str(tmp_path / "i.png"), "--frames", "5",
+                 "--steps", "2", "-o", str(tmp_path / "o.mp4"), "-q"]) == 0, capsys.readouterr().err
+    video = read_video(tmp_path / "o.mp4")[0]
+    assert video.shape == (5, 32, 64, 3)  # the image's size (a multiple of 32: the DiT's 2x2 patches on 16x)

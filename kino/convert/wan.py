@@ -63,9 +63,15 @@ def wan_defaults(model_type: str = "t2v", boundary: float | None = None):
     choice at 832x480; 5 at 720p), flf2v shift 16. Wan2.2 T2V-A14B (its t2v_A14B config and
     generate.py): 1280x720, 40 steps, shift 12, the low-noise expert from DiT time 875 down
     (`boundary`, which a diffusers folder may set), guidance 4 on the high-noise expert's
-    steps and 3 on the low-noise one's. I2V-A14B: shift 5, boundary 0.9, guidance 3.5 on both."""
+    steps and 3 on the low-noise one's. I2V-A14B: shift 5, boundary 0.9, guidance 3.5 on both.
+    TI2V-5B (one DiT on Wan2.2's VAE): 121 frames of 1280x704 at 24 fps, 50 steps, shift 5,
+    guidance 5."""
     from kino.pipeline import GenerationDefaults
 
+    if model_type == "ti2v-5B":  # Wan2.2's ti2v_5B config and generate.py
+        return GenerationDefaults(frames=121, height=704, width=1280, fps=24.0, steps=50, guidance=5.0,
+                                  sampler="unipc", shift=5.0, negative=WAN_NEGATIVE_PROMPT, t_max=0.999,
+                                  integer_dit_time=True)
     if model_type in ("t2v-A14B", "i2v-A14B"):  # Wan2.2's t2v_A14B / i2v_A14B configs
         t2v = model_type == "t2v-A14B"
         return GenerationDefaults(frames=81, height=720, width=1280, fps=16.0, steps=40, guidance=4.0 if t2v else 3.5,
@@ -79,6 +85,7 @@ def wan_defaults(model_type: str = "t2v", boundary: float | None = None):
 
 
 ORIGINAL_VAE = "Wan2.1_VAE.pth"
+ORIGINAL_VAE_22 = "Wan2.2_VAE.pth"  # TI2V-5B's
 ORIGINAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 ORIGINAL_TOKENIZER = "google/umt5-xxl"
 ORIGINAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -141,6 +148,8 @@ class WanSource:
     @property
     def model_type(self) -> str:
         c = self.dit_config
+        if self.vae_config.residual:  # Wan2.2's VAE: TI2V-5B
+            return "ti2v-5B"
         if self.dit_2_state is not None:
             return "t2v-A14B" if c.in_channels == c.out_channels else "i2v-A14B"
         return "t2v" if c.img_dim is None else "i2v" if c.img_pos_len is None else "flf2v"
@@ -152,7 +161,7 @@ def detect_layout(root: Path) -> str | None:
         return "kino"
     if (root / "model_index.json").is_file():
         return "diffusers"
-    if (root / ORIGINAL_VAE).is_file() or (root / ORIGINAL_T5).is_file() or shards(root, DIT_STEM):
+    if any((root / f).is_file() for f in (ORIGINAL_VAE, ORIGINAL_VAE_22, ORIGINAL_T5)) or shards(root, DIT_STEM):
         return "original"
     return None
 
@@ -220,7 +229,8 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
         _check_experts(dit_config, experts[WAN22_LOW][0], root)
     else:
         dit_config, dit_state, dit_file = _original_dit(root, dit_dtype)
-    vae_file = _need(root / ORIGINAL_VAE, f"the VAE's weights {ORIGINAL_VAE}")
+    vae_file = root / ORIGINAL_VAE_22 if (root / ORIGINAL_VAE_22).is_file() else root / ORIGINAL_VAE
+    _need(vae_file, f"the VAE's weights {ORIGINAL_VAE} (or Wan2.2's {ORIGINAL_VAE_22})")
     wan_vae = load_pth(vae_file)
     vae_config = _config(vae_adapters.config_from_wan, wan_vae, vae_file)
     vae_state = _adapt(vae_adapters.from_wan, wan_vae, vae_file)
@@ -247,9 +257,8 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     if index.get("_class_name") not in ("WanPipeline", "WanImageToVideoPipeline", None):
         raise KinoUserError(f"{root / 'model_index.json'} describes a {index.get('_class_name')}, not a Wan2.1 "
                             "WanPipeline or WanImageToVideoPipeline")
-    if index.get("expand_timesteps"):
-        raise KinoUserError(f"{root / 'model_index.json'} describes Wan2.2 TI2V-5B (expand_timesteps, a VAE of "
-                            "another family), which kino does not load")
+    # expand_timesteps (Wan2.2 TI2V-5B): a timestep per token, 0 on a given first frame's tokens:
+    # what kino's per-frame timesteps and clean frames do, so nothing to record
     tdir = _need(root / "transformer", "transformer/ (the DiT)")
     dit_files = shards(tdir, DIT_STEM)
     if not dit_files:
