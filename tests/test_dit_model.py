@@ -309,6 +309,15 @@ def test_config_from_diffusers_published_wan_configs():
     }  # fmt: skip
     assert config_from_diffusers(wan_1_3b) == DIT_SIZES["wan2.1-1.3b"]
     assert config_from_diffusers({}) == DIT_SIZES["wan2.1-14b"]  # diffusers' defaults are Wan2.1 14B's
+    # Wan2.2 TI2V-5B as its release's config.json says it (WanModel, model_type "ti2v")
+    from kino.models.dit import config_from_wan
+
+    ti2v = {"_class_name": "WanModel", "_diffusers_version": "0.33.0", "dim": 3072, "eps": 1e-06, "ffn_dim": 14336,
+            "freq_dim": 256, "in_dim": 48, "model_type": "ti2v", "num_heads": 24, "num_layers": 30, "out_dim": 48,
+            "text_len": 512}
+    assert config_from_wan(ti2v) == DIT_SIZES["wan2.2-ti2v-5b"]
+    with torch.device("meta"):
+        assert round(sum(p.numel() for p in DiT(DIT_SIZES["wan2.2-ti2v-5b"]).parameters()) / 1e9, 1) == 5.0
     # image-to-video: Wan's image branch (tests/test_wan_i2v.py); the added keys/values as wide as the model
     assert config_from_diffusers({**wan_1_3b, "image_dim": 1280, "added_kv_proj_dim": 1536}).img_dim == 1280
     with pytest.raises(ValueError, match="added_kv_proj_dim other than the width 1536"):
