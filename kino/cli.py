@@ -168,6 +168,11 @@ def add_guidance_options(p):
                    help="DiT block indices (from 0) the skip-layer pass leaves out (default: the model's)")
     p.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="solver times where skip-layer guidance applies (default: the guidance interval)")
+    p.add_argument("--cfg-star", action=argparse.BooleanOptionalAction, default=None,
+                   help="CFG-Zero*: scale the unguided velocity to its best fit to the guided one before guidance "
+                        "(default: the model's)")
+    p.add_argument("--zero-steps", type=int, default=None, metavar="K",
+                   help="CFG-Zero*'s zero-init: the first K steps take zero velocity (default: the model's)")
 
 
 def add_lora(p):
@@ -313,9 +318,11 @@ def guidance_options(args) -> dict:
         raise KinoUserError(f"--skip-guidance must be >= 0, got {args.skip_guidance}")
     if args.skip_blocks is not None and min(args.skip_blocks) < 0:
         raise KinoUserError(f"--skip-blocks are DiT block indices from 0, got {args.skip_blocks}")
+    if args.zero_steps is not None and args.zero_steps < 0:
+        raise KinoUserError(f"--zero-steps must be >= 0, got {args.zero_steps}")
     return dict(guidance_interval=interval, skip_guidance=args.skip_guidance,
                 skip_blocks=None if args.skip_blocks is None else tuple(args.skip_blocks), skip_interval=skip_interval,
-                cache_threshold=args.cache_threshold)
+                cache_threshold=args.cache_threshold, cfg_star=args.cfg_star, zero_steps=args.zero_steps)
 
 
 def _sampling_kwargs(args) -> dict:

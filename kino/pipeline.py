@@ -83,6 +83,10 @@ class GenerationDefaults:
     # guidance). Unused by one-DiT models.
     boundary: float | None = None
     guidance_2: float | None = None
+    # CFG-Zero* (Fan et al. 2025, sample_latents): the unconditional velocity scaled by its
+    # projection coefficient before guidance, and zero velocity on the first `zero_steps` steps
+    cfg_star: bool = False
+    zero_steps: int = 0
 
     def __post_init__(self):
         if self.guidance_interval is not None:
@@ -94,6 +98,8 @@ class GenerationDefaults:
             raise KinoUserError(f"skip-layer guidance must be >= 0, got {self.skip_guidance}")
         if not self.cache_threshold >= 0:
             raise KinoUserError(f"the cache threshold must be >= 0 (0 = off), got {self.cache_threshold}")
+        if self.zero_steps < 0:
+            raise KinoUserError(f"zero_steps must be >= 0, got {self.zero_steps}")
         if self.boundary is not None and not 0.0 < self.boundary < 1.0:
             raise KinoUserError(f"the experts' boundary must be in (0, 1), got {self.boundary}")
 
@@ -174,7 +180,8 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
                    skip_guidance: float = 0.0, skip_blocks: tuple[int, ...] = (),
                    skip_interval: tuple[float, float] | None = None, dit_2: DiT | None = None,
                    boundary: float | None = None, guidance_2: float | None = None,
-                   on_switch: Callable[[DiT], None] | None = None) -> Tensor:
+                   on_switch: Callable[[DiT], None] | None = None, cfg_star: bool = False,
+                   zero_steps: int = 0) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
     guidance; conditional and unconditional branches run as one batch (`cfg_batch=False`:
     one after the other, half the activations). The DiT computes in its own dtype (that of
@@ -197,6 +204,12 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     high-noise expert) on the steps whose DiT time is below `boundary` x 1000, guided by
     `guidance_2` (None: `guidance`); `on_switch(expert)` is called before an expert's first
     step and whenever the other one takes over (e.g. to swap them in and out of the device).
+
+    CFG-Zero* (Fan et al. 2025; `cfg_star`, `zero_steps`): the unconditional velocity is first
+    scaled by s = <v_c, v_u> / |v_u|^2 per clip, its best fit to the conditional one, so
+    v = s v_u + g (v_c - s v_u); and the first `zero_steps` steps take zero velocity (a flow
+    model's earliest velocity estimates are its least reliable). Guidance 1 is still the
+    conditional velocity.
 
     `source` (text, mask) of the prompt that describes the start latents of an edit
     conditioning: the edit then runs FlowEdit (`flow_edit`: the difference of the target's
@@ -245,6 +258,11 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         return skip_guidance > 0.0 and skip_lo <= t <= skip_hi
 
     def combine(v_cond: Tensor, v_uncond: Tensor | None, v_skip: Tensor | None, g: float) -> Tensor:
+        if v_uncond is not None and cfg_star:  # CFG-Zero*'s optimized scale, per clip
+            dims = tuple(range(1, v_cond.ndim))
+            scale = (v_cond * v_uncond).sum(dims, keepdim=True) / v_uncond.square().sum(dims, keepdim=True).clamp_min(
+                1e-12)
+            v_uncond = scale * v_uncond
         v = v_cond if v_uncond is None else v_uncond + g * (v_cond - v_uncond)
         return v if v_skip is None else v + skip_guidance * (v_cond - v_skip)
 
@@ -265,7 +283,11 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
         """(B, T) DiT times of solver time t (0 on clean frames)."""
         return cond.frame_times(dit_time(t), dtype)
 
+    zeroed = set(ts.tolist()[:zero_steps])  # CFG-Zero*'s zero-init: the first steps' times
+
     def velocity(x: Tensor, t: float) -> Tensor:
+        if t in zeroed:
+            return torch.zeros_like(x)
         use_cfg = guided(t)
         dit, g = expert(t)
         x = cond.keep_clean(x)
@@ -642,7 +664,8 @@ class Pipeline:
                  guidance_interval: tuple[float, float] | None = None, skip_guidance: float | None = None,
                  skip_blocks: tuple[int, ...] | None = None,
                  skip_interval: tuple[float, float] | None = None, fps: float | None = None,
-                 cache_threshold: float | None = None, guidance_2: float | None = None) -> Generation:
+                 cache_threshold: float | None = None, guidance_2: float | None = None,
+                 cfg_star: bool | None = None, zero_steps: int | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -666,7 +689,8 @@ class Pipeline:
         (an edit, a refine pass: strength < 1) guides every step unless given an interval here.
 
         `skip_guidance`, `skip_blocks`, `skip_interval`: skip-layer guidance (see
-        `sample_latents`); the model's defaults unless given. `fps`: the clip's frame rate
+        `sample_latents`); the model's defaults unless given. `cfg_star`, `zero_steps`: CFG-Zero*
+        (`sample_latents`; zero steps only on runs from noise). `fps`: the clip's frame rate
         (for the file; the model's by default). `cache_threshold` > 0: first-block caching
         (kino/models/dit/cache.py), an approximation that skips most of the DiT on steps
         where its first block changes by less than that (relative); the metadata's
@@ -680,7 +704,8 @@ class Pipeline:
             frames=frames, height=height, width=width, steps=steps, guidance=guidance, negative=negative,
             sampler=sampler, shift=shift, guidance_interval=guidance_interval, skip_guidance=skip_guidance,
             skip_blocks=skip_blocks, skip_interval=skip_interval, fps=fps,
-            cache_threshold=cache_threshold, guidance_2=guidance_2).items() if v is not None})
+            cache_threshold=cache_threshold, guidance_2=guidance_2, cfg_star=cfg_star,
+            zero_steps=zero_steps).items() if v is not None})
         partial = d.t_max < 1.0 or (conditioning is not None and conditioning.starts_part_way)
         if partial and guidance_interval is None:
             # the model's interval is for runs from noise; a run that starts part way (edit,
@@ -728,7 +753,8 @@ class Pipeline:
                                      source=(text[2:], mask[2:]) if source_prompt else None,
                                      guidance_interval=d.guidance_interval, skip_guidance=d.skip_guidance,
                                      skip_blocks=d.skip_blocks, skip_interval=d.skip_interval, dit_2=self.dit_2,
-                                     boundary=d.boundary, guidance_2=d.guidance_2, on_switch=switch)
+                                     boundary=d.boundary, guidance_2=d.guidance_2, on_switch=switch,
+                                     cfg_star=d.cfg_star, zero_steps=d.zero_steps if not partial else 0)
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if source_prompt:

@@ -139,6 +139,42 @@ def test_skip_layer_guidance_moves_away_from_the_weakened_pass():
         sample_latents(ConstantVelocity(), cond, m, neg, m, noise, **kw, skip_guidance=-1.0, skip_blocks=(1,))
 
 
+class ScaledVelocity(torch.nn.Module):
+    """Conditional velocity x + 1 for the prompt (text all 2), c times it for the negative (text
+    all 0.5): the unconditional prediction is an exact multiple of the conditional one."""
+
+    config = types.SimpleNamespace(patch_size=(1, 1, 1))
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x, t, text, mask, skip_blocks=()):
+        factor = torch.where(text.mean(dim=(1, 2)) > 1.0, 1.0, self.c).view(-1, 1, 1, 1, 1)
+        return factor * (x + 1.0)
+
+
+def test_cfg_zero_star_scale_and_zero_init():
+    """CFG-Zero*: with v_u = c v_c its optimized scale is 1/c, so the guided velocity is v_c for
+    any guidance (plain CFG is not); zero-init steps leave the state as it is; both with any
+    sampler, and guidance 1 unchanged."""
+    noise = torch.randn(1, 4, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    cond, neg, m = torch.full((1, 3, 4), 2.0), torch.full((1, 3, 4), 0.5), torch.ones(1, 3, dtype=torch.bool)
+    model = ScaledVelocity(c=0.25)
+    for sampler in ("euler", "dpm++2m", "unipc"):
+        kw = dict(steps=4, shift=1.0, sampler=sampler)
+        alone = sample_latents(model, cond, m, neg, m, noise, guidance=1.0, **kw)
+        star = sample_latents(model, cond, m, neg, m, noise, guidance=5.0, cfg_star=True, **kw)
+        plain = sample_latents(model, cond, m, neg, m, noise, guidance=5.0, **kw)
+        torch.testing.assert_close(star, alone)
+        assert (plain - alone).abs().max() > 0.1
+        assert torch.equal(sample_latents(model, cond, m, neg, m, noise, guidance=1.0, cfg_star=True, **kw), alone)
+        still = sample_latents(model, cond, m, neg, m, noise, guidance=5.0, zero_steps=4, **kw)
+        torch.testing.assert_close(still, noise, rtol=0, atol=1e-6)  # every step zero: nothing moves
+        one = sample_latents(model, cond, m, neg, m, noise, guidance=1.0, zero_steps=1, **kw)
+        assert not torch.equal(one, alone) and not torch.equal(one, noise)
+
+
 def test_skip_layer_guidance_runs_at_its_steps_and_folders_carry_it(model_dir, tmp_path):
     pipe = Pipeline.from_pretrained(model_dir)
     calls = []
