@@ -189,8 +189,11 @@ def _spatially_pointwise(model: VideoVAE) -> VideoVAE:
 TILE = TileConfig(tile_h=64, tile_w=64, overlap=48)  # on 32x80 frames: two 32x64 tiles
 
 
-def test_tiling_is_exact_for_a_spatially_local_model():
-    model = _spatially_pointwise(_model(dataclasses.replace(TINY, mid_attention=False)))
+@pytest.mark.parametrize("wan22", [False, True])
+def test_tiling_is_exact_for_a_spatially_local_model(wan22):
+    """Also for Wan2.2's layout: patches, AvgDown and DupUp stay inside 16 x 16 pixel cells."""
+    config = dataclasses.replace(TINY, mid_attention=False, residual=wan22, patch_size=2 if wan22 else 1)
+    model = _spatially_pointwise(_model(config))
     video, tile = _video(5, 32, 80), TILE
     with torch.no_grad():
         mean, _ = model.encode(video)
