@@ -476,3 +476,53 @@ def test_sampling_matches_diffusers_wan_pipeline(folders, components):
     other = pipe.generate(prompt, negative=negative, frames=5, height=16, width=32, steps=steps, seed=3,
                           sampler="euler")
     assert (other.latents - latents).abs().max() > 1e-2
+
+
+def test_lora_fine_tune_of_a_wan_folder_on_videos(folders, tmp_path, capsys):
+    """The workflow of a Wan user: convert, `kino preprocess` a video folder (its captions go
+    through the model's own UMT5, 512 tokens, not MiniLM), `kino train dit` a LoRA, then
+    `kino generate --lora` with it; and a full fine-tune exports a whole Wan pipeline."""
+    from kino.data.latent_cache import LatentCache
+    from kino.pipeline import Pipeline
+
+    wan = tmp_path / "wan-kino"
+    assert main(["convert", "wan", str(folders["diffusers"]), str(wan)]) == 0
+    videos = tmp_path / "videos"
+    assert main(["world", "sample", "--out", str(videos), "--n", "4", "--frames", "9", "--size", "64x64", "-q"]) == 0
+    config = tmp_path / "run.toml"
+    body = f"""init_from = "{wan}"
+[dataset]
+captions = "{videos / 'captions.jsonl'}"
+fps = 8.0
+buckets = ["9x32x32"]
+part_size = 2
+[cache]
+dir = "{tmp_path / 'cache'}"
+[data]
+batch_size = 2
+[train]
+out_dir = "{tmp_path / 'run'}"
+max_steps = 2
+lr = 1e-2
+log_every = 1
+checkpoint_every = 0
+progress = false
+device = "cpu"
+"""
+    config.write_text(body + "[lora]\nrank = 2\n")
+    assert main(["preprocess", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    cache = LatentCache(tmp_path / "cache")
+    assert cache.meta["text_encoder"]["name"].endswith("UMT5Encoder") and cache.text_dim == DIT.text_dim
+    assert cache.get(cache.buckets[0], [0])["text"].shape[1] == 512  # Wan's token count, padding included
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    lora = tmp_path / "run" / "lora.safetensors"
+    assert lora.is_file()
+    args = ["generate", "a cat walks", "--model", str(wan), "--frames", "5", "--size", "16x32", "--steps", "2", "-q"]
+    assert main([*args, "-o", str(tmp_path / "plain.mp4")]) == 0
+    assert main([*args, "--lora", str(lora), "-o", str(tmp_path / "lora.mp4")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "plain.mp4").read_bytes() != (tmp_path / "lora.mp4").read_bytes()
+    # a full fine-tune (no [lora]) exports the parent's pipeline around the new DiT
+    config.write_text(body.replace(str(tmp_path / "run"), str(tmp_path / "full")))
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    tuned = Pipeline.from_pretrained(tmp_path / "full" / "model", text_dtype="float32")
+    assert type(tuned.text_encoder).__name__ == "UMT5Encoder" and tuned.defaults.steps == 50

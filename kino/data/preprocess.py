@@ -236,12 +236,13 @@ def _report(root: Path, meta: dict, parts_done: int) -> PreprocessReport:
 
 def run_preprocess(config, *, text_encoder=None, progress: bool = True) -> PreprocessReport:
     """`kino preprocess --config FILE`: encode `config.dataset` (a DiTRunConfig, the one
-    `kino train dit` then reads) into `config.cache.dir` with `config.vae` and MiniLM
-    (`cache.text_max_length` tokens), this rank's parts only under torchrun."""
+    `kino train dit` then reads) into `config.cache.dir` with `config.vae` and the text encoder
+    of `config.init_from` when that is not MiniLM (a converted Wan folder's UMT5), else MiniLM
+    (`cache.text_max_length` tokens); this rank's parts only under torchrun."""
     from tqdm.auto import tqdm
 
     from kino.models.vae.pretrained import load_vae
-    from kino.training.dit import default_vae_folder
+    from kino.training.dit import default_vae_folder, training_text_encoder
     from kino.training.trainer import resolve_device
 
     if config.dataset is None:
@@ -256,10 +257,8 @@ def run_preprocess(config, *, text_encoder=None, progress: bool = True) -> Prepr
     if device.type == "cuda":  # under torchrun: this rank's own GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     vae = load_vae(vae_path, device)
-    if text_encoder is None:
-        from kino.models.text.encoder import MiniLMEncoder
-
-        text_encoder = MiniLMEncoder(max_length=config.cache.text_max_length)
+    if text_encoder is None:  # init_from's own (a Wan folder's UMT5), else MiniLM
+        text_encoder = training_text_encoder(config, device)
     return build_video_cache(
         config.cache.dir, vae, text_encoder, config.dataset, rank=rank, world_size=world,
         progress=lambda it: tqdm(it, desc=f"preprocess rank {rank}/{world}", unit="part", disable=not progress),

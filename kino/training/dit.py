@@ -638,7 +638,10 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
     signal (a checkpoint is saved: run again to resume). With a [lora] section the export
     is the LoRA alone, OUT/lora.safetensors (+ OUT/lora.json), and that file is returned.
 
-    `text_encoder` defaults to MiniLM (`MiniLMEncoder(max_length=cache.text_max_length)`).
+    `text_encoder` defaults to MiniLM (`MiniLMEncoder(max_length=cache.text_max_length)`), or to
+    init_from's own when that is not MiniLM (`own_text_encoder`: Wan's UMT5), which is loaded
+    only when captions must be encoded here (Shapes World caches; a video cache was encoded by
+    `kino preprocess` already).
 
     Under torchrun every process calls this: rank 0 builds the cache while the others wait,
     all train, and rank 0 writes the model folder (None on the other ranks).
@@ -654,12 +657,17 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         raise KinoUserError(f"the shipped default VAE is not installed at {vae_path}: set vae = \"MODEL_DIR\" "
                             "in the config to a trained VAE folder")
     vae = load_vae(vae_path)
-    if text_encoder is None:
-        from kino.models.text.encoder import MiniLMEncoder
-
-        text_encoder = MiniLMEncoder(max_length=config.cache.text_max_length)
+    own = own_text_encoder(config.init_from) if text_encoder is None else None
+    if text_encoder is None and (own is None or config.dataset is None):
+        text_encoder = training_text_encoder(config)
     if config.init_from is not None:  # fail now, not after building the cache
-        check_init_from(config.init_from, target_dit_config(config, text_encoder.dim), size_label(config))
+        if text_encoder is not None:
+            text_dim = text_encoder.dim
+        else:  # the video cache holds the features already
+            from kino.data.preprocess import open_video_cache
+
+            text_dim = open_video_cache(config.cache.dir, config.dataset, vae).text_dim
+        check_init_from(config.init_from, target_dit_config(config, text_dim), size_label(config))
     c = config.cache
     procs = init_processes(config.train.parallel, resolve_device(config.train.device))
     show = config.train.progress and procs.is_main
@@ -732,7 +740,43 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
 
         Pipeline(vae, load_dit(out), text_encoder, init_from_defaults(config.init_from),
                  name=SHAPES_WORLD_NAME).save_pretrained(out)
+    elif own is not None:  # a fine-tuned Wan model: the parent's pipeline with the new DiT
+        from kino.models.dit.pretrained import load_dit
+        from kino.pipeline import Pipeline
+
+        parent = Pipeline.from_pretrained(model_folder(config.init_from))
+        parent.dit = load_dit(out)
+        parent.name = f"{parent.name} (fine-tuned)"
+        parent.save_pretrained(out)
     return out
+
+
+def own_text_encoder(init_from: str | None) -> tuple[dict, Path] | None:
+    """(config, folder) of the text encoder a fine-tune of `init_from` must train with when that
+    model folder's own is not MiniLM: a converted Wan2.1 / Wan2.2 folder's UMT5 (512 tokens;
+    its DiT reads 4096-wide features). None: kino's MiniLM at `cache.text_max_length`, as
+    kino's own models are trained. Configs only: cheap."""
+    if init_from is None:
+        return None
+    folder = model_folder(init_from)
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if manifest is None or "text_encoder" not in manifest.get("components", {}):
+        return None
+    comp = load_component(folder, "text_encoder", weights=False)
+    return None if comp.config.get("kind") == "minilm" else (comp.config, comp.folder)
+
+
+def training_text_encoder(config: DiTRunConfig, device: str | torch.device = "cpu"):
+    """The text encoder that encodes a run's captions: init_from's own (own_text_encoder) or
+    MiniLM at cache.text_max_length."""
+    own = own_text_encoder(config.init_from)
+    if own is not None:  # in its recorded dtype (bf16) on a GPU; fp32 on a CPU, where bf16 crawls
+        from kino.models.text.encoder import load_text_encoder
+
+        return load_text_encoder(own[0], device, own[1], None if torch.device(device).type == "cuda" else "float32")
+    from kino.models.text.encoder import MiniLMEncoder
+
+    return MiniLMEncoder(max_length=config.cache.text_max_length, device=device)
 
 
 def init_from_defaults(init_from: str | None):
