@@ -452,3 +452,64 @@ def test_ti2v_convert_and_cli(ti2v, tmp_path, capsys):
                  "--steps", "2", "-o", str(tmp_path / "o.mp4"), "-q"]) == 0, capsys.readouterr().err
     video = read_video(tmp_path / "o.mp4")[0]
     assert video.shape == (5, 32, 64, 3)  # the image's size (a multiple of 32: the DiT's 2x2 patches on 16x)
+
+
+def test_wan22_expert_lora_on_videos(folders, tmp_path, capsys):
+    """Training one expert of Wan2.2 A14B: `expert` picks the DiT (2: low-noise), whose LoRA
+    trains on flow times below the boundary only, records that expert's weights as its base,
+    and loads with --lora-2; a run without `expert` is refused with a clear message."""
+    import warnings
+
+    from kino.data.latent_cache import LatentCache
+    from kino.models.folder import sha256_file
+    from kino.models.lora import read_lora
+    from kino.pipeline import Pipeline
+    from kino.training.config import load_config
+    from kino.training.dit import DiTRunConfig, DiTTask
+
+    wan = tmp_path / "wan22-kino"
+    assert main(["convert", "wan", str(folders["diffusers"]), str(wan)]) == 0
+    videos = tmp_path / "videos"
+    assert main(["world", "sample", "--out", str(videos), "--n", "4", "--frames", "9", "--size", "64x64", "-q"]) == 0
+    config = tmp_path / "run.toml"
+    body = f"""init_from = "{wan}"
+[lora]
+rank = 2
+[dataset]
+captions = "{videos / 'captions.jsonl'}"
+fps = 8.0
+buckets = ["9x32x32"]
+part_size = 2
+[cache]
+dir = "{tmp_path / 'cache'}"
+[data]
+batch_size = 2
+[train]
+out_dir = "{tmp_path / 'run'}"
+max_steps = 2
+lr = 1e-2
+log_every = 1
+checkpoint_every = 0
+progress = false
+device = "cpu"
+"""
+    config.write_text(body)
+    assert main(["preprocess", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 2
+    assert "set expert = 1 (high-noise) or 2 (low-noise)" in capsys.readouterr().err
+    config.write_text("expert = 2\n" + body)
+    task = DiTTask(load_config(config, DiTRunConfig), LatentCache(tmp_path / "cache"))
+    assert task.component == "dit_2" and task.t_range == (0.0, BOUNDARY)
+    times = torch.cat([task.batch(step)["t"].flatten() for step in range(20)])
+    assert times.max() < BOUNDARY and times.min() >= 0
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    lora = tmp_path / "run" / "lora.safetensors"
+    assert read_lora(lora).base_sha256 == sha256_file(wan / "dit_2" / "model.safetensors")
+    args = ["generate", "a cat walks", "--model", str(wan), "--frames", "5", "--size", "16x32", "--steps", "4", "-q"]
+    assert main([*args, "-o", str(tmp_path / "plain.mp4")]) == 0
+    assert main([*args, "--lora-2", str(lora), "-o", str(tmp_path / "low.mp4")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "plain.mp4").read_bytes() != (tmp_path / "low.mp4").read_bytes()
+    with warnings.catch_warnings(record=True) as caught:  # the high-noise slot: another base, a warning
+        warnings.simplefilter("always")
+        Pipeline.from_pretrained(wan, text_dtype="float32").load_lora(lora)
+    assert any("was trained on a DiT with weights sha256" in str(w.message) for w in caught)

@@ -124,10 +124,18 @@ class FlowConfig:
     # Warp each bucket's t with shift_for_tokens (as the sampler may): longer clips spend
     # more time at high noise. Off by default: Shapes World sequences are short (16-216 tokens).
     shift_by_tokens: bool = False
+    # Train on flow times in [t_min, t_max] only (t drawn as above, then mapped linearly into
+    # the range): one expert of a two-expert model (Wan2.2 A14B) sees only its own noise levels.
+    # With `expert` set and these at 0 and 1, the expert's range comes from init_from's boundary.
+    t_min: float = 0.0
+    t_max: float = 1.0
 
     def __post_init__(self):
         if not self.logit_std > 0:
             raise KinoUserError(f"flow.logit_std must be > 0, got {self.logit_std}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise KinoUserError(f"flow.t_min and flow.t_max need 0 <= t_min < t_max <= 1, got {self.t_min}, "
+                                f"{self.t_max}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise KinoUserError(f"flow.caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -208,6 +216,10 @@ class DiTRunConfig:
     # full fine-tuning, or with a [lora] section the frozen base the LoRA adapts. none: random init.
     init_from: str | None = None
     lora: LoRAConfig | None = None  # a [lora] section trains only a LoRA of the init_from DiT
+    # A two-expert init_from (Wan2.2 A14B): which DiT trains, 1 (high-noise, `dit`) or 2
+    # (low-noise, `dit_2`), on the flow times of its side of the model's boundary (flow.t_min/max
+    # override). Required there, refused elsewhere.
+    expert: int | None = None
     # A real video dataset (kino/data/datasets.py), encoded into cache.dir by `kino preprocess`
     # (its buckets replace cache.buckets). None: Shapes World, encoded on first use.
     dataset: VideoDatasetConfig | None = None
@@ -221,6 +233,8 @@ class DiTRunConfig:
     def __post_init__(self):
         if self.model is not None and self.model not in DIT_SIZES:
             raise KinoUserError(f"unknown DiT size {self.model!r}: allowed {', '.join(DIT_SIZES)}")
+        if self.expert not in (None, 1, 2):
+            raise KinoUserError(f"expert must be 1 (high-noise) or 2 (low-noise), got {self.expert}")
         if self.dataset is not None and self.cache.loop_dir is not None:
             raise KinoUserError("cache.loop_dir renders Shapes World loops: it cannot go with a [dataset] (a video "
                                 "dataset has no loops to render); remove one of them")
@@ -281,15 +295,18 @@ def check_init_from(init_from: str, dit_config: DiTConfig, size: str) -> Path:
 
 
 def frame_times(generator: torch.Generator, batch: int, frames: int, flow: FlowConfig, shift: float = 1.0,
-                clean: Tensor | None = None) -> Tensor:
+                clean: Tensor | None = None, t_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """Per-frame flow times (B, T): one logit-normal t in (0, 1) per clip on every latent
-    frame, and t = 0 on the `clean` (B, T) frames of a conditioning pattern.
+    frame (mapped linearly into `t_range`), and t = 0 on the `clean` (B, T) frames of a
+    conditioning pattern.
 
     The one place a batch's noise levels are made.
     """
     t = logit_normal((batch,), flow.logit_mean, flow.logit_std, generator=generator)  # (B,)
     if shift != 1.0:
         t = shift_timesteps(t, shift)
+    if t_range != (0.0, 1.0):
+        t = t_range[0] + (t_range[1] - t_range[0]) * t
     t = t[:, None].expand(batch, frames).contiguous()  # (B, T)
     return t if clean is None else t.masked_fill(clean, 0.0)
 
@@ -375,6 +392,8 @@ class DiTTask:
         self.vae = vae
         self.loop_cache = loop_cache
         self.dit_config = target_dit_config(config, cache.text_dim)
+        self.component = dit_component(config)  # "dit", or a two-expert model's "dit_2"
+        self.t_range = training_times(config)
         if cache.latent_channels != self.dit_config.in_channels:
             raise KinoUserError(f"the cache holds {cache.latent_channels}-channel latents; the DiT size "
                                 f"{size_label(config)} takes {self.dit_config.in_channels}")
@@ -422,7 +441,8 @@ class DiTTask:
         cfg = self.config
         if cfg.init_from is None:
             return DiT(self.dit_config)
-        model = load_dit(check_init_from(cfg.init_from, self.dit_config, size_label(cfg))).train()
+        model = load_dit(check_init_from(cfg.init_from, self.dit_config, size_label(cfg)),
+                         component=self.component).train()
         if model.config != self.dit_config:  # check_init_from allowed it: a grown model (grow.py)
             if cfg.lora is not None:
                 found = model.config
@@ -460,7 +480,8 @@ class DiTTask:
             for key in ("latents", "text", "mask"):  # `get` returns fresh tensors: safe to write
                 data[key][tie] = loops[key]
             x0 = data["latents"]
-        t = frame_times(gen, size, x0.shape[2], cfg.flow, self.shift(tuple(x0.shape[1:])), clean)  # (B, T)
+        t = frame_times(gen, size, x0.shape[2], cfg.flow, self.shift(tuple(x0.shape[1:])), clean,
+                        self.t_range)  # (B, T)
         noise = torch.randn(x0.shape, generator=gen)  # (B, C, T, h, w)
         drop = torch.rand(size, generator=gen) < cfg.flow.caption_dropout  # (B,)
         text = torch.where(drop[:, None, None], self.cache.empty_text, data["text"])  # (B, L, D)
@@ -585,7 +606,7 @@ def export_lora(state_dict: dict[str, Tensor], config: DiTRunConfig, path: str |
     """Write the LoRA weights of a trained, LoRA-adapted DiT's state dict alone to `path`
     (.safetensors; rank, alpha, targets in its metadata) and, beside it, a JSON record of its
     sha256, the base it adapts (with the base weights' sha256) and `training` facts."""
-    base_sha256 = _dit_weights_sha256(model_folder(config.init_from))
+    base_sha256 = _dit_weights_sha256(model_folder(config.init_from), dit_component(config))
     path = Path(path)
     digest = save_lora(path, state_dict, config.lora, base=str(config.init_from), base_sha256=base_sha256)
     write_record(path, digest, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets,
@@ -611,7 +632,7 @@ def pin_lora_base(config: DiTRunConfig) -> None:
     from kino.training.checkpoint import latest_checkpoint
 
     out = Path(config.train.out_dir)
-    sha = _dit_weights_sha256(model_folder(config.init_from))
+    sha = _dit_weights_sha256(model_folder(config.init_from), dit_component(config))
     record = out / "lora_base.json"
     if record.is_file() and latest_checkpoint(out) is not None:
         pinned = json.loads(record.read_text(encoding="utf-8"))["base_sha256"]
@@ -626,9 +647,9 @@ def pin_lora_base(config: DiTRunConfig) -> None:
     tmp.replace(record)
 
 
-def _dit_weights_sha256(root: Path) -> str:
+def _dit_weights_sha256(root: Path, component: str = "dit") -> str:
     manifest = read_manifest(root)
-    folder = root / manifest["components"]["dit"]["path"] if manifest is not None else root
+    folder = root / manifest["components"][component]["path"] if manifest is not None else root
     return sha256_file(folder / WEIGHTS)
 
 
@@ -745,10 +766,39 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         from kino.pipeline import Pipeline
 
         parent = Pipeline.from_pretrained(model_folder(config.init_from))
-        parent.dit = load_dit(out)
+        setattr(parent, dit_component(config), load_dit(out))  # the expert trained, if two
         parent.name = f"{parent.name} (fine-tuned)"
         parent.save_pretrained(out)
     return out
+
+
+def dit_component(config: DiTRunConfig) -> str:
+    """The component of init_from a run trains: "dit", or a two-expert model's "dit_2"
+    (`expert = 2`). A two-expert init_from needs `expert`, a one-DiT one refuses 2."""
+    if config.init_from is None:
+        if config.expert is not None:
+            raise KinoUserError("expert names a DiT of a two-expert init_from (Wan2.2 A14B); this run has none")
+        return "dit"
+    manifest = read_manifest(model_folder(config.init_from))
+    two = manifest is not None and "dit_2" in manifest.get("components", {})
+    if two and config.expert is None:
+        raise KinoUserError(f"init_from {config.init_from} has two DiT experts (Wan2.2 A14B): set expert = 1 "
+                            "(high-noise) or 2 (low-noise) to say which one trains")
+    if not two and config.expert is not None:
+        raise KinoUserError(f"expert = {config.expert}, but init_from {config.init_from} has one DiT")
+    return "dit_2" if config.expert == 2 else "dit"
+
+
+def training_times(config: DiTRunConfig) -> tuple[float, float]:
+    """The flow-time range a run trains on: flow.t_min..t_max, or, for an expert of a
+    two-expert model with those at 0 and 1, its side of the model's boundary."""
+    flow = config.flow
+    if config.expert is None or (flow.t_min, flow.t_max) != (0.0, 1.0):
+        return flow.t_min, flow.t_max
+    boundary = init_from_defaults(config.init_from).boundary
+    if boundary is None:
+        raise KinoUserError(f"init_from {config.init_from} records no experts' boundary; set flow.t_min / t_max")
+    return (boundary, 1.0) if config.expert == 1 else (0.0, boundary)
 
 
 def own_text_encoder(init_from: str | None) -> tuple[dict, Path] | None:

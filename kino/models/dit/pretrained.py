@@ -10,6 +10,7 @@ from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import load_module
 
 
-def load_dit(path: str | Path | None = None, device: str | torch.device = "cpu") -> DiT:
-    """A frozen DiT from a model folder or a bare dit folder (sha256-checked via kino.json)."""
-    return load_module(path, "dit", DiTConfig, DiT, device)
+def load_dit(path: str | Path | None = None, device: str | torch.device = "cpu", component: str = "dit") -> DiT:
+    """A frozen DiT from a model folder or a bare dit folder (sha256-checked via kino.json);
+    `component` "dit_2": a two-expert model's second DiT."""
+    return load_module(path, component, DiTConfig, DiT, device)
