@@ -85,7 +85,9 @@ def test_config_json_roundtrip_and_sizes():
                       "small": 9_164_096, "small-abspos": 9_170_496, "small-abspos-12": 13_390_400,
                       "small-abspos-p1": 9_145_872, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584,
                       # = diffusers' WanTransformer3DModel with image_dim 1280 (and pos_embed_seq_len 514)
-                      "wan2.1-i2v-14b": 16_394_878_784, "wan2.1-flf2v-14b": 16_395_536_704}
+                      "wan2.1-i2v-14b": 16_394_878_784, "wan2.1-flf2v-14b": 16_395_536_704,
+                      # Wan2.2: an I2V-A14B expert (36 channels in, no CLIP branch) and TI2V-5B
+                      "wan2.2-i2v-a14b": 14_288_901_184, "wan2.2-ti2v-5b": 4_999_787_712}
 
 
 # ---------------------------------------------------------------------------- shapes

@@ -478,19 +478,12 @@ def test_sampling_matches_diffusers_wan_pipeline(folders, components):
     assert (other.latents - latents).abs().max() > 1e-2
 
 
-def test_lora_fine_tune_of_a_wan_folder_on_videos(folders, tmp_path, capsys):
-    """The workflow of a Wan user: convert, `kino preprocess` a video folder (its captions go
-    through the model's own UMT5, 512 tokens, not MiniLM), `kino train dit` a LoRA, then
-    `kino generate --lora` with it; and a full fine-tune exports a whole Wan pipeline."""
-    from kino.data.latent_cache import LatentCache
-    from kino.pipeline import Pipeline
-
-    wan = tmp_path / "wan-kino"
-    assert main(["convert", "wan", str(folders["diffusers"]), str(wan)]) == 0
+def video_run_config(tmp_path, init_from) -> str:
+    """A `kino preprocess` + `kino train dit` config (TOML, no [lora]) fine-tuning `init_from`
+    for 2 steps on 4 Shapes World clips written as a video folder under tmp_path."""
     videos = tmp_path / "videos"
     assert main(["world", "sample", "--out", str(videos), "--n", "4", "--frames", "9", "--size", "64x64", "-q"]) == 0
-    config = tmp_path / "run.toml"
-    body = f"""init_from = "{wan}"
+    return f"""init_from = "{init_from}"
 [dataset]
 captions = "{videos / 'captions.jsonl'}"
 fps = 8.0
@@ -509,6 +502,19 @@ checkpoint_every = 0
 progress = false
 device = "cpu"
 """
+
+
+def test_lora_fine_tune_of_a_wan_folder_on_videos(folders, tmp_path, capsys):
+    """The workflow of a Wan user: convert, `kino preprocess` a video folder (its captions go
+    through the model's own UMT5, 512 tokens, not MiniLM), `kino train dit` a LoRA, then
+    `kino generate --lora` with it; and a full fine-tune exports a whole Wan pipeline."""
+    from kino.data.latent_cache import LatentCache
+    from kino.pipeline import Pipeline
+
+    wan = tmp_path / "wan-kino"
+    assert main(["convert", "wan", str(folders["diffusers"]), str(wan)]) == 0
+    config = tmp_path / "run.toml"
+    body = video_run_config(tmp_path, wan)
     config.write_text(body + "[lora]\nrank = 2\n")
     assert main(["preprocess", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
     cache = LatentCache(tmp_path / "cache")

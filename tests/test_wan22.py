@@ -19,17 +19,10 @@ from kino.cli import main
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from test_wan import _components, dit_to_wan, write_diffusers, write_original  # noqa: E402
+from test_wan import _components, dit_to_wan, video_run_config, write_diffusers, write_original  # noqa: E402
 
 BOUNDARY = 0.875
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -469,30 +462,8 @@ def test_wan22_expert_lora_on_videos(folders, tmp_path, capsys):
 
     wan = tmp_path / "wan22-kino"
     assert main(["convert", "wan", str(folders["diffusers"]), str(wan)]) == 0
-    videos = tmp_path / "videos"
-    assert main(["world", "sample", "--out", str(videos), "--n", "4", "--frames", "9", "--size", "64x64", "-q"]) == 0
     config = tmp_path / "run.toml"
-    body = f"""init_from = "{wan}"
-[lora]
-rank = 2
-[dataset]
-captions = "{videos / 'captions.jsonl'}"
-fps = 8.0
-buckets = ["9x32x32"]
-part_size = 2
-[cache]
-dir = "{tmp_path / 'cache'}"
-[data]
-batch_size = 2
-[train]
-out_dir = "{tmp_path / 'run'}"
-max_steps = 2
-lr = 1e-2
-log_every = 1
-checkpoint_every = 0
-progress = false
-device = "cpu"
-"""
+    body = video_run_config(tmp_path, wan) + "[lora]\nrank = 2\n"
     config.write_text(body)
     assert main(["preprocess", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
     assert main(["train", "dit", "--config", str(config), "-q"]) == 2
