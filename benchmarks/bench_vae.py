@@ -1,10 +1,12 @@
 """Video VAE speed and memory on this machine.
 
-    python benchmarks/bench_vae.py speed  [--model DIR] [--repeats 5]
+    python benchmarks/bench_vae.py speed  [--model DIR | --wan22] [--repeats 5]
     python benchmarks/bench_vae.py memory [--model DIR]
 
 speed:  encode / decode frames/s of kino's VideoVAE and, in the same run with the same
-        weights, diffusers' AutoencoderKLWan (the peer), as a ratio.
+        weights, diffusers' AutoencoderKLWan (the peer), as a ratio. --wan22: Wan2.2's VAE
+        layout (residual stages, 2x2 patches, 48 channels) at a fifth of its width (base 32,
+        decoder 48), random weights built in diffusers and loaded into kino.
 memory: peak resident memory added by decoding 33 vs 129 frames (each measured in a
         fresh process, so one run's allocations cannot hide another's).
 """
@@ -44,12 +46,25 @@ def speed(args):
 
     from kino.models.vae.adapters import to_diffusers
 
-    vae = _load(args.model)
-    cfg = vae.config
-    peer = AutoencoderKLWan(base_dim=cfg.base_dim, decoder_base_dim=cfg.decoder_dim, z_dim=cfg.z_dim,
-                            dim_mult=cfg.dim_mult, num_res_blocks=cfg.num_res_blocks, attn_scales=cfg.attn_scales,
-                            temperal_downsample=cfg.temporal_downsample, dropout=0.0).eval()
-    peer.load_state_dict(to_diffusers(vae.state_dict()), strict=False)
+    if args.wan22:
+        from kino.models.vae import config_from_diffusers, from_diffusers
+        from kino.models.vae.model import VideoVAE
+
+        torch.manual_seed(0)
+        peer = AutoencoderKLWan(base_dim=32, decoder_base_dim=48, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
+                                in_channels=12, out_channels=12, scale_factor_spatial=16,
+                                latents_mean=[0.0] * 48, latents_std=[1.0] * 48).eval()
+        vae = VideoVAE(config_from_diffusers(dict(peer.config))).eval()
+        vae.load_state_dict(from_diffusers(peer.state_dict()))
+    else:
+        vae = _load(args.model)
+        cfg = vae.config
+        peer = AutoencoderKLWan(base_dim=cfg.base_dim, decoder_base_dim=cfg.decoder_dim, z_dim=cfg.z_dim,
+                                dim_mult=cfg.dim_mult, num_res_blocks=cfg.num_res_blocks,
+                                attn_scales=cfg.attn_scales, temperal_downsample=cfg.temporal_downsample,
+                                dropout=0.0).eval()
+        peer.load_state_dict(to_diffusers(vae.state_dict()), strict=False)
     print(f"# {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| clip | kino encode fr/s | kino decode fr/s | diffusers encode fr/s | diffusers decode fr/s "
           "| encode ratio kino/diffusers time | decode ratio |")
@@ -104,6 +119,7 @@ def main():
     ap.add_argument("what", choices=("speed", "memory", "_child"))
     ap.add_argument("--model", default=None)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--wan22", action="store_true", help="speed: Wan2.2's VAE layout at reduced width")
     ap.add_argument("--frames", type=int, default=33)
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--width", type=int, default=96)

@@ -749,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(group_help=convert.format_help)
     csub = convert.add_subparsers(dest="convert_command", metavar="COMMAND", parser_class=_Parser)
     p = csub.add_parser("wan", help="a Wan2.1 folder (T2V, I2V, FLF2V; original or diffusers layout) -> kino")
-    p.add_argument("src", type=Path, metavar="SRC", help="Wan2.1 folder (e.g. Wan2.1-T2V-1.3B or its -Diffusers), or its Hub id "
+    p.add_argument("src", type=Path, metavar="SRC",
+                   help="Wan2.1 / Wan2.2 folder (e.g. Wan2.1-T2V-1.3B or its -Diffusers), or its Hub id "
                         "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
     p.add_argument("dst", type=Path, metavar="DST", help="new kino model folder (must not exist or be empty)")
     add_common(p)

@@ -734,8 +734,8 @@ class Pipeline:
                                     "conditioning (loops, extend, connect, edit)")
             image_cond = self.image_condition(image, d.frames, d.height, d.width, last_image)
         elif image is not None or last_image is not None:
-            raise KinoUserError(f"{self.name} is no Wan image-to-video model: Pipeline.generate takes no image (kino's own "
-                                "image-to-video is kino.tasks.generate(pipe, prompt, image=...))")
+            raise KinoUserError(f"{self.name} is no Wan image-to-video model: Pipeline.generate takes no image "
+                                "(kino's own image-to-video is kino.tasks.generate(pipe, prompt, image=...))")
         # noise from a CPU generator: the same seed gives the same clip on any device
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(shape, generator=generator).to(self.device)

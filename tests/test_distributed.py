@@ -473,10 +473,11 @@ try:  # block streaming keeps weights off the device another way: refused before
 except KinoUserError as e:
     refused = str(e)
 pipe = Pipeline.from_pretrained(sys.argv[1])
-full = {name: sum(p.numel() for p in m.parameters()) for name, m in (("dit", pipe.dit), ("text", pipe.text_encoder.model))}
+models = (("dit", pipe.dit), ("text", pipe.text_encoder.model))
+full = {name: sum(p.numel() for p in m.parameters()) for name, m in models}
 pipe.set_memory(MemoryPlan(), "cpu", shard=procs.fsdp_mesh)
 local = {name: sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in m.parameters())
-         for name, m in (("dit", pipe.dit), ("text", pipe.text_encoder.model))}
+         for name, m in models}
 try:
     pipe.load_lora(sys.argv[1] + "/missing.safetensors")
 except KinoUserError as e:

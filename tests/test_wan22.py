@@ -321,7 +321,8 @@ def _ti2v_components():
     vae_kw = dict(base_dim=8, decoder_base_dim=12, z_dim=TI2V_Z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                   temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12,
                   out_channels=12, scale_factor_spatial=16,
-                  latents_mean=[0.1 * i - 0.3 for i in range(TI2V_Z)], latents_std=[0.5 + 0.1 * i for i in range(TI2V_Z)])
+                  latents_mean=[0.1 * i - 0.3 for i in range(TI2V_Z)],
+                  latents_std=[0.5 + 0.1 * i for i in range(TI2V_Z)])
     torch.manual_seed(40)
     vae = _perturb(diffusers.AutoencoderKLWan(**vae_kw), 41).eval()
     torch.manual_seed(42)
@@ -414,8 +415,8 @@ def test_ti2v_text_and_image_to_video_match_diffusers(ti2v, components, monkeypa
         assert expected.std() > 0.1
         torch.testing.assert_close(clip.latents, expected, rtol=0, atol=1e-4)
 
-        clip = generate(pipe, prompt, image=torch.from_numpy(pixels), negative=negative, frames=9, height=32, width=64, steps=steps,
-                        seed=3)
+        clip = generate(pipe, prompt, image=torch.from_numpy(pixels), negative=negative, frames=9, height=32, width=64,
+                        steps=steps, seed=3)
         with torch.no_grad():
             expected = i2v[layout](image=Image.fromarray(pixels), prompt=prompt, latents=noise.clone(), **kw).frames
         torch.testing.assert_close(clip.latents, expected, rtol=0, atol=1e-4)

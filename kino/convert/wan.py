@@ -302,7 +302,8 @@ def build_models(src: WanSource, device: str | torch.device = "cpu") -> tuple[Vi
     """kino's VAE (float32) and DiT (in the dtype its state dict was read in) with the source's
     weights, frozen, in eval mode; and a Wan2.2 A14B's second DiT (None for Wan2.1)."""
     models = []
-    parts = [(VideoVAE, src.vae_config, src.vae_state, src.vae_file), (DiT, src.dit_config, src.dit_state, src.dit_file)]
+    parts = [(VideoVAE, src.vae_config, src.vae_state, src.vae_file),
+             (DiT, src.dit_config, src.dit_state, src.dit_file)]
     if src.dit_2_state is not None:
         parts.append((DiT, src.dit_config, src.dit_2_state, src.dit_2_file))
     for cls, config, state, source in parts:

@@ -53,7 +53,8 @@ _DIFFUSERS_UP = re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsampl
 # Wan2.2 (is_residual): diffusers nests each stage as down_blocks.i.{resnets.j, downsampler} and
 # up_blocks.i.{resnets.j, upsampler}; Wan's release and kino as downsamples.i.downsamples.j
 # and upsamples.i.upsamples.j, the resample last.
-_DIFFUSERS_STAGE = re.compile(r"^(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.(resnets\.(\d+)|downsampler|upsampler)\.")
+_DIFFUSERS_STAGE = re.compile(
+    r"^(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.(resnets\.(\d+)|downsampler|upsampler)\.")
 _KINO_UP = re.compile(r"^decoder\.upsamples\.(\d+)\.")
 
 
