@@ -128,6 +128,9 @@ def latent_shape(bucket: Bucket, vae_config) -> tuple[int, int, int, int]:
 # The decoder half of a VideoVAE: it takes no part in making latents.
 DECODER_PREFIXES = ("decoder.", "conv2.")
 DECODER_CONFIG = ("decoder_base_dim",)  # VAEConfig fields that shape the decoder alone
+# VAEConfig fields added after caches and trained models recorded VAE identities (Wan2.2's
+# layout), with the value every earlier VAE has: left out of the hashes at that value.
+LATER_FIELDS = {"residual": False, "patch_size": 1}
 
 
 def vae_identity(vae) -> dict:
@@ -138,9 +141,10 @@ def vae_identity(vae) -> dict:
     leaves every latent bit for bit the same) keeps a cache, and the DiTs trained on it, valid.
     The decoder's width (`decoder_base_dim`) is not part of the latent identity, so a widened
     decoder keeps caches too; unset, it is left out of both hashes, which are then what they
-    were before the field existed."""
+    were before the field existed; so are Wan2.2's layout fields at their defaults (LATER_FIELDS)."""
     config = vae.config.to_dict()
-    hashed = {k: v for k, v in config.items() if k not in DECODER_CONFIG or v is not None}
+    hashed = {k: v for k, v in config.items() if (k not in DECODER_CONFIG or v is not None)
+              and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     whole = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode())
     latent = hashlib.sha256(json.dumps({k: v for k, v in hashed.items() if k not in DECODER_CONFIG},
                                        sort_keys=True).encode())

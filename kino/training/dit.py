@@ -826,7 +826,7 @@ def training_text_encoder(config: DiTRunConfig, device: str | torch.device = "cp
         return load_text_encoder(own[0], device, own[1], None if torch.device(device).type == "cuda" else "float32")
     from kino.models.text.encoder import MiniLMEncoder
 
-    return MiniLMEncoder(max_length=config.cache.text_max_length, device=device)
+    return MiniLMEncoder(max_length=config.cache.text_max_length)  # small: on the CPU, as always
 
 
 def init_from_defaults(init_from: str | None):
