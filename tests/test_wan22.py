@@ -485,3 +485,24 @@ def test_wan22_expert_lora_on_videos(folders, tmp_path, capsys):
         warnings.simplefilter("always")
         Pipeline.from_pretrained(wan, text_dtype="float32").load_lora(lora)
     assert any("was trained on a DiT with weights sha256" in str(w.message) for w in caught)
+
+
+def test_wan_vae_alone_from_a_wan_folder(ti2v, tmp_path, capsys):
+    """`load_vae` / `kino vae reconstruct --model WAN_DIR`: a Wan folder's VAE alone (here
+    Wan2.2's, both layouts) reconstructs as diffusers' AutoencoderKLWan does."""
+    from kino.models.vae.pretrained import load_vae
+
+    (_, reference), folders = ti2v
+    video = torch.rand(1, 3, 5, 32, 48, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    with torch.no_grad():
+        expected = reference.decode(reference.encode(video).latent_dist.mean).sample
+        for layout in ("diffusers", "original"):
+            vae = load_vae(folders[layout])
+            assert vae.config.residual and vae.config.z_dim == TI2V_Z
+            torch.testing.assert_close(vae.reconstruct(video), expected, rtol=0, atol=1e-4)
+    assert main(["world", "sample", "--out", str(tmp_path / "w"), "--n", "1", "--frames", "9", "--size", "64x64",
+                 "-q"]) == 0
+    clip = next((tmp_path / "w").glob("*.mp4"))
+    assert main(["vae", "reconstruct", str(clip), "--out", str(tmp_path / "r"), "--model",
+                 str(folders["original"]), "-q"]) == 0, capsys.readouterr().err
+    assert "PSNR" in capsys.readouterr().out and (tmp_path / "r" / clip.name).is_file()

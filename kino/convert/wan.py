@@ -229,11 +229,7 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
         _check_experts(dit_config, experts[WAN22_LOW][0], root)
     else:
         dit_config, dit_state, dit_file = _original_dit(root, dit_dtype)
-    vae_file = root / ORIGINAL_VAE_22 if (root / ORIGINAL_VAE_22).is_file() else root / ORIGINAL_VAE
-    _need(vae_file, f"the VAE's weights {ORIGINAL_VAE} (or Wan2.2's {ORIGINAL_VAE_22})")
-    wan_vae = load_pth(vae_file)
-    vae_config = _config(vae_adapters.config_from_wan, wan_vae, vae_file)
-    vae_state = _adapt(vae_adapters.from_wan, wan_vae, vae_file)
+    vae_config, vae_state, vae_file = _original_vae(root)
     text = TextSource("wan", _need(root / ORIGINAL_T5, f"the text encoder's weights {ORIGINAL_T5}"),
                       _need(root / ORIGINAL_TOKENIZER, f"the tokenizer folder {ORIGINAL_TOKENIZER}/"))
     image = None
@@ -243,6 +239,42 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
     low = experts.get(WAN22_LOW, (None, None, None))
     return WanSource(root, "original", dit_config, dit_state, dit_file, vae_config, vae_state, vae_file, text,
                      image, dit_2_state=low[1], dit_2_file=low[2])
+
+
+def _original_vae(root: Path) -> tuple[VAEConfig, dict, Path]:
+    vae_file = root / ORIGINAL_VAE_22 if (root / ORIGINAL_VAE_22).is_file() else root / ORIGINAL_VAE
+    _need(vae_file, f"the VAE's weights {ORIGINAL_VAE} (or Wan2.2's {ORIGINAL_VAE_22})")
+    wan_vae = load_pth(vae_file)
+    return _config(vae_adapters.config_from_wan, wan_vae, vae_file), _adapt(vae_adapters.from_wan, wan_vae,
+                                                                             vae_file), vae_file
+
+
+def _diffusers_vae(root: Path) -> tuple[VAEConfig, dict, Path]:
+    vdir = _need(root / "vae", "vae/")
+    vae_files = shards(vdir, DIT_STEM)
+    if not vae_files:
+        raise KinoUserError(f"{vdir / (DIT_STEM + '.safetensors')} is missing: vae/ needs its weights")
+    vae_config = _config(vae_adapters.config_from_diffusers,
+                         {k: v for k, v in read_json(vdir / "config.json").items() if not k.startswith("_")},
+                         vdir / "config.json")
+    return vae_config, _adapt(vae_adapters.from_diffusers, load_safetensors(vae_files), vae_files[0]), vae_files[0]
+
+
+def load_wan_vae(root: str | Path, device: str | torch.device = "cpu") -> VideoVAE:
+    """The VAE of a Wan2.1 / Wan2.2 folder alone (either layout), in kino's class, float32,
+    frozen: for `kino vae reconstruct --model WAN_DIR`."""
+    root = Path(root)
+    layout = detect_layout(root)
+    if layout not in ("original", "diffusers"):
+        raise KinoUserError(f"{root} is not a Wan folder (original or diffusers layout)")
+    config, state, source = (_original_vae if layout == "original" else _diffusers_vae)(root)
+    with torch.device("meta"):
+        model = VideoVAE(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise KinoUserError(f"{source} holds weights that do not fit its config: {_one_line(e)}") from None
+    return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
 
 
 def _check_experts(high: DiTConfig, low: DiTConfig, root: Path) -> None:
@@ -284,17 +316,10 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
         _check_experts(dit_config, config_2, root)
         low = (_adapt(dit_adapters.from_diffusers, load_safetensors(files_2, dit_dtype), files_2[0]), files_2[0])
         boundary = index.get("boundary_ratio")
-    vdir = _need(root / "vae", "vae/")
-    vae_files = shards(vdir, DIT_STEM)
-    if not vae_files:
-        raise KinoUserError(f"{vdir / (DIT_STEM + '.safetensors')} is missing: vae/ needs its weights")
-    vae_config = _config(vae_adapters.config_from_diffusers,
-                         {k: v for k, v in read_json(vdir / "config.json").items() if not k.startswith("_")},
-                         vdir / "config.json")
-    vae_state = _adapt(vae_adapters.from_diffusers, load_safetensors(vae_files), vae_files[0])
+    vae_config, vae_state, vae_file = _diffusers_vae(root)
     text = TextSource("transformers", _need(root / "text_encoder", "text_encoder/ (UMT5)"),
                       _need(root / "tokenizer", "tokenizer/"))
-    return WanSource(root, "diffusers", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_files[0],
+    return WanSource(root, "diffusers", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_file,
                      text, image, dit_2_state=low[0], dit_2_file=low[1], boundary=boundary)
 
 
