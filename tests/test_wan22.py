@@ -506,3 +506,25 @@ def test_wan_vae_alone_from_a_wan_folder(ti2v, tmp_path, capsys):
     assert main(["vae", "reconstruct", str(clip), "--out", str(tmp_path / "r"), "--model",
                  str(folders["original"]), "-q"]) == 0, capsys.readouterr().err
     assert "PSNR" in capsys.readouterr().out and (tmp_path / "r" / clip.name).is_file()
+
+
+def test_wan22_experts_sharded_in_two_processes(folders, tmp_path):
+    """`torchrun --nproc-per-node 2 -m kino generate --fsdp` on a two-expert folder: both
+    experts sharded (and sequence-parallel), the image equals the one-process image."""
+    import sys
+
+    import numpy as np
+    from test_distributed import TIMEOUT, launch
+
+    from kino.data.video_io import read_video
+
+    args = ["a cat walks on the grass", "--model", str(folders["diffusers"]), "--frames", "1", "--size", "16x32",
+            "--steps", "4", "--shift", "3", "-q"]
+    assert main(["generate", *args, "-o", str(tmp_path / "one.png")]) == 0
+    procs = launch(2, command=[sys.executable, "-m", "kino", "generate", *args, "-o", str(tmp_path / "two.png"),
+                               "--fsdp"])
+    for p in procs:
+        out = p.communicate(timeout=TIMEOUT)[0]
+        assert p.returncode == 0, out
+    one, two = (read_video(tmp_path / f"{n}.png")[0].astype(np.int16) for n in ("one", "two"))
+    assert np.abs(one - two).max() <= 2
