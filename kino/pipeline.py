@@ -541,6 +541,16 @@ class Pipeline:
             self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
         self._device, self.memory = device, plan
 
+    def compile(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """torch.compile each DiT block in place (every expert's), as `parallelize` does for
+        training: one graph per block shape, reused across blocks; parameter names, LoRA
+        fusing order and memory plans are untouched (apply after them). Faster on a GPU after
+        a first, slow call per new clip shape; off by default (on a CPU it costs minutes of
+        compiling for ~1.2x)."""
+        for dit in self.dits:
+            for block in dit.blocks:
+                block.compile(backend=backend, mode=mode)
+
     @property
     def takes_image(self) -> bool:
         """A Wan image-to-video model: its DiT reads a mask and image latents beside the noise
