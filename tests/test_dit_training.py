@@ -323,6 +323,12 @@ def test_frame_times_and_bin_probabilities():
     assert ((shifted >= 0.5).float().mean().item() == pytest.approx(time_bin_probability(0.5, 1.0, flow, 2.0),
                                                                     abs=0.015))
     assert sum(time_bin_probability(a, b, flow, 2.0) for a, b in ((0, 0.3), (0.3, 0.9), (0.9, 1))) == pytest.approx(1)
+    # a training range (one Wan2.2 expert's): times mapped into [0.4, 0.9], bins counted there
+    ranged = frame_times(torch.Generator().manual_seed(5), 20000, 1, flow, 2.0, t_range=(0.4, 0.9))[:, 0]
+    assert ranged.min() >= 0.4 and ranged.max() <= 0.9
+    for a, b in ((0.0, 0.5), (0.5, 0.7), (0.7, 1.0)):
+        assert ((ranged >= a) & (ranged < b)).float().mean().item() == pytest.approx(
+            time_bin_probability(a, b, flow, 2.0, (0.4, 0.9)), abs=0.01)
 
 
 # ---------------------------------------------------------------------------- training

@@ -344,10 +344,13 @@ def draw_patterns(generator: torch.Generator, mix: ConditioningMix, batch: int, 
     return patterns, clean, tie
 
 
-def time_bin_probability(lo: float, hi: float, flow: FlowConfig, shift: float = 1.0) -> float:
-    """P(lo <= t < hi) for one clip's t as `frame_times` draws it."""
+def time_bin_probability(lo: float, hi: float, flow: FlowConfig, shift: float = 1.0,
+                         t_range: tuple[float, float] = (0.0, 1.0)) -> float:
+    """P(lo <= t < hi) for one clip's t as `frame_times` draws it (into `t_range`)."""
+    a, b = t_range
 
     def cdf(t: float) -> float:
+        t = (t - a) / (b - a)  # back to the draw before the range's linear map
         if t <= 0.0:
             return 0.0
         if t >= 1.0:
@@ -524,7 +527,7 @@ class DiTTask:
         count = free.sum().clamp(min=1)
         for lo, hi in zip(TIME_BINS, TIME_BINS[1:]):
             # every key on every step: the trainer averages each log over all steps of a window
-            p = max(time_bin_probability(lo, hi, self.config.flow, shift), 1e-12)
+            p = max(time_bin_probability(lo, hi, self.config.flow, shift, self.t_range), 1e-12)
             inside = free & (t >= lo) & ((t < hi) if hi < 1.0 else (t <= hi))  # (B, T)
             logs[f"loss_t{lo:.2f}-{hi:.2f}"] = (per_frame * inside).sum() / (count * p)
         return logs
