@@ -609,3 +609,55 @@ def test_original_layout_i2v_folder_matches_the_diffusers_one(tmp_path):
     assert json.loads((dst / "image_encoder" / "config.json").read_text())["resize"] == "squash"
     c = Pipeline.from_pretrained(dst, text_dtype="float32").generate("a cat walks", **kw)
     torch.testing.assert_close(c.latents, a.latents, rtol=0, atol=1e-5)
+
+
+def test_lora_fine_tune_of_a_wan_i2v_model_on_videos(tmp_path, capsys):
+    """Fine-tuning Wan2.1 I2V on videos: `kino preprocess` stores each clip's image conditioning
+    (the first frame's VAE latents over black frames, and its CLIP features) as
+    Pipeline.image_condition computes it; `kino train dit` feeds it to the 36-channel DiT with
+    Wan's mask; the LoRA then changes `kino generate --image`."""
+    from test_wan import video_run_config
+
+    from kino.cli import main
+    from kino.data.latent_cache import LatentCache
+    from kino.data.preprocess import WanImageCondition
+    from kino.data.video_io import write_video
+    from kino.pipeline import Pipeline
+
+    root = write_i2v_diffusers(tmp_path / "wan-i2v-diffusers", _i2v_components("i2v"))
+    wan = tmp_path / "wan-i2v"
+    assert main(["convert", "wan", str(root), str(wan)]) == 0
+    pipe = Pipeline.from_pretrained(wan, text_dtype="float32")
+    # the cache's conditioning is the pipeline's, up to the cache's bf16 / fp16 storage
+    clip = torch.rand(3, 9, 32, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    cond = WanImageCondition(pipe.vae, pipe.image_encoder)([clip])
+    expected = pipe.image_condition(clip[:, 0], 9, 32, 48)
+    torch.testing.assert_close(cond["image_latents"].float(), expected.channels[:, 4:], rtol=0.01, atol=0.02)
+    torch.testing.assert_close(cond["image_features"].float(), expected.features, rtol=0.01, atol=0.01)
+
+    config = tmp_path / "run.toml"
+    config.write_text(video_run_config(tmp_path, wan) + "[lora]\nrank = 2\n")
+    assert main(["preprocess", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    cache = LatentCache(tmp_path / "cache")
+    data = cache.get(cache.buckets[0], [0, 1])
+    assert data["image_latents"].shape == data["latents"].shape and data["image_features"].shape == (2, 17, IMG_DIM)
+    assert cache.meta["image_condition"]["kind"] == "wan-first-frame"
+    # the trainer lays the DiT's input out as the pipeline does: noise, Wan's mask, image latents
+    from kino.training.config import load_config
+    from kino.training.dit import DiTRunConfig, DiTTask
+
+    task = DiTTask(load_config(config, DiTRunConfig), cache)
+    x = torch.randn(1, 16, 3, 4, 6)
+    inp, extra = task.dit_input(x, {k: v.float() for k, v in cond.items()})
+    assert torch.equal(inp[:, :16], x) and torch.equal(inp[:, 16:20], expected.channels[:, :4])
+    torch.testing.assert_close(inp[:, 20:], expected.channels[:, 4:], rtol=0.01, atol=0.02)
+    assert torch.equal(extra["image"], cond["image_features"].float())
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    lora = tmp_path / "run" / "lora.safetensors"
+    image = tmp_path / "first.png"
+    write_video(image, torch.from_numpy(_image((32, 48), seed=4))[None], fps=16)
+    args = ["generate", "a cat walks", "--model", str(wan), "--image", str(image), "--frames", "5", "--steps", "2",
+            "-q"]
+    assert main([*args, "-o", str(tmp_path / "plain.mp4")]) == 0
+    assert main([*args, "--lora", str(lora), "-o", str(tmp_path / "lora.mp4")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "plain.mp4").read_bytes() != (tmp_path / "lora.mp4").read_bytes()

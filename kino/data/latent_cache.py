@@ -69,7 +69,7 @@ _NAME = re.compile(r"^(\d+)x(\d+)x(\d+)$")
 # "vae", matched by same_latents). World caches have split, seed and shard_size; video caches
 # (kino/data/preprocess.py) have source (the dataset) instead.
 _IDENTITY = ("format", "text_encoder", "split", "seed", "shard_size", "source", "encode_batch",
-             "latent_dtype", "text_dtype", "motion", "loop")
+             "latent_dtype", "text_dtype", "motion", "loop", "image_condition")
 MOTIONS = ("linear", "loop")  # how a world cache's clips move (build_world_cache)
 LOOP_RENDER = {"wave": "cosine", "period": "frames - 1 - time_stride"}
 
@@ -363,15 +363,18 @@ def build_world_cache(
 
 
 def write_shard_files(stem: Path, bucket: Bucket, parts: list, **side) -> int:
-    """One shard from encoded parts [(latents, text, mask, captions, ...)]: STEM.safetensors,
-    then STEM.json (bucket, captions, `side`, bytes), written last: its presence marks the
-    shard done. Returns the tensor file's size."""
+    """One shard from encoded parts [(latents, text, mask, captions, keys[, extras])]:
+    STEM.safetensors, then STEM.json (bucket, captions, `side`, bytes), written last: its
+    presence marks the shard done. `extras`, a dict of per-clip tensors (a Wan image-to-video
+    model's image conditioning), is stored beside the latents. Returns the tensor file's size."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "latents": torch.cat([p[0] for p in parts]).contiguous(),  # (N, Z, T, h, w)
         "text": torch.cat([p[1] for p in parts]).contiguous(),  # (N, L, D)
         "mask": torch.cat([p[2] for p in parts]).contiguous(),  # (N, L)
     }
+    if len(parts[0]) > 5:
+        tensors |= {k: torch.cat([p[5][k] for p in parts]).contiguous() for k in parts[0][5]}
     data = stem.with_suffix(".safetensors")
     _write_atomic(data, lambda p: save_file(tensors, str(p), metadata={"kino_version": __version__}))
     size = data.stat().st_size
@@ -454,7 +457,7 @@ class LatentCache:
             captions += side["captions"]
             indices += side.get("indices", [])  # world caches: scene indices
             keys += side.get("keys", [])  # video caches: where each clip came from
-        self._data[bucket] = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "text", "mask")}
+        self._data[bucket] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # extras included
         self._captions[bucket] = captions
         self._indices[bucket] = indices
         self._keys[bucket] = keys or [str(i) for i in indices]
@@ -480,14 +483,12 @@ class LatentCache:
         return list(self._keys[self._key(bucket)])
 
     def get(self, bucket: Bucket, indices: Sequence[int] | Tensor) -> dict[str, Tensor]:
-        """latents (B, C, T, h, w) float32, text (B, L, D) float32, mask (B, L) bool."""
+        """latents (B, C, T, h, w) float32, text (B, L, D) float32, mask (B, L) bool, and any
+        extra per-clip tensors the cache holds (float32: a Wan image-to-video model's
+        `image_latents` (B, C, T, h, w), `image_features` (B, N, D))."""
         data = self._data[self._key(bucket)]
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return {
-            "latents": data["latents"][idx].float(),
-            "text": data["text"][idx].float(),
-            "mask": data["mask"][idx].bool(),
-        }
+        return {key: value[idx].bool() if key == "mask" else value[idx].float() for key, value in data.items()}
 
     def nbytes_per_clip(self, bucket: Bucket) -> int:
         """Bytes one clip of `bucket` takes on disk and in memory (latents + text + mask)."""

@@ -75,7 +75,31 @@ def rank_and_world() -> tuple[int, int]:
     return rank, world
 
 
-def _identity(vae, text_encoder, dataset: VideoDatasetConfig) -> dict:
+class WanImageCondition:
+    """What a Wan image-to-video DiT reads beside a clip's noise, computed once per clip as
+    `Pipeline.image_condition` does at generation: the normalised VAE latents of [the clip's
+    first frame, black frames...] (`image_latents`, stored bf16) and, with a CLIP image encoder
+    (Wan2.1 I2V), the first frame's features (`image_features`, fp16). Wan's mask of the given
+    frame is fixed by the clip's length; the trainer builds it."""
+
+    def __init__(self, vae, clip=None):
+        self.vae, self.clip = vae, clip
+
+    def record(self) -> dict:
+        return {"kind": "wan-first-frame", "clip": None if self.clip is None else self.clip.reference()}
+
+    @torch.no_grad()
+    def __call__(self, videos: list[Tensor]) -> dict[str, Tensor]:
+        firsts = [torch.cat([v[:, :1], torch.zeros_like(v[:, 1:])], dim=1) for v in videos]  # (3, F, H, W)
+        out = {"image_latents": _encode_latents(self.vae, firsts)}  # (b, Z, T, h, w) bf16
+        if self.clip is not None:
+            device = next(self.clip.model.parameters()).device
+            out["image_features"] = torch.cat([self.clip.encode(v[None, :, 0].float().to(device)).float().cpu()
+                                               for v in videos]).to(TEXT_DTYPE)  # (b, N, D)
+        return out
+
+
+def _identity(vae, text_encoder, dataset: VideoDatasetConfig, image: WanImageCondition | None = None) -> dict:
     return {
         "format": FORMAT,
         "complete": False,
@@ -86,6 +110,7 @@ def _identity(vae, text_encoder, dataset: VideoDatasetConfig) -> dict:
         "encode_batch": ENCODE_BATCH,
         "latent_dtype": str(LATENT_DTYPE).removeprefix("torch."),
         "text_dtype": str(TEXT_DTYPE).removeprefix("torch."),
+        **({"image_condition": image.record()} if image is not None else {}),
     }
 
 
@@ -117,15 +142,17 @@ def build_video_cache(
     rank: int = 0,
     world_size: int = 1,
     progress: Callable[[Iterable], Iterable] | None = None,
+    image: WanImageCondition | None = None,
 ) -> PreprocessReport:
     """Encode this rank's parts of `dataset` into `out_dir` (resumably) and, when every part is
-    done, complete the cache. Skipped samples are logged (warning) as met and reported."""
+    done, complete the cache. Skipped samples are logged (warning) as met and reported.
+    `image`: also each clip's Wan image-to-video conditioning (for fine-tuning such a model)."""
     root = Path(out_dir)
     buckets = dataset.bucket_list()
     for b in buckets:
         _check_bucket(b, vae.config)
     parts = dataset_parts(dataset)  # user errors (no captions file, ...) before anything is written
-    meta = _identity(vae, text_encoder, dataset)
+    meta = _identity(vae, text_encoder, dataset, image)
     index_path = root / CACHE_JSON
     if index_path.is_file():
         try:
@@ -146,7 +173,7 @@ def build_video_cache(
     todo = [p for p in parts[rank::world_size] if _part_done(root, p) is None]
     clips, skipped = 0, []
     for part in (progress or iter)(todo):
-        marker = _encode_part(root, part, vae, text_encoder, dataset.fps, buckets)
+        marker = _encode_part(root, part, vae, text_encoder, dataset.fps, buckets, image)
         clips += marker["clips"]
         skipped += [Skipped(**s) for s in marker["skipped"]]
 
@@ -156,7 +183,8 @@ def build_video_cache(
     return PreprocessReport(root, False, len(todo), clips, skipped)
 
 
-def _encode_part(root: Path, part: Part, vae, text_encoder, fps: float, buckets: list[Bucket]) -> dict:
+def _encode_part(root: Path, part: Part, vae, text_encoder, fps: float, buckets: list[Bucket],
+                 image: WanImageCondition | None = None) -> dict:
     for stale in root.glob(f"*/{part.name}.*.tmp-*"):  # this part's leftovers from a killed run (ours alone)
         stale.unlink(missing_ok=True)
     pending: dict[Bucket, list[Clip]] = {}
@@ -166,7 +194,7 @@ def _encode_part(root: Path, part: Part, vae, text_encoder, fps: float, buckets:
     def flush(bucket: Bucket) -> None:
         batch = pending.pop(bucket, [])
         if batch:
-            encoded.setdefault(bucket, []).append(_encode_clips(vae, text_encoder, batch))
+            encoded.setdefault(bucket, []).append(_encode_clips(vae, text_encoder, batch, image))
 
     for item in iter_clips(part, fps, buckets):
         if isinstance(item, Skipped):
@@ -191,10 +219,11 @@ def _encode_part(root: Path, part: Part, vae, text_encoder, fps: float, buckets:
     return marker
 
 
-def _encode_clips(vae, text_encoder, clips: Sequence[Clip]) -> tuple[Tensor, Tensor, Tensor, list[str], list[str]]:
+def _encode_clips(vae, text_encoder, clips: Sequence[Clip], image: WanImageCondition | None = None) -> tuple:
     latents = _encode_latents(vae, [c.video for c in clips])  # (b, Z, T, h, w) bf16
     text, mask = _encode_text(text_encoder, [c.caption for c in clips])  # (b, L, D) fp16, (b, L)
-    return latents, text, mask, [c.caption for c in clips], [c.key for c in clips]
+    encoded = (latents, text, mask, [c.caption for c in clips], [c.key for c in clips])
+    return encoded if image is None else (*encoded, image([c.video for c in clips]))
 
 
 def _write_part_shard(stem: Path, bucket: Bucket, parts: list) -> int:
@@ -262,7 +291,33 @@ def run_preprocess(config, *, text_encoder=None, progress: bool = True) -> Prepr
     return build_video_cache(
         config.cache.dir, vae, text_encoder, config.dataset, rank=rank, world_size=world,
         progress=lambda it: tqdm(it, desc=f"preprocess rank {rank}/{world}", unit="part", disable=not progress),
+        image=wan_image_condition(config, vae, device),
     )
+
+
+def wan_image_condition(config, vae, device) -> WanImageCondition | None:
+    """The image conditioning a fine-tune of `config.init_from` needs in its cache: for a Wan
+    image-to-video model (its DiT reads 2 x z_dim + 4 channels), with its CLIP encoder when it
+    has one (Wan2.1 I2V; Wan2.2 I2V-A14B has none); None for every other model."""
+    from kino.models.folder import load_component, read_manifest
+    from kino.training.dit import init_dit, model_folder
+
+    if config.init_from is None:
+        return None
+    _, dit_config = init_dit(config.init_from)
+    if dit_config.in_channels != 2 * vae.config.z_dim + vae.config.time_stride:
+        return None
+    if dit_config.img_pos_len is not None:
+        raise KinoUserError(f"init_from {config.init_from} is a Wan2.1 FLF2V model (first and last frame): "
+                            "fine-tuning it is not supported; I2V models are")
+    folder = model_folder(config.init_from)
+    clip = None
+    if "image_encoder" in (read_manifest(folder) or {}).get("components", {}):
+        from kino.models.clip import CLIPImageEncoder
+
+        comp = load_component(folder, "image_encoder", weights=False)
+        clip = CLIPImageEncoder.from_reference(comp.config, comp.folder, device=device)
+    return WanImageCondition(vae, clip)
 
 
 def open_video_cache(path: str | Path, dataset: VideoDatasetConfig, vae=None) -> LatentCache:

@@ -397,9 +397,18 @@ class DiTTask:
         self.dit_config = target_dit_config(config, cache.text_dim)
         self.component = dit_component(config)  # "dit", or a two-expert model's "dit_2"
         self.t_range = training_times(config)
-        if cache.latent_channels != self.dit_config.in_channels:
-            raise KinoUserError(f"the cache holds {cache.latent_channels}-channel latents; the DiT size "
-                                f"{size_label(config)} takes {self.dit_config.in_channels}")
+        # a Wan image-to-video model: the cache holds each clip's image conditioning (preprocess)
+        self.image_condition = cache.meta.get("image_condition") is not None
+        # kino's clean-frame patterns are its own way to condition; a Wan I2V model has Wan's
+        self.mix = ConditioningMix(1.0, 0.0, 0.0, 0.0, 0.0, 0.0) if self.image_condition else config.conditioning
+        z = cache.latent_channels
+        if self.dit_config.in_channels not in (z, 2 * z + 4) or \
+                (self.dit_config.in_channels != z) != self.image_condition:
+            need = ("a cache made by `kino preprocess` with this init_from (its image conditioning)"
+                    if self.dit_config.in_channels != z else f"{self.dit_config.in_channels}-channel latents")
+            raise KinoUserError(f"the cache holds {z}-channel latents{' with' if self.image_condition else ' without'}"
+                                f" image conditioning; the DiT {size_label(config)} takes "
+                                f"{self.dit_config.in_channels} channels: it needs {need}")
         wanted = config.cache.bucket_list() if config.dataset is None else list(cache.buckets)
         missing = [bucket_name(b) for b in wanted if b not in cache.buckets]
         if missing:
@@ -476,7 +485,7 @@ class DiTTask:
         cond_gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
         data = self.cache.get(bucket, indices)
         x0 = data["latents"]  # (B, C, T, h, w)
-        patterns, clean, tie = draw_patterns(cond_gen, cfg.conditioning, size, x0.shape[2])
+        patterns, clean, tie = draw_patterns(cond_gen, self.mix, size, x0.shape[2])
         if self.loop_cache is not None and tie.any():  # loops: clips that loop, in place of the drawn ones
             rows = rng.choice(self.loop_cache.num_clips(bucket), size=int(tie.sum()))
             loops = self.loop_cache.get(bucket, rows)
@@ -493,15 +502,32 @@ class DiTTask:
             x0, noise = x0.clone(), noise.clone()
             x0[tie, :, -1] = x0[tie, :, LOOP_TIE]
             noise[tie, :, -1] = noise[tie, :, LOOP_TIE]
+        extras = {k: data[k] for k in ("image_latents", "image_features") if k in data}  # a Wan I2V model's
         return {"latents": x0, "noise": noise, "t": t, "text": text, "mask": mask, "clean": clean,
-                "pattern": patterns}
+                "pattern": patterns, **extras}
+
+    def dit_input(self, x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The DiT's input for noisy latents `x` (B, C, T, h, w) and its extra arguments: for a
+        Wan image-to-video model, Wan's mask of the given first frame and the clip's image
+        latents after the noise (Pipeline.image_condition's layout), and its CLIP features."""
+        if "image_latents" not in batch:
+            return x, {}
+        from kino.pipeline import frame_mask
+
+        b, _, t, h, w = x.shape
+        stride = self.dit_config.in_channels - 2 * x.shape[1]  # Wan's mask: one channel per frame of a latent frame
+        frames = 1 + stride * (t - 1)
+        mask = frame_mask(frames, [0], stride)[None, :, :, None, None].expand(b, -1, -1, h, w).to(x)
+        extra = {"image": batch["image_features"].to(x)} if "image_features" in batch else {}
+        return torch.cat([x, mask, batch["image_latents"].to(x)], dim=1), extra
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean squared velocity error over the generated (not clean) latent frames. Clean
         frames are at t = 0 and masked out (where, not a product: their output cannot leak
         in, not even as NaN), so they take no part in the loss or its gradient."""
         x0, noise, t, free = batch["latents"], batch["noise"], batch["t"], ~batch["clean"]
-        v = model(interpolate(x0, noise, t), 1000.0 * t, batch["text"], batch["mask"])  # (B, C, T, h, w)
+        x, extra = self.dit_input(interpolate(x0, noise, t), batch)
+        v = model(x, 1000.0 * t, batch["text"], batch["mask"], **extra)  # (B, C, T, h, w)
         per_frame = (v.float() - velocity_target(x0, noise).float()).pow(2).mean(dim=(1, 3, 4))  # (B, T)
         per_frame = torch.where(free, per_frame, torch.zeros((), device=per_frame.device))
         loss = per_frame.sum() / free.sum().clamp(min=1)
@@ -547,7 +573,8 @@ class DiTTask:
                 x0 = data["latents"]  # (B, C, T, h, w)
                 gen = torch.Generator().manual_seed(int(np.random.default_rng([v.seed, k, j]).integers(2**63 - 1)))
                 noise = torch.randn((x0.shape[0], len(v.times), *x0.shape[1:]), generator=gen)  # (B, K, C, T, h, w)
-                yield {"latents": x0, "noise": noise, "text": data["text"], "mask": data["mask"]}
+                extras = {k: data[k] for k in ("image_latents", "image_features") if k in data}
+                yield {"latents": x0, "noise": noise, "text": data["text"], "mask": data["mask"], **extras}
 
     def validation_losses(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """(sum, count) of each validation loss over a batch: the mean squared velocity error of
@@ -558,7 +585,8 @@ class DiTTask:
         for k, t in enumerate(self.config.validation.times):
             noise = batch["noise"][:, k]
             times = torch.full(x0.shape[:1] + x0.shape[2:3], t, device=x0.device)  # (B, T)
-            v = model(interpolate(x0, noise, times), 1000.0 * times, text, mask)
+            x, extra = self.dit_input(interpolate(x0, noise, times), batch)
+            v = model(x, 1000.0 * times, text, mask, **extra)
             err = (v.float() - velocity_target(x0, noise).float()).pow(2).mean(dim=(1, 2, 3, 4)).sum()
             out[f"val_loss_t{t:.2f}"] = (err, count)
             total = total + err
@@ -567,8 +595,8 @@ class DiTTask:
 
     def samples(self, model: nn.Module) -> dict[str, Tensor]:
         """Preview: the caption of a cached clip generated from fixed noise, beside that clip
-        as the VAE decodes it (uint8 (F, H, 2W, 3))."""
-        if self.vae is None:
+        as the VAE decodes it (uint8 (F, H, 2W, 3)). None for a Wan image-to-video model."""
+        if self.vae is None or self.image_condition:
             return {}
         bucket = SAMPLE_BUCKET if SAMPLE_BUCKET in self.buckets else max(self.buckets)
         data = self.cache.get(bucket, [0])
