@@ -528,3 +528,26 @@ def test_wan22_experts_sharded_in_two_processes(folders, tmp_path):
         assert p.returncode == 0, out
     one, two = (read_video(tmp_path / f"{n}.png")[0].astype(np.int16) for n in ("one", "two"))
     assert np.abs(one - two).max() <= 2
+
+
+def test_wan22_i2v_expert_lora_on_videos(i2v, tmp_path, capsys):
+    """Wan2.2 I2V-A14B fine-tuning: the cache holds the image latents (no CLIP features: the
+    model has no CLIP), expert 1 trains above the boundary 0.9, and its LoRA loads."""
+    import numpy as np
+    from PIL import Image
+
+    from kino.data.latent_cache import LatentCache
+
+    wan = tmp_path / "wan22-i2v"
+    assert main(["convert", "wan", str(i2v[1]["diffusers"]), str(wan)]) == 0
+    config = tmp_path / "run.toml"
+    config.write_text("expert = 1\n" + video_run_config(tmp_path, wan) + "[lora]\nrank = 2\n")
+    assert main(["preprocess", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    cache = LatentCache(tmp_path / "cache")
+    data = cache.get(cache.buckets[0], [0])
+    assert "image_latents" in data and "image_features" not in data
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    image = tmp_path / "i.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(image)
+    assert main(["generate", "a cat", "--model", str(wan), "--image", str(image), "--frames", "5", "--steps", "2",
+                 "--lora", str(tmp_path / "run" / "lora.safetensors"), "-o", str(tmp_path / "o.mp4"), "-q"]) == 0
