@@ -646,7 +646,10 @@ def test_lora_fine_tune_of_a_wan_i2v_model_on_videos(tmp_path, capsys):
     from kino.training.config import load_config
     from kino.training.dit import DiTRunConfig, DiTTask
 
-    task = DiTTask(load_config(config, DiTRunConfig), cache)
+    task = DiTTask(load_config(config, DiTRunConfig), cache, vae=pipe.vae)
+    with torch.no_grad():  # a preview starts from the cached clip's first frame like generation
+        (preview,) = task.samples(task.build_model().eval()).values()
+    assert preview.shape == (9, 32, 64, 3) and preview.dtype == torch.uint8
     x = torch.randn(1, 16, 3, 4, 6)
     inp, extra = task.dit_input(x, {k: v.float() for k, v in cond.items()})
     assert torch.equal(inp[:, :16], x) and torch.equal(inp[:, 16:20], expected.channels[:, :4])

@@ -594,18 +594,24 @@ class DiTTask:
         return out
 
     def samples(self, model: nn.Module) -> dict[str, Tensor]:
-        """Preview: the caption of a cached clip generated from fixed noise, beside that clip
-        as the VAE decodes it (uint8 (F, H, 2W, 3)). None for a Wan image-to-video model."""
-        if self.vae is None or self.image_condition:
+        """Preview: the caption of a cached clip generated from fixed noise (a Wan
+        image-to-video model: from the clip's first frame too), beside that clip as the VAE
+        decodes it (uint8 (F, H, 2W, 3))."""
+        if self.vae is None:
             return {}
         bucket = SAMPLE_BUCKET if SAMPLE_BUCKET in self.buckets else max(self.buckets)
-        data = self.cache.get(bucket, [0])
         device = next(model.parameters()).device
-        x0, text, mask = data["latents"].to(device), data["text"].to(device), data["mask"].to(device)
+        data = {k: v.to(device) for k, v in self.cache.get(bucket, [0]).items()}
+        x0, text, mask = data["latents"], data["text"], data["mask"]
         empty_text, empty_mask = self.cache.empty_text.to(device), self.cache.empty_mask.to(device)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
-        cond = lambda x, t: model(x, 1000.0 * t, text, mask)  # noqa: E731
-        uncond = lambda x, t: model(x, 1000.0 * t, empty_text, empty_mask)  # noqa: E731
+
+        def velocity(x: Tensor, t: float, text: Tensor, mask: Tensor) -> Tensor:
+            x, extra = self.dit_input(x, data)
+            return model(x, 1000.0 * t, text, mask, **extra)
+
+        cond = lambda x, t: velocity(x, t, text, mask)  # noqa: E731
+        uncond = lambda x, t: velocity(x, t, empty_text, empty_mask)  # noqa: E731
         times = sampling_timesteps(SAMPLE_STEPS, self.shift(tuple(x0.shape[1:]))).tolist()
         z = euler(guided(cond, uncond, SAMPLE_GUIDANCE), noise, times)  # (1, C, T, h, w)
         vae_device = next(self.vae.parameters()).device
