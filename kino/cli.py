@@ -565,6 +565,14 @@ def cmd_vae_reconstruct(args) -> int:
 
 # ---- kino convert ---------------------------------------------------------------------
 
+def cmd_info(args) -> int:
+    from kino.models.info import describe, format_info
+
+    info = describe(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
 def cmd_convert_wan(args) -> int:
     from kino.convert.wan import convert_wan
 
@@ -746,6 +754,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p)
     add_common(p)
     p.set_defaults(func=cmd_vae_reconstruct)
+
+    p = sub.add_parser("info", help="what a model folder holds (layout, component sizes, defaults), from its "
+                                    "configs alone")
+    p.add_argument("model", nargs="?", default=None, metavar="DIR|ORG/NAME",
+                   help="a kino or Wan2.1 / Wan2.2 folder, or a Hub id (default: the model shipped with kino)")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_info)
 
     convert = sub.add_parser("convert", help="third-party weights into a kino model folder; LoRAs between layouts")
     convert.set_defaults(group_help=convert.format_help)

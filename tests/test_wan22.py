@@ -551,3 +551,27 @@ def test_wan22_i2v_expert_lora_on_videos(i2v, tmp_path, capsys):
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(image)
     assert main(["generate", "a cat", "--model", str(wan), "--image", str(image), "--frames", "5", "--steps", "2",
                  "--lora", str(tmp_path / "run" / "lora.safetensors"), "-o", str(tmp_path / "o.mp4"), "-q"]) == 0
+
+
+def test_kino_info_names_every_kind(folders, i2v, ti2v, tmp_path, capsys):
+    """`kino info`: the kind, components and defaults of a folder from its configs alone, for
+    the shipped model, each Wan2.2 kind in both layouts, and a converted folder."""
+    from kino.models.info import describe
+
+    shipped = describe(None)
+    assert shipped["layout"] == "kino" and shipped["components"]["dit"]["parameters"] == 9_145_872
+    for layout in ("diffusers", "original"):
+        t2v, i2v_info, ti2v_info = (describe(f[layout]) for f in (folders, i2v[1], ti2v[1]))
+        assert (t2v["name"], i2v_info["name"], ti2v_info["name"]) == ("t2v-A14B", "i2v-A14B", "ti2v-5B")
+        assert {"dit", "dit_2"} <= set(t2v["components"]) and t2v["defaults"]["boundary"] == BOUNDARY
+        assert not i2v_info["components"]["dit"]["image_branch"] and i2v_info["components"]["dit"]["in_channels"] == 36
+        assert ti2v_info["components"]["vae"]["wan22_layout"] and ti2v_info["components"]["vae"]["space_stride"] == 16
+    assert main(["convert", "wan", str(folders["original"]), str(tmp_path / "k")]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "k")]) == 0
+    out = capsys.readouterr().out
+    assert "kino layout" in out and "dit_2: DiT 32 wide" in out and "boundary 0.875" in out
+    assert main(["info", str(tmp_path / "k"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["components"]["dit_2"]["layers"] == 2
+    assert main(["info", str(tmp_path)]) == 2
+    assert "neither a kino model folder" in capsys.readouterr().err

@@ -1,0 +1,146 @@
+"""`kino info [MODEL]`: what a model folder holds, read from its configs alone (no weights
+loaded, so it answers in a second for a 14B model): its layout, each component's size,
+parameter count and files, and the settings generation uses by default.
+
+Takes what `--model` takes: a kino folder, a Wan2.1 / Wan2.2 folder in either release layout,
+a Hub id, or nothing (the model shipped with kino).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from kino.errors import KinoUserError
+
+
+def describe(spec: str | Path | None = None) -> dict:
+    """A JSON-ready description of the model folder `spec` names (see the module docstring)."""
+    from kino.convert.wan import detect_layout
+    from kino.models.folder import default_model_dir
+    from kino.models.hub import folder_name, resolve_model
+
+    root = resolve_model(spec) if spec is not None else default_model_dir()
+    if not root.is_dir():
+        raise KinoUserError(f"no model folder at {root}")
+    layout = detect_layout(root)
+    if layout == "kino":
+        info = _kino(root)
+    elif layout in ("original", "diffusers"):
+        info = _wan(root, layout)
+    else:
+        raise KinoUserError(f"{root} is neither a kino model folder (kino.json) nor a Wan2.1 / Wan2.2 folder")
+    return {"model": folder_name(root), "path": str(root), "layout": layout, **info}
+
+
+def _params(cls, config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in cls(config).parameters())
+
+
+def _dit(config) -> dict:
+    from kino.models.dit.model import DiT
+
+    c = config
+    return {"dim": c.dim, "layers": c.num_layers, "heads": c.num_heads, "patch": list(c.patch_size),
+            "in_channels": c.in_channels, "out_channels": c.out_channels, "text_dim": c.text_dim,
+            "image_branch": c.img_dim is not None, "parameters": _params(DiT, c)}
+
+
+def _vae(config) -> dict:
+    from kino.models.vae.model import VideoVAE
+
+    c = config
+    return {"latent_channels": c.z_dim, "time_stride": c.time_stride, "space_stride": c.space_stride,
+            "base_dim": c.base_dim, "decoder_dim": c.decoder_dim, "wan22_layout": c.residual,
+            "parameters": _params(VideoVAE, c)}
+
+
+def _kino(root: Path) -> dict:
+    from kino.models.dit.model import DiTConfig
+    from kino.models.folder import load_component, read_manifest
+    from kino.models.vae.model import VAEConfig
+
+    manifest = read_manifest(root)
+    components = {}
+    for name, entry in manifest.get("components", {}).items():
+        comp = load_component(root, name, weights=False)
+        desc = {"path": entry.get("path", name), "files": {f: (root / entry.get("path", name) / f).stat().st_size
+                                                          for f in entry.get("files", {})
+                                                          if (root / entry.get("path", name) / f).is_file()}}
+        if name in ("dit", "dit_2"):
+            desc |= _dit(DiTConfig.from_dict(comp.config))
+        elif name == "vae":
+            desc |= _vae(VAEConfig.from_dict(comp.config))
+        else:  # text / image encoders: their reference config says what they are
+            desc |= {k: v for k, v in comp.config.items() if k in ("kind", "package", "max_length", "dim", "dtype")}
+        components[name] = desc
+    return {"name": manifest.get("name"), "components": components, "defaults": manifest.get("pipeline", {})}
+
+
+def _wan(root: Path, layout: str) -> dict:
+    """A Wan folder from its config files; the VAE of the original layout (which ships no
+    config) as released, named by its file."""
+    from kino.convert.files import read_json
+    from kino.convert.wan import ORIGINAL_VAE_22, WAN22_HIGH, WAN22_LOW, wan_defaults
+    from kino.models.dit import adapters as dit_adapters
+    from kino.models.vae import adapters as vae_adapters
+    from kino.models.vae.model import VAE_SIZES
+
+    if layout == "original":
+        folders = [root / WAN22_HIGH, root / WAN22_LOW] if (root / WAN22_HIGH).is_dir() else [root]
+        dits = [dit_adapters.config_from_wan(read_json(f / "config.json")) for f in folders]
+        vae = VAE_SIZES["wan2.2" if (root / ORIGINAL_VAE_22).is_file() else "wan2.1"]
+        boundary = None
+    else:
+        index = read_json(root / "model_index.json")
+        names = ["transformer"] + (["transformer_2"] if index.get("transformer_2") not in (None, [None, None]) else [])
+        dits = [dit_adapters.config_from_diffusers(read_json(root / n / "config.json")) for n in names]
+        vae = vae_adapters.config_from_diffusers({k: v for k, v in read_json(root / "vae" / "config.json").items()
+                                                  if not k.startswith("_")})
+        boundary = index.get("boundary_ratio")
+    c = dits[0]
+    if c.img_dim is not None and len(dits) == 2:  # Wan2.2 I2V-A14B says "i2v" but has no CLIP branch
+        dits = [replace(d, img_dim=None, img_pos_len=None) for d in dits]
+    if vae.residual:
+        kind = "ti2v-5B"
+    elif len(dits) == 2:
+        kind = "t2v-A14B" if c.in_channels == c.out_channels else "i2v-A14B"
+    else:
+        kind = "t2v" if c.img_dim is None else "i2v" if c.img_pos_len is None else "flf2v"
+    components = {"vae": _vae(vae), **{("dit" if i == 0 else "dit_2"): _dit(d) for i, d in enumerate(dits)}}
+    components["text_encoder"] = {"kind": "umt5", "dim": c.text_dim, "max_length": 512}
+    if c.img_dim is not None:
+        components["image_encoder"] = {"kind": "clip", "dim": c.img_dim}
+    return {"name": kind, "components": components, "defaults": asdict(wan_defaults(kind, boundary))}
+
+
+def _count(n: int) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.2f}{unit}" if unit == "B" else f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def format_info(info: dict) -> str:
+    """The human-readable summary `kino info` prints."""
+    lines = [f"{info['model']}  ({info['layout']} layout{', ' + info['name'] if info.get('name') else ''})",
+             f"  path: {info['path']}"]
+    for name, c in info["components"].items():
+        params = f", {_count(c['parameters'])} parameters" if "parameters" in c else ""
+        if name.startswith("dit"):
+            desc = (f"DiT {c['dim']} wide, {c['layers']} layers, {c['heads']} heads, patch {'x'.join(map(str, c['patch']))}"
+                    f", {c['in_channels']} -> {c['out_channels']} channels{', image branch' if c['image_branch'] else ''}")
+        elif name == "vae":
+            desc = (f"VAE {c['time_stride']}x{c['space_stride']}x{c['space_stride']} to {c['latent_channels']} channels"
+                    f"{' (Wan2.2 layout)' if c['wan22_layout'] else ''}")
+        else:
+            desc = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("path", "files"))
+        lines.append(f"  {name}: {desc}{params}")
+    d = info["defaults"]
+    if d:
+        shown = ("frames", "height", "width", "fps", "steps", "guidance", "guidance_2", "boundary", "sampler", "shift")
+        lines.append("  defaults: " + ", ".join(f"{k} {d[k]}" for k in shown if d.get(k) is not None))
+    return "\n".join(lines)
