@@ -131,8 +131,10 @@ def format_info(info: dict) -> str:
     for name, c in info["components"].items():
         params = f", {_count(c['parameters'])} parameters" if "parameters" in c else ""
         if name.startswith("dit"):
-            desc = (f"DiT {c['dim']} wide, {c['layers']} layers, {c['heads']} heads, patch {'x'.join(map(str, c['patch']))}"
-                    f", {c['in_channels']} -> {c['out_channels']} channels{', image branch' if c['image_branch'] else ''}")
+            patch = "x".join(map(str, c["patch"]))
+            branch = ", image branch" if c["image_branch"] else ""
+            desc = (f"DiT {c['dim']} wide, {c['layers']} layers, {c['heads']} heads, patch {patch}, "
+                    f"{c['in_channels']} -> {c['out_channels']} channels{branch}")
         elif name == "vae":
             desc = (f"VAE {c['time_stride']}x{c['space_stride']}x{c['space_stride']} to {c['latent_channels']} channels"
                     f"{' (Wan2.2 layout)' if c['wan22_layout'] else ''}")
