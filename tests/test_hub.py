@@ -154,3 +154,18 @@ def test_lora_from_a_hub_repository(offline_hub, tmp_path, capsys):
     assert main(["generate", "x", "--model", str(folder), "--lora", "kino-org/loras/loras/other.safetensors",
                  "-o", str(tmp_path / "z.png")]) == 2
     assert "no kino-org/loras/loras/other.safetensors here" in capsys.readouterr().err
+
+
+def test_a_resolved_repository_is_not_fetched_and_hashed_again(offline_hub, tmp_path, monkeypatch):
+    import huggingface_hub
+    from conftest import save_tiny_pipeline
+
+    from kino.models import hub
+
+    folder = save_tiny_pipeline(tmp_path / "model", "tiny-hub", frames=1, height=32, width=32, steps=2)
+    snapshot = hub_cache(offline_hub, "kino-org/once", folder)
+    calls = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert hub.resolve_model("kino-org/once") == snapshot == hub.resolve_model("kino-org/once")
+    assert len(calls) == 1

@@ -30,6 +30,9 @@ HUB_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<r
 # files a model never needs: pictures and example clips in model cards, the cards themselves
 IGNORE = ["*.md", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.mp4", "assets/*", "examples/*"]
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+# snapshots this process has downloaded or found and checked: a run resolves its model from
+# several places (CLI, loaders, a training config) and asks the Hub and hashes files once
+_RESOLVED: dict[tuple, Path] = {}
 
 
 def hub_id(spec: str | Path) -> tuple[str, str | None] | None:
@@ -47,12 +50,16 @@ def resolve_model(spec: str | Path) -> Path:
     found = hub_id(spec)
     if found is None:
         return Path(spec)
-    repo, revision = found
-    from huggingface_hub import snapshot_download  # a dependency of transformers
+    from huggingface_hub import constants, snapshot_download  # a dependency of transformers
 
+    key = (*found, constants.HF_HUB_CACHE)
+    if key in _RESOLVED:
+        return _RESOLVED[key]
+    repo, revision = found
     folder = Path(_download(lambda: snapshot_download(repo, revision=revision, ignore_patterns=IGNORE),
                             f"folder {spec}", repo))
     verify_snapshot(folder, repo)
+    _RESOLVED[key] = folder
     return folder
 
 
