@@ -611,11 +611,12 @@ def test_original_layout_i2v_folder_matches_the_diffusers_one(tmp_path):
     torch.testing.assert_close(c.latents, a.latents, rtol=0, atol=1e-5)
 
 
-def test_lora_fine_tune_of_a_wan_i2v_model_on_videos(tmp_path, capsys):
-    """Fine-tuning Wan2.1 I2V on videos: `kino preprocess` stores each clip's image conditioning
-    (the first frame's VAE latents over black frames, and its CLIP features) as
-    Pipeline.image_condition computes it; `kino train dit` feeds it to the 36-channel DiT with
-    Wan's mask; the LoRA then changes `kino generate --image`."""
+@pytest.mark.parametrize("kind", ["i2v", "flf2v"])
+def test_lora_fine_tune_of_a_wan_i2v_model_on_videos(kind, tmp_path, capsys):
+    """Fine-tuning Wan2.1 I2V (and FLF2V) on videos: `kino preprocess` stores each clip's image
+    conditioning (the first (and last) frame's VAE latents with black frames between, and CLIP
+    features) as Pipeline.image_condition computes it; `kino train dit` feeds it to the
+    36-channel DiT with Wan's mask; the LoRA then changes `kino generate --image`."""
     from test_wan import video_run_config
 
     from kino.cli import main
@@ -624,14 +625,15 @@ def test_lora_fine_tune_of_a_wan_i2v_model_on_videos(tmp_path, capsys):
     from kino.data.video_io import write_video
     from kino.pipeline import Pipeline
 
-    root = write_i2v_diffusers(tmp_path / "wan-i2v-diffusers", _i2v_components("i2v"))
+    root = write_i2v_diffusers(tmp_path / "wan-i2v-diffusers", _i2v_components(kind))
     wan = tmp_path / "wan-i2v"
     assert main(["convert", "wan", str(root), str(wan)]) == 0
     pipe = Pipeline.from_pretrained(wan, text_dtype="float32")
     # the cache's conditioning is the pipeline's, up to the cache's bf16 / fp16 storage
     clip = torch.rand(3, 9, 32, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    cond = WanImageCondition(pipe.vae, pipe.image_encoder)([clip])
-    expected = pipe.image_condition(clip[:, 0], 9, 32, 48)
+    flf = kind == "flf2v"
+    cond = WanImageCondition(pipe.vae, pipe.image_encoder, last=flf)([clip])
+    expected = pipe.image_condition(clip[:, 0], 9, 32, 48, clip[:, -1] if flf else None)
     torch.testing.assert_close(cond["image_latents"].float(), expected.channels[:, 4:], rtol=0.01, atol=0.02)
     torch.testing.assert_close(cond["image_features"].float(), expected.features, rtol=0.01, atol=0.01)
 
@@ -640,8 +642,9 @@ def test_lora_fine_tune_of_a_wan_i2v_model_on_videos(tmp_path, capsys):
     assert main(["preprocess", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
     cache = LatentCache(tmp_path / "cache")
     data = cache.get(cache.buckets[0], [0, 1])
-    assert data["image_latents"].shape == data["latents"].shape and data["image_features"].shape == (2, 17, IMG_DIM)
-    assert cache.meta["image_condition"]["kind"] == "wan-first-frame"
+    assert data["image_latents"].shape == data["latents"].shape
+    assert data["image_features"].shape == (2, 17 * (2 if flf else 1), IMG_DIM)
+    assert cache.meta["image_condition"]["kind"] == ("wan-first-last-frame" if flf else "wan-first-frame")
     # the trainer lays the DiT's input out as the pipeline does: noise, Wan's mask, image latents
     from kino.training.config import load_config
     from kino.training.dit import DiTRunConfig, DiTTask
@@ -660,7 +663,7 @@ def test_lora_fine_tune_of_a_wan_i2v_model_on_videos(tmp_path, capsys):
     image = tmp_path / "first.png"
     write_video(image, torch.from_numpy(_image((32, 48), seed=4))[None], fps=16)
     args = ["generate", "a cat walks", "--model", str(wan), "--image", str(image), "--frames", "5", "--steps", "2",
-            "-q"]
+            "-q", *(["--last-image", str(image)] if flf else [])]
     assert main([*args, "-o", str(tmp_path / "plain.mp4")]) == 0
     assert main([*args, "--lora", str(lora), "-o", str(tmp_path / "lora.mp4")]) == 0, capsys.readouterr().err
     assert (tmp_path / "plain.mp4").read_bytes() != (tmp_path / "lora.mp4").read_bytes()

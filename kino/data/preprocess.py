@@ -78,24 +78,32 @@ def rank_and_world() -> tuple[int, int]:
 class WanImageCondition:
     """What a Wan image-to-video DiT reads beside a clip's noise, computed once per clip as
     `Pipeline.image_condition` does at generation: the normalised VAE latents of [the clip's
-    first frame, black frames...] (`image_latents`, stored bf16) and, with a CLIP image encoder
-    (Wan2.1 I2V), the first frame's features (`image_features`, fp16). Wan's mask of the given
-    frame is fixed by the clip's length; the trainer builds it."""
+    first frame, black frames..., (its last frame: FLF2V)] (`image_latents`, stored bf16) and,
+    with a CLIP image encoder (Wan2.1), the given frames' features (`image_features`, fp16;
+    FLF2V: the first frame's tokens, then the last's). Wan's mask of the given frames is fixed
+    by the clip's length; the trainer builds it."""
 
-    def __init__(self, vae, clip=None):
-        self.vae, self.clip = vae, clip
+    def __init__(self, vae, clip=None, last: bool = False):
+        self.vae, self.clip, self.last = vae, clip, last
 
     def record(self) -> dict:
-        return {"kind": "wan-first-frame", "clip": None if self.clip is None else self.clip.reference()}
+        return {"kind": "wan-first-last-frame" if self.last else "wan-first-frame",
+                "clip": None if self.clip is None else self.clip.reference()}
 
     @torch.no_grad()
     def __call__(self, videos: list[Tensor]) -> dict[str, Tensor]:
-        firsts = [torch.cat([v[:, :1], torch.zeros_like(v[:, 1:])], dim=1) for v in videos]  # (3, F, H, W)
-        out = {"image_latents": _encode_latents(self.vae, firsts)}  # (b, Z, T, h, w) bf16
+        given = [0, -1] if self.last else [0]
+        conds = []
+        for v in videos:  # (3, F, H, W): the given frames kept, black between
+            cond = torch.zeros_like(v)
+            cond[:, given] = v[:, given]
+            conds.append(cond)
+        out = {"image_latents": _encode_latents(self.vae, conds)}  # (b, Z, T, h, w) bf16
         if self.clip is not None:
             device = next(self.clip.model.parameters()).device
-            out["image_features"] = torch.cat([self.clip.encode(v[None, :, 0].float().to(device)).float().cpu()
-                                               for v in videos]).to(TEXT_DTYPE)  # (b, N, D)
+            out["image_features"] = torch.stack([
+                torch.cat([self.clip.encode(v[None, :, i].float().to(device)).float().cpu()[0] for i in given])
+                for v in videos]).to(TEXT_DTYPE)  # (b, N per frame x given frames, D)
         return out
 
 
@@ -297,8 +305,9 @@ def run_preprocess(config, *, text_encoder=None, progress: bool = True) -> Prepr
 
 def wan_image_condition(config, vae, device) -> WanImageCondition | None:
     """The image conditioning a fine-tune of `config.init_from` needs in its cache: for a Wan
-    image-to-video model (its DiT reads 2 x z_dim + 4 channels), with its CLIP encoder when it
-    has one (Wan2.1 I2V; Wan2.2 I2V-A14B has none); None for every other model."""
+    image-to-video model (its DiT reads 2 x z_dim + 4 channels: I2V, and FLF2V with the last
+    frame too), with its CLIP encoder when it has one (Wan2.1; Wan2.2 I2V-A14B has none); None
+    for every other model."""
     from kino.models.folder import load_component, read_manifest
     from kino.training.dit import init_dit, model_folder
 
@@ -307,9 +316,6 @@ def wan_image_condition(config, vae, device) -> WanImageCondition | None:
     _, dit_config = init_dit(config.init_from)
     if dit_config.in_channels != 2 * vae.config.z_dim + vae.config.time_stride:
         return None
-    if dit_config.img_pos_len is not None:
-        raise KinoUserError(f"init_from {config.init_from} is a Wan2.1 FLF2V model (first and last frame): "
-                            "fine-tuning it is not supported; I2V models are")
     folder = model_folder(config.init_from)
     clip = None
     if "image_encoder" in (read_manifest(folder) or {}).get("components", {}):
@@ -317,7 +323,7 @@ def wan_image_condition(config, vae, device) -> WanImageCondition | None:
 
         comp = load_component(folder, "image_encoder", weights=False)
         clip = CLIPImageEncoder.from_reference(comp.config, comp.folder, device=device)
-    return WanImageCondition(vae, clip)
+    return WanImageCondition(vae, clip, last=dit_config.img_pos_len is not None)  # FLF2V: the last frame too
 
 
 def open_video_cache(path: str | Path, dataset: VideoDatasetConfig, vae=None) -> LatentCache:

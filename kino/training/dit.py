@@ -398,7 +398,9 @@ class DiTTask:
         self.component = dit_component(config)  # "dit", or a two-expert model's "dit_2"
         self.t_range = training_times(config)
         # a Wan image-to-video model: the cache holds each clip's image conditioning (preprocess)
-        self.image_condition = cache.meta.get("image_condition") is not None
+        record = getattr(cache, "meta", {}).get("image_condition")  # None: on-the-fly latents have none
+        self.image_condition = record is not None
+        self.last_frame = (record or {}).get("kind") == "wan-first-last-frame"  # FLF2V
         # kino's clean-frame patterns are its own way to condition; a Wan I2V model has Wan's
         self.mix = ConditioningMix(1.0, 0.0, 0.0, 0.0, 0.0, 0.0) if self.image_condition else config.conditioning
         z = cache.latent_channels
@@ -508,8 +510,9 @@ class DiTTask:
 
     def dit_input(self, x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The DiT's input for noisy latents `x` (B, C, T, h, w) and its extra arguments: for a
-        Wan image-to-video model, Wan's mask of the given first frame and the clip's image
-        latents after the noise (Pipeline.image_condition's layout), and its CLIP features."""
+        Wan image-to-video model, Wan's mask of the given first (FLF2V: and last) frame and the
+        clip's image latents after the noise (Pipeline.image_condition's layout), and its CLIP
+        features."""
         if "image_latents" not in batch:
             return x, {}
         from kino.pipeline import frame_mask
@@ -517,7 +520,8 @@ class DiTTask:
         b, _, t, h, w = x.shape
         stride = self.dit_config.in_channels - 2 * x.shape[1]  # Wan's mask: one channel per frame of a latent frame
         frames = 1 + stride * (t - 1)
-        mask = frame_mask(frames, [0], stride)[None, :, :, None, None].expand(b, -1, -1, h, w).to(x)
+        given = [0, frames - 1] if self.last_frame else [0]
+        mask = frame_mask(frames, given, stride)[None, :, :, None, None].expand(b, -1, -1, h, w).to(x)
         extra = {"image": batch["image_features"].to(x)} if "image_features" in batch else {}
         return torch.cat([x, mask, batch["image_latents"].to(x)], dim=1), extra
 
