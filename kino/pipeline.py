@@ -491,14 +491,20 @@ class Pipeline:
             raise KinoUserError("this pipeline's memory plan is already set; load it again to change it")
         device = torch.device(device) if device is not None else self._device
         dtype = plan.compute_dtype(device)
-        offload = plan.offload == "model"
-        home = torch.device("cpu") if offload else device
-        text_model = getattr(self.text_encoder, "model", None)
         for dit in self.dits:
             dit.to(dtype=dtype)
         if shard is not None:
-            self._shard(plan, shard, device, text_device, dtype)
-            return
+            self._shard(plan, shard, device, text_device)
+        else:
+            self._place(plan, device, text_device, dtype)
+        if plan.vae_tile is not None:
+            self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
+        self._device, self.memory = device, plan
+
+    def _place(self, plan: MemoryPlan, device: torch.device, text_device, dtype: torch.dtype) -> None:
+        """set_memory without sharding: block streaming, whole-model offload, the encoders."""
+        offload = plan.offload == "model"
+        home = torch.device("cpu") if offload else device
         for dit in self.dits:
             if plan.streams_blocks:  # before the move: only what stays on the device goes there
                 n = len(dit.blocks)
@@ -507,17 +513,14 @@ class Pipeline:
             dit.to(home)  # the blocks' parameters are empty placeholders by now
         self.vae.to(home)
         self._offloaded = {"vae", *("dit", "dit_2")[:len(self.dits)]} if offload else set()
-        for name, model in (("text_encoder", text_model),
+        for name, model in (("text_encoder", getattr(self.text_encoder, "model", None)),
                             ("image_encoder", getattr(self.image_encoder, "model", None))):
             if model is not None:  # the encoders follow --text-device when given
                 model.to(text_device if text_device is not None else home)
                 if offload and text_device is None:
                     self._offloaded.add(name)
-        if plan.vae_tile is not None:
-            self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
-        self._device, self.memory = device, plan
 
-    def _shard(self, plan: MemoryPlan, mesh, device: torch.device, text_device, dtype: torch.dtype) -> None:
+    def _shard(self, plan: MemoryPlan, mesh, device: torch.device, text_device) -> None:
         from kino.training.distributed import shard_modules
 
         if plan.streams_blocks or plan.offload == "model":
@@ -537,9 +540,6 @@ class Pipeline:
                 shard_modules(model, transformer_units(model), mesh)
             else:  # an encoder on another device (--text-device cpu), and the (small) CLIP image encoder
                 model.to(text_device if text_device is not None else device)
-        if plan.vae_tile is not None:
-            self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
-        self._device, self.memory = device, plan
 
     def compile(self, backend: str = "inductor", mode: str | None = None) -> None:
         """torch.compile each DiT block in place (every expert's), as `parallelize` does for

@@ -147,12 +147,17 @@ class WanSource:
 
     @property
     def model_type(self) -> str:
-        c = self.dit_config
-        if self.vae_config.residual:  # Wan2.2's VAE: TI2V-5B
-            return "ti2v-5B"
-        if self.dit_2_state is not None:
-            return "t2v-A14B" if c.in_channels == c.out_channels else "i2v-A14B"
-        return "t2v" if c.img_dim is None else "i2v" if c.img_pos_len is None else "flf2v"
+        return wan_model_type(self.dit_config, self.vae_config, self.dit_2_state is not None)
+
+
+def wan_model_type(dit: DiTConfig, vae: VAEConfig, experts: bool) -> str:
+    """The kind of Wan model a DiT config, a VAE config and the presence of a second expert
+    make: t2v / i2v / flf2v (Wan2.1), t2v-A14B / i2v-A14B (two experts), ti2v-5B (Wan2.2's VAE)."""
+    if vae.residual:
+        return "ti2v-5B"
+    if experts:
+        return "t2v-A14B" if dit.in_channels == dit.out_channels else "i2v-A14B"
+    return "t2v" if dit.img_dim is None else "i2v" if dit.img_pos_len is None else "flf2v"
 
 
 def detect_layout(root: Path) -> str | None:

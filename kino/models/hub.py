@@ -39,9 +39,14 @@ def hub_id(spec: str | Path) -> tuple[str, str | None] | None:
     """(repo id, revision) when `spec` names a Hub repository rather than a folder on disk."""
     text = str(spec)
     match = HUB_ID.match(text)
-    if match is None or Path(text).exists() or text.startswith(("./", "../")):
+    if match is None or _local(text):
         return None
     return match["repo"], match["revision"]
+
+
+def _local(text: str) -> bool:
+    """A name that means the disk: it exists there, or it says so (./, ../)."""
+    return Path(text).exists() or text.startswith(("./", "../"))
 
 
 def resolve_model(spec: str | Path) -> Path:
@@ -68,7 +73,7 @@ def resolve_file(spec: str | Path) -> Path:
     of ORG/NAME[@REVISION]/PATH, one file of a Hub repository (e.g. a LoRA)."""
     text = str(spec)
     match = HUB_FILE.match(text)
-    if match is None or Path(text).exists() or text.startswith(("./", "../")):
+    if match is None or _local(text):
         return Path(spec)
     repo, revision, name = match["repo"], match["revision"], match["file"]
     from huggingface_hub import hf_hub_download

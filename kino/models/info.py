@@ -84,7 +84,7 @@ def _wan(root: Path, layout: str) -> dict:
     """A Wan folder from its config files; the VAE of the original layout (which ships no
     config) as released, named by its file."""
     from kino.convert.files import read_json
-    from kino.convert.wan import ORIGINAL_VAE_22, WAN22_HIGH, WAN22_LOW, wan_defaults
+    from kino.convert.wan import ORIGINAL_VAE_22, WAN22_HIGH, WAN22_LOW, wan_defaults, wan_model_type
     from kino.models.dit import adapters as dit_adapters
     from kino.models.vae import adapters as vae_adapters
     from kino.models.vae.model import VAE_SIZES
@@ -104,12 +104,7 @@ def _wan(root: Path, layout: str) -> dict:
     c = dits[0]
     if c.img_dim is not None and len(dits) == 2:  # Wan2.2 I2V-A14B says "i2v" but has no CLIP branch
         dits = [replace(d, img_dim=None, img_pos_len=None) for d in dits]
-    if vae.residual:
-        kind = "ti2v-5B"
-    elif len(dits) == 2:
-        kind = "t2v-A14B" if c.in_channels == c.out_channels else "i2v-A14B"
-    else:
-        kind = "t2v" if c.img_dim is None else "i2v" if c.img_pos_len is None else "flf2v"
+    kind = wan_model_type(c, vae, len(dits) == 2)
     components = {"vae": _vae(vae), **{("dit" if i == 0 else "dit_2"): _dit(d) for i, d in enumerate(dits)}}
     components["text_encoder"] = {"kind": "umt5", "dim": c.text_dim, "max_length": 512}
     if c.img_dim is not None:

@@ -87,9 +87,14 @@ def _from_diffusers_residual(state_dict: dict[str, torch.Tensor]) -> dict[str, t
         j = m.group(4) if m.group(4) is not None else count[part]  # the resample follows the residual blocks
         return f"{part}.{outer}.{m.group(2)}.{outer}.{j}."
 
+    return _renamed(state_dict, lambda key: _rename(_DIFFUSERS_STAGE.sub(nested, key), _FROM_DIFFUSERS))
+
+
+def _renamed(state_dict: dict[str, torch.Tensor], name) -> dict[str, torch.Tensor]:
+    """The same tensors under `name(key)`; two keys that map to one name are an error."""
     out = {}
     for key, value in state_dict.items():
-        new = _rename(_DIFFUSERS_STAGE.sub(nested, key), _FROM_DIFFUSERS)
+        new = name(key)
         if new in out:
             raise ValueError(f"two diffusers keys map to {new}")
         out[new] = value
@@ -109,13 +114,7 @@ def from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         j = int(m.group(3)) if m.group(3) is not None else per_stage
         return f"decoder.upsamples.{stage * (per_stage + 1) + j}."
 
-    out = {}
-    for key, value in state_dict.items():
-        new = _rename(_DIFFUSERS_UP.sub(flat_decoder_index, key), _FROM_DIFFUSERS)
-        if new in out:
-            raise ValueError(f"two diffusers keys map to {new}")
-        out[new] = value
-    return out
+    return _renamed(state_dict, lambda key: _rename(_DIFFUSERS_UP.sub(flat_decoder_index, key), _FROM_DIFFUSERS))
 
 
 def to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
