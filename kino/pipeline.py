@@ -148,6 +148,27 @@ class ImageCondition:
         return ImageCondition(self.channels.to(device), None if self.features is None else self.features.to(device))
 
 
+@dataclass
+class VaceCondition:
+    """Wan2.1 VACE conditioning of one clip (`Pipeline.vace_condition`), the same for both
+    guidance branches.
+
+    `context` (1, 96, R + T, h, w): the normalised VAE latents of the source video's kept
+    pixels (mask 0) and, apart, of its pixels to regenerate (mask 1), then the pixel mask
+    folded into 64 channels (each 8x8 pixel square's values, taken nearest in time onto the
+    T latent frames); in front, R reference images' latents (with zero "regenerate" latents
+    and a zero mask). The sampled latents hold R + T frames too; the first R are dropped
+    before decoding. `scale`: the weight of the VACE hints (Wan's context_scale).
+    """
+
+    context: Tensor
+    references: int = 0
+    scale: float = 1.0
+
+    def to(self, device) -> VaceCondition:
+        return replace(self, context=self.context.to(device))
+
+
 def frame_mask(frames: int, given: list[int], stride: int) -> Tensor:
     """Wan's (stride, T) mask of `given` pixel frames among `frames` = stride (T - 1) + 1:
     frame 0 repeated `stride` times, then the frames in latent order, stride per latent frame."""
@@ -155,6 +176,19 @@ def frame_mask(frames: int, given: list[int], stride: int) -> Tensor:
     m[given] = 1.0
     m = torch.cat([m[:1].repeat(stride), m[1:]])  # (stride * T,)
     return m.view(-1, stride).transpose(0, 1)  # (stride, T)
+
+
+def place_on_canvas(image: Tensor, height: int, width: int) -> Tensor:
+    """(3, H, W) -> (3, height, width): scaled to fit inside (aspect kept, bilinear, sizes
+    rounded down) and centred on white: how VACE places a reference image."""
+    h, w = image.shape[-2:]
+    scale = min(height / h, width / w)
+    nh, nw = max(1, int(h * scale)), max(1, int(w * scale))
+    resized = torch.nn.functional.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    canvas = torch.ones(3, height, width)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    canvas[:, top:top + nh, left:left + nw] = resized
+    return canvas
 
 
 @contextmanager
@@ -181,7 +215,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
                    skip_interval: tuple[float, float] | None = None, dit_2: DiT | None = None,
                    boundary: float | None = None, guidance_2: float | None = None,
                    on_switch: Callable[[DiT], None] | None = None, cfg_star: bool = False,
-                   zero_steps: int = 0) -> Tensor:
+                   zero_steps: int = 0, vace: VaceCondition | None = None) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
     guidance; conditional and unconditional branches run as one batch (`cfg_batch=False`:
     one after the other, half the activations). The DiT computes in its own dtype (that of
@@ -192,7 +226,8 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     in `Conditioning`'s docstring. Without it nothing is given (text-to-video).
 
     `image` (Wan2.1 I2V / FLF2V DiTs): extra input channels and CLIP features, given to both
-    guidance branches alike (`ImageCondition`).
+    guidance branches alike (`ImageCondition`). `vace` (Wan2.1 VACE DiTs): the context and
+    the weight of its hints, likewise (`VaceCondition`).
 
     Skip-layer guidance (`skip_guidance` s > 0, Hyung et al. 2024's STG, SD3.5's SLG): at
     solver times in `skip_interval` (default: those of `guidance_interval`) the conditional
@@ -269,12 +304,21 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     embed = getattr(dit, "patch_embedding", None)  # any velocity model with a DiT's call signature will do
     dtype = embed.weight.dtype if embed is not None else noise.dtype
     text, neg_text = text.to(dtype), neg_text.to(dtype)
-    extra, channels = {}, None
+    extra, channels, fixed = {}, None, {}
     if image is not None:
         channels = image.channels.to(dtype).expand(B, -1, -1, -1, -1)
         if image.features is not None:
             extra = {"image": image.features.to(dtype).expand(B, -1, -1)}
-    both = {k: torch.cat([v, v]) for k, v in extra.items()}
+    if vace is not None:
+        extra["vace"] = vace.context.to(dtype).expand(B, -1, -1, -1, -1)
+        fixed["vace_scale"] = vace.scale
+
+    def batched(n: int) -> dict:
+        """The DiT's extra inputs for a batch of n copies of the clips."""
+        return {**{k: torch.cat([v] * n) for k, v in extra.items()}, **fixed}
+
+    both = batched(2)
+    extra = batched(1)
 
     def dit_time(t: float) -> float:
         return math.floor(t * T_SCALE) if integer_dit_time else t * T_SCALE
@@ -322,13 +366,15 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
                 calls += [(z_src, neg_text, neg_mask), (z_tar, neg_text, neg_mask)]
             if cfg_batch:  # one batch
                 xs, txt, msk = (torch.cat(parts) for parts in zip(*calls))
-                vs = dit(xs.to(dtype), t_frames.repeat(len(calls), 1), txt, msk).float().chunk(len(calls))
+                vs = dit(xs.to(dtype), t_frames.repeat(len(calls), 1), txt, msk,
+                         **batched(len(calls))).float().chunk(len(calls))
             else:  # one call after the other: a quarter of the activations
-                vs = [dit(x.to(dtype), t_frames, txt, msk).float() for x, txt, msk in calls]
+                vs = [dit(x.to(dtype), t_frames, txt, msk, **extra).float() for x, txt, msk in calls]
             skips = [None, None]
             if skip_guided(t):
                 xs, txt, msk = (torch.cat(parts) for parts in zip(*calls[:2]))
-                skips = dit(xs.to(dtype), t_frames.repeat(2, 1), txt, msk, skip_blocks=skip_blocks).float().chunk(2)
+                skips = dit(xs.to(dtype), t_frames.repeat(2, 1), txt, msk, skip_blocks=skip_blocks,
+                            **both).float().chunk(2)
             uncond = vs[2:] if use_cfg else [None, None]
             return tuple(combine(vs[k], uncond[k], skips[k], g) for k in range(2))
 
@@ -379,6 +425,10 @@ class Pipeline:
         if img_dim is not None and dit.config.in_channels != 2 * vae.config.z_dim + vae.config.time_stride:
             raise KinoUserError(f"a Wan image-to-video DiT reads {2 * vae.config.z_dim + vae.config.time_stride} "
                                 f"channels (noise, mask, image latents); this one reads {dit.config.in_channels}")
+        vace_in = 2 * vae.config.z_dim + vae.config.space_stride ** 2
+        if dit.config.vace_layers and dit.config.vace_in_channels != vace_in:
+            raise KinoUserError(f"a VACE DiT on this VAE reads a {vace_in}-channel context (kept and regenerated "
+                                f"latents, the folded mask); this one reads {dit.config.vace_in_channels}")
         if dit_2 is not None and (dit_2.config != dit.config or (defaults or GenerationDefaults()).boundary is None):
             raise KinoUserError("a second DiT (the low-noise expert of a Wan2.2 A14B model) must have the first "
                                 "one's config, and the settings must give the boundary where it takes over")
@@ -558,6 +608,12 @@ class Pipeline:
         return self.dit.config.in_channels == 2 * self.vae.config.z_dim + self.vae.config.time_stride
 
     @property
+    def takes_vace(self) -> bool:
+        """A Wan2.1 VACE model: its DiT reads a context made of a source video, a mask of what
+        to generate and reference images (`vace_condition`)."""
+        return bool(self.dit.config.vace_layers)
+
+    @property
     def dits(self) -> list[DiT]:
         """The DiT, and a two-expert model's second one."""
         return [self.dit] if self.dit_2 is None else [self.dit, self.dit_2]
@@ -675,7 +731,8 @@ class Pipeline:
                  skip_blocks: tuple[int, ...] | None = None,
                  skip_interval: tuple[float, float] | None = None, fps: float | None = None,
                  cache_threshold: float | None = None, guidance_2: float | None = None,
-                 cfg_star: bool | None = None, zero_steps: int | None = None) -> Generation:
+                 cfg_star: bool | None = None, zero_steps: int | None = None,
+                 vace: VaceCondition | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -706,6 +763,11 @@ class Pipeline:
         where its first block changes by less than that (relative); the metadata's
         "cache_reused" says on how many of the DiT calls. `guidance_2`: a two-expert model's
         guidance scale on its low-noise expert's steps (`guidance` is the high-noise one's).
+
+        `vace` (a Wan2.1 VACE pipeline, `takes_vace`): the clip's VACE context
+        (`vace_condition`); without it the context of nothing given, as Wan does for text to
+        video. Its reference frames come in front of the sampled latents and are dropped before
+        decoding.
         """
         self.check_prompt(prompt)
         if source_prompt is not None:
@@ -746,6 +808,18 @@ class Pipeline:
         elif image is not None or last_image is not None:
             raise KinoUserError(f"{self.name} is no Wan image-to-video model: Pipeline.generate takes no image "
                                 "(kino's own image-to-video is kino.tasks.generate(pipe, prompt, image=...))")
+        if vace is not None and not self.takes_vace:
+            raise KinoUserError(f"{self.name} is no Wan VACE model: it takes no VACE context")
+        if self.takes_vace:
+            vace = vace if vace is not None else self.vace_condition(d.frames, d.height, d.width)
+            T = self.vae.config.latent_frames(d.frames)
+            if tuple(vace.context.shape[2:]) != (vace.references + T, *shape[3:]):
+                raise KinoUserError(f"the VACE context {tuple(vace.context.shape)} does not fit a "
+                                    f"{d.frames}x{d.height}x{d.width} clip with {vace.references} reference(s)")
+            if vace.references and conditioning is not None:
+                raise KinoUserError("reference images do not combine with kino's conditioning (edit, given frames)")
+            shape = (1, shape[1], vace.references + shape[2], *shape[3:])
+            vace = vace.to(self.device)
         # noise from a CPU generator: the same seed gives the same clip on any device
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(shape, generator=generator).to(self.device)
@@ -764,11 +838,16 @@ class Pipeline:
                                      guidance_interval=d.guidance_interval, skip_guidance=d.skip_guidance,
                                      skip_blocks=d.skip_blocks, skip_interval=d.skip_interval, dit_2=self.dit_2,
                                      boundary=d.boundary, guidance_2=d.guidance_2, on_switch=switch,
-                                     cfg_star=d.cfg_star, zero_steps=d.zero_steps if not partial else 0)
+                                     cfg_star=d.cfg_star, zero_steps=d.zero_steps if not partial else 0,
+                                     vace=vace)
+        if vace is not None and vace.references:  # the reference images' frames are not the clip's
+            latents = latents[:, :, vace.references:]
         meta = {"prompt": prompt, **{k: v for k, v in asdict(d).items() if k != "fps"}, "seed": seed,
                 "model": self.name, "kino_version": __version__, "generator": "kino (AI-generated)"}
         if source_prompt:
             meta["source_prompt"] = source_prompt
+        if vace is not None:
+            meta.update(vace_scale=vace.scale, vace_references=vace.references)
         if caches is not None:
             meta["cache_reused"] = f"{sum(c.reused for c in caches)}/{sum(c.calls for c in caches)}"
         if self.loras:
@@ -817,6 +896,63 @@ class Pipeline:
         mask = mask.expand(-1, -1, -1, *latents.shape[3:]).to(latents)
         return ImageCondition(torch.cat([mask, latents], dim=1),
                               None if features is None else features.to(self.device))
+
+    @torch.no_grad()
+    def vace_condition(self, frames: int, height: int, width: int, video: Tensor | None = None,
+                       mask: Tensor | None = None, references: list[Tensor] | tuple[Tensor, ...] = (),
+                       scale: float = 1.0) -> VaceCondition:
+        """Wan2.1 VACE's context for a frames x height x width clip (Wan's vace.py, which
+        diffusers' WanVACEPipeline follows):
+
+        `video` (3, frames, height, width) in [-1, 1]: the source (None: zeros, i.e. gray);
+        `mask` (frames, height, width) in [0, 1], 1 where to generate (None: generate
+        everything). The kept pixels (mask < 0.5) and the pixels to regenerate are encoded apart (VAE mean, normalised) into 32 channels; the mask is folded into 64
+        (`space_stride` squared) channels per latent pixel and taken nearest in time onto the
+        latent frames. `references`, (3, H, W) images in [-1, 1]: each scaled to fit inside the
+        frame (aspect kept, bilinear) and centred on white, encoded as one frame, in front of
+        the clip's latents in the order given (Wan's; diffusers reverses several), with zero
+        regenerate-latents and mask. Frame counts not of the form 4k + 1 are padded with
+        frames to generate (and the output trimmed by the caller)."""
+        if not self.takes_vace:
+            raise KinoUserError(f"{self.name} is not a Wan VACE model")
+        self.check_request(frames, height, width)
+        s = self.vae.config.space_stride
+        full = self.vae.config.pixel_frames(self.vae.config.latent_frames(frames))  # 4k + 1
+        if video is None:
+            video = torch.zeros(3, frames, height, width)
+        if mask is None:
+            mask = torch.ones(frames, height, width)
+        if tuple(video.shape) != (3, frames, height, width) or tuple(mask.shape) != (frames, height, width):
+            raise KinoUserError(f"a VACE source must be (3, {frames}, {height}, {width}) pixels and its mask "
+                                f"({frames}, {height}, {width}); got {tuple(video.shape)} and {tuple(mask.shape)}")
+        video, mask = video.float().cpu(), mask.float().cpu().clamp(0, 1)
+        if full > frames:  # frames to generate up to 4k + 1
+            video = torch.cat([video, video.new_zeros(3, full - frames, height, width)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(full - frames, height, width)])
+        binary = (mask > 0.5).float()  # the pixels' split; the folded mask keeps its values (as Wan)
+        parts = []
+        with self.using("vae"):
+            for pixels in (video * (1 - binary), video * binary):
+                mean, _ = self.vae.encode(pixels[None].to(self.device))
+                parts.append(self.vae.normalize(mean))  # (1, Z, T, h, w)
+            latents = torch.cat(parts, dim=1)  # (1, 2Z, T, h, w)
+            refs = []
+            for i, image in enumerate(references):
+                if image.ndim != 3 or image.shape[0] != 3:
+                    raise KinoUserError(f"reference image {i + 1} must be (3, H, W) pixels in [-1, 1]; "
+                                        f"got shape {tuple(image.shape)}")
+                mean, _ = self.vae.encode(place_on_canvas(image.float().cpu(), height, width)[None, :, None]
+                                          .to(self.device))
+                z = self.vae.normalize(mean)  # (1, Z, 1, h, w)
+                refs.append(torch.cat([z, torch.zeros_like(z)], dim=1))
+        T, h, w = latents.shape[2:]
+        folded = mask.view(full, h, s, w, s).permute(2, 4, 0, 1, 3).reshape(s * s, full, h, w)
+        folded = torch.nn.functional.interpolate(folded[None], size=(T, h, w), mode="nearest-exact")
+        folded = torch.cat([folded.new_zeros(1, s * s, len(refs), h, w), folded], dim=2).to(latents)
+        context = torch.cat([torch.cat([*refs, latents], dim=2), folded], dim=1)  # (1, 2Z + s^2, R + T, h, w)
+        if not math.isfinite(scale):
+            raise KinoUserError(f"the VACE scale must be a finite number, got {scale}")
+        return VaceCondition(context, len(refs), float(scale))
 
     @torch.no_grad()
     def decode(self, latents: Tensor, frames: int, loop: bool = False, image_first: bool = False) -> Tensor:

@@ -6,8 +6,8 @@ original layout `high_noise_model/` and `low_noise_model/` (each config.json + s
 the same VAE and UMT5 files; in diffusers' `transformer/` and `transformer_2/`, with
 `boundary_ratio` in model_index.json.
 
-Layouts read (T2V-1.3B, T2V-14B, I2V-14B, FLF2V-14B; found by their files, not by their
-folder names):
+Layouts read (T2V-1.3B, T2V-14B, I2V-14B, FLF2V-14B, VACE-1.3B / 14B; found by their files,
+not by their folder names; a VACE DiT is told by its config: VaceWanModel, WanVACETransformer3DModel):
 
     original (Wan-AI/Wan2.1-T2V-*)         diffusers (Wan-AI/Wan2.1-T2V-*-Diffusers)
       config.json          (WanModel)         model_index.json     (WanPipeline)
@@ -60,7 +60,7 @@ def wan_defaults(model_type: str = "t2v", boundary: float | None = None):
     from t = 0.999 with integer DiT times (as Wan's sampler does), guidance 5, flow shift 5
     (Wan's generate.py for t2v at every size; diffusers' docs suggest 3 at 480p), Wan's
     negative prompt. Image-to-video (Wan's generate.py): i2v 40 steps with shift 3 (its
-    choice at 832x480; 5 at 720p), flf2v shift 16. Wan2.2 T2V-A14B (its t2v_A14B config and
+    choice at 832x480; 5 at 720p), flf2v shift 16; VACE also shift 16. Wan2.2 T2V-A14B (its t2v_A14B config and
     generate.py): 1280x720, 40 steps, shift 12, the low-noise expert from DiT time 875 down
     (`boundary`, which a diffusers folder may set), guidance 4 on the high-noise expert's
     steps and 3 on the low-noise one's. I2V-A14B: shift 5, boundary 0.9, guidance 3.5 on both.
@@ -78,7 +78,7 @@ def wan_defaults(model_type: str = "t2v", boundary: float | None = None):
                                   guidance_2=3.0 if t2v else 3.5, boundary=boundary or (0.875 if t2v else 0.9),
                                   sampler="unipc", shift=12.0 if t2v else 5.0, negative=WAN_NEGATIVE_PROMPT,
                                   t_max=0.999, integer_dit_time=True)
-    steps, shift = {"t2v": (50, 5.0), "i2v": (40, 3.0), "flf2v": (50, 16.0)}[model_type]
+    steps, shift = {"t2v": (50, 5.0), "i2v": (40, 3.0), "flf2v": (50, 16.0), "vace": (50, 16.0)}[model_type]
     return GenerationDefaults(frames=81, height=480, width=832, fps=16.0, steps=steps, guidance=5.0,
                               sampler="unipc", shift=shift, negative=WAN_NEGATIVE_PROMPT, t_max=0.999,
                               integer_dit_time=True)
@@ -157,6 +157,8 @@ def wan_model_type(dit: DiTConfig, vae: VAEConfig, experts: bool) -> str:
         return "ti2v-5B"
     if experts:
         return "t2v-A14B" if dit.in_channels == dit.out_channels else "i2v-A14B"
+    if dit.vace_layers:
+        return "vace"
     return "t2v" if dit.img_dim is None else "i2v" if dit.img_pos_len is None else "flf2v"
 
 
@@ -291,9 +293,9 @@ def _check_experts(high: DiTConfig, low: DiTConfig, root: Path) -> None:
 
 def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     index = read_json(root / "model_index.json")
-    if index.get("_class_name") not in ("WanPipeline", "WanImageToVideoPipeline", None):
-        raise KinoUserError(f"{root / 'model_index.json'} describes a {index.get('_class_name')}, not a Wan2.1 "
-                            "WanPipeline or WanImageToVideoPipeline")
+    if index.get("_class_name") not in ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline", None):
+        raise KinoUserError(f"{root / 'model_index.json'} describes a {index.get('_class_name')}, not a Wan "
+                            "WanPipeline, WanImageToVideoPipeline or WanVACEPipeline")
     # expand_timesteps (Wan2.2 TI2V-5B): a timestep per token, 0 on a given first frame's tokens:
     # what kino's per-frame timesteps and clean frames do, so nothing to record
     tdir = _need(root / "transformer", "transformer/ (the DiT)")

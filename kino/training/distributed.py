@@ -223,7 +223,7 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
         raise KinoUserError(f"{type(model).__name__} does not support sequence parallelism")
     sp = UlyssesSequenceParallel(group)
     model.sequence_parallel = sp
-    for block in blocks:
+    for block in [*blocks, *(getattr(model, "vace_blocks", None) or ())]:  # a VACE DiT's too
         block.self_attn.sequence_parallel = sp  # cross-attention keeps its local queries and all the text
 
 

@@ -24,7 +24,7 @@ import torch
 
 from kino.models.dit.model import DIT_SIZES, INTEGER_ROPE, DiTConfig
 
-_BLOCK = r"^(blocks\.\d+)"
+_BLOCK = r"^((?:vace_)?blocks\.\d+)"  # a main block, or a VACE one (the same layers)
 
 WAN_MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")  # ti2v: Wan2.2 TI2V-5B, no image branch
 WAN_CLIP_DIM = 1280  # width of the CLIP ViT-H/14 features every Wan2.1 I2V / FLF2V DiT takes
@@ -50,6 +50,8 @@ _FROM_DIFFUSERS: list[tuple[str, str]] = [
     (_BLOCK + r"\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
     (_BLOCK + r"\.ffn\.net\.2\.", r"\1.ffn.2."),
     (_BLOCK + r"\.scale_shift_table$", r"\1.modulation"),
+    (r"^(vace_blocks\.\d+)\.proj_in\.", r"\1.before_proj."),
+    (r"^(vace_blocks\.\d+)\.proj_out\.", r"\1.after_proj."),
     (r"^proj_out\.", "head.head."),
     (r"^scale_shift_table$", "head.modulation"),
 ]
@@ -73,20 +75,24 @@ _TO_DIFFUSERS: list[tuple[str, str]] = [
     (_BLOCK + r"\.ffn\.0\.", r"\1.ffn.net.0.proj."),
     (_BLOCK + r"\.ffn\.2\.", r"\1.ffn.net.2."),
     (_BLOCK + r"\.modulation$", r"\1.scale_shift_table"),
+    (r"^(vace_blocks\.\d+)\.before_proj\.", r"\1.proj_in."),
+    (r"^(vace_blocks\.\d+)\.after_proj\.", r"\1.proj_out."),
     (r"^head\.head\.", "proj_out."),
     (r"^head\.modulation$", "scale_shift_table"),
 ]
 
 # Keys that are the same in both layouts.
-_SHARED = re.compile(r"^patch_embedding\.(weight|bias)$")
+_SHARED = re.compile(r"^(vace_)?patch_embedding\.(weight|bias)$")
 # diffusers' I2V checkpoints may hold a `norm_added_q` per block that no computation uses
 # (diffusers' own loader ignores it: `_keys_to_ignore_on_load_unexpected`); so does kino.
 _DIFFUSERS_UNUSED = re.compile(r"^blocks\.\d+\.attn2\.norm_added_q\.(weight|bias)$")
 # Every key of a kino (= Wan2.1 original) DiT: T2V, and I2V / FLF2V's image branch.
 _WAN_KEY = re.compile(
-    r"^(patch_embedding\.(weight|bias)|(text|time)_embedding\.[02]\.(weight|bias)|time_projection\.1\.(weight|bias)"
-    r"|img_emb\.(proj\.[0134]\.(weight|bias)|emb_pos)"
-    r"|blocks\.\d+\.((self|cross)_attn\.([qkvo]|norm_[qk])\.(weight|bias)|cross_attn\.([kv]_img|norm_k_img)\.(weight|bias)"
+    r"^((vace_)?patch_embedding\.(weight|bias)|(text|time)_embedding\.[02]\.(weight|bias)"
+    r"|time_projection\.1\.(weight|bias)|img_emb\.(proj\.[0134]\.(weight|bias)|emb_pos)"
+    r"|vace_blocks\.\d+\.(before|after)_proj\.(weight|bias)"
+    r"|(vace_)?blocks\.\d+\.((self|cross)_attn\.([qkvo]|norm_[qk])\.(weight|bias)"
+    r"|cross_attn\.([kv]_img|norm_k_img)\.(weight|bias)"
     r"|norm3\.(weight|bias)|ffn\.[02]\.(weight|bias)|modulation)|head\.(head\.(weight|bias)|modulation))$"
 )
 
@@ -178,10 +184,25 @@ def config_from_wan(wan_config: dict) -> DiTConfig:
         "num_layers": 32, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
     }  # WanModel's signature defaults
     config = {k: v for k, v in wan_config.items() if not k.startswith("_")}
+    # VACE (VaceWanModel: its class name, model_type "vace" or its own keys): a T2V DiT plus the
+    # VACE branch; its defaults are every other block and the DiT's own input width
+    vace = wan_config.get("_class_name") == "VaceWanModel" or config.get("model_type") == "vace" \
+        or "vace_layers" in config or "vace_in_dim" in config
+    if vace:
+        defaults.update(vace_layers=None, vace_in_dim=None)
     unknown = sorted(set(config) - set(defaults))
     if unknown:
         raise ValueError(f"keys not in a Wan2.1 WanModel config: {unknown}")
     c = {**defaults, **config}
+    if vace:
+        if c["model_type"] not in ("t2v", "vace"):
+            raise ValueError(f"a VACE DiT is a text-to-video one; got model_type {c['model_type']!r}")
+        c["model_type"] = "t2v"
+        layers = c["vace_layers"] if c["vace_layers"] is not None else range(0, c["num_layers"], 2)
+        vace_fields = dict(vace_layers=tuple(layers),
+                           vace_in_channels=c["vace_in_dim"] if c["vace_in_dim"] is not None else c["in_dim"])
+    else:
+        vace_fields = {}
     if c["model_type"] not in WAN_MODEL_TYPES:
         raise ValueError(f"Wan2.1 model_type {c['model_type']!r} is not supported by kino's DiT "
                          f"(only {', '.join(map(repr, WAN_MODEL_TYPES))})")
@@ -205,6 +226,7 @@ def config_from_wan(wan_config: dict) -> DiTConfig:
         rope_max_len=1024,  # Wan's rope_params(1024, ...)
         img_dim=None if c["model_type"] in ("t2v", "ti2v") else WAN_CLIP_DIM,
         img_pos_len=WAN_FLF_IMAGE_TOKENS if c["model_type"] == "flf2v" else None,
+        **vace_fields,
     )
 
 
@@ -224,12 +246,19 @@ def config_to_wan(config: DiTConfig) -> dict:
     else:
         raise ValueError(f"WanModel's image branch takes {WAN_CLIP_DIM}-wide features (and {WAN_FLF_IMAGE_TOKENS} "
                          f"positions for flf2v); got img_dim {config.img_dim}, img_pos_len {config.img_pos_len}")
+    vace = {}
+    if config.vace_layers:
+        if model_type != "t2v":
+            raise ValueError("a VACE DiT is a text-to-video one: it has no image branch")
+        model_type = "vace"
+        vace = {"vace_layers": list(config.vace_layers), "vace_in_dim": config.vace_in_channels}
     return {
-        "_class_name": "WanModel", "model_type": model_type, "patch_size": list(config.patch_size),
+        "_class_name": "VaceWanModel" if vace else "WanModel", "model_type": model_type,
+        "patch_size": list(config.patch_size),
         "text_len": 512, "in_dim": config.in_channels, "dim": config.dim, "ffn_dim": config.ffn_dim,
         "freq_dim": config.freq_dim, "text_dim": config.text_dim, "out_dim": config.out_channels,
         "num_heads": config.num_heads, "num_layers": config.num_layers, "qk_norm": True,
-        "cross_attn_norm": config.cross_attn_norm, "eps": config.eps,
+        "cross_attn_norm": config.cross_attn_norm, "eps": config.eps, **vace,
     }
 
 
@@ -260,6 +289,10 @@ def config_from_diffusers(diffusers_config: dict) -> DiTConfig:
         "rope_max_seq_len": wan.rope_max_len,
         "pos_embed_seq_len": None,
     }
+    # WanVACETransformer3DModel: its class name or its own keys (its defaults are VACE-14B's)
+    vace = diffusers_config.get("_class_name") == "WanVACETransformer3DModel" or "vace_layers" in diffusers_config
+    if vace:
+        defaults.update(vace_layers=[0, 5, 10, 15, 20, 25, 30, 35], vace_in_channels=96)
     c = {**defaults, **{k: v for k, v in diffusers_config.items() if not k.startswith("_")}}
     dim = c["num_attention_heads"] * c["attention_head_dim"]
     image = c["image_dim"] is not None
@@ -293,6 +326,7 @@ def config_from_diffusers(diffusers_config: dict) -> DiTConfig:
         img_dim=c["image_dim"],
         # without an image embedder diffusers builds no position either: nothing to carry
         img_pos_len=c["pos_embed_seq_len"] if image else None,
+        **({"vace_layers": tuple(c["vace_layers"]), "vace_in_channels": c["vace_in_channels"]} if vace else {}),
     )
 
 
@@ -311,4 +345,6 @@ def config_to_diffusers(config: DiTConfig) -> dict:
         "qk_norm": "rms_norm_across_heads", "eps": config.eps, "image_dim": config.img_dim,
         "added_kv_proj_dim": None if config.img_dim is None else config.dim,
         "rope_max_seq_len": config.rope_max_len, "pos_embed_seq_len": config.img_pos_len,
+        **({"vace_layers": list(config.vace_layers), "vace_in_channels": config.vace_in_channels}
+           if config.vace_layers else {}),
     }

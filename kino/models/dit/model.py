@@ -43,10 +43,22 @@ own keys and values (`k_img`, `norm_k_img`, `v_img`; the same queries, no mask) 
 text, the two attention outputs summed before `o`. The latents then carry the conditioning
 too (`in_channels` 36 = 16 noisy + 4 mask + 16 image latents), which is the caller's layout.
 
+VACE (optional, `vace_layers`; Wan2.1 VACE-1.3B / 14B, Ali's "all-in-one video creation and
+editing"): a second, parallel stack of blocks reads a context video beside the noise. Its
+input, `vace` (B, vace_in_channels, T', H, W), is what the caller makes of a source video, a
+mask of what to generate and reference images (96 channels in Wan: the latents of the kept
+pixels, the latents of the pixels to regenerate, and the pixel mask folded into 64 channels);
+`vace_patch_embedding` cuts it into patches like the latents (T' <= T: missing frames are
+zero tokens). `vace_blocks.0` first adds the noisy tokens through `before_proj`, each VACE
+block is a plain block over the context tokens, and its `after_proj` output (a "hint") is
+added, times a scale, after the main block `vace_layers[k]`. Without `vace` the VACE branch
+does not run, and the main blocks compute the base model they were trained from.
+
 Parameter names follow Wan2.1's original release exactly (patch_embedding,
 text_embedding.{0,2}, time_embedding.{0,2}, time_projection.1, blocks.N.
 {norm3, self_attn, cross_attn, ffn.{0,2}, modulation}, head.{head, modulation}, and for
-I2V img_emb.{proj.{0,1,3,4}, emb_pos}, cross_attn.{k_img, v_img, norm_k_img}),
+I2V img_emb.{proj.{0,1,3,4}, emb_pos}, cross_attn.{k_img, v_img, norm_k_img}; for VACE
+vace_patch_embedding, vace_blocks.N.{...block's names, before_proj (N = 0), after_proj}),
 so its checkpoints need no renaming; `adapters.py` maps diffusers' layout.
 """
 
@@ -54,7 +66,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -286,6 +298,25 @@ class Block(nn.Module):
         return gate(x, y, gate2)  # (B, L, D)
 
 
+class VaceBlock(Block):
+    """A VACE block (Wan's VaceWanAttentionBlock): a plain block over the context tokens; the
+    first also takes in the noisy tokens (`before_proj`), and each gives a hint for its main
+    block through `after_proj`."""
+
+    def __init__(self, config: DiTConfig, first: bool) -> None:
+        super().__init__(config)
+        self.before_proj = nn.Linear(config.dim, config.dim) if first else None
+        self.after_proj = nn.Linear(config.dim, config.dim)
+
+    def forward(self, c: torch.Tensor, x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """c (B, L, D) context tokens, x (B, L, D) the noisy tokens before the main blocks, then
+        Block's arguments -> (hint, c after this block)."""
+        if self.before_proj is not None:
+            c = self.before_proj(c) + x
+        c = super().forward(c, *args)
+        return self.after_proj(c), c
+
+
 class Head(nn.Module):
     """Modulated norm and a linear layer from each token to its patch: (B, L, D) -> (B, L, pt*ph*pw*C)."""
 
@@ -325,6 +356,17 @@ class ImageEmbedding(nn.Module):
         return self.proj[4](y).to(weight.dtype)
 
 
+class _Hinted(nn.Module):
+    """A main block followed by its VACE hint: block(x, ...) + hint (for one forward pass)."""
+
+    def __init__(self, block: nn.Module, hint: torch.Tensor) -> None:
+        super().__init__()
+        self.block, self.hint = block, hint
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        return self.block(x, *args) + self.hint.to(x.dtype)
+
+
 # ---------------------------------------------------------------------------- the model
 
 
@@ -360,6 +402,11 @@ class DiT(nn.Module):
         # A plain ModuleList: activation checkpointing, FSDP and compile wrap its entries from outside.
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
         self.head = Head(dim, config.out_channels, config.patch_size, config.eps)
+        # Wan2.1 VACE (module doc): the context's patch embedding and its own stack of blocks.
+        self.vace_patch_embedding = self.vace_blocks = None
+        if config.vace_layers:
+            self.vace_patch_embedding = nn.Conv3d(config.vace_in_channels, dim, kernel_size=patch, stride=patch)
+            self.vace_blocks = nn.ModuleList([VaceBlock(config, i == 0) for i in range(len(config.vace_layers))])
         # kino's addition, off for Wan2.1 (see the module doc): absolute place -> token offset.
         self.pos_embedding = nn.Linear(6 * POSITION_BANDS, dim) if config.abs_pos_embed else None
         # Set from outside by `parallelize` to split each clip's tokens across ranks (Ulysses):
@@ -381,8 +428,10 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.bias)
         # Xavier over the flattened kernel, like a linear layer over the patch (Wan); a Conv3d's
         # own fans would count the kernel volume on the output side too.
-        nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.config.dim, -1))
-        nn.init.zeros_(self.patch_embedding.bias)
+        for embed in (self.patch_embedding, self.vace_patch_embedding):
+            if embed is not None:
+                nn.init.xavier_uniform_(embed.weight.view(self.config.dim, -1))
+                nn.init.zeros_(embed.bias)
         # Small conditioning embeddings (Wan): text and time start as gentle perturbations.
         for embedding in (self.text_embedding, self.time_embedding):
             for m in embedding:
@@ -393,6 +442,10 @@ class DiT(nn.Module):
         for m in self.modules():
             if isinstance(m, (Block, Head)):
                 nn.init.normal_(m.modulation, std=self.config.dim**-0.5)
+        # A fresh VACE branch adds nothing (zero hints), as ControlNet's zero convolutions.
+        for block in self.vace_blocks or ():
+            nn.init.zeros_(block.after_proj.weight)
+            nn.init.zeros_(block.after_proj.bias)
         # Zero-init the output layer (DiT; Wan's release does the same): a fresh model predicts
         # zero velocity, the mean of the target under any symmetric noise, so training starts
         # from a flat, small loss rather than from random outputs. Until it has taken a step,
@@ -453,6 +506,8 @@ class DiT(nn.Module):
         text_mask: torch.Tensor | None = None,
         image: torch.Tensor | None = None,
         skip_blocks: Collection[int] = (),
+        vace: torch.Tensor | None = None,
+        vace_scale: float | Sequence[float] | torch.Tensor = 1.0,
     ) -> torch.Tensor:
         """Velocity for latents x (B, C, T, H, W) at timesteps t ((B, T), (B,) or scalar, in [0, 1000])
         given text tokens (B, L, text_dim) and an optional mask (B, L), True for real tokens.
@@ -462,9 +517,14 @@ class DiT(nn.Module):
         tokens, then the last frame's).
 
         `skip_blocks`: indices of transformer blocks to leave out (their input passes on
-        unchanged): the weakened model of skip-layer guidance (`sample_latents`)."""
+        unchanged, and so does a VACE hint after them): the weakened model of skip-layer
+        guidance (`sample_latents`).
+
+        `vace` (B, vace_in_channels, T', H, W), T' <= T: a VACE DiT's context (module doc);
+        `vace_scale`: the weight of its hints, one number or one per VACE block."""
         grid = self._check_inputs(x, text, text_mask)
         self._check_image(image, x.shape[0])
+        scales = self._check_vace(vace, vace_scale, x.shape)
         skip = check_skip_blocks(skip_blocks, len(self.blocks))
         b, _, frames = x.shape[:3]
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # (B, F*h*w, D), in (t, h, w) order
@@ -476,13 +536,28 @@ class DiT(nn.Module):
         context = self.text_embedding(text)  # (B, L, D)
         mask = None if text_mask is None else text_mask.bool()
         image_tokens = None if image is None else self.img_emb(image)  # (B, N, D)
+        controls = None
+        if vace is not None:  # (B, F'*h*w, D) context tokens, zeros for the frames it lacks
+            embed = self.vace_patch_embedding
+            controls = embed(vace.to(embed.weight.dtype)).flatten(2).transpose(1, 2)
+            controls = F.pad(controls, (0, 0, 0, tokens.shape[1] - controls.shape[1]))
         sp = self.sequence_parallel
         if sp is not None:  # keep this rank's tokens, with the RoPE angles of their global positions
+            if controls is not None:
+                controls = sp.shard(controls, rope, grid)[0]
             tokens, rope = sp.shard(tokens, rope, grid)  # (B, F*h*w/P, D)
-        run = [block for i, block in enumerate(self.blocks) if i not in skip]
         args = (e0, context, mask, rope, image_tokens)
+        run = [block for i, block in enumerate(self.blocks) if i not in skip]
+        if controls is not None:  # every hint first (Wan's order), each added after its main block
+            hints = {}
+            for layer, block, scale in zip(self.config.vace_layers, self.vace_blocks, scales):
+                hint, controls = block(controls, tokens, *args)
+                hints[layer] = hint * scale
+            run = [_Hinted(block, hints[i]) if i in hints else block
+                   for i, block in enumerate(self.blocks) if i not in skip]
         if self.step_cache is not None and len(run) > 1:
-            key = (tuple(x.shape), tuple(sorted(skip)), None if image is None else tuple(image.shape))
+            key = (tuple(x.shape), tuple(sorted(skip)), None if image is None else tuple(image.shape),
+                   None if vace is None else tuple(vace.shape))
             tokens = self.step_cache.run(run, tokens, args, key, text, None if sp is None else sp.group)
         else:
             for block in run:
@@ -491,6 +566,28 @@ class DiT(nn.Module):
         if sp is not None:
             out = sp.gather(out, grid)  # (B, F*h*w, pt*ph*pw*C_out)
         return self.unpatchify(out, grid)  # (B, C_out, T, H, W)
+
+    def _check_vace(self, vace: torch.Tensor | None, scale, shape: torch.Size) -> list:
+        """The per-VACE-block scales, or a clear error for a context the DiT cannot take."""
+        c = self.config
+        if vace is None:
+            return []
+        if not c.vace_layers:
+            raise DiTInputError("this DiT has no VACE branch (vace_layers): it takes no VACE context")
+        b, _, frames, height, width = shape
+        if vace.ndim != 5 or vace.shape[0] != b or vace.shape[1] != c.vace_in_channels \
+                or vace.shape[3:] != (height, width) or not 1 <= vace.shape[2] <= frames:
+            raise DiTInputError(f"a VACE context must be a ({b}, {c.vace_in_channels}, T', {height}, {width}) tensor "
+                                f"with 1 <= T' <= {frames} (the latents' frames); got shape {tuple(vace.shape)}")
+        if vace.shape[2] % c.patch_size[0]:
+            raise DiTInputError(f"a VACE context's frames must be a multiple of {c.patch_size[0]}")
+        n = len(c.vace_layers)
+        scales = torch.as_tensor(scale, dtype=torch.float32).flatten().tolist()
+        if len(scales) == 1:
+            scales = scales * n
+        if len(scales) != n or not all(math.isfinite(s) for s in scales):
+            raise DiTInputError(f"the VACE scale is one number or {n} (one per VACE block), all finite; got {scale!r}")
+        return scales
 
     def _check_image(self, image: torch.Tensor | None, batch: int) -> None:
         c = self.config
@@ -575,6 +672,10 @@ class DiTConfig:
     # RoPE position of a token = its index along (t, h, w) times this (kino's; 1 in Wan2.1): a
     # DiT regrown with halved patches (grow.py) keeps its trained geometry with 0.5.
     rope_scale: tuple[float, float, float] = INTEGER_ROPE
+    # Wan2.1 VACE (module doc): the main blocks after which the VACE blocks' hints are added
+    # (one VACE block each; the first must be 0), and the context's channels. None: no VACE.
+    vace_layers: tuple[int, ...] | None = None
+    vace_in_channels: int = 96
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -591,6 +692,14 @@ class DiTConfig:
             raise ValueError(f"freq_dim must be even; got {self.freq_dim}")
         if self.img_dim is not None and self.img_dim < 1:
             raise ValueError(f"img_dim must be a positive width or None; got {self.img_dim}")
+        if self.vace_layers is not None:
+            self.vace_layers = tuple(int(i) for i in self.vace_layers)
+            layers = self.vace_layers
+            if not layers or layers[0] != 0 or list(layers) != sorted(set(layers)) or layers[-1] >= self.num_layers:
+                raise ValueError(f"vace_layers must be increasing block indices starting at 0, below num_layers "
+                                 f"{self.num_layers}; got {list(layers)}")
+            if self.vace_in_channels < 1:
+                raise ValueError(f"vace_in_channels must be positive; got {self.vace_in_channels}")
         if self.img_pos_len is not None and (self.img_dim is None or self.img_pos_len < 1):
             raise ValueError(f"img_pos_len ({self.img_pos_len}) needs an image branch (img_dim) and must be positive")
 
@@ -626,7 +735,10 @@ class DiTConfig:
             block += 2 * li * d * d + 2 * n * li * d  # k_img, v_img; scores and values
             embed += li * (self.img_dim * self.img_dim + self.img_dim * d)
         head = n * d * self.out_channels * patch
-        return 2.0 * (self.num_layers * block + embed + head)
+        vace = 0
+        if self.vace_layers:  # its blocks, their after_proj (and the first's before_proj), the context's patches
+            vace = len(self.vace_layers) * (block + n * d * d) + n * d * d + n * self.vace_in_channels * patch * d
+        return 2.0 * (self.num_layers * block + embed + head + vace)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -634,6 +746,10 @@ class DiTConfig:
         for key in ("img_dim", "img_pos_len"):  # written only when set: T2V configs stay as they were
             if d[key] is None:
                 del d[key]
+        if self.vace_layers is None:
+            del d["vace_layers"], d["vace_in_channels"]
+        else:
+            d["vace_layers"] = list(self.vace_layers)
         if self.rope_scale == INTEGER_ROPE:  # likewise: Wan's and every earlier kino config
             del d["rope_scale"]
         else:
