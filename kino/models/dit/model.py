@@ -797,6 +797,11 @@ DIT_SIZES: dict[str, DiTConfig] = {
                                   num_layers=40, img_dim=1280, img_pos_len=514),
     # Wan2.2: T2V-A14B and I2V-A14B are two experts of these sizes each (wan2.1-14b; I2V without
     # the CLIP branch); TI2V-5B reads Wan2.2's 48-channel latents.
+    # Wan2.1 VACE: the T2V DiTs with a VACE branch (every other block of the 1.3B, every fifth of the 14B).
+    "wan2.1-vace-1.3b": DiTConfig(dim=1536, ffn_dim=8960, text_dim=4096, num_heads=12, num_layers=30,
+                                  vace_layers=tuple(range(0, 30, 2))),
+    "wan2.1-vace-14b": DiTConfig(dim=5120, ffn_dim=13824, text_dim=4096, num_heads=40, num_layers=40,
+                                 vace_layers=tuple(range(0, 40, 5))),
     "wan2.2-i2v-a14b": DiTConfig(in_channels=36, dim=5120, ffn_dim=13824, text_dim=4096, num_heads=40, num_layers=40),
     "wan2.2-ti2v-5b": DiTConfig(in_channels=48, out_channels=48, dim=3072, ffn_dim=14336, text_dim=4096, num_heads=24,
                                 num_layers=30),

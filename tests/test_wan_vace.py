@@ -1,0 +1,226 @@
+"""Wan2.1 VACE in kino's own classes: a tiny random `WanVACETransformer3DModel` in both release
+layouts (diffusers', and Wan's original one written here with its own key table) loads into
+kino's DiT, computes what diffusers computes, and samples what diffusers' WanVACEPipeline
+samples from the same source video, mask and reference image; kino's tasks (image to video,
+extend, connect) run on it through VACE's masks. No downloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kino.cli import main
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+PIL = pytest.importorskip("PIL.Image")
+
+from test_wan import DIT, _components, _perturb, dit_to_wan, write_diffusers, write_original  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+LAYERS, VACE_LAYERS = 3, [0, 2]
+SHIFT = 16.0  # Wan's VACE default
+
+
+def _vace_dit(seed: int = 0):
+    torch.manual_seed(seed)
+    dit = diffusers.WanVACETransformer3DModel(
+        patch_size=DIT.patch_size, num_attention_heads=DIT.num_heads, attention_head_dim=DIT.head_dim,
+        in_channels=16, out_channels=16, text_dim=DIT.text_dim, freq_dim=DIT.freq_dim, ffn_dim=DIT.ffn_dim,
+        num_layers=LAYERS, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=DIT.eps,
+        rope_max_seq_len=DIT.rope_max_len, vace_layers=VACE_LAYERS, vace_in_channels=96)
+    return _perturb(dit, seed + 1).eval()
+
+
+def vace_to_wan(state):
+    """diffusers names -> Wan's VaceWanModel names: proj_in / proj_out of a VACE block are Wan's
+    before_proj / after_proj; the rest as for WanModel."""
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("vace_blocks."):
+            key = key.replace(".proj_in.", ".before_proj.").replace(".proj_out.", ".after_proj.")
+        renamed[key] = value
+    return dit_to_wan(renamed)
+
+
+@pytest.fixture(scope="module")
+def components():
+    _, vae, text, tokenizer = _components()
+    return _vace_dit(), vae, text, tokenizer
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, components):
+    dit, vae, text, tokenizer = components
+    root = tmp_path_factory.mktemp("vace")
+    t2v = _components()[0]  # write the folders' other files, then put the VACE DiT in
+    diff = write_diffusers(root / "Wan2.1-VACE-tiny-Diffusers", (t2v, vae, text, tokenizer))
+    for f in (diff / "transformer").iterdir():
+        f.unlink()
+    dit.save_pretrained(diff / "transformer")
+    index = json.loads((diff / "model_index.json").read_text())
+    index.update(_class_name="WanVACEPipeline", transformer=["diffusers", "WanVACETransformer3DModel"])
+    (diff / "model_index.json").write_text(json.dumps(index))
+    orig = write_original(root / "Wan2.1-VACE-tiny", (t2v, vae, text, tokenizer))
+    config = json.loads((orig / "config.json").read_text())
+    config.update(_class_name="VaceWanModel", num_layers=LAYERS, vace_layers=VACE_LAYERS, vace_in_dim=96)
+    (orig / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in vace_to_wan(dit.state_dict()).items()},
+              str(orig / "diffusion_pytorch_model.safetensors"))
+    return {"original": orig, "diffusers": diff}
+
+
+def _frames(n: int, h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def _mask(n: int, h: int, w: int) -> np.ndarray:
+    """uint8 (n, h, w): frame 0 kept (0), the others generated (255) but for a kept 8x8 square."""
+    m = np.full((n, h, w), 255, dtype=np.uint8)
+    m[0] = 0
+    m[1:, :8, 8:16] = 0
+    return m
+
+
+# ---------------------------------------------------------------------------- the DiT
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_vace_dit_matches_diffusers(folders, components, layout):
+    from kino.pipeline import Pipeline
+
+    dit = components[0]
+    pipe = Pipeline.from_pretrained(folders[layout], text_dtype="float32")
+    assert pipe.takes_vace and pipe.dit.config.vace_layers == tuple(VACE_LAYERS)
+    assert pipe.dit.config.vace_in_channels == 96 and (pipe.defaults.steps, pipe.defaults.shift) == (50, SHIFT)
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 16, 3, 4, 6, generator=gen), torch.randn(2, 7, DIT.text_dim, generator=gen)
+    t = torch.tensor([999.0, 321.5])
+    context = torch.randn(2, 96, 2, 4, 6, generator=gen)  # fewer frames than the latents: zero tokens after
+    scale = torch.tensor([0.7, 1.3])
+    with torch.no_grad():
+        expected = dit(x, t, text, control_hidden_states=context, control_hidden_states_scale=scale).sample
+        torch.testing.assert_close(pipe.dit(x, t, text, vace=context, vace_scale=scale), expected, rtol=0, atol=1e-5)
+        # the hints matter: without them, or with another scale, the output differs
+        assert (pipe.dit(x, t, text) - expected).abs().max() > 0.1
+        assert (pipe.dit(x, t, text, vace=context, vace_scale=1.0) - expected).abs().max() > 1e-2
+        # skipping a main block skips its hint too, and the VACE blocks still see the tokens before the blocks
+        skipped = pipe.dit(x, t, text, vace=context, skip_blocks=[1])
+        assert skipped.shape == expected.shape
+
+
+def test_vace_configs_and_round_trips(components):
+    from kino.models.dit import DIT_SIZES, DiT, DiTConfig
+    from kino.models.dit.adapters import (config_from_diffusers, config_from_wan, config_to_diffusers,
+                                          config_to_wan, from_diffusers, from_wan, to_diffusers, to_wan)
+
+    dit = components[0]
+    config = config_from_diffusers({**dit.config, "_class_name": "WanVACETransformer3DModel"})
+    assert config_from_diffusers(config_to_diffusers(config)) == config
+    wan = config_to_wan(config)
+    assert wan["_class_name"] == "VaceWanModel" and wan["vace_layers"] == VACE_LAYERS
+    assert config_from_wan(wan) == config
+    assert DiTConfig.from_dict(config.to_dict()) == config
+    state = from_diffusers(dit.state_dict())
+    assert to_diffusers(state).keys() == dit.state_dict().keys()
+    assert from_wan(to_wan(state)).keys() == state.keys()
+    assert set(vace_to_wan(dit.state_dict())) == set(state)  # kino's names are Wan's
+    # the releases: VACE-1.3B takes every other block of 30 (VaceWanModel's default), VACE-14B every fifth of 40
+    small = config_from_wan({"_class_name": "VaceWanModel", "dim": 1536, "ffn_dim": 8960, "num_heads": 12,
+                             "num_layers": 30, "model_type": "vace", "vace_in_dim": 96})
+    assert small == DIT_SIZES["wan2.1-vace-1.3b"] and small.vace_layers == tuple(range(0, 30, 2))
+    large = config_from_diffusers({"_class_name": "WanVACETransformer3DModel"})
+    assert large == DIT_SIZES["wan2.1-vace-14b"] and large.vace_layers == tuple(range(0, 40, 5))
+    with torch.device("meta"):
+        params = sum(p.numel() for p in DiT(DIT_SIZES["wan2.1-vace-1.3b"]).parameters())
+    assert 2.0e9 < params < 2.3e9  # 1.42B of Wan2.1's T2V DiT and 15 more blocks
+    for bad in ([1, 2], [0, 0], [0, 3]):
+        with pytest.raises(ValueError, match="vace_layers"):
+            dataclasses.replace(config, vace_layers=bad)
+
+
+def test_vace_context_is_checked(folders):
+    from kino.models.dit.model import DiTInputError
+    from kino.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(folders["diffusers"], text_dtype="float32")
+    x, text = torch.zeros(1, 16, 3, 4, 6), torch.zeros(1, 7, DIT.text_dim)
+    for context, scale, match in [(torch.zeros(1, 95, 3, 4, 6), 1.0, "96"), (torch.zeros(1, 96, 4, 4, 6), 1.0, "T'"),
+                                  (torch.zeros(1, 96, 3, 4, 4), 1.0, "96"), (torch.zeros(1, 96, 3, 4, 6), [1, 2, 3],
+                                                                             "one per VACE block")]:
+        with pytest.raises(DiTInputError, match=match):
+            pipe.dit(x, 500.0, text, vace=context, vace_scale=scale)
+    from test_wan import _components as t2v
+
+    from kino.models.dit.adapters import config_from_diffusers, from_diffusers
+    from kino.models.dit import DiT
+
+    plain = t2v()[0]
+    model = DiT(config_from_diffusers(dict(plain.config)))
+    model.load_state_dict(from_diffusers(plain.state_dict()))
+    with pytest.raises(DiTInputError, match="no VACE branch"):
+        model(x, 500.0, text, vace=torch.zeros(1, 96, 3, 4, 6))
+
+
+# ---------------------------------------------------------------------------- sampling parity
+
+
+def _reference(components, monkeypatch):
+    import importlib.util
+    import types
+
+    from diffusers.pipelines.wan import pipeline_wan_vace
+
+    if importlib.util.find_spec("ftfy") is None:  # as in test_wan_i2v.py: its prompt cleaning needs ftfy
+        monkeypatch.setattr(pipeline_wan_vace, "ftfy", types.SimpleNamespace(fix_text=lambda t: t), raising=False)
+    dit, vae, text, tokenizer = components
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  num_train_timesteps=1000, flow_shift=SHIFT)
+    pipe = diffusers.WanVACEPipeline(tokenizer=tokenizer, text_encoder=text, transformer=dit, vae=vae,
+                                     scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _wan_start(pipe):
+    """diffusers' grid starts at 1 - 1e-6 after the shift (see test_wan.py)."""
+    start = (1 - 1e-6) / (SHIFT - (SHIFT - 1) * (1 - 1e-6))
+    pipe.defaults = dataclasses.replace(pipe.defaults, t_max=start, t_min=0.001)
+
+
+@pytest.mark.parametrize("references", [0, 1])
+def test_vace_sampling_matches_diffusers(folders, components, references, monkeypatch):
+    """Source video + mask (+ a reference image), scale 0.8: kino's clip == diffusers' WanVACEPipeline."""
+    from kino.pipeline import Pipeline
+    from kino.tasks.conditioning import to_model_range
+
+    pipe = Pipeline.from_pretrained(folders["diffusers"], text_dtype="float32")
+    _wan_start(pipe)
+    frames, h, w, steps = 5, 16, 32, 5
+    video, mask = _frames(frames, h, w, 1), _mask(frames, h, w)
+    ref = _frames(1, 16, 24, 2)[0]  # fits the 16x32 frame as it is, centred on white
+    vace = pipe.vace_condition(frames, h, w, to_model_range(video), torch.from_numpy(mask).float() / 255,
+                               [to_model_range(ref)[:, 0]] if references else [], scale=0.8)
+    assert vace.context.shape == (1, 96, 2 + references, h // 8, w // 8)
+    prompt, negative = "a cat walks on the grass", "dog in snow"
+    clip = pipe.generate(prompt, negative=negative, frames=frames, height=h, width=w, steps=steps, seed=3, vace=vace)
+    assert clip.latents.shape[2] == 2  # the reference's frame is dropped
+    assert clip.metadata["vace_references"] == str(references)
+    noise = torch.randn((1, 16, 2 + references, h // 8, w // 8), generator=torch.Generator().manual_seed(3))
+    kw = dict(prompt=prompt, negative_prompt=negative, height=h, width=w, num_frames=frames,
+              num_inference_steps=steps, guidance_scale=5.0, conditioning_scale=0.8,
+              video=[PIL.fromarray(f) for f in video], mask=[PIL.fromarray(m, mode="L") for m in mask])
+    if references:
+        kw["reference_images"] = [PIL.fromarray(ref)]
+    with torch.no_grad():
+        expected = _reference(components, monkeypatch)(latents=noise.clone(), output_type="latent", **kw).frames
+    assert expected.std() > 0.1
+    torch.testing.assert_close(clip.latents, expected[:, :, references:], rtol=0, atol=1e-4)
+    # the context matters: without the source (Wan's text-to-video context) the clip differs
+    plain = pipe.generate(prompt, negative=negative, frames=frames, height=h, width=w, steps=steps, seed=3)
+    assert (plain.latents - clip.latents).abs().max() > 1e-2
