@@ -149,7 +149,15 @@ def add_sampling(p):
                         "uses 3 at 480p, 5 at 720p; default: the model's, else one that grows with the token count)")
     p.add_argument("--fps", type=positive_float, default=None,
                    help="frame rate of the written file (default: the model's)")
+    p.add_argument("--vace-scale", type=float, default=None, metavar="S",
+                   help="a Wan2.1 VACE model's weight of its context (given frames, source video, references; "
+                        "default 1)")
     add_guidance_options(p)
+
+
+def add_references(p):
+    p.add_argument("--reference", dest="references", type=Path, action="append", default=[], metavar="IMAGE",
+                   help="a reference image for a Wan2.1 VACE model (a subject or style to show; repeatable)")
 
 
 def add_guidance_options(p):
@@ -328,8 +336,9 @@ def guidance_options(args) -> dict:
 
 
 def _sampling_kwargs(args) -> dict:
+    vace = {} if args.vace_scale is None else {"vace_scale": args.vace_scale}  # only VACE models take it
     return dict(steps=args.steps, guidance=args.guidance, guidance_2=args.guidance_2, negative=args.negative,
-                sampler=args.sampler, shift=args.shift, fps=args.fps, **guidance_options(args))
+                sampler=args.sampler, shift=args.shift, fps=args.fps, **vace, **guidance_options(args))
 
 
 def _size_kwargs(args) -> dict:
@@ -341,7 +350,9 @@ def _task_kwargs(args) -> dict:
     """The task function's options for this command (shared ones, then its own)."""
     own = {"generate": ("frames", "loop", "given"), "extend": ("frames", "backward", "refine", "given"),
            "connect": ("frames", "refine", "given"), "edit": ("frames", "strength", "source_prompt")}[args.task]
-    return {**_sampling_kwargs(args), **_size_kwargs(args), **{k: getattr(args, k) for k in own}}
+    vace = {k: getattr(args, k) for k in ("references", "vace_video", "vace_mask")
+            if getattr(args, k, None)}  # Wan2.1 VACE's inputs, when given
+    return {**_sampling_kwargs(args), **_size_kwargs(args), **{k: getattr(args, k) for k in own}, **vace}
 
 
 def _task_inputs(args) -> dict:
@@ -471,6 +482,8 @@ def cmd_task(args) -> int:
     if args.batch is not None and getattr(args, "last_image", None) is not None:
         raise KinoUserError("with --batch, name each row's last image in the row ('last_image': PATH), "
                             "not with --last-image")
+    if args.batch is not None and (getattr(args, "vace_video", None) or getattr(args, "vace_mask", None)):
+        raise KinoUserError("--vace-video and --vace-mask are for one clip, not with --batch")
     names = POSITIONALS[args.task]
     values = [getattr(args, name) for name in names]
     if any(v is not None for v in values) == (args.batch is not None):
@@ -706,6 +719,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", action="store_true",
                    help="a seamless loop: frame N would be frame 0 again (--frames 4k; default: the most "
                         "whole latent frames the default length holds, 16 for kino's default)")
+    p.add_argument("--vace-video", type=Path, default=None, metavar="VIDEO",
+                   help="a Wan2.1 VACE model's source video (to inpaint, outpaint, or a control video such as "
+                        "depth or pose); --frames defaults to its length")
+    p.add_argument("--vace-mask", type=Path, default=None, metavar="VIDEO|IMAGE",
+                   help="which pixels of --vace-video to generate (white) and keep (black); an image applies to "
+                        "every frame (default: generate all, i.e. follow the video as a control)")
+    add_references(p)
     add_given(p)
     add_task_options(p, "generate", batch_help="rows with 'caption' and optional 'image', 'loop', 'frames', "
                      "'given', 'height', 'width', 'seed'", out_help="output file (.mp4, .gif, .png for one frame; default "
@@ -716,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="?", type=Path, default=None, metavar="INPUT", help="video (or image) to extend")
     p.add_argument("prompt", nargs="?", default=None, help="what happens in the whole clip")
     p.add_argument("--backward", action="store_true", help="add the new frames before the input")
+    add_references(p)
     add_refine(p)
     add_given(p)
     add_task_options(p, "extend", batch_help="rows with 'caption', 'video' (a path relative to the file) and "
@@ -726,6 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("first", nargs="?", type=Path, default=None, metavar="A", help="the video to start from")
     p.add_argument("second", nargs="?", type=Path, default=None, metavar="B", help="the video to end with")
     p.add_argument("prompt", nargs="?", default=None, help="what happens in the whole clip")
+    add_references(p)
     add_refine(p)
     add_given(p)
     add_task_options(p, "connect", batch_help="rows with 'caption', 'first', 'second' (paths relative to the "

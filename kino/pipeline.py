@@ -732,7 +732,7 @@ class Pipeline:
                  skip_interval: tuple[float, float] | None = None, fps: float | None = None,
                  cache_threshold: float | None = None, guidance_2: float | None = None,
                  cfg_star: bool | None = None, zero_steps: int | None = None,
-                 vace: VaceCondition | None = None) -> Generation:
+                 vace: VaceCondition | None = None, vace_scale: float | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -767,7 +767,8 @@ class Pipeline:
         `vace` (a Wan2.1 VACE pipeline, `takes_vace`): the clip's VACE context
         (`vace_condition`); without it the context of nothing given, as Wan does for text to
         video. Its reference frames come in front of the sampled latents and are dropped before
-        decoding.
+        decoding. `vace_scale`: the weight of the VACE hints (Wan's context_scale; the
+        condition's own, 1, by default).
         """
         self.check_prompt(prompt)
         if source_prompt is not None:
@@ -808,10 +809,14 @@ class Pipeline:
         elif image is not None or last_image is not None:
             raise KinoUserError(f"{self.name} is no Wan image-to-video model: Pipeline.generate takes no image "
                                 "(kino's own image-to-video is kino.tasks.generate(pipe, prompt, image=...))")
-        if vace is not None and not self.takes_vace:
-            raise KinoUserError(f"{self.name} is no Wan VACE model: it takes no VACE context")
+        if (vace is not None or vace_scale is not None) and not self.takes_vace:
+            raise KinoUserError(f"{self.name} is no Wan VACE model: it takes no VACE context (nor --vace-scale)")
         if self.takes_vace:
             vace = vace if vace is not None else self.vace_condition(d.frames, d.height, d.width)
+            if vace_scale is not None:
+                if not math.isfinite(vace_scale):
+                    raise KinoUserError(f"--vace-scale must be a finite number, got {vace_scale}")
+                vace = replace(vace, scale=float(vace_scale))
             T = self.vae.config.latent_frames(d.frames)
             if tuple(vace.context.shape[2:]) != (vace.references + T, *shape[3:]):
                 raise KinoUserError(f"the VACE context {tuple(vace.context.shape)} does not fit a "
@@ -899,8 +904,8 @@ class Pipeline:
 
     @torch.no_grad()
     def vace_condition(self, frames: int, height: int, width: int, video: Tensor | None = None,
-                       mask: Tensor | None = None, references: list[Tensor] | tuple[Tensor, ...] = (),
-                       scale: float = 1.0) -> VaceCondition:
+                       mask: Tensor | None = None,
+                       references: list[Tensor] | tuple[Tensor, ...] = ()) -> VaceCondition:
         """Wan2.1 VACE's context for a frames x height x width clip (Wan's vace.py, which
         diffusers' WanVACEPipeline follows):
 
@@ -950,9 +955,7 @@ class Pipeline:
         folded = torch.nn.functional.interpolate(folded[None], size=(T, h, w), mode="nearest-exact")
         folded = torch.cat([folded.new_zeros(1, s * s, len(refs), h, w), folded], dim=2).to(latents)
         context = torch.cat([torch.cat([*refs, latents], dim=2), folded], dim=1)  # (1, 2Z + s^2, R + T, h, w)
-        if not math.isfinite(scale):
-            raise KinoUserError(f"the VACE scale must be a finite number, got {scale}")
-        return VaceCondition(context, len(refs), float(scale))
+        return VaceCondition(context, len(refs))
 
     @torch.no_grad()
     def decode(self, latents: Tensor, frames: int, loop: bool = False, image_first: bool = False) -> Tensor:

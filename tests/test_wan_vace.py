@@ -205,10 +205,11 @@ def test_vace_sampling_matches_diffusers(folders, components, references, monkey
     video, mask = _frames(frames, h, w, 1), _mask(frames, h, w)
     ref = _frames(1, 16, 24, 2)[0]  # fits the 16x32 frame as it is, centred on white
     vace = pipe.vace_condition(frames, h, w, to_model_range(video), torch.from_numpy(mask).float() / 255,
-                               [to_model_range(ref)[:, 0]] if references else [], scale=0.8)
+                               [to_model_range(ref)[:, 0]] if references else [])
     assert vace.context.shape == (1, 96, 2 + references, h // 8, w // 8)
     prompt, negative = "a cat walks on the grass", "dog in snow"
-    clip = pipe.generate(prompt, negative=negative, frames=frames, height=h, width=w, steps=steps, seed=3, vace=vace)
+    clip = pipe.generate(prompt, negative=negative, frames=frames, height=h, width=w, steps=steps, seed=3, vace=vace,
+                         vace_scale=0.8)
     assert clip.latents.shape[2] == 2  # the reference's frame is dropped
     assert clip.metadata["vace_references"] == str(references)
     noise = torch.randn((1, 16, 2 + references, h // 8, w // 8), generator=torch.Generator().manual_seed(3))
@@ -224,3 +225,79 @@ def test_vace_sampling_matches_diffusers(folders, components, references, monkey
     # the context matters: without the source (Wan's text-to-video context) the clip differs
     plain = pipe.generate(prompt, negative=negative, frames=frames, height=h, width=w, steps=steps, seed=3)
     assert (plain.latents - clip.latents).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------- kino's tasks through VACE
+
+
+def _manual(pipe, prompt, frames, given, seed=3, **kw):
+    """The clip of a source video holding `given` {at: uint8 frames} (kept: mask 0), the rest generated."""
+    from kino.tasks.conditioning import to_model_range
+
+    video, mask = torch.zeros(3, frames, 16, 32), torch.ones(frames, 16, 32)
+    for at, pixels in given.items():
+        video[:, at:at + len(pixels)] = to_model_range(pixels)
+        mask[at:at + len(pixels)] = 0
+    return pipe.generate(prompt, frames=frames, height=16, width=32, steps=2, seed=seed,
+                         vace=pipe.vace_condition(frames, 16, 32, video, mask), **kw)
+
+
+def test_kino_tasks_run_through_vace_masks(folders):
+    from kino.pipeline import Pipeline
+    from kino.tasks import video_tasks as tasks
+
+    pipe = Pipeline.from_pretrained(folders["original"], text_dtype="float32")
+    prompt, a, b = "a cat walks on the grass", _frames(3, 16, 32, 4), _frames(2, 16, 32, 5)
+    cases = [
+        (tasks.generate(pipe, prompt, image=a[0], frames=5, steps=2, seed=3), 5, {0: a[:1]}, "image-to-video"),
+        (tasks.extend(pipe, prompt, a, frames=2, steps=2, seed=3), 5, {0: a}, "extend forward"),
+        (tasks.extend(pipe, prompt, a, frames=3, backward=True, steps=2, seed=3), 6, {3: a}, "extend backward"),
+        (tasks.connect(pipe, prompt, a, b, frames=4, steps=2, seed=3), 9, {0: a, 7: b}, "connect"),
+    ]
+    for clip, frames, given, task in cases:
+        assert clip.metadata["task"] == f"{task} (Wan2.1 VACE)" and clip.video.shape == (frames, 16, 32, 3)
+        expected = _manual(pipe, prompt, frames, given)
+        torch.testing.assert_close(clip.latents, expected.latents, rtol=0, atol=0)
+        for at, pixels in given.items():  # given frames come back as given (--given exact)
+            assert torch.equal(clip.video[at:at + len(pixels)], torch.from_numpy(pixels))
+    # the given frames matter: another first frame gives another clip
+    other = tasks.generate(pipe, prompt, image=b[0], frames=5, steps=2, seed=3)
+    assert (other.latents - cases[0][0].latents).abs().max() > 1e-3
+    decoded = tasks.extend(pipe, prompt, a, frames=2, steps=2, seed=3, given="decoded")
+    assert not torch.equal(decoded.video[:3], torch.from_numpy(a))
+    # an edit runs on VACE's text-to-video context
+    edited = tasks.edit(pipe, prompt, a, strength=0.5, steps=4, seed=3)
+    assert edited.video.shape == (3, 16, 32, 3)
+
+
+def test_vace_cli_source_mask_and_references(folders, tmp_path, capsys):
+    from kino.data.video_io import read_metadata, read_video, write_video
+
+    src, refimg, mask = tmp_path / "src.mp4", tmp_path / "ref.png", tmp_path / "mask.png"
+    write_video(src, torch.from_numpy(_frames(5, 16, 32, 6)), 16.0, lossless=True)
+    write_video(refimg, torch.from_numpy(_frames(1, 24, 24, 7)), 16.0)
+    m = np.zeros((16, 32, 3), dtype=np.uint8)
+    m[:, 16:] = 255  # regenerate the right half of every frame
+    write_video(mask, torch.from_numpy(m[None]), 16.0)
+    model, out = str(folders["diffusers"]), tmp_path / "out.mp4"
+    args = ["generate", "a cat walks on the grass", "--model", model, "--steps", "2", "--quiet", "--vace-video",
+            str(src), "--vace-mask", str(mask), "--reference", str(refimg), "--vace-scale", "0.5", "-o", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    video, meta = read_video(out)[0], read_metadata(out)
+    assert video.shape == (5, 16, 32, 3)
+    assert meta["task"] == "video-to-video (Wan2.1 VACE)" and meta["vace_references"] == "1"
+    assert meta["vace_scale"] == "0.5"
+    capsys.readouterr()
+    for bad, message in [
+        (["--loop"], "not available with a Wan VACE model"),
+        (["--vace-mask", str(mask)], "give --vace-video too"),
+        (["--image", str(refimg), "--vace-video", str(src)], "not both"),
+        (["--vace-video", str(src), "--frames", "9"], "needs as many"),
+    ]:
+        assert main(["generate", "a cat", "--model", model, "--steps", "1", "--quiet", *bad]) == 2
+        assert message in capsys.readouterr().err
+    # kino's own models take none of it
+    for bad in (["--reference", str(refimg)], ["--vace-scale", "0.5"]):
+        assert main(["generate", "a small red circle moving left on a black background", "--steps", "1",
+                     "--quiet", "-o", str(tmp_path / "x.mp4"), *bad]) == 2
+        assert "no Wan VACE model" in capsys.readouterr().err

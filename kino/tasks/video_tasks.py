@@ -32,6 +32,13 @@ sampled, the image conditions the DiT. Without a size, the output keeps the imag
 ratio at the area of the model's default size, each side rounded down to the stride (Wan's
 rule: at 832x480's area a 4:3 image gives 720x544), and "exact" pastes the given frames back
 as above.
+
+Wan2.1 VACE models (`pipe.takes_vace`) keep given frames their own way (`vace_task`): image to
+video, extend and connect place the given clips in a source video whose mask says to keep
+them (and to generate every other frame), one sampling pass, any frame counts; `generate`
+also takes a source video with a mask of the pixels to regenerate (inpainting, outpainting,
+a control video) and reference images. Loops are not available; edits run as for kino's
+models (SDEdit / FlowEdit, with VACE's text-to-video context).
 """
 
 from __future__ import annotations
@@ -135,11 +142,41 @@ def task_metadata(task: str, layout: Layout, refine: float) -> dict[str, str]:
 
 def generate(pipe: Pipeline, prompt: str, *, image: Media | None = None, loop: bool = False,
              frames: int | None = None, height: int | None = None, width: int | None = None, seed: int = 0,
-             last_image: Media | None = None, **sampling) -> Generation:
+             last_image: Media | None = None, references: list[Media] | tuple[Media, ...] = (),
+             vace_video: Media | None = None, vace_mask: Media | None = None, **sampling) -> Generation:
     """Text-to-video, image-to-video (`image`, or a video's first frame, becomes frame 0)
     and loops (`loop`, 4k frames, by default the most the default length holds; with an
     image, the loop starts and wraps around at it). A Wan2.1 I2V / FLF2V pipeline takes
-    `image` (and `last_image`) through its DiT instead (module doc)."""
+    `image` (and `last_image`) through its DiT instead (module doc). A Wan2.1 VACE pipeline
+    takes `image` as a kept first frame, and also a source video with a mask of what to
+    generate (`vace_video`, `vace_mask`) and reference images (`references`) (`vace_task`)."""
+    _check_vace_inputs(pipe, references, vace_video, vace_mask)
+    if pipe.takes_vace:
+        if loop or last_image is not None:
+            raise KinoUserError("--loop and --last-image are not available with a Wan VACE model (`kino connect` "
+                                "joins two clips through VACE's masks)")
+        if image is not None and vace_video is not None:
+            raise KinoUserError("give --image or --vace-video, not both (a first frame is a one-frame source)")
+        source, mask, name = None, None, ""
+        if vace_video is not None:
+            source, name = load_input(pipe, vace_video, "--vace-video")
+        first = None
+        if image is not None:
+            first, name = load_input(pipe, image, "--image")
+        h, w = output_size(pipe, source if source is not None else first, height, width)
+        if source is not None:
+            frames = frames or source.shape[1]
+            if source.shape[1] < frames:
+                raise KinoUserError(f"--vace-video has {source.shape[1]} frames; --frames {frames} needs as many")
+            source = fit_video(source[:, :frames], h, w)
+            mask = vace_mask_pixels(pipe, vace_mask, frames, h, w) if vace_mask is not None else None
+        frames = frames or pipe.defaults.frames
+        given = [] if first is None else [Given(fit_video(first[:, :1], h, w), 0, "image", name,
+                                                 (0, 1, first.shape[1]))]
+        task = "image-to-video" if image is not None else "video-to-video" if source is not None else "text-to-video"
+        return vace_task(pipe, prompt, f"{task} (Wan2.1 VACE)", given, frames, h, w, seed=seed,
+                         references=references, video=source, mask=mask, source=name if source is not None else None,
+                         **sampling)
     if pipe.takes_image:
         if loop:
             raise KinoUserError("--loop is not available with a Wan image-to-video model")
@@ -202,6 +239,59 @@ def wan_image_to_video(pipe: Pipeline, prompt: str, image: Media | None, last_im
     return clip
 
 
+def _check_vace_inputs(pipe: Pipeline, references, vace_video, vace_mask) -> None:
+    if not pipe.takes_vace and (references or vace_video is not None or vace_mask is not None):
+        raise KinoUserError(f"{pipe.name} is no Wan VACE model: --reference, --vace-video and --vace-mask are for "
+                            "Wan2.1 VACE models")
+    if vace_mask is not None and vace_video is None:
+        raise KinoUserError("--vace-mask says which pixels of --vace-video to regenerate: give --vace-video too")
+
+
+def vace_mask_pixels(pipe: Pipeline, mask: Media, frames: int, height: int, width: int) -> Tensor:
+    """A VACE mask (a video, or an image for every frame; white = generate, black = keep) ->
+    (frames, height, width) in [0, 1], fitted like the source."""
+    pixels, _ = load_input(pipe, mask, "--vace-mask")
+    if pixels.shape[1] == 1:
+        pixels = pixels.expand(-1, frames, -1, -1)
+    if pixels.shape[1] < frames:
+        raise KinoUserError(f"--vace-mask has {pixels.shape[1]} frames; the source needs {frames} (or one image "
+                            "for all of them)")
+    return fit_video(pixels[:, :frames], height, width).mean(dim=0).add(1).div(2)  # (F, H, W)
+
+
+def vace_task(pipe: Pipeline, prompt: str, task: str, kept: list[Given], frames: int, height: int, width: int, *,
+              seed: int = 0, given: str = "exact", references: list[Media] | tuple[Media, ...] = (),
+              video: Tensor | None = None, mask: Tensor | None = None, source: str | None = None,
+              **sampling) -> Generation:
+    """One clip of a Wan2.1 VACE pipeline: the `kept` clips are kept (mask 0) in a source
+    video (`video`, zeros elsewhere; `mask` 1 where to generate, default everywhere but the
+    given frames), the `references` images conditioned beside it (`Pipeline.vace_condition`),
+    one pass; `given`: how the kept frames come back, as for kino's tasks (module doc)."""
+    if given not in GIVEN_MODES:
+        raise KinoUserError(f"--given must be one of {', '.join(GIVEN_MODES)}; got {given!r}")
+    pipe.check_request(frames, height, width)
+    video = video.clone() if video is not None else torch.zeros(3, frames, height, width)
+    mask = mask.clone() if mask is not None else torch.ones(frames, height, width)
+    for g in kept:
+        video[:, g.at:g.at + g.frames] = g.pixels
+        mask[g.at:g.at + g.frames] = 0.0
+    refs = [load_input(pipe, r, f"reference image {i + 1}") for i, r in enumerate(references)]
+    vace = pipe.vace_condition(frames, height, width, video, mask, [x[:, 0] for x, _ in refs])
+    clip = pipe.generate(prompt, frames=frames, height=height, width=width, seed=seed, vace=vace, **sampling)
+    if given == "exact" and kept:
+        clip.video = paste_given(clip.video, kept)
+    inputs = {g.name: g.source for g in kept}
+    if source is not None:
+        inputs["vace_video"] = source
+    inputs.update({f"reference_{i + 1}": src for i, (_, src) in enumerate(refs)})
+    clip.metadata.update({
+        "task": task, "inputs": json.dumps(inputs),
+        "input_frames": json.dumps([{"input": g.name, "frames": list(g.used), "at": g.at} for g in kept])})
+    if kept:
+        clip.metadata["given_frames"] = given
+    return clip
+
+
 def image_to_video(pipe: Pipeline, prompt: str, image: Media, **options) -> Generation:
     return generate(pipe, prompt, image=image, **options)
 
@@ -214,8 +304,17 @@ def extend(pipe: Pipeline, prompt: str, video: Media, *, frames: int, backward: 
            height: int | None = None, width: int | None = None, seed: int = 0, refine: float = REFINE,
            **sampling) -> Generation:
     """The input followed (or, `backward`, preceded) by `frames` new frames."""
+    references = sampling.pop("references", ())
+    _check_vace_inputs(pipe, references, None, None)
     x, source = load_input(pipe, video, "input")
     h, w = output_size(pipe, x, height, width)
+    if pipe.takes_vace:  # one pass: the input kept by VACE's mask
+        _check_new(frames)
+        n = x.shape[1]
+        given = [Given(fit_video(x, h, w), frames if backward else 0, "input", source, (0, n, n))]
+        task = "extend backward" if backward else "extend forward"
+        return vace_task(pipe, prompt, f"{task} (Wan2.1 VACE)", given, n + frames, h, w, seed=seed,
+                         references=references, **sampling)
     layout = plan_extend(fit_video(x, h, w), frames, pipe.vae.config.time_stride, backward, source)
     task = "extend backward" if backward else "extend forward"
     return run_layout(pipe, prompt, layout, task, seed=seed, refine=refine, **sampling)
@@ -224,12 +323,26 @@ def extend(pipe: Pipeline, prompt: str, video: Media, *, frames: int, backward: 
 def connect(pipe: Pipeline, prompt: str, first: Media, second: Media, *, frames: int, height: int | None = None,
             width: int | None = None, seed: int = 0, refine: float = REFINE, **sampling) -> Generation:
     """A, then `frames` new frames leading from A's end into B's start, then B."""
+    references = sampling.pop("references", ())
+    _check_vace_inputs(pipe, references, None, None)
     a, source_a = load_input(pipe, first, "first input")
     b, source_b = load_input(pipe, second, "second input")
     h, w = output_size(pipe, a, height, width)
+    if pipe.takes_vace:  # one pass: both inputs kept by VACE's mask
+        _check_new(frames)
+        na, nb = a.shape[1], b.shape[1]
+        given = [Given(fit_video(a, h, w), 0, "first", source_a, (0, na, na)),
+                 Given(fit_video(b, h, w), na + frames, "second", source_b, (0, nb, nb))]
+        return vace_task(pipe, prompt, "connect (Wan2.1 VACE)", given, na + frames + nb, h, w, seed=seed,
+                         references=references, **sampling)
     layout = plan_connect(fit_video(a, h, w), fit_video(b, h, w), frames, pipe.vae.config.time_stride,
                           (source_a, source_b))
     return run_layout(pipe, prompt, layout, "connect", seed=seed, refine=refine, **sampling)
+
+
+def _check_new(frames: int) -> None:
+    if frames < 1:
+        raise KinoUserError(f"--frames (the new frames) must be at least 1, got {frames}")
 
 
 def edit(pipe: Pipeline, prompt: str, video: Media, *, strength: float, frames: int | None = None,
