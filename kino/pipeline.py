@@ -557,8 +557,9 @@ class Pipeline:
         home = torch.device("cpu") if offload else device
         for dit in self.dits:
             if plan.streams_blocks:  # before the move: only what stays on the device goes there
-                n = len(dit.blocks)
-                self._streamers.append(BlockStreamer(dit.blocks, device, dtype, plan.weights,
+                blocks = dit.all_blocks()  # a VACE DiT's VACE blocks first: they run first
+                n = len(blocks)
+                self._streamers.append(BlockStreamer(blocks, device, dtype, plan.weights,
                                                      n if offload else plan.swap_blocks))
             dit.to(home)  # the blocks' parameters are empty placeholders by now
         self.vae.to(home)
@@ -579,7 +580,7 @@ class Pipeline:
         if mesh.device_type != device.type:
             raise KinoUserError(f"the processes' mesh is on {mesh.device_type}, the pipeline's device is {device}")
         for dit in self.dits:
-            shard_modules(dit, dit.blocks, mesh)  # the shards move to this process's device
+            shard_modules(dit, dit.all_blocks(), mesh)  # the shards move to this process's device
         self.sharded = True
         self.vae.to(device)
         for model in (getattr(self.text_encoder, "model", None), getattr(self.image_encoder, "model", None)):
@@ -598,7 +599,7 @@ class Pipeline:
         a first, slow call per new clip shape; off by default (on a CPU it costs minutes of
         compiling for ~1.2x)."""
         for dit in self.dits:
-            for block in dit.blocks:
+            for block in dit.all_blocks():
                 block.compile(backend=backend, mode=mode)
 
     @property

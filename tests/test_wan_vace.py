@@ -301,3 +301,60 @@ def test_vace_cli_source_mask_and_references(folders, tmp_path, capsys):
         assert main(["generate", "a small red circle moving left on a black background", "--steps", "1",
                      "--quiet", "-o", str(tmp_path / "x.mp4"), *bad]) == 2
         assert "no Wan VACE model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- memory, processes, conversion
+
+
+def test_vace_small_gpu_mode_streams_the_vace_blocks_too(folders):
+    """fp8 block storage with model offload: the VACE blocks are streamed like the main ones
+    (none stays resident), and the clip stays close to the float32 one."""
+    from kino.models.memory import MemoryPlan
+    from kino.pipeline import Pipeline
+    from kino.tasks import video_tasks as tasks
+
+    a = _frames(3, 16, 32, 4)
+    base = tasks.extend(Pipeline.from_pretrained(folders["original"], text_dtype="float32"), "a cat", a, frames=2,
+                        steps=2, seed=1)
+    pipe = Pipeline.from_pretrained(folders["original"], text_dtype="float32",
+                                    memory=MemoryPlan(dtype="bfloat16", weights="fp8", offload="model"))
+    streamed = pipe._streamers[0]
+    assert len(streamed.stores) == LAYERS + len(VACE_LAYERS)
+    assert all(p.numel() == 0 for p in pipe.dit.vace_blocks.parameters())  # held by the streamer
+    small = tasks.extend(pipe, "a cat", a, frames=2, steps=2, seed=1)
+    err = (small.latents - base.latents).abs().mean() / base.latents.abs().mean()
+    assert 0 < err < 0.05, err
+
+
+def test_vace_with_fsdp_in_two_processes(folders, tmp_path):
+    """Under torchrun with --fsdp the VACE blocks are sharded too, and the context tokens are
+    split over the processes with the latents' (sequence parallel): the image equals the
+    one-process image."""
+    from test_wan import assert_fsdp_matches_one_process
+
+    image = tmp_path / "first.png"
+    from kino.data.video_io import write_video
+
+    write_video(image, torch.from_numpy(_frames(1, 16, 32, 8)), 16.0)
+    assert_fsdp_matches_one_process(folders["diffusers"], tmp_path, "--steps", "2", "--reference", str(image))
+
+
+def test_convert_and_info_of_a_vace_folder(folders, components, tmp_path, capsys):
+    from kino.pipeline import Pipeline
+
+    assert main(["convert", "wan", str(folders["original"]), str(tmp_path / "kino")]) == 0
+    pipe = Pipeline.from_pretrained(tmp_path / "kino", text_dtype="float32")
+    assert pipe.takes_vace and pipe.dit.config.vace_layers == tuple(VACE_LAYERS)
+    gen = torch.Generator().manual_seed(0)
+    x, text, context = (torch.randn(1, 16, 2, 4, 6, generator=gen), torch.randn(1, 7, DIT.text_dim, generator=gen),
+                        torch.randn(1, 96, 2, 4, 6, generator=gen))
+    with torch.no_grad():
+        expected = components[0](x, torch.tensor([500.0]), text, control_hidden_states=context).sample
+        torch.testing.assert_close(pipe.dit(x, 500.0, text, vace=context), expected, rtol=0, atol=1e-5)
+    capsys.readouterr()
+    assert main(["info", str(folders["diffusers"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["name"] == "vace" and info["components"]["dit"]["vace_blocks"] == len(VACE_LAYERS)
+    assert info["defaults"]["shift"] == SHIFT
+    assert main(["info", str(tmp_path / "kino")]) == 0
+    assert f"{len(VACE_LAYERS)} VACE blocks" in capsys.readouterr().out

@@ -46,7 +46,8 @@ def _dit(config) -> dict:
     c = config
     return {"dim": c.dim, "layers": c.num_layers, "heads": c.num_heads, "patch": list(c.patch_size),
             "in_channels": c.in_channels, "out_channels": c.out_channels, "text_dim": c.text_dim,
-            "image_branch": c.img_dim is not None, "parameters": _params(DiT, c)}
+            "image_branch": c.img_dim is not None, "vace_blocks": len(c.vace_layers or ()),
+            "parameters": _params(DiT, c)}
 
 
 def _vae(config) -> dict:
@@ -128,6 +129,7 @@ def format_info(info: dict) -> str:
         if name.startswith("dit"):
             patch = "x".join(map(str, c["patch"]))
             branch = ", image branch" if c["image_branch"] else ""
+            branch += f", {c['vace_blocks']} VACE blocks" if c.get("vace_blocks") else ""
             desc = (f"DiT {c['dim']} wide, {c['layers']} layers, {c['heads']} heads, patch {patch}, "
                     f"{c['in_channels']} -> {c['out_channels']} channels{branch}")
         elif name == "vae":

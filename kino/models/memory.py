@@ -28,7 +28,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -157,7 +157,7 @@ class BlockStreamer:
     the compute device; fp8-stored blocks keep their fp8 rounding).
     """
 
-    def __init__(self, blocks: nn.ModuleList, compute_device: torch.device, compute_dtype: torch.dtype,
+    def __init__(self, blocks: Sequence[nn.Module], compute_device: torch.device, compute_dtype: torch.dtype,
                  storage: str | None, swap: int):
         n = len(blocks)
         swap = min(swap, n)

@@ -459,6 +459,12 @@ class DiT(nn.Module):
             nn.init.zeros_(self.pos_embedding.weight)
             nn.init.zeros_(self.pos_embedding.bias)
 
+    def all_blocks(self) -> list[nn.Module]:
+        """Every transformer block in the order a forward pass runs them: a VACE DiT's VACE
+        blocks, then the main ones (for memory plans, sharding and compiling, which treat
+        each block alike)."""
+        return [*(self.vace_blocks or ()), *self.blocks]
+
     # -- pieces of the forward pass, public so that callers and tests can look inside
 
     def frame_timesteps(self, t: torch.Tensor | float, batch: int, frames: int, device) -> torch.Tensor:
