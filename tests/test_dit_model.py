@@ -87,7 +87,9 @@ def test_config_json_roundtrip_and_sizes():
                       # = diffusers' WanTransformer3DModel with image_dim 1280 (and pos_embed_seq_len 514)
                       "wan2.1-i2v-14b": 16_394_878_784, "wan2.1-flf2v-14b": 16_395_536_704,
                       # Wan2.2: an I2V-A14B expert (36 channels in, no CLIP branch) and TI2V-5B
-                      "wan2.2-i2v-a14b": 14_288_901_184, "wan2.2-ti2v-5b": 4_999_787_712}
+                      "wan2.2-i2v-a14b": 14_288_901_184, "wan2.2-ti2v-5b": 4_999_787_712,
+                      # = diffusers' WanVACETransformer3DModel at VACE-1.3B's and its default (VACE-14B's) sizes
+                      "wan2.1-vace-1.3b": 2_153_972_032, "wan2.1-vace-14b": 17_337_592_896}
 
 
 # ---------------------------------------------------------------------------- shapes

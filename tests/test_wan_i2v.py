@@ -195,8 +195,8 @@ def test_i2v_configs_of_the_releases():
                         ({"image_dim": None}, "added_kv_proj_dim without image_dim")]:
         with pytest.raises(ValueError, match=needle):
             config_from_diffusers({**I2V_14B_DIFFUSERS, **bad})
-    with pytest.raises(ValueError, match="model_type 'vace' is not supported"):
-        config_from_wan({**I2V_14B_WAN, "model_type": "vace"})
+    with pytest.raises(ValueError, match="model_type 's2v' is not supported"):  # Wan2.2's speech-to-video
+        config_from_wan({**I2V_14B_WAN, "model_type": "s2v"})
     with pytest.raises(ValueError, match="1280-wide"):
         config_to_wan(DiTConfig(img_dim=IMG_DIM))
 

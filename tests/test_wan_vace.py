@@ -288,6 +288,15 @@ def test_vace_cli_source_mask_and_references(folders, tmp_path, capsys):
     assert meta["task"] == "video-to-video (Wan2.1 VACE)" and meta["vace_references"] == "1"
     assert meta["vace_scale"] == "0.5"
     capsys.readouterr()
+    # kino extend / connect on a VACE model, with the first-block cache and skip-layer guidance on
+    args = ["--model", model, "--steps", "3", "--quiet", "--frames", "3", "--cache-threshold", "0.1",
+            "--skip-guidance", "1", "--skip-blocks", "1", "--reference", str(refimg)]
+    assert main(["extend", str(src), "a cat", *args, "-o", str(tmp_path / "ext.mp4")]) == 0
+    assert main(["connect", str(src), str(src), "a cat", *args, "-o", str(tmp_path / "con.mp4")]) == 0
+    assert read_video(tmp_path / "ext.mp4")[0].shape[0] == 8 and read_video(tmp_path / "con.mp4")[0].shape[0] == 13
+    meta = read_metadata(tmp_path / "con.mp4")
+    assert meta["task"] == "connect (Wan2.1 VACE)" and meta["cache_reused"].endswith("/6")
+    capsys.readouterr()
     for bad, message in [
         (["--loop"], "not available with a Wan VACE model"),
         (["--vace-mask", str(mask)], "give --vace-video too"),

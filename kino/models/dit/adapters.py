@@ -8,7 +8,9 @@ cross-attention norm is `norm2` (Wan's `norm3`), its modulation tables are
 (I2V, FLF2V) add the CLIP image embedder `condition_embedder.image_embedder.{norm1,
 ff.net.0.proj, ff.net.2, norm2, pos_embed}` (Wan: `img_emb.{proj.0, proj.1, proj.3, proj.4,
 emb_pos}`) and per block `attn2.{add_k_proj, add_v_proj, norm_added_k}` (Wan:
-`cross_attn.{k_img, v_img, norm_k_img}`). The renames are regex rules applied in order;
+`cross_attn.{k_img, v_img, norm_k_img}`). VACE DiTs (`WanVACETransformer3DModel`) add
+`vace_patch_embedding` (same name) and `vace_blocks.N`, named like blocks, with `proj_in` /
+`proj_out` for Wan's `before_proj` / `after_proj`. The renames are regex rules applied in order;
 shapes are identical, so no tensor is touched.
 
 Wan2.1's original release (`diffusion_pytorch_model*.safetensors` beside a `WanModel`
