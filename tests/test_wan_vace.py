@@ -80,10 +80,11 @@ def _frames(n: int, h: int, w: int, seed: int) -> np.ndarray:
 
 
 def _mask(n: int, h: int, w: int) -> np.ndarray:
-    """uint8 (n, h, w): frame 0 kept (0), the others generated (255) but for a kept 8x8 square."""
+    """uint8 (n, h, w): frame 0 kept (0), the others generated (255) but for a kept rectangle
+    across 8x8 squares (so the folding's order within a square matters)."""
     m = np.full((n, h, w), 255, dtype=np.uint8)
     m[0] = 0
-    m[1:, :8, 8:16] = 0
+    m[1:, 3:11, 5:14] = 0
     return m
 
 
