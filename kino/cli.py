@@ -483,7 +483,8 @@ def cmd_task(args) -> int:
         raise KinoUserError("with --batch, name each row's last image in the row ('last_image': PATH), "
                             "not with --last-image")
     if args.batch is not None and (getattr(args, "vace_video", None) or getattr(args, "vace_mask", None)):
-        raise KinoUserError("--vace-video and --vace-mask are for one clip, not with --batch")
+        raise KinoUserError("with --batch, name each row's VACE source and mask in the row ('vace_video', "
+                            "'vace_mask': PATH), not with --vace-video / --vace-mask")
     names = POSITIONALS[args.task]
     values = [getattr(args, name) for name in names]
     if any(v is not None for v in values) == (args.batch is not None):
@@ -727,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every frame (default: generate all, i.e. follow the video as a control)")
     add_references(p)
     add_given(p)
-    add_task_options(p, "generate", batch_help="rows with 'caption' and optional 'image', 'loop', 'frames', "
+    add_task_options(p, "generate", batch_help="rows with 'caption' and optional 'image', 'last_image', "
+                     "'vace_video', 'vace_mask', 'reference' (paths relative to the file), 'loop', 'frames', "
                      "'given', 'height', 'width', 'seed'", out_help="output file (.mp4, .gif, .png for one frame; default "
                      "out.mp4), or folder with --batch")
     add_frames(p)
@@ -740,8 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_refine(p)
     add_given(p)
     add_task_options(p, "extend", batch_help="rows with 'caption', 'video' (a path relative to the file) and "
-                     "optional 'frames', 'backward', 'refine', 'given', 'height', 'width', 'seed'")
-    add_frames(p, help="new frames: a multiple of 4 forwards, 4m+1 backwards; the output holds the input too")
+                     "optional 'reference', 'frames', 'backward', 'refine', 'given', 'height', 'width', 'seed'")
+    add_frames(p, help="new frames: a multiple of 4 forwards, 4m+1 backwards (any count with a Wan2.1 VACE model); "
+                       "the output holds the input too")
 
     p = sub.add_parser("connect", help="generate a transition from the end of one video to the start of another")
     p.add_argument("first", nargs="?", type=Path, default=None, metavar="A", help="the video to start from")
@@ -751,8 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_refine(p)
     add_given(p)
     add_task_options(p, "connect", batch_help="rows with 'caption', 'first', 'second' (paths relative to the "
-                     "file) and optional 'frames', 'refine', 'given', 'height', 'width', 'seed'")
-    add_frames(p, help="new frames between A and B (a multiple of 4); the output holds A, them and B")
+                     "file) and optional 'reference', 'frames', 'refine', 'given', 'height', 'width', 'seed'")
+    add_frames(p, help="new frames between A and B (a multiple of 4; any count with a Wan2.1 VACE model); the "
+                       "output holds A, them and B")
 
     p = sub.add_parser("edit", help="re-generate a video with a prompt, keeping more or less of it (SDEdit)")
     p.add_argument("input", nargs="?", type=Path, default=None, metavar="INPUT", help="video (or image) to edit")

@@ -36,9 +36,9 @@ OPTION_TYPES = {"frames": int, "height": int, "width": int, "seed": int, "loop":
 OPTION_CHOICES = {"given": video_tasks.GIVEN_MODES}
 # task -> (the input paths a row must name, those it may name, its options besides height/width/seed)
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "generate": ((), ("image", "last_image"), ("frames", "loop", "given")),
-    "extend": (("video",), (), ("frames", "backward", "refine", "given")),
-    "connect": (("first", "second"), (), ("frames", "refine", "given")),
+    "generate": ((), ("image", "last_image", "vace_video", "vace_mask", "reference"), ("frames", "loop", "given")),
+    "extend": (("video",), ("reference",), ("frames", "backward", "refine", "given")),
+    "connect": (("first", "second"), ("reference",), ("frames", "refine", "given")),
     "edit": (("video",), (), ("frames", "strength", "source_prompt")),
 }
 IGNORED = {"generate": ("file", "fps")}  # keys of a world captions.jsonl row, so it can be a batch
@@ -169,6 +169,8 @@ def generate_batch(pipe: Pipeline, prompts: str | Path, out: str | Path, *, defa
     requests = []
     for i, row in mine:
         kwargs = {**defaults, **{k: row[k] for k in given if k in row}}
+        if "reference" in kwargs:  # a Wan2.1 VACE model's reference image: the row's, in place of --reference
+            kwargs["references"] = [kwargs.pop("reference")]
         row_seed = row.get("seed", seed + i)
         key = _request_key(pipe, task, row, kwargs, row_seed, (*required, *optional))
         kept = i in done and done[i][0] == key and (out / done[i][1]["file"]).is_file()
