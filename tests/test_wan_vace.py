@@ -402,3 +402,51 @@ def test_vace_batch_rows(folders, tmp_path, capsys):
     bad.write_text(json.dumps({"caption": "a cat", "vace_video": "missing.mp4"}) + "\n")
     assert main(["generate", "--batch", str(bad), "--out", str(tmp_path / "o2"), *common]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_two_vace_experts_match_diffusers(components, tmp_path, monkeypatch):
+    """Two VACE experts (Wan2.2's VACE-Fun A14B in diffusers' layout: `transformer_2` and
+    `boundary_ratio`) sample what diffusers' WanVACEPipeline samples with both, each expert
+    given the same context, steps on both sides of the boundary."""
+    from kino.pipeline import Pipeline
+    from kino.tasks.conditioning import to_model_range
+
+    dit, vae, text, tokenizer = components
+    dit_2 = _vace_dit(seed=10)
+    root = write_diffusers(tmp_path / "vace-a14b", (_components()[0], vae, text, tokenizer))
+    for f in (root / "transformer").iterdir():
+        f.unlink()
+    dit.save_pretrained(root / "transformer")
+    dit_2.save_pretrained(root / "transformer_2")
+    index = json.loads((root / "model_index.json").read_text())
+    index.update(_class_name="WanVACEPipeline", transformer=["diffusers", "WanVACETransformer3DModel"],
+                 transformer_2=["diffusers", "WanVACETransformer3DModel"], boundary_ratio=0.9)
+    (root / "model_index.json").write_text(json.dumps(index))
+    pipe = Pipeline.from_pretrained(root, text_dtype="float32")
+    assert pipe.dit_2 is not None and pipe.takes_vace and pipe.defaults.boundary == 0.9
+    shift = pipe.defaults.shift  # T2V-A14B's
+    pipe.defaults = dataclasses.replace(pipe.defaults, t_max=(1 - 1e-6) / (shift - (shift - 1) * (1 - 1e-6)),
+                                        t_min=0.001)
+    frames, h, w, steps = 5, 16, 32, 4
+    video, mask = _frames(frames, h, w, 1), _mask(frames, h, w)
+    vace = pipe.vace_condition(frames, h, w, to_model_range(video), torch.from_numpy(mask).float() / 255)
+    clip = pipe.generate("a cat walks", negative="dog", frames=frames, height=h, width=w, steps=steps, seed=3,
+                         vace=vace, guidance=4.0, guidance_2=3.0)
+    reference = _reference(components, monkeypatch)
+    reference = diffusers.WanVACEPipeline(tokenizer=tokenizer, text_encoder=text, transformer=dit,
+                                          transformer_2=dit_2, vae=vae, boundary_ratio=0.9,
+                                          scheduler=reference.scheduler.__class__.from_config(
+                                              reference.scheduler.config, flow_shift=shift))
+    reference.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, 16, 2, h // 8, w // 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(latents=noise, output_type="latent", prompt="a cat walks", negative_prompt="dog",
+                             height=h, width=w, num_frames=frames, num_inference_steps=steps, guidance_scale=4.0,
+                             guidance_scale_2=3.0, video=[PIL.fromarray(f) for f in video],
+                             mask=[PIL.fromarray(m, mode="L") for m in mask]).frames
+    torch.testing.assert_close(clip.latents, expected, rtol=0, atol=1e-4)
+    one = Pipeline.from_pretrained(root, text_dtype="float32")
+    one.dit_2, one.defaults = None, dataclasses.replace(pipe.defaults, boundary=None)  # the first expert alone
+    alone = one.generate("a cat walks", negative="dog", frames=frames, height=h, width=w, steps=steps, seed=3,
+                         vace=vace, guidance=4.0)
+    assert (alone.latents - expected).abs().max() > 1e-3

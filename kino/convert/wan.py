@@ -60,20 +60,20 @@ def wan_defaults(model_type: str = "t2v", boundary: float | None = None):
     from t = 0.999 with integer DiT times (as Wan's sampler does), guidance 5, flow shift 5
     (Wan's generate.py for t2v at every size; diffusers' docs suggest 3 at 480p), Wan's
     negative prompt. Image-to-video (Wan's generate.py): i2v 40 steps with shift 3 (its
-    choice at 832x480; 5 at 720p), flf2v shift 16; VACE also shift 16. Wan2.2 T2V-A14B (its t2v_A14B config and
-    generate.py): 1280x720, 40 steps, shift 12, the low-noise expert from DiT time 875 down
-    (`boundary`, which a diffusers folder may set), guidance 4 on the high-noise expert's
-    steps and 3 on the low-noise one's. I2V-A14B: shift 5, boundary 0.9, guidance 3.5 on both.
-    TI2V-5B (one DiT on Wan2.2's VAE): 121 frames of 1280x704 at 24 fps, 50 steps, shift 5,
-    guidance 5."""
+    choice at 832x480; 5 at 720p), flf2v and VACE shift 16. Wan2.2 T2V-A14B (its t2v_A14B
+    config and generate.py): 1280x720, 40 steps, shift 12, the low-noise expert from DiT time
+    875 down (`boundary`, which a diffusers folder may set), guidance 4 on the high-noise
+    expert's steps and 3 on the low-noise one's; two VACE experts (vace-A14B) the same.
+    I2V-A14B: shift 5, boundary 0.9, guidance 3.5 on both. TI2V-5B (one DiT on Wan2.2's VAE):
+    121 frames of 1280x704 at 24 fps, 50 steps, shift 5, guidance 5."""
     from kino.pipeline import GenerationDefaults
 
     if model_type == "ti2v-5B":  # Wan2.2's ti2v_5B config and generate.py
         return GenerationDefaults(frames=121, height=704, width=1280, fps=24.0, steps=50, guidance=5.0,
                                   sampler="unipc", shift=5.0, negative=WAN_NEGATIVE_PROMPT, t_max=0.999,
                                   integer_dit_time=True)
-    if model_type in ("t2v-A14B", "i2v-A14B"):  # Wan2.2's t2v_A14B / i2v_A14B configs
-        t2v = model_type == "t2v-A14B"
+    if model_type in ("t2v-A14B", "i2v-A14B", "vace-A14B"):  # Wan2.2's t2v_A14B / i2v_A14B configs
+        t2v = model_type != "i2v-A14B"  # two VACE experts take the T2V experts' settings
         return GenerationDefaults(frames=81, height=720, width=1280, fps=16.0, steps=40, guidance=4.0 if t2v else 3.5,
                                   guidance_2=3.0 if t2v else 3.5, boundary=boundary or (0.875 if t2v else 0.9),
                                   sampler="unipc", shift=12.0 if t2v else 5.0, negative=WAN_NEGATIVE_PROMPT,
@@ -152,10 +152,13 @@ class WanSource:
 
 def wan_model_type(dit: DiTConfig, vae: VAEConfig, experts: bool) -> str:
     """The kind of Wan model a DiT config, a VAE config and the presence of a second expert
-    make: t2v / i2v / flf2v (Wan2.1), t2v-A14B / i2v-A14B (two experts), ti2v-5B (Wan2.2's VAE)."""
+    make: t2v / i2v / flf2v / vace (Wan2.1), t2v-A14B / i2v-A14B / vace-A14B (two experts), ti2v-5B
+    (Wan2.2's VAE)."""
     if vae.residual:
         return "ti2v-5B"
     if experts:
+        if dit.vace_layers:
+            return "vace-A14B"  # two VACE experts (Wan2.2-VACE-Fun-A14B in diffusers' layout)
         return "t2v-A14B" if dit.in_channels == dit.out_channels else "i2v-A14B"
     if dit.vace_layers:
         return "vace"
