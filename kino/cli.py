@@ -406,7 +406,9 @@ def _pipeline(args, procs=None):
             text_device = device
 
     def load():
-        pipe = Pipeline.from_pretrained(args.model, "cpu", dit_dtype=plan.compute_dtype(device))
+        # --fsdp: the DiT stays in the file's dtype, memory-mapped, until each block is cast as it is
+        # sharded: a process then holds its share of the DiT and one block, not the whole DiT
+        pipe = Pipeline.from_pretrained(args.model, "cpu", dit_dtype=None if args.fsdp else plan.compute_dtype(device))
         for expert, loras in ((1, args.lora), (2, args.lora_2)):
             for path, scale in loras:
                 pipe.load_lora(path, scale, expert)
@@ -432,7 +434,7 @@ def _in_waves(args, procs, load):
     import os
 
     from kino.models.hub import resolve_model
-    from kino.models.memory import host_memory_bytes, load_waves, weights_bytes
+    from kino.models.memory import dit_weights_bytes, host_memory_bytes, load_waves, weights_bytes
 
     def together(step, *, main_only: bool = False):
         """`step()` (on rank 0 alone with main_only); a user error on any rank stops every rank
@@ -452,6 +454,9 @@ def _in_waves(args, procs, load):
     local = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world_size))
     folder = resolve_model(args.model) if args.model is not None else None
     size = weights_bytes(folder) if folder is not None else 0
+    if args.fsdp and folder is not None:  # a process's own memory holds its share of the DiT (see _pipeline)
+        dit = dit_weights_bytes(folder)
+        size -= dit - dit // procs.world_size
     at_once = procs.broadcast(load_waves(local, size, host_memory_bytes()))
     waves = -(-local // at_once)
     if waves > 1 and procs.is_main:

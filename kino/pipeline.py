@@ -450,12 +450,15 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
                         text_device: str | torch.device | None = None, text_dtype: str | None = None,
-                        memory: MemoryPlan | None = None, dit_dtype: torch.dtype = torch.float32) -> Pipeline:
+                        memory: MemoryPlan | None = None,
+                        dit_dtype: torch.dtype | None = torch.float32) -> Pipeline:
         """Load a model folder (kino.json with vae, dit and text_encoder); None = the shipped default.
         A Wan2.1 folder in its original or diffusers layout loads too (kino/convert/wan.py).
         `text_device` puts the text encoder elsewhere (e.g. "cpu" beside a GPU DiT);
         `text_dtype` overrides a UMT5 encoder's recorded compute dtype; `dit_dtype` is the
-        dtype the DiT's weights are converted to as they are read. With `memory` the weights
+        dtype the DiT's weights are converted to as they are read (None: the file's dtype; the
+        weights then stay memory-mapped from the file, the page cache shared by every process
+        that reads it, until they are moved, cast or sharded). With `memory` the weights
         load into CPU memory, the DiT straight in the plan's compute dtype, and
         `set_memory(memory, device)` places them."""
         if memory is not None:
@@ -541,11 +544,11 @@ class Pipeline:
             raise KinoUserError("this pipeline's memory plan is already set; load it again to change it")
         device = torch.device(device) if device is not None else self._device
         dtype = plan.compute_dtype(device)
-        for dit in self.dits:
-            dit.to(dtype=dtype)
-        if shard is not None:
-            self._shard(plan, shard, device, text_device)
+        if shard is not None:  # each block cast as it is sharded: weights read in the file's dtype stay mapped
+            self._shard(plan, shard, device, text_device, dtype)
         else:
+            for dit in self.dits:
+                dit.to(dtype=dtype)
             self._place(plan, device, text_device, dtype)
         if plan.vae_tile is not None:
             self.vae.enable_tiling(TileConfig(plan.vae_tile, plan.vae_tile, plan.vae_tile // 4))
@@ -571,7 +574,7 @@ class Pipeline:
                 if offload and text_device is None:
                     self._offloaded.add(name)
 
-    def _shard(self, plan: MemoryPlan, mesh, device: torch.device, text_device) -> None:
+    def _shard(self, plan: MemoryPlan, mesh, device: torch.device, text_device, dtype: torch.dtype) -> None:
         from kino.training.distributed import shard_modules
 
         if plan.streams_blocks or plan.offload == "model":
@@ -580,7 +583,7 @@ class Pipeline:
         if mesh.device_type != device.type:
             raise KinoUserError(f"the processes' mesh is on {mesh.device_type}, the pipeline's device is {device}")
         for dit in self.dits:
-            shard_modules(dit, dit.all_blocks(), mesh)  # the shards move to this process's device
+            shard_modules(dit, dit.all_blocks(), mesh, cast=dtype)  # the shards move to this process's device
         self.sharded = True
         self.vae.to(device)
         for model in (getattr(self.text_encoder, "model", None), getattr(self.image_encoder, "model", None)):

@@ -15,8 +15,9 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def save_tiny_pipeline(root, name: str, **defaults):
-    """A tiny random pipeline (tiny VAE, tiny DiT, the real MiniLM text encoder) saved as a model folder."""
+def save_tiny_pipeline(root, name: str, dit_dtype=None, **defaults):
+    """A tiny random pipeline (tiny VAE, tiny DiT, the real MiniLM text encoder) saved as a model
+    folder; `dit_dtype`: the dtype the DiT's weights are stored in (default float32)."""
     from kino.models.dit import DIT_SIZES, DiT, DiTConfig
     from kino.models.text import MiniLMEncoder
     from kino.models.vae import VAE_SIZES, VideoVAE
@@ -28,6 +29,8 @@ def save_tiny_pipeline(root, name: str, **defaults):
     with torch.no_grad():  # a zero-initialised head would make every video the same
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    if dit_dtype is not None:
+        dit.to(dit_dtype)
     pipe = Pipeline(vae, dit.eval(), MiniLMEncoder(max_length=16), GenerationDefaults(**defaults), name=name)
     pipe.save_pretrained(root)
     return root

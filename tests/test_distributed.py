@@ -539,6 +539,38 @@ def test_generate_with_fsdp_shares_the_weights_over_the_processes(tmp_path, monk
     assert [p.name for p in (tmp_path / "b2" / ".kino-batch").iterdir()] == ["part-0.jsonl"]  # rank 0 writes
 
 
+def test_fsdp_reads_the_dit_in_its_file_dtype_and_casts_block_by_block(tmp_path, monkeypatch):
+    """A DiT stored in bf16, generated in fp32 on 2 processes with --fsdp: each process reads
+    the file's bf16 weights (memory-mapped, no private copy) and casts each block as it shards
+    it; the image equals the one-process image, which converts the whole DiT as it is read.
+    The load waves count only a process's share of the DiT."""
+    import numpy as np
+    import torch
+    from conftest import save_tiny_pipeline
+
+    from kino.cli import main
+    from kino.data.video_io import read_video
+    from kino.models.memory import dit_weights_bytes, weights_bytes
+    from kino.pipeline import Pipeline
+
+    model = save_tiny_pipeline(tmp_path / "model", "tiny-bf16", dit_dtype=torch.bfloat16, frames=1, height=32,
+                               width=32, steps=3)
+    assert Pipeline.from_pretrained(model, dit_dtype=None).dit.patch_embedding.weight.dtype == torch.bfloat16
+    dit = dit_weights_bytes(model)
+    assert 0 < dit < weights_bytes(model) and dit == (model / "dit" / "model.safetensors").stat().st_size
+    args = ["generate", "a small red circle moving left on a black background", "--model", str(model), "-q"]
+    assert main([*args, "-o", str(tmp_path / "one.png")]) == 0
+    # room for everything but half the DiT in each of the two at once: one wave
+    monkeypatch.setenv("KINO_LOAD_MEMORY", str(int(2 * (weights_bytes(model) - dit // 2) / 0.8) + 1))
+    procs = launch(2, command=[sys.executable, "-m", "kino", *args, "-o", str(tmp_path / "two.png"), "--fsdp"])
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    assert "waves" not in outputs[0]
+    one, two = (read_video(tmp_path / f"{n}.png")[0].astype(np.int16) for n in ("one", "two"))
+    assert np.abs(one - two).max() <= 2
+
+
 def test_a_load_error_in_one_wave_stops_every_process(tmp_path, monkeypatch):
     """Processes loading one after the other (KINO_LOAD_MEMORY too small for two): a user error
     while loading (a LoRA file that is not there) ends both with exit 2 and a message, rather

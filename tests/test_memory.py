@@ -183,3 +183,39 @@ def test_weights_are_read_in_the_compute_dtype(model_dir):
     assert pipe.vae.conv2.weight.dtype == torch.float32  # the VAE keeps float32
     halves = read_safetensors(model_dir / "dit" / "model.safetensors", torch.float16)
     assert halves.keys() == stored.keys() and {t.dtype for t in halves.values()} == {torch.float16}
+
+
+def test_a_dit_read_in_its_file_dtype_stays_memory_mapped(tmp_path):
+    """`load_module(dtype=None)` keeps the file's dtype and its tensors map the file (no private
+    copy: the page cache is shared by every process that reads it); converting as it reads
+    takes private memory for the whole DiT."""
+    from pathlib import Path
+
+    from kino.models.dit import DiTConfig
+    from kino.models.folder import load_module, save_component
+
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        pytest.skip("needs /proc (Linux) to read the process's private memory")
+
+    def anon_mb() -> float:
+        line = next(l for l in status.read_text().splitlines() if l.startswith("RssAnon:"))
+        return int(line.split()[1]) / 1024
+
+    config = DiTConfig(dim=512, ffn_dim=2048, num_heads=8, num_layers=8)
+    save_component(tmp_path / "dit", config.to_dict(), DiT(config).state_dict())
+    size_mb = (tmp_path / "dit" / "model.safetensors").stat().st_size / 2**20
+    assert size_mb > 100
+    with torch.device("meta"):  # torch's first model on the meta device costs ~65 MB once, whatever its size
+        DiT(config)
+    before = anon_mb()
+    mapped = load_module(tmp_path / "dit", "dit", DiTConfig, DiT, dtype=None)
+    assert mapped.patch_embedding.weight.dtype == torch.float32
+    assert sum(float(p.float().sum()) for p in mapped.parameters()) != 0  # every page read
+    mapped_growth = anon_mb() - before
+    del mapped
+    before = anon_mb()
+    converted = load_module(tmp_path / "dit", "dit", DiTConfig, DiT, dtype=torch.bfloat16)
+    converted_growth = anon_mb() - before
+    assert mapped_growth < 0.15 * size_mb < 0.3 * size_mb < converted_growth, (mapped_growth, converted_growth)
+    del converted

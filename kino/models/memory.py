@@ -230,6 +230,26 @@ def weights_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
 
 
+DIT_FOLDERS = ("dit", "dit_2", "transformer", "transformer_2", "high_noise_model", "low_noise_model")
+
+
+def dit_weights_bytes(folder: str | Path) -> int:
+    """Bytes of the DiT weight files of a model folder: kino's dit/ (and dit_2/), diffusers'
+    transformer/ (and transformer_2/), Wan's diffusion_pytorch_model*.safetensors at the top
+    (or in Wan2.2's high_noise_model/ and low_noise_model/)."""
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    total = 0
+    for p in root.rglob("*"):
+        if p.suffix not in WEIGHT_SUFFIXES or not p.is_file():
+            continue
+        parent = p.parent.relative_to(root).parts
+        if (parent and parent[0] in DIT_FOLDERS) or (not parent and p.name.startswith("diffusion_pytorch_model")):
+            total += p.stat().st_size
+    return total
+
+
 def host_memory_bytes() -> int | None:
     """Host memory a load may use now: $KINO_LOAD_MEMORY (bytes) when set, else the smaller of
     MemAvailable (/proc/meminfo) and what the cgroup (a container's limit) has left; None when

@@ -194,22 +194,39 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, procs: Processes, *,
 
 
 def shard_modules(model: nn.Module, units, mesh, *, param_dtype: torch.dtype | None = None,
-                  reshard_after_forward: bool = True) -> None:
+                  reshard_after_forward: bool = True, cast: torch.dtype | None = None) -> None:
     """FSDP2 over `mesh`: each of `units` (a model's repeated blocks; a list of modules that
     share weights counts as one) becomes one shard group,
     whose weights are gathered for its forward and freed after it (unless
     `reshard_after_forward` is False), then `model` itself, for what is left (embeddings, head:
     kept gathered after the forward). Every rank keeps 1/N of each weight, on the mesh's
-    device: parameters elsewhere (e.g. built on the CPU) move there shard by shard."""
+    device: parameters elsewhere (e.g. built on the CPU) move there shard by shard.
+
+    `cast`: the floating-point dtype the weights are stored in from now on, each unit cast
+    just before it is sharded: weights read straight from a file (memory-mapped, in the
+    file's dtype) then take one unit's worth of private memory at a time, not the model's."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Blocks return reshaped views; kino never modifies a block's output in place, which
     # is the only case this warning (emitted once per module and step) is about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
+    def converted(t: torch.Tensor) -> torch.Tensor:
+        return t.to(cast) if t.is_floating_point() else t
+
     kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
+    inside = set()
     for unit in units:
+        members = unit if isinstance(unit, (list, tuple)) else [unit]
+        if cast is not None:
+            for m in members:
+                m._apply(converted)
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **kwargs)
+        inside.update(sub for m in members for sub in m.modules())
+    if cast is not None:  # what is left: the modules outside every unit, their own weights only
+        for m in model.modules():
+            if m not in inside:
+                m._apply(converted, recurse=False)
     fully_shard(model, **kwargs)
 
 
