@@ -178,6 +178,16 @@ def frame_mask(frames: int, given: list[int], stride: int) -> Tensor:
     return m.view(-1, stride).transpose(0, 1)  # (stride, T)
 
 
+def fold_vace_mask(mask: Tensor, stride: int, latent_frames: int) -> Tensor:
+    """VACE's mask channels: (F, H, W) pixel mask -> (stride^2, T, H / stride, W / stride), each
+    stride x stride square's values as channels, taken nearest in time ("nearest-exact") onto
+    the T latent frames (Wan's vace_encode_masks)."""
+    f, height, width = mask.shape
+    h, w = height // stride, width // stride
+    folded = mask.reshape(f, h, stride, w, stride).permute(2, 4, 0, 1, 3).reshape(stride * stride, f, h, w)
+    return torch.nn.functional.interpolate(folded[None], size=(latent_frames, h, w), mode="nearest-exact")[0]
+
+
 def place_on_canvas(image: Tensor, height: int, width: int) -> Tensor:
     """(3, H, W) -> (3, height, width): scaled to fit inside (aspect kept, bilinear, sizes
     rounded down) and centred on white: how VACE places a reference image."""
@@ -954,9 +964,8 @@ class Pipeline:
                                           .to(self.device))
                 z = self.vae.normalize(mean)  # (1, Z, 1, h, w)
                 refs.append(torch.cat([z, torch.zeros_like(z)], dim=1))
-        T, h, w = latents.shape[2:]
-        folded = mask.view(full, h, s, w, s).permute(2, 4, 0, 1, 3).reshape(s * s, full, h, w)
-        folded = torch.nn.functional.interpolate(folded[None], size=(T, h, w), mode="nearest-exact")
+        folded = fold_vace_mask(mask, s, latents.shape[2])[None]  # (1, s^2, T, h, w)
+        h, w = folded.shape[3:]
         folded = torch.cat([folded.new_zeros(1, s * s, len(refs), h, w), folded], dim=2).to(latents)
         context = torch.cat([torch.cat([*refs, latents], dim=2), folded], dim=1)  # (1, 2Z + s^2, R + T, h, w)
         return VaceCondition(context, len(refs))

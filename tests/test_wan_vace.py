@@ -450,3 +450,71 @@ def test_two_vace_experts_match_diffusers(components, tmp_path, monkeypatch):
     alone = one.generate("a cat walks", negative="dog", frames=frames, height=h, width=w, steps=steps, seed=3,
                          vace=vace, guidance=4.0)
     assert (alone.latents - expected).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+
+def test_vace_fine_tune_on_videos(folders, tmp_path, capsys):
+    """`kino preprocess` stores each clip's VACE context for one of kino's frame tasks (chosen
+    by its key), the trainer folds the mask as generation does and feeds the context to the
+    DiT, a LoRA trains, and `kino extend --lora` uses it."""
+    from test_wan import video_run_config
+
+    from kino.data.latent_cache import LatentCache
+    from kino.data.preprocess import VACE_TASKS, WanVaceContext, vace_kept_frames
+    from kino.pipeline import Pipeline, fold_vace_mask
+    from kino.training.dit import DiTTask
+
+    vace = tmp_path / "vace-kino"
+    assert main(["convert", "wan", str(folders["original"]), str(vace)]) == 0
+    config = tmp_path / "run.toml"
+    config.write_text(video_run_config(tmp_path, vace) + "[lora]\nrank = 2\n")
+    assert main(["preprocess", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    cache = LatentCache(tmp_path / "cache")
+    assert cache.meta["image_condition"] == {"kind": "wan-vace", "tasks": list(VACE_TASKS)}
+    bucket = cache.buckets[0]
+    data = cache.get(bucket, list(range(cache.num_clips(bucket))))
+    assert data["vace_latents"].shape[1] == 32 and data["vace_kept"].shape[1] == bucket[0]
+    # a clip's stored context is the one generation builds for the same video and kept frames
+    pipe = Pipeline.from_pretrained(vace, text_dtype="float32")
+    key = json.loads((tmp_path / "cache" / f"{cache.meta['buckets'][0]['shards'][0]}.json").read_text())["keys"][0]
+    task = WanVaceContext.task(key)
+    assert torch.equal(data["vace_kept"][0], vace_kept_frames(task, bucket[0]))
+    video = pipe.vae.decode(pipe.vae.denormalize(data["latents"][:1]))[0]  # any video of the bucket's shape
+    kept = vace_kept_frames(task, bucket[0])
+    expected = pipe.vace_condition(bucket[0], bucket[1], bucket[2], video,
+                                   (1 - kept)[:, None, None].expand(-1, bucket[1], bucket[2]))
+    stored = WanVaceContext(pipe.vae)([video], [key])
+    torch.testing.assert_close(stored["vace_latents"].float(), expected.context[:, :32], rtol=0, atol=0.02)
+    task_obj = DiTTask.__new__(DiTTask)
+    task_obj.dit_config = pipe.dit.config
+    x = torch.zeros(1, 16, *expected.context.shape[2:])
+    _, extra = task_obj.dit_input(x, {"vace_latents": expected.context[:, :32], "vace_kept": kept[None]})
+    torch.testing.assert_close(extra["vace"], expected.context)
+    assert torch.equal(fold_vace_mask(torch.ones(5, 16, 16), 8, 2), torch.ones(64, 2, 2, 2))
+    # train a LoRA, then extend with it
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    lora = tmp_path / "run" / "lora.safetensors"
+    src = tmp_path / "src.mp4"
+    from kino.data.video_io import write_video
+
+    write_video(src, torch.from_numpy(_frames(3, 16, 32, 9)), 16.0, lossless=True)
+    args = ["extend", str(src), "a cat walks", "--model", str(vace), "--frames", "2", "--steps", "2", "-q"]
+    assert main([*args, "-o", str(tmp_path / "plain.mp4")]) == 0
+    assert main([*args, "--lora", str(lora), "-o", str(tmp_path / "lora.mp4")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "plain.mp4").read_bytes() != (tmp_path / "lora.mp4").read_bytes()
+    # a cache made for a plain T2V model (the same VAE and UMT5) does not train the VACE DiT
+    t2v = tmp_path / "t2v-kino"
+    from test_wan import write_original as write_t2v
+
+    _, vae, text, tokenizer = _components()
+    assert main(["convert", "wan", str(write_t2v(tmp_path / "t2v", (_components()[0], vae, text, tokenizer))),
+                 str(t2v)]) == 0
+    other = tmp_path / "other.toml"
+    other.write_text(video_run_config(tmp_path / "o", t2v).replace(str(tmp_path / "o" / "run"), str(tmp_path / "o2")))
+    assert main(["preprocess", "--config", str(other), "-q"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    other.write_text(other.read_text().replace(f'init_from = "{t2v}"', f'init_from = "{vace}"'))
+    assert main(["train", "dit", "--config", str(other), "-q"]) == 2
+    assert "holds no VACE contexts" in capsys.readouterr().err

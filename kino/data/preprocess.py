@@ -30,6 +30,7 @@ equals training on the fly" means exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -91,7 +92,7 @@ class WanImageCondition:
                 "clip": None if self.clip is None else self.clip.reference()}
 
     @torch.no_grad()
-    def __call__(self, videos: list[Tensor]) -> dict[str, Tensor]:
+    def __call__(self, videos: list[Tensor], keys: list[str] | None = None) -> dict[str, Tensor]:
         given = [0, -1] if self.last else [0]
         conds = []
         for v in videos:  # (3, F, H, W): the given frames kept, black between
@@ -105,6 +106,53 @@ class WanImageCondition:
                 torch.cat([self.clip.encode(v[None, :, i].float().to(device)).float().cpu()[0] for i in given])
                 for v in videos]).to(TEXT_DTYPE)  # (b, N per frame x given frames, D)
         return out
+
+
+VACE_TASKS = ("text", "first", "first-half", "last-half", "first-last")  # kept frames: none, ..., both ends
+
+
+def vace_kept_frames(task: str, frames: int) -> Tensor:
+    """(frames,) 1 on the pixel frames a VACE training task keeps, 0 on those to generate."""
+    kept = torch.zeros(frames)
+    half = (frames + 1) // 2
+    if task in ("first", "first-last"):
+        kept[0] = 1
+    if task == "first-last":
+        kept[-1] = 1
+    if task == "first-half":
+        kept[:half] = 1
+    if task == "last-half":
+        kept[frames - half:] = 1
+    return kept
+
+
+class WanVaceContext:
+    """What a Wan2.1 VACE DiT reads beside a clip's noise when fine-tuned on it: one of kino's
+    frame tasks per clip (`VACE_TASKS`, chosen by the clip's key, so the same clip always gets
+    the same task): nothing kept (text to video), its first frame (image to video), its first or
+    last half (extend forward or backward), its first and last frames (connect). Stored as the
+    VACE context's latents (`vace_latents`: the kept frames' and the others' VAE latents apart,
+    as `Pipeline.vace_condition` makes them, bf16) and the kept pixel frames (`vace_kept`);
+    the trainer folds the mask."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def record(self) -> dict:
+        return {"kind": "wan-vace", "tasks": list(VACE_TASKS)}
+
+    @staticmethod
+    def task(key: str) -> str:
+        return VACE_TASKS[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(VACE_TASKS)]
+
+    @torch.no_grad()
+    def __call__(self, videos: list[Tensor], keys: list[str] | None = None) -> dict[str, Tensor]:
+        keys = keys if keys is not None else [str(i) for i in range(len(videos))]
+        kept = [vace_kept_frames(self.task(k), v.shape[1]) for k, v in zip(keys, videos)]
+        inactive = [v * m[None, :, None, None] for v, m in zip(videos, kept)]
+        reactive = [v * (1 - m)[None, :, None, None] for v, m in zip(videos, kept)]
+        latents = torch.cat([_encode_latents(self.vae, inactive), _encode_latents(self.vae, reactive)], dim=1)
+        return {"vace_latents": latents, "vace_kept": torch.stack(kept).to(torch.float16)}  # (b, 2Z, T, h, w), (b, F)
 
 
 def _identity(vae, text_encoder, dataset: VideoDatasetConfig, image: WanImageCondition | None = None) -> dict:
@@ -231,7 +279,7 @@ def _encode_clips(vae, text_encoder, clips: Sequence[Clip], image: WanImageCondi
     latents = _encode_latents(vae, [c.video for c in clips])  # (b, Z, T, h, w) bf16
     text, mask = _encode_text(text_encoder, [c.caption for c in clips])  # (b, L, D) fp16, (b, L)
     encoded = (latents, text, mask, [c.caption for c in clips], [c.key for c in clips])
-    return encoded if image is None else (*encoded, image([c.video for c in clips]))
+    return encoded if image is None else (*encoded, image([c.video for c in clips], [c.key for c in clips]))
 
 
 def _write_part_shard(stem: Path, bucket: Bucket, parts: list) -> int:
@@ -303,17 +351,19 @@ def run_preprocess(config, *, text_encoder=None, progress: bool = True) -> Prepr
     )
 
 
-def wan_image_condition(config, vae, device) -> WanImageCondition | None:
+def wan_image_condition(config, vae, device) -> WanImageCondition | WanVaceContext | None:
     """The image conditioning a fine-tune of `config.init_from` needs in its cache: for a Wan
     image-to-video model (its DiT reads 2 x z_dim + 4 channels: I2V, and FLF2V with the last
-    frame too), with its CLIP encoder when it has one (Wan2.1; Wan2.2 I2V-A14B has none); None
-    for every other model."""
+    frame too), with its CLIP encoder when it has one (Wan2.1; Wan2.2 I2V-A14B has none); for a
+    Wan2.1 VACE model its context (`WanVaceContext`); None for every other model."""
     from kino.models.folder import load_component, read_manifest
     from kino.training.dit import init_dit, model_folder
 
     if config.init_from is None:
         return None
     _, dit_config = init_dit(config.init_from)
+    if dit_config.vace_layers:  # a Wan2.1 VACE model: its context (WanVaceContext)
+        return WanVaceContext(vae)
     if dit_config.in_channels != 2 * vae.config.z_dim + vae.config.time_stride:
         return None
     folder = model_folder(config.init_from)

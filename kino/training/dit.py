@@ -45,6 +45,8 @@ from kino.world.generator import SPLITS
 TIME_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # noise levels the loss is also logged for
 SAMPLE_STEPS = 20  # Euler steps of the preview videos logged to TensorBoard
 SAMPLE_GUIDANCE = 4.0
+# per-clip tensors a cache may hold beside the latents: Wan I2V / FLF2V images, Wan2.1 VACE contexts
+CONDITION_KEYS = ("image_latents", "image_features", "vace_latents", "vace_kept")
 SAMPLE_BUCKET = (17, 64, 64)  # the preview's shape when the run trains it (else its longest bucket)
 
 
@@ -399,11 +401,16 @@ class DiTTask:
         self.t_range = training_times(config)
         # a Wan image-to-video model: the cache holds each clip's image conditioning (preprocess)
         record = getattr(cache, "meta", {}).get("image_condition")  # None: on-the-fly latents have none
-        self.image_condition = record is not None
+        self.vace = (record or {}).get("kind") == "wan-vace"  # a Wan2.1 VACE model's contexts
+        self.image_condition = record is not None and not self.vace
         self.last_frame = (record or {}).get("kind") == "wan-first-last-frame"  # FLF2V
-        # kino's clean-frame patterns are its own way to condition; a Wan I2V model has Wan's
-        self.mix = ConditioningMix(1.0, 0.0, 0.0, 0.0, 0.0, 0.0) if self.image_condition else config.conditioning
+        # kino's clean-frame patterns are its own way to condition; Wan's I2V and VACE models have Wan's
+        self.mix = ConditioningMix(1.0, 0.0, 0.0, 0.0, 0.0, 0.0) if record is not None else config.conditioning
         z = cache.latent_channels
+        if bool(self.dit_config.vace_layers) != self.vace:
+            raise KinoUserError(f"the cache holds {'' if self.vace else 'no '}VACE contexts; the DiT "
+                                f"{size_label(config)} is {'a' if self.dit_config.vace_layers else 'no'} VACE DiT: it "
+                                "needs a cache made by `kino preprocess` with this init_from")
         if self.dit_config.in_channels not in (z, 2 * z + 4) or \
                 (self.dit_config.in_channels != z) != self.image_condition:
             need = ("a cache made by `kino preprocess` with this init_from (its image conditioning)"
@@ -504,7 +511,7 @@ class DiTTask:
             x0, noise = x0.clone(), noise.clone()
             x0[tie, :, -1] = x0[tie, :, LOOP_TIE]
             noise[tie, :, -1] = noise[tie, :, LOOP_TIE]
-        extras = {k: data[k] for k in ("image_latents", "image_features") if k in data}  # a Wan I2V model's
+        extras = {k: data[k] for k in CONDITION_KEYS if k in data}  # a Wan I2V or VACE model's
         return {"latents": x0, "noise": noise, "t": t, "text": text, "mask": mask, "clean": clean,
                 "pattern": patterns, **extras}
 
@@ -512,7 +519,22 @@ class DiTTask:
         """The DiT's input for noisy latents `x` (B, C, T, h, w) and its extra arguments: for a
         Wan image-to-video model, Wan's mask of the given first (FLF2V: and last) frame and the
         clip's image latents after the noise (Pipeline.image_condition's layout), and its CLIP
-        features."""
+        features; for a Wan2.1 VACE model, the clip's VACE context (its stored latents and the
+        mask of its kept frames folded as `Pipeline.vace_condition` folds a mask)."""
+        if "vace_latents" in batch:  # a Wan2.1 VACE model: the clip's context, its mask folded
+            from kino.pipeline import fold_vace_mask
+
+            b, _, t, h, w = x.shape
+            kept = batch["vace_kept"].to(x)  # (B, F) 1 on the kept pixel frames
+            s = self.dit_config.vace_in_channels - batch["vace_latents"].shape[1]  # stride^2 mask channels
+            stride = math.isqrt(s)
+            f = kept.shape[1]
+            step = -(-(f - 1) // (t - 1)) if t > 1 else 1  # the VAE's time stride
+            kept = torch.nn.functional.pad(kept, (0, 1 + step * (t - 1) - f))  # frames padded to 4k + 1: generated
+            masks = torch.stack([fold_vace_mask((1 - k)[:, None, None].expand(-1, stride, stride), stride, t)
+                                 for k in kept])  # (B, s, T, 1, 1): the same over space
+            context = torch.cat([batch["vace_latents"].to(x), masks.expand(-1, -1, -1, h, w)], dim=1)
+            return x, {"vace": context}
         if "image_latents" not in batch:
             return x, {}
         from kino.pipeline import frame_mask
@@ -577,7 +599,7 @@ class DiTTask:
                 x0 = data["latents"]  # (B, C, T, h, w)
                 gen = torch.Generator().manual_seed(int(np.random.default_rng([v.seed, k, j]).integers(2**63 - 1)))
                 noise = torch.randn((x0.shape[0], len(v.times), *x0.shape[1:]), generator=gen)  # (B, K, C, T, h, w)
-                extras = {k: data[k] for k in ("image_latents", "image_features") if k in data}
+                extras = {k: data[k] for k in CONDITION_KEYS if k in data}
                 yield {"latents": x0, "noise": noise, "text": data["text"], "mask": data["mask"], **extras}
 
     def validation_losses(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
