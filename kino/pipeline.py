@@ -925,9 +925,10 @@ class Pipeline:
 
         `video` (3, frames, height, width) in [-1, 1]: the source (None: zeros, i.e. gray);
         `mask` (frames, height, width) in [0, 1], 1 where to generate (None: generate
-        everything). The kept pixels (mask < 0.5) and the pixels to regenerate are encoded apart (VAE mean, normalised) into 32 channels; the mask is folded into 64
-        (`space_stride` squared) channels per latent pixel and taken nearest in time onto the
-        latent frames. `references`, (3, H, W) images in [-1, 1]: each scaled to fit inside the
+        everything). The kept pixels (mask < 0.5) and the pixels to regenerate are encoded
+        apart (VAE mean, normalised) into 32 channels; the mask is folded into 64 (`space_stride`
+        squared) channels per latent pixel and taken nearest in time onto the latent frames
+        (`fold_vace_mask`). `references`, (3, H, W) images in [-1, 1]: each scaled to fit inside the
         frame (aspect kept, bilinear) and centred on white, encoded as one frame, in front of
         the clip's latents in the order given (Wan's; diffusers reverses several), with zero
         regenerate-latents and mask. Frame counts not of the form 4k + 1 are padded with
