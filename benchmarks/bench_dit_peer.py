@@ -1,10 +1,11 @@
 """kino's DiT against diffusers' Wan DiT at one size on one device: time and memory of a call.
 
-    python benchmarks/bench_dit_peer.py [--size wan2.1-1.3b] [--latent 21x60x104] [--text 512]
+    python benchmarks/bench_dit_peer.py [--size wan2.1-1.3b|wan2.1-vace-1.3b|...] [--latent 21x60x104] [--text 512]
         [--batch 1] [--device cpu|cuda] [--dtype fp32|bf16] [--repeats 5] [--compile]
 
 Both models hold the same random weights. kino's DiT is built with `--size` and its state dict
-goes through kino's adapter into diffusers' `WanTransformer3DModel` of the same size (the peer).
+goes through kino's adapter into diffusers' `WanTransformer3DModel` of the same size (the peer;
+for a VACE size its `WanVACETransformer3DModel`, both given the same random context).
 They run in one process on the same inputs, one after the other. Before anything is timed,
 their outputs are compared. The relative L2 difference is printed (fp32 ~1e-7, bf16 ~1e-2),
 and a difference above 5% stops the run: the ratio must compare the same computation.
@@ -106,8 +107,19 @@ def main() -> None:
     p = config.patch_size
     tokens = (t // p[0]) * (h // p[1]) * (w // p[2])
 
+    ours_kw, theirs_kw = {}, {}
+    if config.vace_layers:  # a VACE DiT (e.g. --size wan2.1-vace-1.3b) takes its context as well
+        context = torch.randn(b, config.vace_in_channels, t, h, w, generator=g).to(device, dtype)
+        ours_kw, theirs_kw = {"vace": context}, {"control_hidden_states": context}
+
+    def kino_call():
+        return dit(x, step, text, mask, **ours_kw)
+
+    def peer_call():
+        return peer(x, step, text, return_dict=False, **theirs_kw)
+
     with torch.no_grad():  # diffusers' Wan takes unpadded text (no mask): every token here is real
-        ours, theirs = dit(x, step, text, mask).float(), peer(x, step, text, return_dict=False)[0].float()
+        ours, theirs = kino_call().float(), peer_call()[0].float()
     rel = ((ours - theirs).norm() / theirs.norm()).item()  # relative L2: steadier than the max in bf16
     del ours, theirs
     if not rel < 0.05:
@@ -118,20 +130,18 @@ def main() -> None:
            "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
            or platform.machine(), "relative_l2_diff": rel, "repeats": args.repeats,
            "date": time.strftime("%Y-%m-%d")}
-    out["kino_s"], out["kino_peak_mib"] = timed(lambda: dit(x, step, text, mask), device, args.repeats)
-    out["diffusers_s"], out["diffusers_peak_mib"] = timed(lambda: peer(x, step, text, return_dict=False),
-                                                          device, args.repeats)
+    out["kino_s"], out["kino_peak_mib"] = timed(kino_call, device, args.repeats)
+    out["diffusers_s"], out["diffusers_peak_mib"] = timed(peer_call, device, args.repeats)
     out["ratio"] = out["kino_s"] / out["diffusers_s"]
     rows = [("kino", out["kino_s"], out["kino_peak_mib"]), ("diffusers", out["diffusers_s"], out["diffusers_peak_mib"])]
     if args.compile:
-        for block in dit.blocks:
+        for block in dit.all_blocks():
             block.compile()
         t0 = time.perf_counter()
         with torch.no_grad():
-            dit(x, step, text, mask)  # compiles
+            kino_call()  # compiles
         out["compile_s"] = time.perf_counter() - t0
-        out["kino_compiled_s"], out["kino_compiled_peak_mib"] = timed(lambda: dit(x, step, text, mask), device,
-                                                                      args.repeats)
+        out["kino_compiled_s"], out["kino_compiled_peak_mib"] = timed(kino_call, device, args.repeats)
         out["ratio_compiled"] = out["kino_compiled_s"] / out["diffusers_s"]
         rows.insert(1, ("kino, blocks compiled", out["kino_compiled_s"], out["kino_compiled_peak_mib"]))
 

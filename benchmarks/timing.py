@@ -31,16 +31,20 @@ def wan_peer(dit):
     weights, in eval mode on the CPU in fp32. kino's absolute-position layer (abs_pos_embed)
     has no diffusers counterpart: the peer runs without it, so kino's time includes that extra
     (small) work."""
-    from diffusers import WanTransformer3DModel
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     from kino.models.dit.adapters import to_diffusers
 
     c = dit.config
-    peer = WanTransformer3DModel(
+    kind, vace = WanTransformer3DModel, {}
+    if c.vace_layers:  # a VACE DiT: diffusers' VACE class
+        kind, vace = WanVACETransformer3DModel, {"vace_layers": list(c.vace_layers),
+                                                 "vace_in_channels": c.vace_in_channels}
+    peer = kind(
         patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.head_dim,
         in_channels=c.in_channels, out_channels=c.out_channels, text_dim=c.text_dim, freq_dim=c.freq_dim,
         ffn_dim=c.ffn_dim, num_layers=c.num_layers, cross_attn_norm=c.cross_attn_norm,
-        qk_norm="rms_norm_across_heads", eps=c.eps, rope_max_seq_len=c.rope_max_len).eval()
+        qk_norm="rms_norm_across_heads", eps=c.eps, rope_max_seq_len=c.rope_max_len, **vace).eval()
     state = {k: v for k, v in dit.state_dict().items() if not k.startswith("pos_embedding.")}
     missing, unexpected = peer.load_state_dict(to_diffusers(state), strict=False)
     if unexpected or any("rope" not in k for k in missing):

@@ -34,6 +34,8 @@ def test_dit_peer_compares_the_same_computation():
     out = _run("bench_dit_peer.py", "--size", "tiny", "--latent", "2x4x4", "--text", "4", "--repeats", "1")
     assert out["tokens"] == 2 * 2 * 2 and out["relative_l2_diff"] < 1e-5  # fp32: the same model
     assert out["kino_s"] > 0 and out["diffusers_s"] > 0
+    vace = _run("bench_dit_peer.py", "--size", "tiny-vace", "--latent", "2x4x4", "--text", "4", "--repeats", "1")
+    assert vace["relative_l2_diff"] < 1e-5 and vace["size"] == "tiny-vace"  # against WanVACETransformer3DModel
 
 
 @pytest.mark.slow

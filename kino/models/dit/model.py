@@ -775,6 +775,7 @@ DIT_SIZES: dict[str, DiTConfig] = {
                              abs_pos_embed=True),
     "tiny-abspos-3": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=3,
                                abs_pos_embed=True),
+    "tiny-vace": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=3, vace_layers=(0, 2)),
     "tiny-abspos-p1": DiTConfig(dim=32, ffn_dim=64, freq_dim=32, text_dim=24, num_heads=2, num_layers=2,
                                 abs_pos_embed=True, patch_size=(1, 1, 1), rope_scale=(1.0, 0.5, 0.5)),
     # kino's default for Shapes World, trained on a CPU (MiniLM text tokens, 384 wide): 256 wide,
