@@ -518,3 +518,16 @@ def test_vace_fine_tune_on_videos(folders, tmp_path, capsys):
     other.write_text(other.read_text().replace(f'init_from = "{t2v}"', f'init_from = "{vace}"'))
     assert main(["train", "dit", "--config", str(other), "-q"]) == 2
     assert "holds no VACE contexts" in capsys.readouterr().err
+
+
+def test_vace_output_size_keeps_the_area_of_the_default(folders):
+    """A large input is brought down to the default size's area (aspect kept, Wan's rule), a
+    small one keeps its size."""
+    from kino.pipeline import Pipeline
+    from kino.tasks.video_tasks import output_size
+
+    pipe = Pipeline.from_pretrained(folders["diffusers"])
+    big = torch.zeros(3, 1, 1080, 1920)
+    h, w = output_size(pipe, big, None, None)
+    assert h * w <= 480 * 832 and abs(w / h - 1920 / 1080) < 0.05 and h % 16 == 0 and w % 16 == 0
+    assert output_size(pipe, torch.zeros(3, 1, 16, 32), None, None) == (16, 32)

@@ -75,9 +75,13 @@ def load_input(pipe: Pipeline, media: Media, name: str) -> tuple[Tensor, str]:
 
 def output_size(pipe: Pipeline, first: Tensor | None, height: int | None, width: int | None) -> tuple[int, int]:
     """The requested size; unset sides take the first input's (rounded down to the model's
-    stride), or the model's default without inputs."""
+    stride; for a Wan VACE model at most the default size's area, the input's aspect ratio
+    kept, as Wan does), or the model's default without inputs."""
     stride = pipe.vae.config.space_stride * pipe.dit.config.patch_size[1]
     h, w = default_size(first, stride) if first is not None else (pipe.defaults.height, pipe.defaults.width)
+    area = pipe.defaults.height * pipe.defaults.width
+    if first is not None and pipe.takes_vace and h * w > area:
+        h, w = wan_size(first, area, stride)
     h, w = height or h, width or w
     pipe.check_request(1, h, w)
     return h, w
