@@ -185,37 +185,52 @@ def test_weights_are_read_in_the_compute_dtype(model_dir):
     assert halves.keys() == stored.keys() and {t.dtype for t in halves.values()} == {torch.float16}
 
 
+MAPPED_CHECK = """
+import json, sys, torch
+from kino.models.dit import DiT, DiTConfig
+from kino.models.folder import load_module
+
+def anon_mb():
+    line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+
+config = DiTConfig(dim=512, ffn_dim=2048, num_heads=8, num_layers=8)
+with torch.device("meta"):  # torch's first model on the meta device costs ~65 MB once, whatever its size
+    DiT(config)
+dtype = None if sys.argv[2] == "file" else getattr(torch, sys.argv[2])
+before = anon_mb()
+model = load_module(sys.argv[1], "dit", DiTConfig, DiT, dtype=dtype)
+total = sum(float(p.float().sum()) for p in model.parameters())  # every page read
+print(json.dumps({"growth_mb": anon_mb() - before, "dtype": str(model.patch_embedding.weight.dtype)}))
+"""
+
+
 def test_a_dit_read_in_its_file_dtype_stays_memory_mapped(tmp_path):
     """`load_module(dtype=None)` keeps the file's dtype and its tensors map the file (no private
     copy: the page cache is shared by every process that reads it); converting as it reads
-    takes private memory for the whole DiT."""
+    takes private memory for the whole DiT. Measured in fresh processes (a long-lived one
+    reuses memory it freed before)."""
+    import json
+    import subprocess
+    import sys
     from pathlib import Path
 
     from kino.models.dit import DiTConfig
-    from kino.models.folder import load_module, save_component
+    from kino.models.folder import save_component
 
-    status = Path("/proc/self/status")
-    if not status.is_file():
-        pytest.skip("needs /proc (Linux) to read the process's private memory")
-
-    def anon_mb() -> float:
-        line = next(l for l in status.read_text().splitlines() if l.startswith("RssAnon:"))
-        return int(line.split()[1]) / 1024
-
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs /proc (Linux) to read a process's private memory")
     config = DiTConfig(dim=512, ffn_dim=2048, num_heads=8, num_layers=8)
     save_component(tmp_path / "dit", config.to_dict(), DiT(config).state_dict())
     size_mb = (tmp_path / "dit" / "model.safetensors").stat().st_size / 2**20
     assert size_mb > 100
-    with torch.device("meta"):  # torch's first model on the meta device costs ~65 MB once, whatever its size
-        DiT(config)
-    before = anon_mb()
-    mapped = load_module(tmp_path / "dit", "dit", DiTConfig, DiT, dtype=None)
-    assert mapped.patch_embedding.weight.dtype == torch.float32
-    assert sum(float(p.float().sum()) for p in mapped.parameters()) != 0  # every page read
-    mapped_growth = anon_mb() - before
-    del mapped
-    before = anon_mb()
-    converted = load_module(tmp_path / "dit", "dit", DiTConfig, DiT, dtype=torch.bfloat16)
-    converted_growth = anon_mb() - before
-    assert mapped_growth < 0.15 * size_mb < 0.3 * size_mb < converted_growth, (mapped_growth, converted_growth)
-    del converted
+
+    def growth(dtype: str) -> dict:
+        res = subprocess.run([sys.executable, "-c", MAPPED_CHECK, str(tmp_path / "dit"), dtype], capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    mapped, converted = growth("file"), growth("bfloat16")
+    assert mapped["dtype"] == "torch.float32" and converted["dtype"] == "torch.bfloat16"
+    assert mapped["growth_mb"] < 0.15 * size_mb < 0.3 * size_mb < converted["growth_mb"], (mapped, converted)
