@@ -43,7 +43,7 @@ own keys and values (`k_img`, `norm_k_img`, `v_img`; the same queries, no mask) 
 text, the two attention outputs summed before `o`. The latents then carry the conditioning
 too (`in_channels` 36 = 16 noisy + 4 mask + 16 image latents), which is the caller's layout.
 
-VACE (optional, `vace_layers`; Wan2.1 VACE-1.3B / 14B, Ali's "all-in-one video creation and
+VACE (optional, `vace_layers`; Wan2.1 VACE-1.3B / 14B, Alibaba's "all-in-one video creation and
 editing"): a second, parallel stack of blocks reads a context video beside the noise. Its
 input, `vace` (B, vace_in_channels, T', H, W), is what the caller makes of a source video, a
 mask of what to generate and reference images (96 channels in Wan: the latents of the kept
