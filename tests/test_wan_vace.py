@@ -306,6 +306,10 @@ def test_vace_cli_source_mask_and_references(folders, tmp_path, capsys):
     ]:
         assert main(["generate", "a cat", "--model", model, "--steps", "1", "--quiet", *bad]) == 2
         assert message in capsys.readouterr().err
+    assert main(["extend", str(src), "a cat", "--model", model, "--quiet"]) == 2  # how many new frames?
+    assert "--frames N is required" in capsys.readouterr().err
+    assert main(["connect", str(src), str(src), "a cat", "--model", model, "--frames", "0", "--quiet"]) == 2
+    assert "at least 1" in capsys.readouterr().err
     # kino's own models take none of it
     for bad in (["--reference", str(refimg)], ["--vace-scale", "0.5"]):
         assert main(["generate", "a small red circle moving left on a black background", "--steps", "1",

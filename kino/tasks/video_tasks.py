@@ -344,7 +344,9 @@ def connect(pipe: Pipeline, prompt: str, first: Media, second: Media, *, frames:
     return run_layout(pipe, prompt, layout, "connect", seed=seed, refine=refine, **sampling)
 
 
-def _check_new(frames: int) -> None:
+def _check_new(frames: int | None) -> None:
+    if frames is None:
+        raise KinoUserError("--frames N is required: the number of new frames to generate")
     if frames < 1:
         raise KinoUserError(f"--frames (the new frames) must be at least 1, got {frames}")
 
