@@ -299,7 +299,8 @@ def test_vace_cli_source_mask_and_references(folders, tmp_path, capsys):
     assert meta["task"] == "connect (Wan2.1 VACE)" and meta["cache_reused"].endswith("/6")
     capsys.readouterr()
     for bad, message in [
-        (["--loop"], "not available with a Wan VACE model"),
+        (["--last-image", str(refimg)], "not available with a Wan VACE model"),
+        (["--loop", "--frames", "6"], "a multiple of 4"),
         (["--vace-mask", str(mask)], "give --vace-video too"),
         (["--image", str(refimg), "--vace-video", str(src)], "not both"),
         (["--vace-video", str(src), "--frames", "9"], "needs as many"),
@@ -535,3 +536,22 @@ def test_vace_output_size_keeps_the_area_of_the_default(folders):
     h, w = output_size(pipe, big, None, None)
     assert h * w <= 480 * 832 and abs(w / h - 1920 / 1080) < 0.05 and h % 16 == 0 and w % 16 == 0
     assert output_size(pipe, torch.zeros(3, 1, 16, 32), None, None) == (16, 32)
+
+
+def test_vace_loop_keeps_its_first_frame_after_its_last(folders):
+    """A loop of F frames: F + 1 generated with the image kept first and last, the last dropped;
+    without an image its first frame is the prompt's text-to-image, same seed."""
+    from kino.pipeline import Pipeline
+    from kino.tasks import video_tasks as tasks
+
+    pipe = Pipeline.from_pretrained(folders["original"], text_dtype="float32")
+    prompt, image = "a cat walks on the grass", _frames(1, 16, 32, 11)
+    clip = tasks.generate(pipe, prompt, image=image[0], loop=True, frames=4, steps=2, seed=3)
+    assert clip.video.shape == (4, 16, 32, 3) and clip.metadata["loop"] == "true"
+    assert torch.equal(clip.video[0], torch.from_numpy(image[0]))
+    expected = _manual(pipe, prompt, 5, {0: image, 4: image})
+    torch.testing.assert_close(clip.latents, expected.latents, rtol=0, atol=0)
+    still = tasks.generate(pipe, prompt, frames=1, steps=2, seed=3)
+    free = tasks.generate(pipe, prompt, loop=True, frames=4, steps=2, seed=3)
+    assert torch.equal(free.video[0], still.video[0])
+    assert free.metadata["task"] == "image-to-video loop (Wan2.1 VACE)"

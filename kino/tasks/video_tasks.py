@@ -37,8 +37,9 @@ Wan2.1 VACE models (`pipe.takes_vace`) keep given frames their own way (`vace_ta
 video, extend and connect place the given clips in a source video whose mask says to keep
 them (and to generate every other frame), one sampling pass, any frame counts; `generate`
 also takes a source video with a mask of the pixels to regenerate (inpainting, outpainting,
-a control video) and reference images. Loops are not available; edits run as for kino's
-models (SDEdit / FlowEdit, with VACE's text-to-video context).
+a control video) and reference images. A loop keeps its first frame (given, or generated from
+the prompt first) as the frame after its last (`vace_loop`); edits run as for kino's models
+(SDEdit / FlowEdit, with VACE's text-to-video context).
 """
 
 from __future__ import annotations
@@ -156,11 +157,16 @@ def generate(pipe: Pipeline, prompt: str, *, image: Media | None = None, loop: b
     generate (`vace_video`, `vace_mask`) and reference images (`references`) (`vace_task`)."""
     _check_vace_inputs(pipe, references, vace_video, vace_mask)
     if pipe.takes_vace:
-        if loop or last_image is not None:
-            raise KinoUserError("--loop and --last-image are not available with a Wan VACE model (`kino connect` "
-                                "joins two clips through VACE's masks)")
+        if last_image is not None:
+            raise KinoUserError("--last-image is not available with a Wan VACE model (`kino connect` joins two clips "
+                                "through VACE's masks)")
         if image is not None and vace_video is not None:
             raise KinoUserError("give --image or --vace-video, not both (a first frame is a one-frame source)")
+        if loop:
+            if vace_video is not None:
+                raise KinoUserError("--loop takes no --vace-video")
+            return vace_loop(pipe, prompt, image, frames=frames, height=height, width=width, seed=seed,
+                             references=references, **sampling)
         source, mask, name = None, None, ""
         if vace_video is not None:
             source, name = load_input(pipe, vace_video, "--vace-video")
@@ -240,6 +246,32 @@ def wan_image_to_video(pipe: Pipeline, prompt: str, image: Media | None, last_im
         "inputs": json.dumps({g.name: g.source for g in placed}),
         "input_frames": json.dumps([{"input": g.name, "frames": list(g.used), "at": g.at} for g in placed]),
         "given_frames": given})
+    return clip
+
+
+def vace_loop(pipe: Pipeline, prompt: str, image: Media | None, *, frames: int | None = None,
+              height: int | None = None, width: int | None = None, seed: int = 0, given: str = "exact",
+              **sampling) -> Generation:
+    """A loop of `frames` (4k; default the most whole latent frames the default length holds)
+    on a Wan2.1 VACE model: frames + 1 are generated with the image kept as the first and the
+    last, and the last is dropped, so frame `frames` would be frame 0 again. Without an image
+    the first frame is generated from the prompt first (a one-frame clip, same seed)."""
+    stride = pipe.vae.config.time_stride
+    frames = frames or max(stride, pipe.defaults.frames // stride * stride)
+    if frames % stride:
+        raise KinoUserError(f"--loop needs --frames a multiple of {stride} (whole latent frames), got {frames}")
+    first, name = load_input(pipe, image, "--image") if image is not None else (None, "")
+    h, w = output_size(pipe, first, height, width)
+    if first is None:  # the loop's frame: the prompt's text-to-image
+        still = vace_task(pipe, prompt, "text-to-image", [], 1, h, w, seed=seed, **sampling)
+        first, name = to_model_range(still.video), "generated first frame"
+    pixels = fit_video(first[:, :1], h, w)
+    ends = [Given(pixels, 0, "image", name, (0, 1, first.shape[1])),
+            Given(pixels, frames, "image (again, after the loop's last frame)", name, (0, 1, first.shape[1]))]
+    clip = vace_task(pipe, prompt, "image-to-video loop (Wan2.1 VACE)", ends, frames + 1, h, w, seed=seed,
+                     given=given, **sampling)
+    clip.video = clip.video[:frames]
+    clip.metadata["loop"] = "true"
     return clip
 
 
