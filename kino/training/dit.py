@@ -524,7 +524,7 @@ class DiTTask:
         if "vace_latents" in batch:  # a Wan2.1 VACE model: the clip's context, its mask folded
             from kino.pipeline import fold_vace_mask
 
-            b, _, t, h, w = x.shape
+            t, h, w = x.shape[2:]
             kept = batch["vace_kept"].to(x)  # (B, F) 1 on the kept pixel frames
             s = self.dit_config.vace_in_channels - batch["vace_latents"].shape[1]  # stride^2 mask channels
             stride = math.isqrt(s)

@@ -553,14 +553,13 @@ class DiT(nn.Module):
                 controls = sp.shard(controls, rope, grid)[0]
             tokens, rope = sp.shard(tokens, rope, grid)  # (B, F*h*w/P, D)
         args = (e0, context, mask, rope, image_tokens)
-        run = [block for i, block in enumerate(self.blocks) if i not in skip]
-        if controls is not None:  # every hint first (Wan's order), each added after its main block
-            hints = {}
+        hints = {}  # VACE: every hint first (Wan's order), each added after its main block
+        if controls is not None:
             for layer, block, scale in zip(self.config.vace_layers, self.vace_blocks, scales):
                 hint, controls = block(controls, tokens, *args)
                 hints[layer] = hint * scale
-            run = [_Hinted(block, hints[i]) if i in hints else block
-                   for i, block in enumerate(self.blocks) if i not in skip]
+        run = [_Hinted(block, hints[i]) if i in hints else block
+               for i, block in enumerate(self.blocks) if i not in skip]
         if self.step_cache is not None and len(run) > 1:
             key = (tuple(x.shape), tuple(sorted(skip)), None if image is None else tuple(image.shape),
                    None if vace is None else tuple(vace.shape))
