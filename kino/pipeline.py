@@ -945,6 +945,10 @@ class Pipeline:
         if tuple(video.shape) != (3, frames, height, width) or tuple(mask.shape) != (frames, height, width):
             raise KinoUserError(f"a VACE source must be (3, {frames}, {height}, {width}) pixels and its mask "
                                 f"({frames}, {height}, {width}); got {tuple(video.shape)} and {tuple(mask.shape)}")
+        for i, image in enumerate(references):  # checked before any encoding
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise KinoUserError(f"reference image {i + 1} must be (3, H, W) pixels in [-1, 1]; "
+                                    f"got shape {tuple(image.shape)}")
         video, mask = video.float().cpu(), mask.float().cpu().clamp(0, 1)
         if full > frames:  # frames to generate up to 4k + 1
             video = torch.cat([video, video.new_zeros(3, full - frames, height, width)], dim=1)
@@ -957,10 +961,7 @@ class Pipeline:
                 parts.append(self.vae.normalize(mean))  # (1, Z, T, h, w)
             latents = torch.cat(parts, dim=1)  # (1, 2Z, T, h, w)
             refs = []
-            for i, image in enumerate(references):
-                if image.ndim != 3 or image.shape[0] != 3:
-                    raise KinoUserError(f"reference image {i + 1} must be (3, H, W) pixels in [-1, 1]; "
-                                        f"got shape {tuple(image.shape)}")
+            for image in references:
                 mean, _ = self.vae.encode(place_on_canvas(image.float().cpu(), height, width)[None, :, None]
                                           .to(self.device))
                 z = self.vae.normalize(mean)  # (1, Z, 1, h, w)

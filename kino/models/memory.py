@@ -221,13 +221,16 @@ class BlockStreamer:
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
+def _weight_files(root: Path) -> Iterator[Path]:
+    """The weight files under a model folder (none when it is not a folder)."""
+    if root.is_dir():
+        yield from (p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
 def weights_bytes(folder: str | Path) -> int:
     """Bytes of the weight files under a model folder: what loading it puts in host memory,
     at most (weights stored in fp32 and read into bf16 take half)."""
-    root = Path(folder)
-    if not root.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    return sum(p.stat().st_size for p in _weight_files(Path(folder)))
 
 
 DIT_FOLDERS = ("dit", "dit_2", "transformer", "transformer_2", "high_noise_model", "low_noise_model")
@@ -238,16 +241,12 @@ def dit_weights_bytes(folder: str | Path) -> int:
     transformer/ (and transformer_2/), Wan's diffusion_pytorch_model*.safetensors at the top
     (or in Wan2.2's high_noise_model/ and low_noise_model/)."""
     root = Path(folder)
-    if not root.is_dir():
-        return 0
-    total = 0
-    for p in root.rglob("*"):
-        if p.suffix not in WEIGHT_SUFFIXES or not p.is_file():
-            continue
+
+    def is_dit(p: Path) -> bool:
         parent = p.parent.relative_to(root).parts
-        if (parent and parent[0] in DIT_FOLDERS) or (not parent and p.name.startswith("diffusion_pytorch_model")):
-            total += p.stat().st_size
-    return total
+        return parent[0] in DIT_FOLDERS if parent else p.name.startswith("diffusion_pytorch_model")
+
+    return sum(p.stat().st_size for p in _weight_files(root) if is_dit(p))
 
 
 def host_memory_bytes() -> int | None:

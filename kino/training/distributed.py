@@ -215,14 +215,14 @@ def shard_modules(model: nn.Module, units, mesh, *, param_dtype: torch.dtype | N
         return t.to(cast) if t.is_floating_point() else t
 
     kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
-    inside = set()
+    inside = set()  # with `cast`: the modules of the units, already cast
     for unit in units:
-        members = unit if isinstance(unit, (list, tuple)) else [unit]
         if cast is not None:
+            members = unit if isinstance(unit, (list, tuple)) else [unit]
             for m in members:
                 m._apply(converted)
+            inside.update(sub for m in members for sub in m.modules())
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **kwargs)
-        inside.update(sub for m in members for sub in m.modules())
     if cast is not None:  # what is left: the modules outside every unit, their own weights only
         for m in model.modules():
             if m not in inside:
@@ -240,7 +240,7 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
         raise KinoUserError(f"{type(model).__name__} does not support sequence parallelism")
     sp = UlyssesSequenceParallel(group)
     model.sequence_parallel = sp
-    for block in [*blocks, *(getattr(model, "vace_blocks", None) or ())]:  # a VACE DiT's too
+    for block in model.all_blocks() if hasattr(model, "all_blocks") else blocks:  # a VACE DiT's too
         block.self_attn.sequence_parallel = sp  # cross-attention keeps its local queries and all the text
 
 
