@@ -39,6 +39,13 @@ def test_dit_peer_compares_the_same_computation():
 
 
 @pytest.mark.slow
+def test_load_memory_reports_both_reads():
+    out = _run("bench_load_memory.py", "--size", "tiny")
+    assert out["file"]["dtype"] == "torch.float32" and out["bfloat16"]["dtype"] == "torch.bfloat16"
+    assert out["file_mib"] > 0 and "growth_mib" in out["file"]
+
+
+@pytest.mark.slow
 def test_pipeline_memory_runs_a_whole_generation_in_small_gpu_mode():
     out = _run("bench_pipeline_memory.py", "--dit", "tiny", "--vae", "tiny", "--frames", "5", "--height", "32",
                "--width", "32", "--device", "cpu", "--weights-dtype", "fp8", "--swap-blocks", "1", "--offload",
