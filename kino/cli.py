@@ -217,6 +217,13 @@ def add_task_options(p, task: str, batch_help: str,
     add_sampling(p)
     add_seed(p)
     add_model(p)
+    p.add_argument("--dit", default=None, metavar="FILE",
+                   help="the DiT's weights from this file instead of the model's (whose folder then needs only "
+                        "the DiT's config.json): a GGUF file (e.g. a Q4_K_M / Q8_0 Wan DiT; its blocks stay "
+                        "quantized and are dequantized one layer at a time as they run) or a safetensors file, "
+                        "in Wan's, diffusers' or kino's names; may be ORG/NAME/PATH, a Hub repository's file")
+    p.add_argument("--dit-2", default=None, metavar="FILE",
+                   help="the same for a two-expert model's (Wan2.2 A14B) low-noise DiT")
     add_lora(p)
     add_device(p)
     p.add_argument("--text-device", default=None, metavar="DEVICE",
@@ -408,7 +415,8 @@ def _pipeline(args, procs=None):
     def load():
         # --fsdp: the DiT stays in the file's dtype, memory-mapped, until each block is cast as it is
         # sharded: a process then holds its share of the DiT and one block, not the whole DiT
-        pipe = Pipeline.from_pretrained(args.model, "cpu", dit_dtype=None if args.fsdp else plan.compute_dtype(device))
+        pipe = Pipeline.from_pretrained(args.model, "cpu", dit_dtype=None if args.fsdp else plan.compute_dtype(device),
+                                        dit_file=args.dit, dit_2_file=args.dit_2)
         for expert, loras in ((1, args.lora), (2, args.lora_2)):
             for path, scale in loras:
                 pipe.load_lora(path, scale, expert)
@@ -433,7 +441,7 @@ def _in_waves(args, procs, load):
     need N x 28 GB at once."""
     import os
 
-    from kino.models.hub import resolve_model
+    from kino.models.hub import resolve_file, resolve_model
     from kino.models.memory import dit_weights_bytes, host_memory_bytes, load_waves, weights_bytes
 
     def together(step, *, main_only: bool = False):
@@ -454,8 +462,13 @@ def _in_waves(args, procs, load):
     local = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world_size))
     folder = resolve_model(args.model) if args.model is not None else None
     size = weights_bytes(folder) if folder is not None else 0
-    if args.fsdp and folder is not None:  # a process's own memory holds its share of the DiT (see _pipeline)
-        dit = dit_weights_bytes(folder)
+    dit = dit_weights_bytes(folder) if folder is not None else 0
+    files = [f for f in (args.dit, args.dit_2) if f is not None]
+    if files:  # the DiT comes from these files, not the folder
+        size -= dit
+        dit = sum(resolve_file(f).stat().st_size for f in files)
+        size += dit
+    if args.fsdp:  # a process's own memory holds its share of the DiT (see _pipeline)
         size -= dit - dit // procs.world_size
     at_once = procs.broadcast(load_waves(local, size, host_memory_bytes()))
     waves = -(-local // at_once)

@@ -32,7 +32,9 @@ from kino.diffusion.flow import sampling_timesteps, shift_for_tokens
 from kino.diffusion.samplers import SAMPLERS, flow_edit
 from kino.errors import CaptionError, KinoUserError
 from kino.models.dit.cache import FirstBlockCache
-from kino.models.dit.model import DiT, DiTConfig
+from kino.models.dit.model import DiT
+from kino.models.dit.pretrained import load_folder_dit
+from kino.models.gguf import GGUFLinear
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
 from kino.models.hub import resolve_model
@@ -461,7 +463,8 @@ class Pipeline:
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
                         text_device: str | torch.device | None = None, text_dtype: str | None = None,
                         memory: MemoryPlan | None = None,
-                        dit_dtype: torch.dtype | None = torch.float32) -> Pipeline:
+                        dit_dtype: torch.dtype | None = torch.float32,
+                        dit_file: str | Path | None = None, dit_2_file: str | Path | None = None) -> Pipeline:
         """Load a model folder (kino.json with vae, dit and text_encoder); None = the shipped default.
         A Wan2.1 folder in its original or diffusers layout loads too (kino/convert/wan.py).
         `text_device` puts the text encoder elsewhere (e.g. "cpu" beside a GPU DiT);
@@ -470,10 +473,16 @@ class Pipeline:
         weights then stay memory-mapped from the file, the page cache shared by every process
         that reads it, until they are moved, cast or sharded). With `memory` the weights
         load into CPU memory, the DiT straight in the plan's compute dtype, and
-        `set_memory(memory, device)` places them."""
+        `set_memory(memory, device)` places them.
+
+        `dit_file` (and `dit_2_file`, a two-expert model's second DiT): the DiT's weights from
+        this file instead of the folder's, which then needs only the DiT's config: a GGUF file
+        (its blocks' linear layers stay quantized and are dequantized one layer at a time as they
+        run: kino/models/gguf.py) or a safetensors file, in Wan's, diffusers' or kino's names."""
         if memory is not None:
             dtype = memory.compute_dtype(torch.device(device))
-            pipe = cls.from_pretrained(path, "cpu", None, text_dtype, dit_dtype=dtype)
+            pipe = cls.from_pretrained(path, "cpu", None, text_dtype, dit_dtype=dtype, dit_file=dit_file,
+                                       dit_2_file=dit_2_file)
             pipe.set_memory(memory, device, text_device)
             return pipe
         root = resolve_model(path) if path is not None else default_model_dir()
@@ -482,17 +491,19 @@ class Pipeline:
             from kino.convert.wan import detect_layout, load_wan_pipeline
 
             if root.is_dir() and detect_layout(root) in ("original", "diffusers"):
-                return load_wan_pipeline(root, device, text_device, text_dtype or "bfloat16", dit_dtype)
+                return load_wan_pipeline(root, device, text_device, text_dtype or "bfloat16", dit_dtype,
+                                         (dit_file, dit_2_file))
             raise KinoUserError(f"{root} is not a kino model folder (kino.json is missing) nor a Wan2.1 folder")
         missing = [c for c in ("vae", "dit", "text_encoder") if c not in manifest.get("components", {})]
         if missing:
             raise KinoUserError(f"{root / 'kino.json'} lacks the component(s) {', '.join(missing)}; "
                                 "a generation model needs vae, dit and text_encoder")
         vae = load_module(root, "vae", VAEConfig, VideoVAE, device)
-        dit = load_module(root, "dit", DiTConfig, DiT, device, dit_dtype)
-        dit_2 = None  # a two-expert model's low-noise DiT (Wan2.2 A14B)
-        if "dit_2" in manifest["components"]:
-            dit_2 = load_module(root, "dit_2", DiTConfig, DiT, device, dit_dtype)
+        if dit_2_file is not None and "dit_2" not in manifest["components"]:
+            raise KinoUserError(f"{root} has one DiT: a second DiT file is for two-expert models (Wan2.2 A14B)")
+        dits = [load_folder_dit(root, c, f, device, dit_dtype) if c in manifest["components"] else None
+                for c, f in (("dit", dit_file), ("dit_2", dit_2_file))]
+        dit, dit_2 = dits  # dit_2: a two-expert model's low-noise DiT (Wan2.2 A14B)
         text = load_component(root, "text_encoder", weights=False)
         text_encoder = load_text_encoder(text.config, text_device if text_device is not None else device, text.folder,
                                          text_dtype)
@@ -506,7 +517,8 @@ class Pipeline:
         defaults = GenerationDefaults.from_dict(manifest.get("pipeline", {}))
         pipe = cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name), image_encoder=image_encoder,
                    dit_2=dit_2)
-        pipe.dit_sha256 = manifest["components"]["dit"].get("files", {}).get(WEIGHTS)
+        if dit_file is None:
+            pipe.dit_sha256 = manifest["components"]["dit"].get("files", {}).get(WEIGHTS)
         return pipe
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -515,6 +527,9 @@ class Pipeline:
         and the generation defaults."""
         if self.sharded:
             raise KinoUserError("this pipeline's weights are sharded over processes; save it from a plain load")
+        if self.quantized:
+            raise KinoUserError("this pipeline's DiT holds GGUF-quantized layers (read from a .gguf file), which a "
+                                "kino model folder does not store: save from a DiT in a float dtype")
         root = Path(path)
         save_component(root / "vae", self.vae.config.to_dict(), self.vae.state_dict())
         save_component(root / "dit", self.dit.config.to_dict(), self.dit.state_dict())
@@ -590,6 +605,9 @@ class Pipeline:
         if plan.streams_blocks or plan.offload == "model":
             raise KinoUserError("sharding the weights over the processes (--fsdp) does not combine with "
                                 "--swap-blocks, --weights-dtype or --offload: use one or the other")
+        if self.quantized:
+            raise KinoUserError("sharding the weights over the processes (--fsdp) takes float weights, not a "
+                                "GGUF-quantized DiT; each process can hold the quantized DiT whole instead")
         if mesh.device_type != device.type:
             raise KinoUserError(f"the processes' mesh is on {mesh.device_type}, the pipeline's device is {device}")
         for dit in self.dits:
@@ -626,6 +644,11 @@ class Pipeline:
         """A Wan2.1 VACE model: its DiT reads a context made of a source video, a mask of what
         to generate and reference images (`vace_condition`)."""
         return bool(self.dit.config.vace_layers)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether a DiT holds GGUF-quantized layers (kino/models/gguf.py)."""
+        return any(isinstance(m, GGUFLinear) for dit in self.dits for m in dit.modules())
 
     @property
     def dits(self) -> list[DiT]:

@@ -87,3 +87,9 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise KinoUserError(f"{path} does not hold a JSON object")
     return data
+
+
+def one_line(e: Exception, limit: int = 400) -> str:
+    """torch's load_state_dict report (one line per problem) as one line."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -37,10 +37,11 @@ from pathlib import Path
 
 import torch
 
-from kino.convert.files import load_pth, load_safetensors, read_json, shards
+from kino.convert.files import load_pth, load_safetensors, one_line, read_json, shards
 from kino.errors import KinoUserError
 from kino.models.dit import adapters as dit_adapters
 from kino.models.dit.model import DiT, DiTConfig
+from kino.models.dit.pretrained import build_dit, read_dit_file
 from kino.models.folder import MANIFEST
 from kino.models.hub import folder_name, resolve_model
 from kino.models.vae import adapters as vae_adapters
@@ -196,40 +197,52 @@ def _config(build, data: dict, source: Path):
         raise KinoUserError(f"{source} is not a supported Wan2.1 config: {e}") from None
 
 
-def read_wan(root: str | Path, dit_dtype: torch.dtype = torch.float32) -> WanSource:
+def read_wan(root: str | Path, dit_dtype: torch.dtype = torch.float32,
+             dit_files: tuple[Path | None, Path | None] = (None, None)) -> WanSource:
     """Read a Wan2.1 T2V folder (original or diffusers layout) into kino's configs and state
     dicts; the DiT's floating-point weights are converted to `dit_dtype` tensor by tensor as
-    they are read (the 14B DiT in bf16 needs 28 GB of RAM, not its 57 GB in fp32)."""
+    they are read (the 14B DiT in bf16 needs 28 GB of RAM, not its 57 GB in fp32).
+    `dit_files`: the DiT's (and a two-expert model's second DiT's) weights from these files
+    instead (GGUF or safetensors, kino/models/dit/pretrained.py `read_dit_file`); the folder
+    then needs only that DiT's config.json."""
     root = Path(root)
     if not root.is_dir():
         raise KinoUserError(f"Wan2.1 folder {root} does not exist")
     layout = detect_layout(root)
     if layout == "original":
-        return _read_original(root, dit_dtype)
+        return _read_original(root, dit_dtype, dit_files)
     if layout == "diffusers":
-        return _read_diffusers(root, dit_dtype)
+        return _read_diffusers(root, dit_dtype, dit_files)
     if layout == "kino":
         raise KinoUserError(f"{root} is already a kino model folder (it has {MANIFEST})")
     raise KinoUserError(f"{root} is not a Wan2.1 folder: it has neither {ORIGINAL_VAE} + {DIT_STEM}*.safetensors "
                         "(Wan's original release) nor model_index.json (diffusers)")
 
 
-def _original_dit(folder: Path, dit_dtype: torch.dtype) -> tuple[DiTConfig, dict, Path]:
-    config_file = _need(folder / "config.json", "the DiT's config.json (WanModel)")
+def _dit_weights(folder: Path, dit_dtype: torch.dtype, override: Path | None, adapter) -> tuple[dict, Path]:
+    """A DiT's state dict (kino's names) and its file: the folder's shards, or `override`."""
+    if override is not None:
+        return read_dit_file(override, dit_dtype), Path(override)
     dit_files = shards(folder, DIT_STEM)
     if not dit_files:
         raise KinoUserError(f"{folder / (DIT_STEM + '.safetensors')} is missing (nor are there shards "
-                            f"{DIT_STEM}-*-of-*.safetensors): a Wan folder needs the DiT's weights")
+                            f"{DIT_STEM}-*-of-*.safetensors): the folder needs the DiT's weights (or give --dit FILE)")
+    return _adapt(adapter, load_safetensors(dit_files, dit_dtype), dit_files[0]), dit_files[0]
+
+
+def _original_dit(folder: Path, dit_dtype: torch.dtype, override: Path | None = None) -> tuple[DiTConfig, dict, Path]:
+    config_file = _need(folder / "config.json", "the DiT's config.json (WanModel)")
     dit_config = _config(dit_adapters.config_from_wan, read_json(config_file), config_file)
-    return dit_config, _adapt(dit_adapters.from_wan, load_safetensors(dit_files, dit_dtype), dit_files[0]), dit_files[0]
+    state, file = _dit_weights(folder, dit_dtype, override, dit_adapters.from_wan)
+    return dit_config, state, file
 
 
-def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
+def _read_original(root: Path, dit_dtype: torch.dtype, dit_files: tuple = (None, None)) -> WanSource:
     experts = {}
     if (root / WAN22_HIGH).is_dir() or (root / WAN22_LOW).is_dir():  # Wan2.2 A14B: two experts
-        for name in (WAN22_HIGH, WAN22_LOW):
+        for name, override in zip((WAN22_HIGH, WAN22_LOW), dit_files):
             config, state, file = _original_dit(_need(root / name, f"{WAN22_HIGH}/ and {WAN22_LOW}/ (Wan2.2's "
-                                                                   "experts)"), dit_dtype)
+                                                                   "experts)"), dit_dtype, override)
             if config.img_dim is not None and not any(k.startswith("img_emb.") for k in state):
                 # Wan2.2 I2V-A14B says model_type "i2v" but has no CLIP branch (it reads the image's
                 # latents only): what the weights hold decides
@@ -238,7 +251,8 @@ def _read_original(root: Path, dit_dtype: torch.dtype) -> WanSource:
         dit_config, dit_state, dit_file = experts[WAN22_HIGH]
         _check_experts(dit_config, experts[WAN22_LOW][0], root)
     else:
-        dit_config, dit_state, dit_file = _original_dit(root, dit_dtype)
+        _one_dit(root, dit_files)
+        dit_config, dit_state, dit_file = _original_dit(root, dit_dtype, dit_files[0])
     vae_config, vae_state, vae_file = _original_vae(root)
     text = TextSource("wan", _need(root / ORIGINAL_T5, f"the text encoder's weights {ORIGINAL_T5}"),
                       _need(root / ORIGINAL_TOKENIZER, f"the tokenizer folder {ORIGINAL_TOKENIZER}/"))
@@ -283,7 +297,7 @@ def load_wan_vae(root: str | Path, device: str | torch.device = "cpu") -> VideoV
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise KinoUserError(f"{source} holds weights that do not fit its config: {_one_line(e)}") from None
+        raise KinoUserError(f"{source} holds weights that do not fit its config: {one_line(e)}") from None
     return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
 
 
@@ -294,7 +308,12 @@ def _check_experts(high: DiTConfig, low: DiTConfig, root: Path) -> None:
         raise KinoUserError(f"{root}: Wan2.2 experts with a CLIP image branch (img_dim): not a Wan2.2 release")
 
 
-def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
+def _one_dit(root: Path, dit_files: tuple) -> None:
+    if dit_files[1] is not None:
+        raise KinoUserError(f"{root} has one DiT: a second DiT file (--dit-2) is for two-expert models (Wan2.2 A14B)")
+
+
+def _read_diffusers(root: Path, dit_dtype: torch.dtype, dit_files: tuple = (None, None)) -> WanSource:
     index = read_json(root / "model_index.json")
     if index.get("_class_name") not in ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline", None):
         raise KinoUserError(f"{root / 'model_index.json'} describes a {index.get('_class_name')}, not a Wan "
@@ -302,9 +321,6 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     # expand_timesteps (Wan2.2 TI2V-5B): a timestep per token, 0 on a given first frame's tokens:
     # what kino's per-frame timesteps and clean frames do, so nothing to record
     tdir = _need(root / "transformer", "transformer/ (the DiT)")
-    dit_files = shards(tdir, DIT_STEM)
-    if not dit_files:
-        raise KinoUserError(f"{tdir / (DIT_STEM + '.safetensors')} is missing: transformer/ needs its weights")
     dit_config = _config(dit_adapters.config_from_diffusers, read_json(tdir / "config.json"), tdir / "config.json")
     image = None
     if dit_config.img_dim is not None:
@@ -314,57 +330,47 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype) -> WanSource:
     elif index.get("_class_name") == "WanImageToVideoPipeline" and index.get("transformer_2") in (None, [None, None]):
         raise KinoUserError(f"{tdir / 'config.json'}: a WanImageToVideoPipeline whose DiT has no image branch "
                             "(image_dim): not a Wan2.1 I2V model kino loads")
-    dit_state = _adapt(dit_adapters.from_diffusers, load_safetensors(dit_files, dit_dtype), dit_files[0])
+    dit_state, dit_file = _dit_weights(tdir, dit_dtype, dit_files[0], dit_adapters.from_diffusers)
     low = (None, None)
     boundary = None
     if index.get("transformer_2") not in (None, [None, None]):  # Wan2.2 A14B: the low-noise expert
         t2dir = _need(root / "transformer_2", "transformer_2/ (Wan2.2's low-noise expert)")
-        files_2 = shards(t2dir, DIT_STEM)
-        if not files_2:
-            raise KinoUserError(f"{t2dir / (DIT_STEM + '.safetensors')} is missing: transformer_2/ needs its weights")
         config_2 = _config(dit_adapters.config_from_diffusers, read_json(t2dir / "config.json"), t2dir / "config.json")
         _check_experts(dit_config, config_2, root)
-        low = (_adapt(dit_adapters.from_diffusers, load_safetensors(files_2, dit_dtype), files_2[0]), files_2[0])
+        low = _dit_weights(t2dir, dit_dtype, dit_files[1], dit_adapters.from_diffusers)
         boundary = index.get("boundary_ratio")
+    else:
+        _one_dit(root, dit_files)
     vae_config, vae_state, vae_file = _diffusers_vae(root)
     text = TextSource("transformers", _need(root / "text_encoder", "text_encoder/ (UMT5)"),
                       _need(root / "tokenizer", "tokenizer/"))
-    return WanSource(root, "diffusers", dit_config, dit_state, dit_files[0], vae_config, vae_state, vae_file,
+    return WanSource(root, "diffusers", dit_config, dit_state, dit_file, vae_config, vae_state, vae_file,
                      text, image, dit_2_state=low[0], dit_2_file=low[1], boundary=boundary)
 
 
 def build_models(src: WanSource, device: str | torch.device = "cpu") -> tuple[VideoVAE, DiT, DiT | None]:
-    """kino's VAE (float32) and DiT (in the dtype its state dict was read in) with the source's
-    weights, frozen, in eval mode; and a Wan2.2 A14B's second DiT (None for Wan2.1)."""
-    models = []
-    parts = [(VideoVAE, src.vae_config, src.vae_state, src.vae_file),
-             (DiT, src.dit_config, src.dit_state, src.dit_file)]
-    if src.dit_2_state is not None:
-        parts.append((DiT, src.dit_config, src.dit_2_state, src.dit_2_file))
-    for cls, config, state, source in parts:
-        with torch.device("meta"):  # no random init of weights about to be replaced
-            model = cls(config)
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as e:
-            raise KinoUserError(f"{source} holds weights that do not fit its config: {_one_line(e)}") from None
-        dtype = torch.float32 if cls is VideoVAE else next(t.dtype for t in state.values() if t.is_floating_point())
-        models.append(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
-    return models[0], models[1], models[2] if len(models) > 2 else None
-
-
-def _one_line(e: Exception, limit: int = 400) -> str:
-    """torch's load_state_dict report (one line per problem) as one line."""
-    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    return text if len(text) <= limit else text[:limit] + " ..."
+    """kino's VAE (float32) and DiT (in the dtype its state dict was read in; a GGUF file's
+    block weights stay quantized) with the source's weights, frozen, in eval mode; and a
+    Wan2.2 A14B's second DiT (None for Wan2.1)."""
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        vae = VideoVAE(src.vae_config)
+    try:
+        vae.load_state_dict(src.vae_state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise KinoUserError(f"{src.vae_file} holds weights that do not fit its config: {one_line(e)}") from None
+    vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    dit = build_dit(src.dit_config, src.dit_state, src.dit_file, device)
+    dit_2 = None if src.dit_2_state is None else build_dit(src.dit_config, src.dit_2_state, src.dit_2_file, device)
+    return vae, dit, dit_2
 
 
 def load_wan_pipeline(root: str | Path, device: str | torch.device = "cpu",
                       text_device: str | torch.device | None = None, text_dtype: str = "bfloat16",
-                      dit_dtype: torch.dtype = torch.float32):
+                      dit_dtype: torch.dtype = torch.float32, dit_files: tuple = (None, None)):
     """A kino Pipeline straight from a Wan2.1 folder (original or diffusers), Wan's defaults;
-    the DiT's weights are converted to `dit_dtype` as they are read."""
-    return load_wan_pipeline_from(read_wan(root, dit_dtype), device, text_device, text_dtype)
+    the DiT's weights are converted to `dit_dtype` as they are read (or come from
+    `dit_files`, see `read_wan`)."""
+    return load_wan_pipeline_from(read_wan(root, dit_dtype, dit_files), device, text_device, text_dtype)
 
 
 def load_wan_pipeline_from(src: WanSource, device: str | torch.device = "cpu",

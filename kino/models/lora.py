@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from kino import __version__
 from kino.errors import KinoUserError
 from kino.models.folder import WeightsIntegrityError, sha256_file
+from kino.models.gguf import GGUFLinear
 from kino.models.hub import resolve_file
 
 LORA_FORMAT = "kino-lora"
@@ -306,6 +307,10 @@ def fuse_lora(model: nn.Module, lora: LoRAFile, scale: float, originals: dict[st
     `originals` receives a copy of each parameter before its first change, by parameter
     name (it may already hold some from earlier fusions); `unfuse_lora(model, originals)`
     restores them bit for bit.
+
+    A GGUF-quantized layer (kino/models/gguf.py `GGUFLinear`) cannot take a fused update: it
+    keeps the low-rank factors and adds them as it runs (the same update, unfused); a
+    whole-weight difference (`diff`) for one is refused.
     """
     if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise KinoUserError(f"LoRA scale must be a finite number, got {scale!r}")
@@ -317,21 +322,25 @@ def fuse_lora(model: nn.Module, lora: LoRAFile, scale: float, originals: dict[st
         want = (lora.up[name].shape[0], lora.down[name].shape[1])
         if m is None:
             problems.append(f"{name} does not exist")
-        elif not isinstance(m, nn.Linear):
+        elif not isinstance(m, (nn.Linear, GGUFLinear)):
             problems.append(f"{name} is a {type(m).__name__}, not a linear layer")
-        elif tuple(m.weight.shape) != want:
+        elif (m.out_features, m.in_features) != want:
             problems.append(f"{name} is {m.out_features}x{m.in_features}, the LoRA's update {want[0]}x{want[1]}")
     for what, entries in (("bias", lora.bias), ("diff", lora.diff)):
         for name, value in entries.items():
             key = _target(params, modules, name, what)
             if key not in params:
                 problems.append(f"{key} does not exist")
+            elif what == "diff" and isinstance(modules.get(key.rpartition(".")[0]), GGUFLinear):
+                problems.append(f"{key} is GGUF-quantized: a whole-weight difference cannot be added to it")
             elif tuple(params[key].shape) != tuple(value.shape):
                 problems.append(f"{key} is {tuple(params[key].shape)}, the LoRA's {what} {tuple(value.shape)}")
     if problems:
         raise KinoUserError(f"LoRA file {lora.path} does not fit this model ({len(problems)} of its "
                             f"{len(lora.modules)} layers): " + "; ".join(problems[:3]))
-    changes: list[tuple[str, Tensor]] = [(f"{name}.weight", lora.delta(name, scale)) for name in lora.down]
+    quantized = [name for name in lora.down if isinstance(modules[name], GGUFLinear)]
+    changes: list[tuple[str, Tensor]] = [(f"{name}.weight", lora.delta(name, scale)) for name in lora.down
+                                         if name not in quantized]
     changes += [(_target(params, modules, n, "bias"), scale * v.float()) for n, v in lora.bias.items()]
     changes += [(_target(params, modules, n, "diff"), scale * v.float()) for n, v in lora.diff.items()]
     with torch.no_grad():
@@ -340,12 +349,24 @@ def fuse_lora(model: nn.Module, lora: LoRAFile, scale: float, originals: dict[st
             if key not in originals:
                 originals[key] = p.detach().clone()
             p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
+        for name in quantized:
+            factor = scale * lora.scales.get(name, lora.alpha / lora.rank)
+            modules[name].add_lora(factor * lora.up[name].float(), lora.down[name])
+            originals.setdefault(name + UNFUSED, torch.empty(0))
+
+
+UNFUSED = "#unfused"  # `originals` key suffix: a GGUF layer that holds unfused LoRA factors
 
 
 def unfuse_lora(model: nn.Module, originals: dict[str, Tensor]) -> None:
-    """Copy the parameters saved by `fuse_lora` back (bit for bit) and empty `originals`."""
+    """Copy the parameters saved by `fuse_lora` back (bit for bit), drop the factors of GGUF
+    layers, and empty `originals`."""
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for key, value in originals.items():
-            params[key].copy_(value)
+            if key.endswith(UNFUSED):
+                modules[key[:-len(UNFUSED)]].clear_loras()
+            else:
+                params[key].copy_(value)
     originals.clear()

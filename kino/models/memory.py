@@ -99,7 +99,8 @@ class StoredWeights:
 
     Matrices (2-D weights) are stored as `storage` ("bf16" / "fp8" / None = compute dtype);
     vectors (biases, norms, modulation tables) and convolutions stay in the compute dtype,
-    on the storage device. Between calls each parameter holds an empty placeholder.
+    on the storage device; GGUF layers' quantized bytes (kino/models/gguf.py) stay as they
+    are. Between calls each parameter holds an empty placeholder.
     """
 
     def __init__(self, module: nn.Module, compute_device: torch.device, compute_dtype: torch.dtype,
@@ -110,7 +111,9 @@ class StoredWeights:
         for p in module.parameters():
             w = p.detach()
             scale = None
-            if w.ndim == 2 and storage == "fp8":
+            if not w.is_floating_point():  # a GGUF layer's quantized bytes, kept as they are
+                pass
+            elif w.ndim == 2 and storage == "fp8":
                 w, scale = quantize_fp8(w)
                 scale = scale.to(storage_device)
             elif w.ndim == 2 and storage is not None:
@@ -136,7 +139,7 @@ class StoredWeights:
                 if scale is not None:
                     out.append(dequantize_fp8(w, scale.to(self.device, non_blocking=True), self.dtype))
                 else:
-                    out.append(w.to(self.dtype))
+                    out.append(w.to(self.dtype) if w.is_floating_point() else w)
             return out
 
     def install(self, values: list[Tensor]) -> None:

@@ -1,0 +1,345 @@
+"""GGUF weights: quantized DiTs in llama.cpp's file format, kept quantized while they run.
+
+Quantized Wan DiTs are commonly published as GGUF files (one file per DiT, Wan's original
+parameter names, made with ComfyUI-GGUF's converter: Q8_0 down to Q2_K, mixed "K_M" files);
+a 14B DiT in Q4_K is about 9 GB instead of 28 GB in bf16. kino reads them with the `gguf`
+package (llama.cpp's own reader, an optional dependency: `pip install kino-video[gguf]`):
+
+- The linear layers of the DiT's blocks (98% of its weights) keep the file's bytes as they
+  are, in a `GGUFLinear` whose `weight` is those bytes (uint8); each call dequantizes its
+  weight in the input's dtype on the input's device, multiplies, and drops it, so at most one
+  layer's weight exists dequantized at a time. Moving, offloading and block swapping move
+  the quantized bytes.
+- Every other quantized tensor (embeddings, the head, 5-D or 3-D tables) is dequantized
+  once, as it is read; unquantized ones (F32, F16, BF16) are read as they are.
+- A tensor the converter flattened to make it fit GGUF keeps its real shape in the metadata
+  key `comfy.gguf.orig_shape.NAME`, which is honoured.
+
+The dequantizers below are torch code (so they run on the GPU), written from the block
+layouts of ggml's quantization types; tests/test_gguf.py checks each against the `gguf`
+package's numpy reference and a whole DiT against diffusers' GGUF loader.
+
+A LoRA on a `GGUFLinear` is not fused (its weight is not a float tensor): it is kept as
+low-rank factors and added on the fly, W x + s * up (down x), the unfused form of the same
+update.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kino.errors import KinoUserError
+
+QK_K = 256  # elements per super-block of the K-quants
+ORIG_SHAPE = "comfy.gguf.orig_shape."
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI checkpoint prefixes
+
+
+# ---------------------------------------------------------------------------- bit fields
+
+
+def _f16(b: Tensor) -> Tensor:
+    """(n, 2) little-endian bytes -> (n, 1) float32."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _fields(b: Tensor, width: int, count: int) -> Tensor:
+    """Unsigned `width`-bit fields of bytes (..., k): (..., count, k), field i = bits [i*width, (i+1)*width)."""
+    shifts = torch.arange(0, width * count, width, dtype=torch.uint8, device=b.device).view(count, 1)
+    return (b.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
+
+
+def _low_high(qs: Tensor) -> Tensor:
+    """(n, k) bytes -> (n, 2k): the k low nibbles, then the k high ones."""
+    return _fields(qs, 4, 2).flatten(-2)
+
+
+def _high_bits(qh: Tensor) -> Tensor:
+    """(n, 4) bytes -> (n, 32): bit j of the little-endian 32-bit word."""
+    return _fields(qh, 1, 8).transpose(-1, -2).flatten(-2)
+
+
+# ---------------------------------------------------------------------------- 32-element blocks
+
+
+def _q8_0(b: Tensor) -> Tensor:  # d (f16), 32 x int8
+    return _f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+
+
+def _q4_0(b: Tensor) -> Tensor:  # d, 16 bytes of nibbles; (q - 8) * d
+    return _f16(b[:, :2]) * (_low_high(b[:, 2:]).float() - 8)
+
+
+def _q4_1(b: Tensor) -> Tensor:  # d, m, 16 bytes of nibbles; q * d + m
+    return _f16(b[:, :2]) * _low_high(b[:, 4:]).float() + _f16(b[:, 2:4])
+
+
+def _q5_0(b: Tensor) -> Tensor:  # d, 32 high bits, 16 bytes of nibbles; (q - 16) * d
+    q = _low_high(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)
+    return _f16(b[:, :2]) * (q.float() - 16)
+
+
+def _q5_1(b: Tensor) -> Tensor:  # d, m, 32 high bits, 16 bytes of nibbles; q * d + m
+    q = _low_high(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4)
+    return _f16(b[:, :2]) * q.float() + _f16(b[:, 2:4])
+
+
+# ---------------------------------------------------------------------------- 256-element super-blocks
+
+
+def _q2_k(b: Tensor) -> Tensor:  # 16 scale bytes (4-bit scale, 4-bit min), 64 bytes of 2-bit q, d, dmin
+    n = b.shape[0]
+    sc = b[:, :16]
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    q = _fields(b[:, 16:80].reshape(n, 2, 32), 2, 4).reshape(n, 16, 16).float()
+    out = (d * (sc & 15).float()).unsqueeze(-1) * q - (dmin * (sc >> 4).float()).unsqueeze(-1)
+    return out.reshape(n, QK_K)
+
+
+def _q3_k(b: Tensor) -> Tensor:  # 32 bytes of high bits, 64 bytes of 2-bit q, 12 bytes of 6-bit scales, d
+    n = b.shape[0]
+    high = _fields(b[:, :32].reshape(n, 1, 32), 1, 8).reshape(n, 16, 16)
+    low = _fields(b[:, 32:96].reshape(n, 2, 32), 2, 4).reshape(n, 16, 16)
+    s = b[:, 96:108]
+    sc = _fields(s[:, :8], 4, 2).reshape(n, 16) | (_fields(s[:, 8:12], 2, 4).reshape(n, 16) << 4)
+    scale = _f16(b[:, 108:110]) * (sc.float() - 32)
+    q = low.float() - 4 * (1 - high.float())  # a clear high bit subtracts 4
+    return (scale.unsqueeze(-1) * q).reshape(n, QK_K)
+
+
+def _k_scales(s: Tensor) -> tuple[Tensor, Tensor]:
+    """Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins, each (n, 8)."""
+    s = s.reshape(-1, 3, 4)
+    a, m, hi = s[:, 0], s[:, 1], s[:, 2]
+    scales = torch.cat([a & 63, (hi & 15) | ((a >> 2) & 48)], dim=-1)
+    mins = torch.cat([m & 63, (hi >> 4) | ((m >> 2) & 48)], dim=-1)
+    return scales.float(), mins.float()
+
+
+def _q4_k(b: Tensor) -> Tensor:  # d, dmin, 12 scale bytes, 128 bytes of nibbles
+    n = b.shape[0]
+    sc, mn = _k_scales(b[:, 4:16])
+    q = _fields(b[:, 16:].reshape(n, 4, 32), 4, 2).reshape(n, 8, 32).float()
+    out = (_f16(b[:, :2]) * sc).unsqueeze(-1) * q - (_f16(b[:, 2:4]) * mn).unsqueeze(-1)
+    return out.reshape(n, QK_K)
+
+
+def _q5_k(b: Tensor) -> Tensor:  # d, dmin, 12 scale bytes, 32 bytes of high bits, 128 bytes of nibbles
+    n = b.shape[0]
+    sc, mn = _k_scales(b[:, 4:16])
+    high = _fields(b[:, 16:48].reshape(n, 1, 32), 1, 8).reshape(n, 8, 32)
+    q = (_fields(b[:, 48:].reshape(n, 4, 32), 4, 2).reshape(n, 8, 32) | (high << 4)).float()
+    out = (_f16(b[:, :2]) * sc).unsqueeze(-1) * q - (_f16(b[:, 2:4]) * mn).unsqueeze(-1)
+    return out.reshape(n, QK_K)
+
+
+def _q6_k(b: Tensor) -> Tensor:  # 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d
+    n = b.shape[0]
+    low = _fields(b[:, :128].reshape(n, 2, 64), 4, 2).reshape(n, 8, 32)
+    high = _fields(b[:, 128:192].reshape(n, 2, 32), 2, 4).reshape(n, 8, 32)
+    q = ((low | (high << 4)).float() - 32).reshape(n, 16, 16)
+    scale = _f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
+    return (scale.unsqueeze(-1) * q).reshape(n, QK_K)
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    block: int  # elements per block
+    nbytes: int  # bytes per block
+    dequantize: Callable[[Tensor], Tensor]  # (n, nbytes) uint8 -> (n, block) float32
+
+
+# ggml's type numbers (the GGUF file's tensor types)
+QUANT_TYPES = {
+    8: QuantType("Q8_0", 32, 34, _q8_0),
+    2: QuantType("Q4_0", 32, 18, _q4_0),
+    3: QuantType("Q4_1", 32, 20, _q4_1),
+    6: QuantType("Q5_0", 32, 22, _q5_0),
+    7: QuantType("Q5_1", 32, 24, _q5_1),
+    10: QuantType("Q2_K", QK_K, 84, _q2_k),
+    11: QuantType("Q3_K", QK_K, 110, _q3_k),
+    12: QuantType("Q4_K", QK_K, 144, _q4_k),
+    13: QuantType("Q5_K", QK_K, 176, _q5_k),
+    14: QuantType("Q6_K", QK_K, 210, _q6_k),
+}
+FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # F32, F16, BF16
+SUPPORTED = ", ".join(["F32", "F16", "BF16", *(q.name for q in QUANT_TYPES.values())])
+
+
+def dequantize(raw: Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The values of a quantized tensor (its bytes, any shape) as a `shape` tensor of `dtype`."""
+    q = QUANT_TYPES[qtype]
+    return q.dequantize(raw.reshape(-1, q.nbytes)).reshape(shape).to(dtype)
+
+
+@dataclass
+class GGUFTensor:
+    """A quantized tensor as the file holds it: its bytes (rows of blocks), type and real shape."""
+
+    raw: Tensor  # uint8
+    qtype: int
+    shape: tuple[int, ...]
+
+    @property
+    def type_name(self) -> str:
+        return QUANT_TYPES[self.qtype].name
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.raw, self.qtype, self.shape, dtype)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _reader(path: Path):
+    try:
+        import gguf
+    except ImportError:
+        raise KinoUserError(f"{path} is a GGUF file: reading it needs the gguf package "
+                            "(pip install 'kino-video[gguf]', or pip install gguf)") from None
+    try:
+        # copy-on-write mapping: the bytes stay the page cache's until something writes them
+        return gguf.GGUFReader(path, mode="c")
+    except Exception as e:  # the reader raises ValueError / struct and numpy errors on a damaged file
+        raise KinoUserError(f"{path} is not a valid GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _orig_shape(reader, name: str) -> tuple[int, ...] | None:
+    field = reader.get_field(ORIG_SHAPE + name)
+    return None if field is None else tuple(int(v) for v in field.contents())
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, Tensor | GGUFTensor]:
+    """The tensors of a GGUF file by name (ComfyUI's `model.diffusion_model.` prefix dropped):
+    F32 / F16 / BF16 ones as tensors (converted to `dtype` when given), quantized ones as
+    `GGUFTensor`s over the file's bytes. Any other tensor type is an error naming the tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise KinoUserError(f"GGUF file {path} does not exist")
+    reader = _reader(path)
+    out: dict[str, Tensor | GGUFTensor] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # numpy views of the mapping
+        for t in reader.tensors:
+            name = t.name
+            for prefix in PREFIXES:
+                if name.startswith(prefix):
+                    name = name[len(prefix):]
+                    break
+            shape = _orig_shape(reader, t.name) or tuple(int(d) for d in reversed(t.shape.tolist()))
+            kind = int(t.tensor_type)
+            if kind in FLOAT_TYPES:
+                data = torch.from_numpy(t.data)
+                value = data.view(torch.int16).view(torch.bfloat16) if kind == 30 else data
+                value = value.reshape(shape)
+                out[name] = value.to(dtype) if dtype is not None else value
+            elif kind in QUANT_TYPES:
+                out[name] = GGUFTensor(torch.from_numpy(t.data), kind, shape)
+            else:
+                raise KinoUserError(f"{path}: tensor {t.name} is of type {t.tensor_type.name}, which kino does "
+                                    f"not read; allowed: {SUPPORTED}")
+    if not out:
+        raise KinoUserError(f"{path} holds no tensors")
+    return out
+
+
+def quantized_share(state: dict) -> float:
+    """The share of a state dict's elements held quantized."""
+    total = quant = 0
+    for v in state.values():
+        n = int(torch.Size(v.shape).numel())
+        total += n
+        quant += n if isinstance(v, GGUFTensor) else 0
+    return quant / max(total, 1)
+
+
+# ---------------------------------------------------------------------------- the layer
+
+
+class GGUFLinear(nn.Module):
+    """A linear layer whose weight stays in a GGUF quantization type: `weight` holds the file's
+    bytes (uint8, (out, bytes per row)); each call dequantizes it in the input's dtype.
+    LoRAs (`add_lora`) are added unfused: y = W x + b + up (down x)."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: int, bias: bool = True,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        q = QUANT_TYPES[qtype]
+        if in_features % q.block:
+            raise ValueError(f"{q.name} rows hold blocks of {q.block}; {in_features} inputs do not divide")
+        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // q.block * q.nbytes, dtype=torch.uint8,
+                                               device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self.register_buffer("lora_down", None, persistent=False)  # (R, in), several LoRAs stacked
+        self.register_buffer("lora_up", None, persistent=False)  # (out, R), their scales folded in
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.weight, self.qtype, (self.out_features, self.in_features), dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.lora_down is not None:
+            down = self.lora_down.to(x.device, x.dtype)
+            y = y + F.linear(F.linear(x, down), self.lora_up.to(x.device, x.dtype))
+        return y
+
+    def add_lora(self, up: Tensor, down: Tensor) -> None:
+        """Add the update up @ down (out, R) @ (R, in), scale already in `up`."""
+        device = self.weight.device
+        up, down = up.float().to(device), down.float().to(device)
+        if self.lora_down is None:
+            self.lora_down, self.lora_up = down, up
+        else:
+            self.lora_down = torch.cat([self.lora_down, down])
+            self.lora_up = torch.cat([self.lora_up, up], dim=1)
+
+    def clear_loras(self) -> None:
+        self.lora_down = self.lora_up = None
+
+    def extra_repr(self) -> str:
+        lora = "" if self.lora_down is None else f", lora_rank={self.lora_down.shape[0]}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"type={QUANT_TYPES[self.qtype].name}, bias={self.bias is not None}{lora}")
+
+
+def build_with_gguf(model: nn.Module, state: dict[str, Tensor | GGUFTensor], keep: list[nn.Module], source: Path,
+                    dtype: torch.dtype) -> dict[str, Tensor]:
+    """For a model built on the meta device and a state dict holding GGUF tensors: every
+    `nn.Linear` inside the `keep` modules whose weight is quantized becomes a (meta)
+    `GGUFLinear` of that type, and the state dict returned holds its bytes; every other
+    quantized tensor is dequantized to `dtype`. Shapes are checked against the model's,
+    naming the file and the tensor on a mismatch."""
+    modules = dict(model.named_modules())
+    kept = {id(m) for k in keep for m in k.modules()}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, GGUFTensor):
+            out[key] = value
+            continue
+        owner, _, param = key.rpartition(".")
+        linear = modules.get(owner)
+        if param == "weight" and isinstance(linear, nn.Linear) and id(linear) in kept:
+            if tuple(value.shape) != (linear.out_features, linear.in_features):
+                raise KinoUserError(f"{source}: {key} is {tuple(value.shape)}, the model's "
+                                    f"{(linear.out_features, linear.in_features)}")
+            try:
+                layer = GGUFLinear(linear.in_features, linear.out_features, value.qtype, linear.bias is not None,
+                                   device="meta")
+            except ValueError as e:
+                raise KinoUserError(f"{source}: {key}: {e}") from None
+            parent, _, child = owner.rpartition(".")
+            setattr(modules[parent] if parent else model, child, layer)
+            modules[owner] = layer
+            out[key] = value.raw.reshape(layer.weight.shape)
+        else:
+            out[key] = value.dequantize(dtype)
+    return out
