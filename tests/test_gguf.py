@@ -1,0 +1,342 @@
+"""GGUF DiT weights (kino/models/gguf.py, `--dit FILE`): quantized Wan DiTs as published for
+small GPUs, read with the `gguf` package and kept quantized in `GGUFLinear` layers.
+
+Independent checks: every dequantizer equals the `gguf` package's numpy reference (ggml's
+layouts) exactly; a whole DiT read from a GGUF file computes what diffusers'
+WanTransformer3DModel computes with the reference-dequantized weights (1e-5), and what
+diffusers' own GGUF loader computes from the same file (which dequantizes in float16, so to
+float16 rounding of the weights). The DiT is 256 wide so that K-quants (256-element rows)
+fit; gguf-py quantizes Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 itself, K-quant tensors are written
+as random blocks with small scales (any such bytes are a valid tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from kino.cli import main
+from kino.errors import KinoUserError
+
+gguf = pytest.importorskip("gguf")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from test_wan import VAE, _perturb, _tokenizer, dit_to_wan, write_diffusers  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+QUANTIZABLE = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # gguf-py writes these
+K_QUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+# byte offsets of each type's float16 scale fields (d, m / dmin): set small so values stay sane
+HALF_FIELDS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q2_K: [80, 82],
+               Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+TEXT_DIM = 24
+PROMPT = "a cat walks on the grass"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_blocks(qtype, n_blocks: int, rng, scale: float) -> np.ndarray:
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
+    for off in HALF_FIELDS[qtype]:
+        raw[:, off:off + 2] = np.float16(rng.uniform(-scale, scale, n_blocks)).view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+def quantized(value: torch.Tensor, qtype, rng) -> np.ndarray:
+    """`value` (out, in) as `qtype` bytes (out, row bytes): quantized by gguf-py, or random
+    blocks of a K-quant with scales that keep values near the original's size."""
+    a = value.float().numpy()
+    if qtype in QUANTIZABLE:
+        return gguf.quants.quantize(a, qtype)
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    scale = float(np.abs(a).max()) / 60
+    return random_blocks(qtype, a.size // block, rng, scale).reshape(a.shape[0], -1)
+
+
+def write_gguf(path, state: dict, *, flatten: bool = True, prefix: str = "", seed: int = 0,
+               types=tuple(QUANTIZABLE + K_QUANTS)) -> dict[str, torch.Tensor]:
+    """`state` (Wan names) as a GGUF file the way ComfyUI-GGUF's converter lays one out: the
+    blocks' matrices quantized (cycling through `types`), one embedding matrix quantized too,
+    a modulation table in BF16, vectors in F32, the 5-D patch embedding flattened to rows of
+    256 with its real shape in `comfy.gguf.orig_shape.*` (`flatten`). Returns every tensor's
+    values as the file holds them, dequantized by gguf-py (the reference)."""
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "wan")
+    values = {}
+    i = 0
+    for key, value in state.items():
+        name = prefix + key
+        if (key.startswith("blocks.") and value.ndim == 2) or key == "time_embedding.0.weight":
+            qtype = types[i % len(types)] if key.startswith("blocks.") else Q.Q8_0
+            i += 1
+            data = quantized(value, qtype, rng)
+            writer.add_tensor(name, data, raw_dtype=qtype)
+            values[key] = torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(value.shape)
+        elif key == "blocks.0.modulation":
+            data = gguf.quants.quantize(value.float().numpy(), Q.BF16)
+            writer.add_tensor(name, data, raw_dtype=Q.BF16)
+            values[key] = value.to(torch.bfloat16).float()
+        elif key == "patch_embedding.weight" and flatten:
+            writer.add_tensor(name, value.float().numpy().reshape(-1, 256))
+            writer.add_array("comfy.gguf.orig_shape." + name, list(value.shape))
+            values[key] = value.float()
+        else:
+            writer.add_tensor(name, value.float().numpy())
+            values[key] = value.float()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return values
+
+
+def _dit(seed: int = 0):
+    torch.manual_seed(seed)
+    dit = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    return _perturb(dit, seed + 1).eval()
+
+
+def _reference(dit, values: dict) -> torch.nn.Module:
+    """A copy of diffusers' DiT holding the GGUF file's (reference-dequantized) values."""
+    from kino.models.dit.adapters import to_diffusers
+
+    ref = diffusers.WanTransformer3DModel.from_config(dit.config).eval()
+    ref.load_state_dict(to_diffusers(values), strict=True)
+    return ref
+
+
+def _inputs(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 16, 3, 4, 6, generator=gen), torch.tensor([999.0, 321.5]),
+            torch.randn(2, 7, TEXT_DIM, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    """A tiny Wan2.1 folder (diffusers layout) with a 256-wide DiT, and that DiT as GGUF files."""
+    root = tmp_path_factory.mktemp("gguf")
+    dit = _dit()
+    config = transformers.UMT5Config(
+        vocab_size=20, d_model=TEXT_DIM, d_kv=8, d_ff=40, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
+    torch.manual_seed(3)
+    text = _perturb(transformers.UMT5EncoderModel(config), 4).eval()
+    vae = _perturb(diffusers.AutoencoderKLWan(**VAE), 2).eval()
+    folder = write_diffusers(root / "Wan2.1-T2V-wide-Diffusers", (dit, vae, text, _tokenizer()))
+    state = dit_to_wan(dit.state_dict())
+    values = write_gguf(root / "dit-mixed.gguf", state, prefix="model.diffusion_model.")
+    plain = write_gguf(root / "dit-plain.gguf", state, flatten=False)  # diffusers' loader reads no orig_shape
+    return {"root": root, "folder": folder, "dit": dit, "state": state, "file": root / "dit-mixed.gguf",
+            "values": values, "plain_file": root / "dit-plain.gguf", "plain_values": plain}
+
+
+# ---------------------------------------------------------------------------- dequantizers
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE + K_QUANTS, ids=lambda q: q.name)
+def test_dequantizers_equal_ggufs_reference(qtype):
+    from kino.models.gguf import dequantize
+
+    rng = np.random.default_rng(int(qtype))
+    raw = random_blocks(qtype, 9, rng, 0.1)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    expected = gguf.quants.dequantize(raw.reshape(1, -1), qtype).reshape(3, 3 * block)
+    got = dequantize(torch.from_numpy(raw), int(qtype), (3, 3 * block))
+    assert np.abs(expected).max() > 0.05
+    np.testing.assert_array_equal(got.numpy(), expected)
+    if qtype in QUANTIZABLE:  # and gguf-py's own quantization of real values reads back close to them
+        values = rng.standard_normal((4, 64)).astype(np.float32)
+        back = dequantize(torch.from_numpy(gguf.quants.quantize(values, qtype)), int(qtype), (4, 64))
+        assert np.abs(back.numpy() - values).max() < 0.35 * np.abs(values).max() / 4
+
+
+# ---------------------------------------------------------------------------- the DiT
+
+
+def test_a_gguf_dit_computes_what_diffusers_computes_with_its_values(wan):
+    from kino.models.dit.adapters import config_from_diffusers
+    from kino.models.dit.pretrained import build_dit, read_dit_file
+    from kino.models.gguf import GGUFLinear
+
+    config = config_from_diffusers(wan["dit"].config)
+    dit = build_dit(config, read_dit_file(wan["file"], torch.float32, config), wan["file"])
+    layers = [m for m in dit.modules() if isinstance(m, GGUFLinear)]
+    assert len(layers) == 20 and {m.qtype for m in layers} == {int(q) for q in QUANTIZABLE + K_QUANTS}
+    assert all(m.weight.dtype == torch.uint8 for m in layers)
+    assert not isinstance(dit.time_embedding[0], GGUFLinear)  # outside the blocks: dequantized once
+    assert dit.patch_embedding.weight.shape == (256, 16, 1, 2, 2)  # the flattened tensor's real shape
+    x, t, text = _inputs()
+    with torch.no_grad():
+        expected = _reference(wan["dit"], wan["values"])(x, t, text).sample
+        unquantized = wan["dit"](x, t, text).sample
+        got = dit(x, t, text)
+    assert expected.std() > 0.1 and (expected - unquantized).abs().max() > 1e-2  # the quantization shows
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_the_same_file_read_by_diffusers_gguf_loader(wan, tmp_path):
+    """diffusers' from_single_file(GGUFQuantizationConfig) on the same file: the same DiT, up to
+    diffusers' float16 dequantization of the weights."""
+    from kino.models.dit.adapters import config_from_diffusers
+    from kino.models.dit.pretrained import build_dit, read_dit_file
+
+    wan["dit"].save_pretrained(tmp_path / "transformer")
+    ref = diffusers.WanTransformer3DModel.from_single_file(
+        str(wan["plain_file"]), config=str(tmp_path), subfolder="transformer", torch_dtype=torch.float32,
+        quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=torch.float32))
+    config = config_from_diffusers(wan["dit"].config)
+    dit = build_dit(config, read_dit_file(wan["plain_file"], torch.float32, config), wan["plain_file"])
+    x, t, text = _inputs(1)
+    with torch.no_grad():
+        expected = ref(x, t, text).sample
+        got = dit(x, t, text)
+        exact = _reference(wan["dit"], wan["plain_values"])(x, t, text).sample
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-5)
+    assert (got - expected).abs().max() < 2e-3 * expected.abs().max()
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def _float_pipeline(wan):
+    """The Wan folder's pipeline with its DiT holding the GGUF file's values as float32."""
+    from kino.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(wan["folder"], text_dtype="float32")
+    pipe.dit.load_state_dict(wan["values"])
+    return pipe
+
+
+KW = dict(frames=5, height=16, width=32, steps=3, seed=2)
+
+
+def test_generation_with_a_gguf_dit_equals_the_dequantized_dits(wan):
+    from kino.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(wan["folder"], text_dtype="float32", dit_file=wan["file"])
+    assert pipe.quantized and pipe.dit_sha256 is None
+    got = pipe.generate(PROMPT, **KW)
+    expected = _float_pipeline(wan).generate(PROMPT, **KW)
+    torch.testing.assert_close(got.latents, expected.latents, rtol=0, atol=1e-4)
+    with pytest.raises(KinoUserError, match="GGUF-quantized"):
+        pipe.save_pretrained(wan["root"] / "never")
+
+
+def test_memory_plans_move_the_quantized_bytes(wan):
+    """Block swapping and model offload carry the GGUF layers' bytes; fp8 storage touches only
+    float matrices (here none in the blocks): the video is the plain GGUF pipeline's."""
+    from kino.models.memory import MemoryPlan
+    from kino.pipeline import Pipeline
+
+    base = Pipeline.from_pretrained(wan["folder"], text_dtype="float32", dit_file=wan["file"]).generate(PROMPT, **KW)
+    for plan in (MemoryPlan(dtype="float32", swap_blocks=1, offload="model"),
+                 MemoryPlan(dtype="float32", weights="fp8", cfg="sequential")):
+        pipe = Pipeline.from_pretrained(wan["folder"], text_dtype="float32", dit_file=wan["file"], memory=plan)
+        assert pipe.dit.blocks[0].self_attn.q.weight.numel() == 0  # streamed: a placeholder between calls
+        torch.testing.assert_close(pipe.generate(PROMPT, **KW).latents, base.latents, rtol=0, atol=1e-4)
+    with pytest.raises(KinoUserError, match="GGUF-quantized DiT"):
+        Pipeline.from_pretrained(wan["folder"], text_dtype="float32", dit_file=wan["file"]).set_memory(
+            MemoryPlan(dtype="float32"), shard=object())
+
+
+def test_a_lora_on_a_gguf_dit_is_the_fused_lora_unfused(wan, tmp_path):
+    from safetensors.torch import save_file
+
+    from kino.pipeline import Pipeline
+
+    gen = torch.Generator().manual_seed(7)
+    lora = {}
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0", "head.head"):  # two quantized layers, one float
+        module = dict(_float_pipeline(wan).dit.named_modules())[name]
+        lora[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=gen) * 0.1
+        lora[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=gen) * 0.1
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    pipe = Pipeline.from_pretrained(wan["folder"], text_dtype="float32", dit_file=wan["file"])
+    before = pipe.generate(PROMPT, **KW).latents
+    pipe.load_lora(tmp_path / "lora.safetensors", 0.7)
+    assert pipe.dit.blocks[0].self_attn.q.lora_down.shape == (4, 256)
+    fused = _float_pipeline(wan)
+    fused.load_lora(tmp_path / "lora.safetensors", 0.7)
+    got, expected = pipe.generate(PROMPT, **KW).latents, fused.generate(PROMPT, **KW).latents
+    assert (expected - before).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    pipe.unload_loras()
+    assert pipe.dit.blocks[0].self_attn.q.lora_down is None
+    torch.testing.assert_close(pipe.generate(PROMPT, **KW).latents, before, rtol=0, atol=0)
+
+
+def test_kino_generate_with_dit_on_a_folder_without_its_dit_weights(wan, tmp_path, capsys):
+    """The GGUF users' set-up: the folder's VAE, text encoder and the DiT's config.json only."""
+    from kino.data.video_io import read_video
+
+    folder = tmp_path / "no-dit-weights"
+    shutil.copytree(wan["folder"], folder)
+    for f in (folder / "transformer").glob("*.safetensors"):
+        f.unlink()
+    out = tmp_path / "clip.mp4"
+    code = main(["generate", PROMPT, "--model", str(folder), "--dit", str(wan["file"]), "--frames", "5",
+                 "--size", "16x32", "--steps", "2", "--swap-blocks", "1", "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert read_video(out)[0].shape == (5, 16, 32, 3)
+    code = main(["generate", PROMPT, "--model", str(folder), "--frames", "5", "-o", str(out), "-q"])
+    assert code == 2 and "--dit FILE" in capsys.readouterr().err
+
+
+def test_dit_safetensors_file_in_kinos_names(tmp_path):
+    """`--dit` with a safetensors file: the shipped model's own DiT, saved alone (kino's names,
+    its absolute-position embedding included), generates the shipped model's video."""
+    from safetensors.torch import save_file
+
+    from kino.pipeline import Pipeline
+
+    shipped = Pipeline.from_pretrained()
+    save_file({k: v.contiguous() for k, v in shipped.dit.state_dict().items()}, str(tmp_path / "dit.safetensors"))
+    pipe = Pipeline.from_pretrained(dit_file=tmp_path / "dit.safetensors")
+    kw = dict(frames=5, height=64, width=64, steps=2, seed=3)
+    assert torch.equal(pipe.generate("a large red circle moving left on a black background", **kw).latents,
+                       shipped.generate("a large red circle moving left on a black background", **kw).latents)
+    with pytest.raises(KinoUserError, match="two-expert"):
+        Pipeline.from_pretrained(dit_2_file=tmp_path / "dit.safetensors")
+
+
+def test_bad_gguf_files_are_clear_errors(wan, tmp_path, capsys, monkeypatch):
+    from kino.models.dit.pretrained import read_dit_file
+
+    writer = gguf.GGUFWriter(str(tmp_path / "iq.gguf"), "wan")
+    writer.add_tensor("blocks.0.ffn.0.weight", np.zeros((4, 2 * 136), np.uint8), raw_dtype=Q.IQ4_XS)
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    with pytest.raises(KinoUserError, match=r"blocks\.0\.ffn\.0\.weight is of type IQ4_XS.*allowed: F32"):
+        read_dit_file(tmp_path / "iq.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 40)
+    with pytest.raises(KinoUserError, match="junk.gguf is not a valid GGUF file"):
+        read_dit_file(tmp_path / "junk.gguf")
+    other = tmp_path / "other.gguf"  # a DiT of another width: the mismatch names the file and tensor
+    state = dict(wan["state"])
+    state["blocks.0.ffn.0.weight"] = state["blocks.0.ffn.0.weight"][:256]
+    write_gguf(other, state, types=[Q.Q8_0])
+    code = main(["generate", PROMPT, "--model", str(wan["folder"]), "--dit", str(other), "--frames", "1",
+                 "--size", "16x16", "-o", str(tmp_path / "x.png"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "other.gguf: blocks.0.ffn.0.weight is (256, 256), the model's (512, 256)" in err, err
+    code = main(["generate", PROMPT, "--model", str(wan["folder"]), "--dit", str(tmp_path / "dit.bin"),
+                 "--frames", "1", "-o", str(tmp_path / "x.png"), "-q"])
+    assert code == 2 and "is .gguf or .safetensors" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # the package not installed
+    with pytest.raises(KinoUserError, match=r"needs the gguf package \(pip install 'kino-video\[gguf\]'"):
+        read_dit_file(wan["file"])
