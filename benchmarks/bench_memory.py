@@ -8,14 +8,18 @@ not change memory or speed), apply the plan, then one guided denoising step (a b
 for the guided and unguided branches, or two calls with `cfg=sequential`) at the given
 latent size. Reported per plan:
 
-- CPU: resident set after setup (what the weights keep) and peak resident set during the
-  step (the kernel's high-water mark, reset after setup), in MiB; step seconds.
+- CPU: resident set after setup and one warm-up step (what the weights keep, a GGUF file's
+  mapped pages included) and peak resident set during the next step (the kernel's
+  high-water mark, reset before it), in MiB; that step's seconds.
 - CUDA: memory allocated after setup and peak allocated during the step, in MiB (torch's
   allocator counters); step seconds. Wan's 832x480x81 is `--latent 21x60x104`.
 
 Plans: fp32 (all weights in fp32), bf16 / fp8 (block weights stored so, computed in the
-compute dtype), and with a "+swapN" suffix N blocks kept in CPU memory (GPU only matters
-there), "+seq" for sequential guidance, e.g. `fp8+swap30+seq`.
+compute dtype), gguf-TYPE (the DiT read from a GGUF file whose block matrices are of that
+type, e.g. gguf-Q8_0, gguf-Q4_K: kept quantized, dequantized one layer at a time; the file
+is written once into --gguf-dir with random blocks, whose values do not change memory or
+speed), and with a "+swapN" suffix N blocks kept in CPU memory (GPU only matters there),
+"+seq" for sequential guidance, e.g. `fp8+swap30+seq`.
 """
 
 from __future__ import annotations
@@ -40,9 +44,15 @@ from kino.models.memory import MemoryPlan  # noqa: E402
 MIB = 2**20
 
 
+def gguf_type(name: str) -> str | None:
+    """The GGUF type of a gguf-TYPE plan (None for the others)."""
+    first = name.split("+")[0]
+    return first[5:] if first.startswith("gguf-") else None
+
+
 def parse_plan(name: str) -> MemoryPlan:
     parts = name.split("+")
-    weights = {"fp32": None, "bf16": "bf16", "fp8": "fp8"}[parts[0]]
+    weights = None if gguf_type(name) else {"fp32": None, "bf16": "bf16", "fp8": "fp8"}[parts[0]]
     swap, cfg = 0, "batch"
     for p in parts[1:]:
         if p.startswith("swap"):
@@ -76,20 +86,61 @@ def _peak_rss_mib() -> float:
     return (proc_status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
-def child(args) -> dict:
-    from kino.models.memory import BlockStreamer
+def write_gguf(path: Path, size: str, qtype_name: str) -> None:
+    """A GGUF file of a `size` DiT (Wan's names) laid out as published ones are: block matrices
+    of `qtype_name` (random blocks with small scales), everything else F32."""
+    import gguf
+    import numpy as np
 
-    device = torch.device(args.device)
-    plan = parse_plan(args.plan)
-    dtype = plan.compute_dtype(device)
+    from kino.models.gguf import QUANT_TYPES
+
+    qtype = next(k for k, q in QUANT_TYPES.items() if q.name == qtype_name)
+    q = QUANT_TYPES[qtype]
+    half = {"Q2_K": 80, "Q3_K": 108, "Q6_K": 208}.get(qtype_name, 0)  # where the block's f16 scale sits
+    rng = np.random.default_rng(0)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in DiT(DIT_SIZES[size]).state_dict().items()}
+    writer = gguf.GGUFWriter(str(path), "wan", use_temp_file=True)
+    for key, shape in shapes.items():
+        if key.startswith("blocks.") and len(shape) == 2 and shape[1] % q.block == 0:  # else F32, as converters do
+            raw = rng.integers(0, 256, size=(shape[0] * shape[1] // q.block, q.nbytes), dtype=np.uint8)
+            raw[:, half:half + 2] = np.full((len(raw), 1), 1e-3, np.float16).view(np.uint8)
+            if qtype_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):  # and the min / dmin field
+                raw[:, 2:4] = raw[:, 0:2]
+            writer.add_tensor(key, raw.reshape(shape[0], -1), raw_dtype=gguf.GGMLQuantizationType(qtype))
+        else:
+            writer.add_tensor(key, rng.normal(0, 0.02, size=shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def build(args, dtype: torch.dtype) -> DiT:
+    """The plan's DiT in `dtype` on the CPU: random weights, or read from the plan's GGUF file."""
+    qtype = gguf_type(args.plan)
+    if qtype is not None:
+        from kino.models.dit.pretrained import build_dit, read_dit_file
+
+        path = Path(args.gguf_dir) / f"{args.size}-{qtype}.gguf"
+        config = DIT_SIZES[args.size]
+        return build_dit(config, read_dit_file(path, dtype, config), path, "cpu", dtype)
     torch.manual_seed(0)
     with torch.device("meta"):
         dit = DiT(DIT_SIZES[args.size])
     dit.to_empty(device="cpu")  # random values: memory and speed do not depend on them
     for p in dit.parameters():
         p.data.normal_(0, 0.02)
-    dit.eval().requires_grad_(False)
-    dit.to(dtype)
+    return dit.eval().requires_grad_(False).to(dtype)
+
+
+def child(args) -> dict:
+    from kino.models.memory import BlockStreamer
+
+    device = torch.device(args.device)
+    plan = parse_plan(args.plan)
+    dtype = plan.compute_dtype(device)
+    dit = build(args, dtype)
     if plan.streams_blocks:
         streamer = BlockStreamer(dit.blocks, device, dtype, plan.weights, plan.swap_blocks)
     dit.to(device)  # the blocks' placeholders and the non-block weights
@@ -124,7 +175,8 @@ def child(args) -> dict:
         out["step_s"] = time.perf_counter() - t0
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / MIB
     else:
-        _trim()  # hand the freed fp32 build copies back to the OS, or RSS keeps them
+        run()  # warm-up: a GGUF file's mapped pages are read (resident) from the first step on
+        _trim()  # hand the freed fp32 build copies and the warm-up's activations back to the OS
         out["setup_mib"] = proc_status_kib("VmRSS") / 1024
         out["peak_reset"] = _reset_peak_rss()
         t0 = time.perf_counter()
@@ -141,6 +193,7 @@ def main():
     ap.add_argument("--text", type=int, default=512, help="text tokens (Wan pads to 512)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--plans", nargs="+", default=["fp32", "bf16", "fp8"])
+    ap.add_argument("--gguf-dir", default="/tmp/kino-bench-gguf", help="where gguf-TYPE plans' files are written")
     ap.add_argument("--plan", default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     args.latent = tuple(int(v) for v in args.latent.split("x"))
@@ -150,8 +203,12 @@ def main():
     rows = []
     for plan in args.plans:
         parse_plan(plan)
+        qtype = gguf_type(plan)
+        if qtype is not None and not (Path(args.gguf_dir) / f"{args.size}-{qtype}.gguf").is_file():
+            Path(args.gguf_dir).mkdir(parents=True, exist_ok=True)
+            write_gguf(Path(args.gguf_dir) / f"{args.size}-{qtype}.gguf", args.size, qtype)
         cmd = [sys.executable, __file__, "--plan", plan, "--size", args.size, "--latent", "x".join(map(str, args.latent)),
-               "--text", str(args.text), "--device", args.device]
+               "--text", str(args.text), "--device", args.device, "--gguf-dir", args.gguf_dir]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(res.stderr, file=sys.stderr)

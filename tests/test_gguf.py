@@ -281,19 +281,31 @@ def test_a_lora_on_a_gguf_dit_is_the_fused_lora_unfused(wan, tmp_path):
     torch.testing.assert_close(pipe.generate(PROMPT, **KW).latents, before, rtol=0, atol=0)
 
 
-def test_kino_generate_with_dit_on_a_folder_without_its_dit_weights(wan, tmp_path, capsys):
-    """The GGUF users' set-up: the folder's VAE, text encoder and the DiT's config.json only."""
+def test_kino_generate_with_dit_on_a_hub_folder_without_its_dit_weights(wan, tmp_path, capsys, monkeypatch):
+    """The GGUF users' set-up: a Hub repository's VAE, text encoder and the DiT's config.json
+    (its DiT weights are not downloaded: here they are not even in the offline cache)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from test_hub import hub_cache
+
     from kino.data.video_io import read_video
 
     folder = tmp_path / "no-dit-weights"
     shutil.copytree(wan["folder"], folder)
     for f in (folder / "transformer").glob("*.safetensors"):
         f.unlink()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_cache(tmp_path / "hf", "Wan-AI/wide", folder)
+    calls = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append(k) or real(*a, **k))
     out = tmp_path / "clip.mp4"
-    code = main(["generate", PROMPT, "--model", str(folder), "--dit", str(wan["file"]), "--frames", "5",
+    code = main(["generate", PROMPT, "--model", "Wan-AI/wide", "--dit", str(wan["file"]), "--frames", "5",
                  "--size", "16x32", "--steps", "2", "--swap-blocks", "1", "-o", str(out), "-q"])
     assert code == 0, capsys.readouterr().err
     assert read_video(out)[0].shape == (5, 16, 32, 3)
+    assert "transformer/diffusion_pytorch_model*" in calls[0]["ignore_patterns"]
     code = main(["generate", PROMPT, "--model", str(folder), "--frames", "5", "-o", str(out), "-q"])
     assert code == 2 and "--dit FILE" in capsys.readouterr().err
 
@@ -305,9 +317,14 @@ def test_dit_safetensors_file_in_kinos_names(tmp_path):
 
     from kino.pipeline import Pipeline
 
+    from kino.models.folder import default_model_dir
+
     shipped = Pipeline.from_pretrained()
     save_file({k: v.contiguous() for k, v in shipped.dit.state_dict().items()}, str(tmp_path / "dit.safetensors"))
-    pipe = Pipeline.from_pretrained(dit_file=tmp_path / "dit.safetensors")
+    folder = tmp_path / "default-without-dit-weights"
+    shutil.copytree(default_model_dir(), folder)
+    (folder / "dit" / "model.safetensors").unlink()
+    pipe = Pipeline.from_pretrained(folder, dit_file=tmp_path / "dit.safetensors")
     kw = dict(frames=5, height=64, width=64, steps=2, seed=3)
     assert torch.equal(pipe.generate("a large red circle moving left on a black background", **kw).latents,
                        shipped.generate("a large red circle moving left on a black background", **kw).latents)

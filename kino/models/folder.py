@@ -197,6 +197,8 @@ def load_component(path: str | Path, component: str, weights: bool = True,
             raise KinoUserError(f"{manifest} has no valid entry for component {component!r} ({e})") from None
         folder, name = root / entry["path"], meta.get("name", root.name)
         for fname, expected in entry["files"].items():
+            if fname == WEIGHTS and not weights:  # a component read for its config alone
+                continue
             f = folder / fname
             if not f.is_file():
                 raise KinoUserError(f"{f} is missing: {manifest} lists it for component {component!r}")

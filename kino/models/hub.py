@@ -49,19 +49,28 @@ def _local(text: str) -> bool:
     return Path(text).exists() or text.startswith(("./", "../"))
 
 
-def resolve_model(spec: str | Path) -> Path:
+# a model's DiT weights, in each layout (kino, Wan's original, diffusers); [1]: a two-expert
+# model's second DiT. Not downloaded when they come from another file (`--dit FILE`).
+DIT_WEIGHTS = (("dit/model.safetensors", "diffusion_pytorch_model*.safetensors",
+                "high_noise_model/diffusion_pytorch_model*", "transformer/diffusion_pytorch_model*"),
+               ("dit_2/model.safetensors", "low_noise_model/diffusion_pytorch_model*",
+                "transformer_2/diffusion_pytorch_model*"))
+
+
+def resolve_model(spec: str | Path, skip: tuple[str, ...] = ()) -> Path:
     """The local folder `spec` names: itself when it exists on disk, else the verified snapshot
-    of the Hub repository it names (downloaded on first use)."""
+    of the Hub repository it names (downloaded on first use, but for files matching `skip`)."""
     found = hub_id(spec)
     if found is None:
         return Path(spec)
     from huggingface_hub import constants, snapshot_download  # a dependency of transformers
 
-    key = (*found, constants.HF_HUB_CACHE)
+    key = (*found, constants.HF_HUB_CACHE, tuple(skip))
     if key in _RESOLVED:
         return _RESOLVED[key]
     repo, revision = found
-    folder = Path(_download(lambda: snapshot_download(repo, revision=revision, ignore_patterns=IGNORE),
+    ignore = IGNORE + list(skip)
+    folder = Path(_download(lambda: snapshot_download(repo, revision=revision, ignore_patterns=ignore),
                             f"folder {spec}", repo))
     verify_snapshot(folder, repo)
     _RESOLVED[key] = folder
