@@ -7,9 +7,9 @@
 #   SMOKE=1 bash benchmarks/gpu_suite.sh    # the same steps at tiny sizes on a CPU, uncompiled (a dry run)
 #
 # The GPU machine has torch, transformers, safetensors and tokenizers, but not diffusers
-# (the peer). Carry its wheel (.whl/ is git-ignored): `pip download --no-deps
-# --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl
-# diffusers==0.42.1`, then `carry: [".whl"]`. kino itself runs from the checkout
+# (the peer) nor gguf (for the GGUF step). Carry their wheels (.whl/ is git-ignored): `pip
+# download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64
+# -d .whl diffusers==0.42.1 gguf==0.19.0`, then `carry: [".whl"]`. kino itself runs from the checkout
 # (PYTHONPATH); the paths these benchmarks import need neither PyAV nor the MiniLM package.
 #
 # Each step writes its output to $OUT/NAME.log (the device tool returns $OUT; elsewhere OUT
@@ -64,8 +64,15 @@ step memory_plain 90 $PY benchmarks/bench_pipeline_memory.py --dit $DIT --vae $V
 # shellcheck disable=SC2086
 step train_mfu 240 $PY benchmarks/bench_train.py $TRAIN --nproc 1 --device $DEV --precision $DTYPE --ac $COMPILE
 
+# GGUF DiT (Q4_K blocks, dequantized layer by layer) against fp8 block storage: one guided DiT step's
+# device memory and time at 832x480x81 (the 1.3B-size file is written first, random blocks)
+# shellcheck disable=SC2086
+step memory_gguf 90 $PY benchmarks/bench_memory.py --size $DIT --latent $LATENT --text $TEXT --device $DEV \
+    --plans gguf-Q4_K fp8 --gguf-dir /tmp/kino-gguf
+
 echo "=== results"
 grep -h "plans as expected" "$OUT/memory_plans.log" 2>/dev/null
 for f in dit_peer memory_small memory_plain train_mfu; do
     grep -h '^{' "$OUT/$f.log" 2>/dev/null | tail -n 1
 done
+grep -h '^| ' "$OUT/memory_gguf.log" 2>/dev/null

@@ -73,3 +73,13 @@ def test_preprocess_benchmark_times_every_phase():
     assert out["videos"] == 2 and out["clips"] == 2 and out["skipped"] == 0
     assert out["source_frames"] == 3 * (17 + 33)  # 8 -> 24 fps: every frame three times
     assert set(out["seconds"]) == {"decode", "text", "preprocess"} and 0 < out["decode_share"] < 1
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_gguf_plans(tmp_path):
+    res = _script("bench_memory.py", "--size", "tiny", "--latent", "2x4x4", "--text", "8", "--plans", "fp8",
+                  "gguf-Q8_0+swap1", "--gguf-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| gguf-Q8_0+swap1 |")]
+    assert len(rows) == 1 and (tmp_path / "tiny-Q8_0.gguf").is_file()
+    assert json.loads(res.stderr.strip().splitlines()[-1])["plan"] == "gguf-Q8_0+swap1"

@@ -211,6 +211,39 @@ def test_the_same_file_read_by_diffusers_gguf_loader(wan, tmp_path):
     assert (got - expected).abs().max() < 2e-3 * expected.abs().max()
 
 
+def test_rows_that_are_not_whole_blocks_are_dequantized_once(tmp_path):
+    """A 32-wide DiT's matrices in Q4_K (256-element blocks) fit only flattened into rows of 256
+    with their real shape in the metadata, as ComfyUI-GGUF's converter writes such tensors:
+    they load as float layers holding the reference values."""
+    from test_wan import _components
+
+    from kino.models.dit.adapters import config_from_diffusers
+    from kino.models.dit.pretrained import build_dit, read_dit_file
+    from kino.models.gguf import GGUFLinear
+
+    dit = _components()[0]
+    rng = np.random.default_rng(5)
+    writer = gguf.GGUFWriter(str(tmp_path / "narrow.gguf"), "wan")
+    values = {}
+    for key, value in dit_to_wan(dit.state_dict()).items():
+        if key.startswith("blocks.") and value.ndim == 2:
+            raw = random_blocks(Q.Q4_K, value.numel() // 256, rng, 1e-3)
+            writer.add_tensor(key, raw, raw_dtype=Q.Q4_K)
+            writer.add_array("comfy.gguf.orig_shape." + key, list(value.shape))
+            values[key] = torch.from_numpy(gguf.quants.dequantize(raw, Q.Q4_K)).reshape(value.shape)
+        else:
+            writer.add_tensor(key, value.float().numpy())
+            values[key] = value.float()
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    config = config_from_diffusers(dit.config)
+    mine = build_dit(config, read_dit_file(tmp_path / "narrow.gguf", torch.float32, config), tmp_path / "narrow.gguf")
+    assert not any(isinstance(m, GGUFLinear) for m in mine.modules())
+    x, t, _ = _inputs()
+    text = torch.randn(2, 7, dit.config.text_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x, t, text), _reference(dit, values)(x, t, text).sample, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- generation
 
 
