@@ -90,6 +90,8 @@ def lora_spec(text: str) -> tuple[Path, float]:
     return Path(path), value
 
 
+# kino.models.gguf.WRITE_TYPES (which imports torch; the parser does not)
+GGUF_WRITE_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
 
@@ -613,6 +615,15 @@ def cmd_convert_wan(args) -> int:
     return 0
 
 
+def cmd_convert_gguf(args) -> int:
+    from kino.convert.quantize import convert_gguf
+
+    counts = convert_gguf(args.src, args.dst, args.type, args.expert)
+    print(f"wrote {args.dst} ({', '.join(f'{n} {t}' for t, n in counts.items())} tensors, "
+          f"{args.dst.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_convert_lora(args) -> int:
     from kino.convert.lora_formats import write_foreign
     from kino.models.lora import read_lora
@@ -817,6 +828,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", type=Path, metavar="DST", help="new kino model folder (must not exist or be empty)")
     add_common(p)
     p.set_defaults(func=cmd_convert_wan)
+
+    p = csub.add_parser("gguf", help="a model's DiT -> a quantized GGUF file (for `--dit FILE`, ComfyUI-GGUF, "
+                        "diffusers)")
+    p.add_argument("src", type=Path, metavar="SRC", help="kino model folder, Wan2.1 / Wan2.2 folder, or a Hub id")
+    p.add_argument("dst", type=Path, metavar="DST", help="the .gguf file to write (must not exist)")
+    p.add_argument("--type", choices=GGUF_WRITE_TYPES, default="Q8_0",
+                   help="quantization of the DiT's matrices (default Q8_0); vectors and small tensors stay F32")
+    p.add_argument("--expert", type=int, choices=(1, 2), default=1,
+                   help="a two-expert model's (Wan2.2 A14B) DiT to write: 1 high-noise (default), 2 low-noise")
+    add_common(p)
+    p.set_defaults(func=cmd_convert_gguf)
 
     p = csub.add_parser("lora", help="a LoRA file (kino's or a Wan2.1 one kino reads) -> another trainer's layout")
     p.add_argument("src", type=Path, metavar="SRC", help="LoRA .safetensors (kino, wan, musubi or diffusers layout)")

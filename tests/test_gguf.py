@@ -390,3 +390,61 @@ def test_bad_gguf_files_are_clear_errors(wan, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # the package not installed
     with pytest.raises(KinoUserError, match=r"needs the gguf package \(pip install 'kino-video\[gguf\]'"):
         read_dit_file(wan["file"])
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _file_values(path) -> dict[str, torch.Tensor]:
+    """A GGUF file's tensors as the gguf package itself reads and dequantizes them."""
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        out[t.name] = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))).reshape(shape).float()
+    return out
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0"])
+def test_kino_convert_gguf_writes_a_file_kino_and_diffusers_read(wan, tmp_path, capsys, type_name):
+    from kino.models.dit.adapters import config_from_diffusers
+    from kino.models.dit.pretrained import build_dit, read_dit_file
+
+    out = tmp_path / f"dit-{type_name}.gguf"
+    assert main(["convert", "gguf", str(wan["folder"]), str(out), "--type", type_name]) == 0
+    # every matrix of more than 1,024 elements whose rows are whole blocks: the blocks' 20, four of the embeddings
+    # and the head (text_embedding.0 reads 24 features: F32)
+    assert f"44 F32, 25 {type_name} tensors" in capsys.readouterr().out
+    values = _file_values(out)
+    assert values["patch_embedding.weight"].shape == (256, 16, 1, 2, 2)  # 5-D, as diffusers reads it
+    config = config_from_diffusers(wan["dit"].config)
+    dit = build_dit(config, read_dit_file(out, torch.float32, config), out)
+    wan["dit"].save_pretrained(tmp_path / "ref" / "transformer")
+    theirs = diffusers.WanTransformer3DModel.from_single_file(
+        str(out), config=str(tmp_path / "ref"), subfolder="transformer", torch_dtype=torch.float32,
+        quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=torch.float32))
+    x, t, text = _inputs(2)
+    with torch.no_grad():
+        expected = _reference(wan["dit"], values)(x, t, text).sample
+        unquantized = wan["dit"](x, t, text).sample
+        got = dit(x, t, text)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert (got - theirs(x, t, text).sample).abs().max() < 2e-3 * expected.abs().max()
+    error = ((got - unquantized).norm() / unquantized.norm()).item()
+    assert 0 < error < (0.01 if type_name == "Q8_0" else 0.25), error  # 4 bits: 0.13 on these random weights
+
+
+def test_kino_convert_gguf_errors(wan, tmp_path, capsys):
+    from kino.cli import GGUF_WRITE_TYPES
+    from kino.models.gguf import WRITE_TYPES
+
+    assert GGUF_WRITE_TYPES == WRITE_TYPES
+    out = tmp_path / "dit.gguf"
+    out.write_bytes(b"")
+    assert main(["convert", "gguf", str(wan["folder"]), str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["convert", "gguf", str(wan["folder"]), str(tmp_path / "b.gguf"), "--expert", "2"]) == 2
+    assert "no second expert" in capsys.readouterr().err
+    assert main(["convert", "gguf", str(wan["folder"]), str(tmp_path / "c.gguf"), "--type", "Q4_K"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "b.gguf").exists() and not (tmp_path / "c.gguf").exists()

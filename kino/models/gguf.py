@@ -199,12 +199,17 @@ class GGUFTensor:
 # ---------------------------------------------------------------------------- reading
 
 
-def _reader(path: Path):
+def _gguf(path: Path):
     try:
         import gguf
     except ImportError:
-        raise KinoUserError(f"{path} is a GGUF file: reading it needs the gguf package "
+        raise KinoUserError(f"{path} is a GGUF file: reading or writing it needs the gguf package "
                             "(pip install 'kino-video[gguf]', or pip install gguf)") from None
+    return gguf
+
+
+def _reader(path: Path):
+    gguf = _gguf(path)
     try:
         # copy-on-write mapping: the bytes stay the page cache's until something writes them
         return gguf.GGUFReader(path, mode="c")
@@ -343,3 +348,42 @@ def build_with_gguf(model: nn.Module, state: dict[str, Tensor | GGUFTensor], kee
         else:
             out[key] = value.dequantize(dtype)
     return out
+
+
+# ---------------------------------------------------------------------------- writing
+
+WRITE_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")  # the ones the gguf package quantizes
+KEEP_F32 = 1024  # tensors this small stay F32, as ComfyUI-GGUF's converter keeps them
+
+
+def write_gguf(state: dict[str, Tensor], path: str | Path, type_name: str, arch: str = "wan") -> dict[str, int]:
+    """Write a DiT's state dict (kino's names, which are Wan's) as a GGUF file the way
+    ComfyUI-GGUF lays one out, so that it and diffusers read it too: every matrix of more than
+    1,024 elements whose rows are whole blocks in `type_name`, the rest (vectors, norms,
+    modulation tables, the 5-D patch embeddings) F32. Written to a temporary name, then
+    renamed. Returns how many tensors went to each type."""
+    path = Path(path)
+    gguf = _gguf(path)
+    if type_name not in WRITE_TYPES:
+        raise KinoUserError(f"GGUF type {type_name!r} cannot be written here; allowed: {', '.join(WRITE_TYPES)}")
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    tmp = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    counts: dict[str, int] = {}
+    for key, value in state.items():
+        a = value.detach().float().cpu().numpy()
+        quantize = a.ndim == 2 and a.size > KEEP_F32 and a.shape[1] % block == 0 and not key.endswith("modulation")
+        if quantize:
+            writer.add_tensor(key, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(key, a)
+        name = type_name if quantize else "F32"
+        counts[name] = counts.get(name, 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    return counts

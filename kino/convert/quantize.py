@@ -1,0 +1,51 @@
+"""`kino convert gguf SRC DST.gguf --type T`: a model's DiT as a quantized GGUF file.
+
+SRC is a kino model folder, a Wan2.1 / Wan2.2 folder in either layout, or a Hub id; the DiT
+(or, with `expert=2`, a two-expert model's low-noise DiT) is written in Wan's parameter
+names (kino's own; a kino DiT's extras such as its absolute-position embedding keep their
+names) in ComfyUI-GGUF's layout (kino/models/gguf.py `write_gguf`), so that kino
+(`--dit FILE`), ComfyUI-GGUF and diffusers' GGUF loader read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kino.errors import KinoUserError
+from kino.models.folder import load_component, read_manifest
+from kino.models.gguf import write_gguf
+from kino.models.hub import DIT_WEIGHTS, resolve_model
+
+
+def dit_state(src: str | Path, expert: int = 1) -> dict[str, torch.Tensor]:
+    """The DiT's state dict (kino's names) of a model folder or Hub id, in its file's dtype."""
+    from kino.convert.wan import detect_layout, read_wan
+
+    if expert not in (1, 2):
+        raise KinoUserError(f"expert must be 1 or 2, got {expert}")
+    skip = tuple(p for i, patterns in enumerate(DIT_WEIGHTS) if i != expert - 1 for p in patterns)
+    root = resolve_model(src, skip)
+    manifest = read_manifest(root)
+    if manifest is not None:
+        component = "dit" if expert == 1 else "dit_2"
+        if component not in manifest.get("components", {}):
+            raise KinoUserError(f"{root} has no {component} (a second DiT belongs to two-expert models)")
+        return load_component(root, component).state_dict
+    if not root.is_dir() or detect_layout(root) not in ("original", "diffusers"):
+        raise KinoUserError(f"{root} is not a kino model folder nor a Wan folder")
+    source = read_wan(root, dit_dtype=None)
+    state = source.dit_state if expert == 1 else source.dit_2_state
+    if state is None:
+        raise KinoUserError(f"{root} has one DiT: there is no second expert to write")
+    return state
+
+
+def convert_gguf(src: str | Path, dst: str | Path, type_name: str = "Q8_0", expert: int = 1) -> dict[str, int]:
+    dst = Path(dst)
+    if dst.exists():
+        raise KinoUserError(f"{dst} exists: name a new .gguf file")
+    if dst.suffix != ".gguf":
+        raise KinoUserError(f"{dst}: the file to write must end in .gguf")
+    return write_gguf(dit_state(src, expert), dst, type_name)
