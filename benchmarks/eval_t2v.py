@@ -70,14 +70,14 @@ def _row(scene, seed: int, index: int) -> dict:
             "held_out": any(is_held_out(o) for o in scene.caption.objects)}
 
 
-def _generate_shard(model, batch: Path, folder: Path, defaults: dict) -> None:
+def _generate_shard(model, batch: Path, folder: Path, defaults: dict, dit=None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    generate_batch(Pipeline.from_pretrained(model), batch, folder, defaults=defaults)
+    generate_batch(Pipeline.from_pretrained(model, dit_file=dit), batch, folder, defaults=defaults)
 
 
-def generate_parallel(model, batch: Path, folder: Path, defaults: dict, workers: int) -> None:
+def generate_parallel(model, batch: Path, folder: Path, defaults: dict, workers: int, dit=None) -> None:
     """`generate_batch` over `workers` one-thread processes (row i in shard i % workers), the
     clips then renamed and listed in one captions.jsonl in the batch's order."""
     import multiprocessing
@@ -91,7 +91,7 @@ def generate_parallel(model, batch: Path, folder: Path, defaults: dict, workers:
         (shard / "prompts.jsonl").write_text("".join(lines[k::workers]))
         shards.append(shard)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for job in [pool.submit(_generate_shard, model, shard / "prompts.jsonl", shard / "clips", defaults)
+        for job in [pool.submit(_generate_shard, model, shard / "prompts.jsonl", shard / "clips", defaults, dit)
                     for shard in shards]:
             job.result()
     merged = [None] * len(lines)
@@ -149,6 +149,7 @@ def direction_rate(results) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
+    ap.add_argument("--dit", default=None, help="the DiT's weights from this file (e.g. a GGUF of the model's DiT)")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--held-out", type=int, default=60)
     ap.add_argument("--seed", type=int, default=4242)
@@ -161,7 +162,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    pipe = Pipeline.from_pretrained(args.model)
+    pipe = Pipeline.from_pretrained(args.model, dit_file=args.dit)
     out = Path(args.out or tempfile.mkdtemp(prefix="kino-eval-t2v-"))
     out.mkdir(parents=True, exist_ok=True)
     prompts = prompt_rows(args.n, args.held_out, args.seed)
@@ -174,7 +175,7 @@ def main() -> None:
         folder = out / f"steps-{steps or pipe.defaults.steps}"
         start = time.perf_counter()
         if args.workers > 1:
-            generate_parallel(args.model, batch, folder, defaults, args.workers)
+            generate_parallel(args.model, batch, folder, defaults, args.workers, args.dit)
         else:
             generate_batch(pipe, batch, folder, defaults=defaults)
         seconds = time.perf_counter() - start

@@ -34,9 +34,9 @@ from kino.errors import CaptionError, KinoUserError
 from kino.models.dit.cache import FirstBlockCache
 from kino.models.dit.model import DiT
 from kino.models.dit.pretrained import load_folder_dit
-from kino.models.gguf import GGUFLinear
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
+from kino.models.gguf import GGUFLinear
 from kino.models.hub import DIT_WEIGHTS, resolve_model
 from kino.models.lora import fuse_lora, read_lora, unfuse_lora
 from kino.models.memory import BlockStreamer, MemoryPlan, placed
