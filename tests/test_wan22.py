@@ -561,3 +561,35 @@ def test_kino_info_names_every_kind(folders, i2v, ti2v, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["components"]["dit_2"]["layers"] == 2
     assert main(["info", str(tmp_path)]) == 2
     assert "neither a kino model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_wan22_experts_from_gguf_files(folders, tmp_path, capsys, layout):
+    """`kino convert gguf --expert 1|2` writes each expert; `--dit` / `--dit-2` read them back
+    over a folder that holds neither expert's weights: each expert computes what the float DiT
+    holding the file's (gguf-py dequantized) values computes."""
+    pytest.importorskip("gguf")
+    from test_gguf import _file_values
+
+    from kino.models.dit.adapters import from_wan
+    from kino.pipeline import Pipeline
+
+    files = [tmp_path / f"expert-{i}.gguf" for i in (1, 2)]
+    for i, f in enumerate(files, 1):
+        assert main(["convert", "gguf", str(folders[layout]), str(f), "--expert", str(i)]) == 0, capsys.readouterr()
+    bare = shutil.copytree(folders[layout], tmp_path / "bare")
+    for f in bare.rglob("diffusion_pytorch_model*.safetensors"):
+        if f.parent.name in ("high_noise_model", "low_noise_model", "transformer", "transformer_2"):
+            f.unlink()
+    pipe = Pipeline.from_pretrained(bare, text_dtype="float32", dit_file=files[0], dit_2_file=files[1])
+    assert pipe.quantized
+    ref = Pipeline.from_pretrained(folders[layout], text_dtype="float32")
+    gen = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(1, 16, 2, 4, 6, generator=gen), torch.tensor([500.0]), torch.randn(1, 7, 24, generator=gen)
+    with torch.no_grad():
+        for ours, theirs, f in ((pipe.dit, ref.dit, files[0]), (pipe.dit_2, ref.dit_2, files[1])):
+            before = theirs(x, t, ctx)
+            theirs.load_state_dict(from_wan(_file_values(f)))
+            expected = theirs(x, t, ctx)
+            assert (expected - before).abs().max() > 1e-6  # Q8_0 changed the weights a little
+            torch.testing.assert_close(ours(x, t, ctx), expected, rtol=0, atol=1e-5)
