@@ -376,6 +376,10 @@ def test_bad_gguf_files_are_clear_errors(wan, tmp_path, capsys, monkeypatch):
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 40)
     with pytest.raises(KinoUserError, match="junk.gguf is not a valid GGUF file"):
         read_dit_file(tmp_path / "junk.gguf")
+    data = wan["file"].read_bytes()  # a download cut short
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
+    with pytest.raises(KinoUserError, match="cut.gguf is not a valid GGUF file"):
+        read_dit_file(tmp_path / "cut.gguf")
     other = tmp_path / "other.gguf"  # a DiT of another width: the mismatch names the file and tensor
     state = dict(wan["state"])
     state["blocks.0.ffn.0.weight"] = state["blocks.0.ffn.0.weight"][:256]
