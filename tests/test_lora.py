@@ -201,6 +201,51 @@ def test_lora_run_refuses_to_resume_onto_changed_base_weights(cache_dir, base_di
     assert run_train_dit(cfg, text_encoder=FakeTextEncoder()).is_file()
 
 
+def test_a_lora_trains_on_a_gguf_quantized_base(cache_dir, base_dir, tmp_path):
+    """init_dit_file = a GGUF of the base: the blocks stay quantized under the LoRA layers, only
+    the LoRA trains, the file records the GGUF's sha256, and the LoRA fused (unfused, on the
+    quantized layers) into the GGUF DiT at generation computes what the trained model computes."""
+    gguf = pytest.importorskip("gguf")
+    from kino.models.dit.pretrained import load_folder_dit
+    from kino.models.gguf import GGUFLinear
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    writer = gguf.GGUFWriter(str(tmp_path / "base.gguf"), "wan")
+    for key, value in load_dit(base_dir).state_dict().items():
+        if key.startswith("blocks.") and value.ndim == 2:
+            writer.add_tensor(key, gguf.quants.quantize(value.float().numpy(), q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(key, value.float().numpy())
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    cfg = run_config(tmp_path / "run", cache_dir, base_dir, LoRAConfig(rank=2, alpha=4.0), max_steps=3)
+    cfg.init_dit_file = str(tmp_path / "base.gguf")
+    trainer = Trainer(DiTTask(cfg, LatentCache(cache_dir)), cfg.train, run_config=cfg)
+    trainer.setup()
+    layers = [m for m in trainer.model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 10 * TINY24.num_layers and all(m.qtype == int(q8) for m in layers)
+    before = base_state(trainer.model)
+    trainer.fit()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the quantized bytes did not move
+    assert any(not torch.equal(torch.zeros_like(v), v) for k, v in after.items() if ".lora_up." in k)
+    path = run_train_dit(cfg, text_encoder=FakeTextEncoder())  # the finished run's export
+    assert read_lora(path).base_sha256 == sha256_file(tmp_path / "base.gguf")
+    served = load_folder_dit(base_dir, "dit", tmp_path / "base.gguf")
+    fuse_lora(served, read_lora(path), 1.0, {})
+    assert isinstance(served.blocks[0].self_attn.q, GGUFLinear) and served.blocks[0].self_attn.q.lora_down is not None
+    trained = Trainer(DiTTask(cfg, LatentCache(cache_dir)), cfg.train, run_config=cfg)
+    trained.setup()  # resumes the finished run: the trained LoRA on the quantized base
+    model = trained.model.eval()
+    x, t, text, mask = dit_inputs()
+    with torch.no_grad():
+        expected = model(x, t, text, mask)
+        torch.testing.assert_close(served(x, t, text, mask), expected, rtol=0, atol=1e-5)
+        plain = load_folder_dit(base_dir, "dit", tmp_path / "base.gguf")(x, t, text, mask)
+        assert (plain - expected).abs().max() > 1e-3  # the LoRA shows
+    with pytest.raises(KinoUserError, match="add a \\[lora\\] section"):
+        DiTRunConfig(model="tiny", init_from=str(base_dir), init_dit_file=str(tmp_path / "base.gguf"))
+
+
 def test_full_finetuning_starts_from_init_from(cache_dir, base_dir, tmp_path):
     cfg = run_config(tmp_path / "run", cache_dir, base_dir, None, max_steps=2)
     task = DiTTask(cfg, LatentCache(cache_dir))

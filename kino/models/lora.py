@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from kino import __version__
 from kino.errors import KinoUserError
 from kino.models.folder import WeightsIntegrityError, sha256_file
-from kino.models.gguf import GGUFLinear
+from kino.models.gguf import GGUFLinear, dequantize
 from kino.models.hub import resolve_file
 
 LORA_FORMAT = "kino-lora"
@@ -80,18 +80,23 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (see the module docstring)."""
+    """A frozen linear layer plus a trainable low-rank update (see the module docstring). The
+    base may be a GGUF-quantized layer (kino/models/gguf.py): its weight is then dequantized
+    as it runs and the LoRA trains on the quantized base (as QLoRA does)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | GGUFLinear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.qtype = getattr(base, "qtype", None)  # a GGUF base's quantization type
         # The base's own Parameters under the same names: the state dict keeps its base keys.
         self.register_parameter("weight", base.weight)
         self.register_parameter("bias", base.bias)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device,
+                  dtype=base.weight.dtype if self.qtype is None else base.bias.dtype if base.bias is not None
+                  else torch.float32)
         self.lora_down = nn.Linear(self.in_features, rank, bias=False, **kw)
         self.lora_up = nn.Linear(rank, self.out_features, bias=False, **kw)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -107,7 +112,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         update = self.lora_up(self.lora_down(self.dropout(x)))  # (..., out)
-        return F.linear(x, self.weight, self.bias) + update * self.scale
+        weight = self.weight if self.qtype is None else dequantize(self.weight, self.qtype,
+                                                                   (self.out_features, self.in_features), x.dtype)
+        return F.linear(x, weight, self.bias) + update * self.scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_down.out_features}"
@@ -117,9 +124,10 @@ class LoRALinear(nn.Module):
 
 
 def target_names(model: nn.Module, patterns: list[str] | tuple[str, ...]) -> list[str]:
-    """Names of the nn.Linear modules of `model` matching any pattern, in model order.
-    A pattern that matches no linear layer is a user error (a typo would train nothing)."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Names of the linear layers (nn.Linear, GGUFLinear) of `model` matching any pattern, in
+    model order. A pattern that matches no linear layer is a user error (a typo would train
+    nothing)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, GGUFLinear))]
     for pattern in patterns:
         if not any(fnmatchcase(name, pattern) for name in linears):
             examples = ", ".join(linears[:3] + [n for n in linears if n.startswith("blocks.0.")][:4])

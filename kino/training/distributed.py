@@ -176,7 +176,14 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, procs: Processes, *,
     weights, the optimizer and gradient reductions stay fp32. One process with the default
     config returns the model untouched.
     """
+    from kino.models.gguf import GGUFLinear
+    from kino.models.lora import LoRALinear
+
     blocks = getattr(model, "blocks", None)
+    if procs.distributed and any(isinstance(m, GGUFLinear) or (isinstance(m, LoRALinear) and m.qtype is not None)
+                                 for m in model.modules()):
+        raise KinoUserError("FSDP2 shards float weights, not a GGUF-quantized DiT (init_dit_file): train a LoRA "
+                            "on it in one process")
     if procs.sp_size > 1:
         apply_sequence_parallel(model, procs.sp_group)
     if parallel.activation_checkpointing:

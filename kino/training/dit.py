@@ -217,6 +217,10 @@ class DiTRunConfig:
     # Start from this model folder's DiT ("default": the shipped model; sha256-checked):
     # full fine-tuning, or with a [lora] section the frozen base the LoRA adapts. none: random init.
     init_from: str | None = None
+    # The base DiT's weights from this file instead of init_from's (which still gives the DiT's
+    # config, the VAE and the text encoder): a GGUF file (kino/models/gguf.py; its blocks stay
+    # quantized, so only a [lora] trains on it, as QLoRA does) or a safetensors file.
+    init_dit_file: str | None = None
     lora: LoRAConfig | None = None  # a [lora] section trains only a LoRA of the init_from DiT
     # A two-expert init_from (Wan2.2 A14B): which DiT trains, 1 (high-noise, `dit`) or 2
     # (low-noise, `dit_2`), on the flow times of its side of the model's boundary (flow.t_min/max
@@ -243,6 +247,12 @@ class DiTRunConfig:
         if self.dataset is not None and self.train.validate_every and self.validation.dir is None:
             raise KinoUserError("train.validate_every with a [dataset] needs validation.dir: a latent cache of "
                                 "held-out videos (`kino preprocess` of another dataset)")
+        if self.init_dit_file is not None and self.init_from is None:
+            raise KinoUserError("init_dit_file needs init_from = \"MODEL_DIR\": the folder whose DiT config, VAE "
+                                "and text encoder go with those weights")
+        if self.init_dit_file is not None and str(self.init_dit_file).endswith(".gguf") and self.lora is None:
+            raise KinoUserError(f"init_dit_file {self.init_dit_file} is GGUF-quantized: its weights cannot train; "
+                                "add a [lora] section to train a LoRA on it")
         if self.lora is not None and self.init_from is None:
             raise KinoUserError("a [lora] section needs init_from = \"MODEL_DIR\" (or \"default\"): the model "
                                 "whose DiT the LoRA adapts")
@@ -457,13 +467,15 @@ class DiTTask:
 
     def build_model(self) -> nn.Module:
         """A fresh DiT, or init_from's (all of it trainable, or frozen under a LoRA)."""
-        from kino.models.dit.pretrained import load_dit
+        from kino.models.dit.pretrained import load_folder_dit
 
         cfg = self.config
         if cfg.init_from is None:
             return DiT(self.dit_config)
-        model = load_dit(check_init_from(cfg.init_from, self.dit_config, size_label(cfg)),
-                         component=self.component).train()
+        model = load_folder_dit(check_init_from(cfg.init_from, self.dit_config, size_label(cfg)), self.component,
+                                cfg.init_dit_file).train()
+        if cfg.init_dit_file is not None and model.config != self.dit_config:
+            raise KinoUserError(f"init_dit_file {cfg.init_dit_file} trains as it is: leave model unset")
         if model.config != self.dit_config:  # check_init_from allowed it: a grown model (grow.py)
             if cfg.lora is not None:
                 found = model.config
@@ -669,7 +681,7 @@ def export_lora(state_dict: dict[str, Tensor], config: DiTRunConfig, path: str |
     """Write the LoRA weights of a trained, LoRA-adapted DiT's state dict alone to `path`
     (.safetensors; rank, alpha, targets in its metadata) and, beside it, a JSON record of its
     sha256, the base it adapts (with the base weights' sha256) and `training` facts."""
-    base_sha256 = _dit_weights_sha256(model_folder(config.init_from), dit_component(config))
+    base_sha256 = _base_sha256(config)
     path = Path(path)
     digest = save_lora(path, state_dict, config.lora, base=str(config.init_from), base_sha256=base_sha256)
     write_record(path, digest, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets,
@@ -695,7 +707,7 @@ def pin_lora_base(config: DiTRunConfig) -> None:
     from kino.training.checkpoint import latest_checkpoint
 
     out = Path(config.train.out_dir)
-    sha = _dit_weights_sha256(model_folder(config.init_from), dit_component(config))
+    sha = _base_sha256(config)
     record = out / "lora_base.json"
     if record.is_file() and latest_checkpoint(out) is not None:
         pinned = json.loads(record.read_text(encoding="utf-8"))["base_sha256"]
@@ -708,6 +720,15 @@ def pin_lora_base(config: DiTRunConfig) -> None:
     tmp = record.with_name(record.name + ".tmp")
     tmp.write_text(json.dumps({"init_from": str(config.init_from), "base_sha256": sha}) + "\n", encoding="utf-8")
     tmp.replace(record)
+
+
+def _base_sha256(config: DiTRunConfig) -> str:
+    """The sha256 of the weights a LoRA run adapts: init_dit_file, or init_from's DiT file."""
+    if config.init_dit_file is not None:
+        from kino.models.hub import resolve_file
+
+        return sha256_file(resolve_file(config.init_dit_file))
+    return _dit_weights_sha256(model_folder(config.init_from), dit_component(config))
 
 
 def _dit_weights_sha256(root: Path, component: str = "dit") -> str:
