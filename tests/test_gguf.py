@@ -38,12 +38,7 @@ TEXT_DIM = 24
 PROMPT = "a cat walks on the grass"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def random_blocks(qtype, n_blocks: int, rng, scale: float) -> np.ndarray:
