@@ -233,6 +233,10 @@ def test_rows_that_are_not_whole_blocks_are_dequantized_once(tmp_path):
     config = config_from_diffusers(dit.config)
     mine = build_dit(config, read_dit_file(tmp_path / "narrow.gguf", torch.float32, config), tmp_path / "narrow.gguf")
     assert not any(isinstance(m, GGUFLinear) for m in mine.modules())
+    from kino.models.info import describe  # `kino info FILE.gguf`: which DiT sizes it fits
+
+    info = describe(tmp_path / "narrow.gguf")["components"]["dit"]
+    assert "tiny" in info["fits"] and info["tensors"]["Q4_K"] == 20 and info["layers"] == 2
     x, t, _ = _inputs()
     text = torch.randn(2, 7, dit.config.text_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -438,6 +442,9 @@ def test_kino_convert_gguf_errors(wan, tmp_path, capsys):
     from kino.models.gguf import WRITE_TYPES
 
     assert GGUF_WRITE_TYPES == WRITE_TYPES
+    assert main(["info", str(wan["file"])]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF DiT, 2 blocks" in out and "fits: none of kino's named sizes" in out and "2 Q6_K" in out, out
     out = tmp_path / "dit.gguf"
     out.write_bytes(b"")
     assert main(["convert", "gguf", str(wan["folder"]), str(out)]) == 2

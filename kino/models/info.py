@@ -3,7 +3,8 @@ loaded, so it answers in a second for a 14B model): its layout, each component's
 parameter count and files, and the settings generation uses by default.
 
 Takes what `--model` takes: a kino folder, a Wan2.1 / Wan2.2 folder in either release layout,
-a Hub id, or nothing (the model shipped with kino).
+a Hub id, or nothing (the model shipped with kino); and what `--dit` takes, a GGUF DiT file
+(its tensor types, size, and which of kino's DiT sizes its shapes are).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def describe(spec: str | Path | None = None) -> dict:
     from kino.models.folder import default_model_dir
     from kino.models.hub import folder_name, resolve_model
 
+    if spec is not None and str(spec).endswith(".gguf"):
+        return _gguf(Path(spec))
     root = resolve_model(spec) if spec is not None else default_model_dir()
     if not root.is_dir():
         raise KinoUserError(f"no model folder at {root}")
@@ -113,6 +116,29 @@ def _wan(root: Path, layout: str) -> dict:
     return {"name": kind, "components": components, "defaults": asdict(wan_defaults(kind, boundary))}
 
 
+def _gguf(path: Path) -> dict:
+    """A GGUF DiT file from its header: tensor types, parameters, and the DiT sizes it fits."""
+    from kino.models.dit.model import DIT_SIZES, DiT
+    from kino.models.dit.pretrained import adapt_dit_state
+    from kino.models.gguf import GGUFTensor, read_gguf
+
+    with torch.device("meta"):
+        sizes = {size: {k: tuple(v.shape) for k, v in DiT(c).state_dict().items()} for size, c in DIT_SIZES.items()}
+    state = adapt_dit_state(read_gguf(path), path, set().union(*sizes.values()))  # kino's extras pass as named
+    types: dict[str, int] = {}
+    for v in state.values():
+        name = v.type_name if isinstance(v, GGUFTensor) else str(v.dtype).removeprefix("torch.")
+        types[name] = types.get(name, 0) + 1
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    fits = [size for size, known in sizes.items() if known == shapes]
+    dit = {"tensors": types, "parameters": sum(int(torch.Size(s).numel()) for s in shapes.values()),
+           "bytes": path.stat().st_size, "fits": fits,
+           "layers": len({k.split(".")[1] for k in shapes if k.startswith("blocks.")}),
+           "vace_blocks": len({k.split(".")[1] for k in shapes if k.startswith("vace_blocks.")})}
+    return {"model": path.name, "path": str(path), "layout": "gguf", "name": "DiT weights",
+            "components": {"dit": dit}, "defaults": {}}
+
+
 def _count(n: int) -> str:
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if n >= size:
@@ -126,7 +152,12 @@ def format_info(info: dict) -> str:
              f"  path: {info['path']}"]
     for name, c in info["components"].items():
         params = f", {_count(c['parameters'])} parameters" if "parameters" in c else ""
-        if name.startswith("dit"):
+        if "tensors" in c:  # a GGUF DiT file
+            types = ", ".join(f"{n} {t}" for t, n in sorted(c["tensors"].items(), key=lambda kv: -kv[1]))
+            fits = ", ".join(c["fits"]) or "none of kino's named sizes (give --model the folder whose config it fits)"
+            desc = (f"GGUF DiT, {c['layers']} blocks{', %d VACE blocks' % c['vace_blocks'] if c['vace_blocks'] else ''}"
+                    f", {c['bytes'] / 2**20:.1f} MiB; tensors: {types}; fits: {fits}")
+        elif name.startswith("dit"):
             patch = "x".join(map(str, c["patch"]))
             branch = ", image branch" if c["image_branch"] else ""
             branch += f", {c['vace_blocks']} VACE blocks" if c.get("vace_blocks") else ""
