@@ -26,7 +26,6 @@ update.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -217,6 +216,14 @@ def _reader(path: Path):
         raise KinoUserError(f"{path} is not a valid GGUF file ({type(e).__name__}: {e})") from None
 
 
+def strip_prefix(name: str) -> str:
+    """A tensor name without ComfyUI's checkpoint prefix."""
+    for prefix in PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def _orig_shape(reader, name: str) -> tuple[int, ...] | None:
     field = reader.get_field(ORIG_SHAPE + name)
     return None if field is None else tuple(int(v) for v in field.contents())
@@ -231,39 +238,21 @@ def read_gguf(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, T
         raise KinoUserError(f"GGUF file {path} does not exist")
     reader = _reader(path)
     out: dict[str, Tensor | GGUFTensor] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # numpy views of the mapping
-        for t in reader.tensors:
-            name = t.name
-            for prefix in PREFIXES:
-                if name.startswith(prefix):
-                    name = name[len(prefix):]
-                    break
-            shape = _orig_shape(reader, t.name) or tuple(int(d) for d in reversed(t.shape.tolist()))
-            kind = int(t.tensor_type)
-            if kind in FLOAT_TYPES:
-                data = torch.from_numpy(t.data)
-                value = data.view(torch.int16).view(torch.bfloat16) if kind == 30 else data
-                value = value.reshape(shape)
-                out[name] = value.to(dtype) if dtype is not None else value
-            elif kind in QUANT_TYPES:
-                out[name] = GGUFTensor(torch.from_numpy(t.data), kind, shape)
-            else:
-                raise KinoUserError(f"{path}: tensor {t.name} is of type {t.tensor_type.name}, which kino does "
-                                    f"not read; allowed: {SUPPORTED}")
+    for t in reader.tensors:  # numpy views of the (writable, copy-on-write) mapping
+        shape = _orig_shape(reader, t.name) or tuple(int(d) for d in reversed(t.shape.tolist()))
+        kind = int(t.tensor_type)
+        if kind in FLOAT_TYPES:
+            data = torch.from_numpy(t.data)
+            value = (data.view(torch.int16).view(torch.bfloat16) if kind == 30 else data).reshape(shape)
+            out[strip_prefix(t.name)] = value.to(dtype) if dtype is not None else value
+        elif kind in QUANT_TYPES:
+            out[strip_prefix(t.name)] = GGUFTensor(torch.from_numpy(t.data), kind, shape)
+        else:
+            raise KinoUserError(f"{path}: tensor {t.name} is of type {t.tensor_type.name}, which kino does "
+                                f"not read; allowed: {SUPPORTED}")
     if not out:
         raise KinoUserError(f"{path} holds no tensors")
     return out
-
-
-def quantized_share(state: dict) -> float:
-    """The share of a state dict's elements held quantized."""
-    total = quant = 0
-    for v in state.values():
-        n = int(torch.Size(v.shape).numel())
-        total += n
-        quant += n if isinstance(v, GGUFTensor) else 0
-    return quant / max(total, 1)
 
 
 # ---------------------------------------------------------------------------- the layer

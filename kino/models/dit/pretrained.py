@@ -11,7 +11,7 @@ from kino.errors import KinoUserError
 from kino.models.dit import adapters
 from kino.models.dit.model import DiT, DiTConfig
 from kino.models.folder import CONFIG, load_component, load_module
-from kino.models.gguf import PREFIXES, GGUFTensor, build_with_gguf, read_gguf
+from kino.models.gguf import GGUFTensor, build_with_gguf, read_gguf, strip_prefix
 
 DIT_FILE_SUFFIXES = (".gguf", ".safetensors")
 
@@ -38,13 +38,7 @@ def read_dit_file(path: str | Path, dtype: torch.dtype | None = None, config: Di
     elif path.suffix == ".safetensors":
         if not path.is_file():
             raise KinoUserError(f"DiT weights file {path} does not exist")
-        state = {}
-        for key, value in load_safetensors([path], dtype).items():
-            for prefix in PREFIXES:
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-                    break
-            state[key] = value
+        state = {strip_prefix(key): value for key, value in load_safetensors([path], dtype).items()}
     else:
         raise KinoUserError(f"{path}: a DiT weights file is {' or '.join(DIT_FILE_SUFFIXES)}")
     keys = None
