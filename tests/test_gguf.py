@@ -415,9 +415,9 @@ def test_kino_convert_gguf_writes_a_file_kino_and_diffusers_read(wan, tmp_path, 
 
     out = tmp_path / f"dit-{type_name}.gguf"
     assert main(["convert", "gguf", str(wan["folder"]), str(out), "--type", type_name]) == 0
-    # every matrix of more than 1,024 elements whose rows are whole blocks: the blocks' 20, four of the embeddings
-    # and the head (text_embedding.0 reads 24 features: F32)
-    assert f"44 F32, 25 {type_name} tensors" in capsys.readouterr().out
+    # the blocks' 20 matrices in the type; the embeddings' five and the head in F16; the rest F32
+    printed = capsys.readouterr().out
+    assert f"20 {type_name}" in printed and "6 F16" in printed and "43 F32" in printed, printed
     values = _file_values(out)
     assert values["patch_embedding.weight"].shape == (256, 16, 1, 2, 2)  # 5-D, as diffusers reads it
     config = config_from_diffusers(wan["dit"].config)

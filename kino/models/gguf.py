@@ -343,14 +343,18 @@ def build_with_gguf(model: nn.Module, state: dict[str, Tensor | GGUFTensor], kee
 
 WRITE_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")  # the ones the gguf package quantizes
 KEEP_F32 = 1024  # tensors this small stay F32, as ComfyUI-GGUF's converter keeps them
+BLOCK_PREFIXES = ("blocks.", "vace_blocks.")
 
 
 def write_gguf(state: dict[str, Tensor], path: str | Path, type_name: str, arch: str = "wan") -> dict[str, int]:
-    """Write a DiT's state dict (kino's names, which are Wan's) as a GGUF file the way
-    ComfyUI-GGUF lays one out, so that it and diffusers read it too: every matrix of more than
-    1,024 elements whose rows are whole blocks in `type_name`, the rest (vectors, norms,
-    modulation tables, the 5-D patch embeddings) F32. Written to a temporary name, then
-    renamed. Returns how many tensors went to each type."""
+    """Write a DiT's state dict (kino's names, which are Wan's) as a GGUF file that kino,
+    ComfyUI-GGUF and diffusers read: the blocks' matrices (of more than 1,024 elements, rows of
+    whole blocks) in `type_name`; the other matrices (the text, time and position embeddings,
+    the head: under 2% of a Wan DiT's weights) in F16; vectors, norms, modulation tables and
+    the 5-D patch embeddings in F32. ComfyUI-GGUF's converter quantizes the matrices outside the
+    blocks too; on the shipped model the head alone then adds as much error to the DiT's output
+    as all 80 block matrices (BENCHMARKS.md), so kino keeps them near-exact. Written to a
+    temporary name, then renamed. Returns how many tensors went to each type."""
     path = Path(path)
     gguf = _gguf(path)
     if type_name not in WRITE_TYPES:
@@ -363,12 +367,14 @@ def write_gguf(state: dict[str, Tensor], path: str | Path, type_name: str, arch:
     counts: dict[str, int] = {}
     for key, value in state.items():
         a = value.detach().float().cpu().numpy()
-        quantize = a.ndim == 2 and a.size > KEEP_F32 and a.shape[1] % block == 0 and not key.endswith("modulation")
-        if quantize:
-            writer.add_tensor(key, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        matrix = a.ndim == 2 and a.size > KEEP_F32 and not key.endswith("modulation")
+        if matrix and key.startswith(BLOCK_PREFIXES) and a.shape[1] % block == 0:
+            name, data = type_name, gguf.quants.quantize(a, qtype)
+        elif matrix and float(abs(a).max()) < 6e4:  # inside float16's range
+            name, data = "F16", a.astype("float16")
         else:
-            writer.add_tensor(key, a)
-        name = type_name if quantize else "F32"
+            name, data = "F32", a
+        writer.add_tensor(key, data, raw_dtype=None if name in ("F16", "F32") else qtype)
         counts[name] = counts.get(name, 0) + 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
