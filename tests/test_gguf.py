@@ -364,6 +364,51 @@ def test_dit_safetensors_file_in_kinos_names(tmp_path):
         Pipeline.from_pretrained(dit_2_file=tmp_path / "dit.safetensors")
 
 
+def test_dit_safetensors_file_in_comfyuis_fp8_scaled_form(wan, tmp_path):
+    """ComfyUI's "fp8 scaled" DiT files: float8 block weights, each with a scale (a scalar
+    `scale_weight`, or `weight_scale` per output row), a `scaled_fp8` marker and activation
+    scales; read back as weight x scale, the DiT computes what diffusers' does with them."""
+    from safetensors.torch import save_file
+
+    from kino.models.dit.adapters import config_from_diffusers
+    from kino.models.dit.pretrained import build_dit, read_dit_file
+
+    fp8 = torch.float8_e4m3fn
+    out, values = {"scaled_fp8": torch.empty(0, dtype=fp8)}, {}
+    for i, (key, value) in enumerate(wan["state"].items()):
+        name = "model.diffusion_model." + key
+        if key.startswith("blocks.") and value.ndim == 2:
+            layer = name[:-len(".weight")]
+            if i % 2:  # one scale for the tensor
+                scale = value.abs().max() / 448
+                q = (value / scale).to(fp8)
+                out[layer + ".scale_weight"] = scale.reshape(())
+                values[key] = q.float() * scale
+            else:  # one per output row
+                scale = value.abs().amax(dim=1) / 448
+                q = (value / scale[:, None]).to(fp8)
+                out[layer + ".weight_scale"] = scale
+                values[key] = q.float() * scale[:, None]
+            out[name] = q
+            out[layer + ".scale_input"] = torch.ones(())
+        else:
+            out[name] = value.to(torch.bfloat16)
+            values[key] = value.to(torch.bfloat16).float()
+    save_file(out, str(tmp_path / "dit_fp8_scaled.safetensors"))
+    config = config_from_diffusers(wan["dit"].config)
+    state = read_dit_file(tmp_path / "dit_fp8_scaled.safetensors", torch.float32, config)
+    assert set(state) == set(values) and all(torch.equal(state[k], values[k]) for k in values)
+    dit = build_dit(config, state, tmp_path / "dit_fp8_scaled.safetensors")
+    x, t, text = _inputs(3)
+    with torch.no_grad():
+        torch.testing.assert_close(dit(x, t, text), _reference(wan["dit"], values)(x, t, text).sample,
+                                   rtol=0, atol=1e-5)
+    del out["model.diffusion_model.blocks.0.ffn.0.weight"]  # a scale without its weight
+    save_file(out, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(KinoUserError, match="broken.safetensors: a scale for blocks.0.ffn.0.weight"):
+        read_dit_file(tmp_path / "broken.safetensors", torch.float32, config)
+
+
 def test_bad_gguf_files_are_clear_errors(wan, tmp_path, capsys, monkeypatch):
     from kino.models.dit.pretrained import read_dit_file
 
