@@ -122,9 +122,13 @@ def _gguf(path: Path) -> dict:
     from kino.models.dit.pretrained import adapt_dit_state
     from kino.models.gguf import GGUFTensor, read_gguf
 
-    with torch.device("meta"):
-        sizes = {size: {k: tuple(v.shape) for k, v in DiT(c).state_dict().items()} for size, c in DIT_SIZES.items()}
-    state = adapt_dit_state(read_gguf(path), path, set().union(*sizes.values()))  # kino's extras pass as named
+    raw = read_gguf(path)
+    layers = len({k.split(".")[1] for k in raw if k.startswith("blocks.")})  # "blocks.N." in every layout
+    dim = raw["patch_embedding.weight"].shape[0] if "patch_embedding.weight" in raw else None
+    with torch.device("meta"):  # the sizes of that width and depth (building all 20 takes seconds)
+        sizes = {size: {k: tuple(v.shape) for k, v in DiT(c).state_dict().items()} for size, c in DIT_SIZES.items()
+                 if c.dim == dim and c.num_layers == layers}
+    state = adapt_dit_state(raw, path, set().union(*sizes.values()))  # kino's extras pass as named
     types: dict[str, int] = {}
     for v in state.values():
         name = v.type_name if isinstance(v, GGUFTensor) else str(v.dtype).removeprefix("torch.")
