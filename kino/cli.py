@@ -610,7 +610,7 @@ def cmd_info(args) -> int:
 def cmd_convert_wan(args) -> int:
     from kino.convert.wan import convert_wan
 
-    manifest = convert_wan(args.src, args.dst)
+    manifest = convert_wan(args.src, args.dst, dit_files=(args.dit, args.dit_2))
     print(f"wrote kino model folder {manifest.parent}")
     return 0
 
@@ -826,6 +826,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Wan2.1 / Wan2.2 folder (e.g. Wan2.1-T2V-1.3B or its -Diffusers), or its Hub id "
                         "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
     p.add_argument("dst", type=Path, metavar="DST", help="new kino model folder (must not exist or be empty)")
+    p.add_argument("--dit", default=None, metavar="FILE",
+                   help="the DiT's weights from this file instead of SRC's (GGUF, dequantized to float32, or "
+                        "safetensors, as `kino generate --dit` reads them)")
+    p.add_argument("--dit-2", default=None, metavar="FILE", help="the same for a two-expert model's low-noise DiT")
     add_common(p)
     p.set_defaults(func=cmd_convert_wan)
 

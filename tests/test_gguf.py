@@ -342,6 +342,24 @@ def test_kino_generate_with_dit_on_a_hub_folder_without_its_dit_weights(wan, tmp
     assert code == 2 and "--dit FILE" in capsys.readouterr().err
 
 
+def test_kino_convert_wan_with_a_gguf_dit_writes_float_weights(wan, tmp_path, capsys):
+    """`kino convert wan SRC DST --dit FILE.gguf`: a kino folder (e.g. to fine-tune) whose DiT
+    holds the file's values dequantized, as plain float32 weights."""
+    from kino.models.gguf import GGUFLinear
+    from kino.pipeline import Pipeline
+
+    folder = tmp_path / "no-dit-weights"
+    shutil.copytree(wan["folder"], folder)
+    for f in (folder / "transformer").glob("*.safetensors"):
+        f.unlink()
+    assert main(["convert", "wan", str(folder), str(tmp_path / "kino"), "--dit", str(wan["file"])]) == 0, \
+        capsys.readouterr().err
+    pipe = Pipeline.from_pretrained(tmp_path / "kino")
+    assert not pipe.quantized and not any(isinstance(m, GGUFLinear) for m in pipe.dit.modules())
+    state = pipe.dit.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in wan["values"].items())
+
+
 def test_dit_safetensors_file_in_kinos_names(tmp_path):
     """`--dit` with a safetensors file: the shipped model's own DiT, saved alone (kino's names,
     its absolute-position embedding included), generates the shipped model's video."""

@@ -43,7 +43,8 @@ from kino.models.dit import adapters as dit_adapters
 from kino.models.dit.model import DiT, DiTConfig
 from kino.models.dit.pretrained import build_dit, read_dit_file
 from kino.models.folder import MANIFEST
-from kino.models.hub import folder_name, resolve_model
+from kino.models.gguf import GGUFTensor
+from kino.models.hub import DIT_WEIGHTS, folder_name, resolve_model
 from kino.models.vae import adapters as vae_adapters
 from kino.models.vae.model import VAEConfig, VideoVAE
 
@@ -388,16 +389,24 @@ def load_wan_pipeline_from(src: WanSource, device: str | torch.device = "cpu",
         raise KinoUserError(f"{src.root}: {e}") from None
 
 
-def convert_wan(src_root: str | Path, dst: str | Path, name: str | None = None) -> Path:
+def convert_wan(src_root: str | Path, dst: str | Path, name: str | None = None,
+                dit_files: tuple = (None, None)) -> Path:
     """Write a kino model folder from a Wan2.1 folder; returns the path of its kino.json.
 
     The DiT and VAE are written in float32, the dtype kino computes them in; the UMT5 encoder
-    keeps the dtype it is stored in (bfloat16 in Wan's releases).
+    keeps the dtype it is stored in (bfloat16 in Wan's releases). `dit_files`: the DiT's (and a
+    second expert's) weights from these files instead (`read_wan`); a GGUF file's quantized
+    tensors are dequantized, so the folder holds plain float32 weights (e.g. to fine-tune).
     """
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise KinoUserError(f"{dst} exists and is not an empty folder: convert into a new folder")
-    src = read_wan(resolve_model(src_root))
+    skip = tuple(p for f, patterns in zip(dit_files, DIT_WEIGHTS) if f is not None for p in patterns)
+    src = read_wan(resolve_model(src_root, skip), dit_files=dit_files)
+    for field in ("dit_state", "dit_2_state"):
+        state = getattr(src, field)
+        if state is not None:
+            setattr(src, field, {k: v.dequantize() if isinstance(v, GGUFTensor) else v for k, v in state.items()})
     pipe = load_wan_pipeline_from(src, "cpu", None, text_dtype=None)  # every shape is checked before writing
     pipe.name = name or f"{folder_name(src.root)} (kino)"
     return pipe.save_pretrained(dst)
