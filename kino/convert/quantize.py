@@ -43,6 +43,7 @@ def dit_state(src: str | Path, expert: int = 1) -> dict[str, torch.Tensor]:
 
 
 def convert_gguf(src: str | Path, dst: str | Path, type_name: str = "Q8_0", expert: int = 1) -> dict[str, int]:
+    """Write `src`'s DiT (or second expert) to the new file `dst` (.gguf); tensors per type."""
     dst = Path(dst)
     if dst.exists():
         raise KinoUserError(f"{dst} exists: name a new .gguf file")
