@@ -838,7 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, metavar="SRC", help="kino model folder, Wan2.1 / Wan2.2 folder, or a Hub id")
     p.add_argument("dst", type=Path, metavar="DST", help="the .gguf file to write (must not exist)")
     p.add_argument("--type", choices=GGUF_WRITE_TYPES, default="Q8_0",
-                   help="quantization of the DiT's matrices (default Q8_0); vectors and small tensors stay F32")
+                   help="quantization of the blocks' matrices (default Q8_0); the other matrices are written in "
+                        "F16, vectors and small tensors in F32")
     p.add_argument("--expert", type=int, choices=(1, 2), default=1,
                    help="a two-expert model's (Wan2.2 A14B) DiT to write: 1 high-noise (default), 2 low-noise")
     add_common(p)
