@@ -12,7 +12,6 @@ as random blocks with small scales (any such bytes are a valid tensor).
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
