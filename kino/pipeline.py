@@ -37,7 +37,7 @@ from kino.models.dit.pretrained import load_folder_dit
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
 from kino.models.gguf import GGUFLinear
-from kino.models.hub import DIT_WEIGHTS, resolve_model
+from kino.models.hub import dit_weights_skipped, resolve_model
 from kino.models.lora import fuse_lora, read_lora, unfuse_lora
 from kino.models.memory import BlockStreamer, MemoryPlan, placed
 from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
@@ -485,7 +485,7 @@ class Pipeline:
                                        dit_2_file=dit_2_file)
             pipe.set_memory(memory, device, text_device)
             return pipe
-        skip = tuple(p for f, patterns in zip((dit_file, dit_2_file), DIT_WEIGHTS) if f is not None for p in patterns)
+        skip = dit_weights_skipped((dit_file is not None, dit_2_file is not None))
         root = resolve_model(path, skip) if path is not None else default_model_dir()
         manifest = read_manifest(root)
         if manifest is None:

@@ -16,7 +16,7 @@ import torch
 from kino.errors import KinoUserError
 from kino.models.folder import load_component, read_manifest
 from kino.models.gguf import write_gguf
-from kino.models.hub import DIT_WEIGHTS, resolve_model
+from kino.models.hub import dit_weights_skipped, resolve_model
 
 
 def dit_state(src: str | Path, expert: int = 1) -> dict[str, torch.Tensor]:
@@ -25,8 +25,7 @@ def dit_state(src: str | Path, expert: int = 1) -> dict[str, torch.Tensor]:
 
     if expert not in (1, 2):
         raise KinoUserError(f"expert must be 1 or 2, got {expert}")
-    skip = tuple(p for i, patterns in enumerate(DIT_WEIGHTS) if i != expert - 1 for p in patterns)
-    root = resolve_model(src, skip)
+    root = resolve_model(src, dit_weights_skipped((expert != 1, expert != 2)))
     manifest = read_manifest(root)
     if manifest is not None:
         component = "dit" if expert == 1 else "dit_2"

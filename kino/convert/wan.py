@@ -44,7 +44,7 @@ from kino.models.dit.model import DiT, DiTConfig
 from kino.models.dit.pretrained import build_dit, read_dit_file
 from kino.models.folder import MANIFEST
 from kino.models.gguf import GGUFTensor
-from kino.models.hub import DIT_WEIGHTS, folder_name, resolve_model
+from kino.models.hub import dit_weights_skipped, folder_name, resolve_model
 from kino.models.vae import adapters as vae_adapters
 from kino.models.vae.model import VAEConfig, VideoVAE
 
@@ -401,8 +401,8 @@ def convert_wan(src_root: str | Path, dst: str | Path, name: str | None = None,
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise KinoUserError(f"{dst} exists and is not an empty folder: convert into a new folder")
-    skip = tuple(p for f, patterns in zip(dit_files, DIT_WEIGHTS) if f is not None for p in patterns)
-    src = read_wan(resolve_model(src_root, skip), dit_files=dit_files)
+    src = read_wan(resolve_model(src_root, dit_weights_skipped(tuple(f is not None for f in dit_files))),
+                   dit_files=dit_files)
     for field in ("dit_state", "dit_2_state"):
         state = getattr(src, field)
         if state is not None:

@@ -57,6 +57,12 @@ DIT_WEIGHTS = (("dit/model.safetensors", "diffusion_pytorch_model*.safetensors",
                 "transformer_2/diffusion_pytorch_model*"))
 
 
+def dit_weights_skipped(skip: tuple[bool, bool]) -> tuple[str, ...]:
+    """The patterns of the DiT weights not to download: the first DiT's when skip[0], a
+    second expert's when skip[1] (they come from elsewhere, or are not needed)."""
+    return tuple(p for flag, patterns in zip(skip, DIT_WEIGHTS) if flag for p in patterns)
+
+
 def resolve_model(spec: str | Path, skip: tuple[str, ...] = ()) -> Path:
     """The local folder `spec` names: itself when it exists on disk, else the verified snapshot
     of the Hub repository it names (downloaded on first use, but for files matching `skip`)."""
