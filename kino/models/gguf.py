@@ -321,21 +321,20 @@ def build_with_gguf(model: nn.Module, state: dict[str, Tensor | GGUFTensor], kee
             continue
         owner, _, param = key.rpartition(".")
         linear = modules.get(owner)
-        if isinstance(linear, nn.Linear) and param == "weight" and tuple(value.shape) != (linear.out_features,
-                                                                                      linear.in_features):
-            raise KinoUserError(f"{source}: {key} is {tuple(value.shape)}, the model's "
-                                f"{(linear.out_features, linear.in_features)}")
-        # a layer whose rows are not whole blocks (a converter flattened it) is dequantized once instead
-        if (param == "weight" and isinstance(linear, nn.Linear) and id(linear) in kept
-                and linear.in_features % QUANT_TYPES[value.qtype].block == 0):
-            layer = GGUFLinear(linear.in_features, linear.out_features, value.qtype, linear.bias is not None,
-                               device="meta")
-            parent, _, child = owner.rpartition(".")
-            setattr(modules[parent] if parent else model, child, layer)
-            modules[owner] = layer
-            out[key] = value.raw.reshape(layer.weight.shape)
-        else:
-            out[key] = value.dequantize(dtype)
+        if param == "weight" and isinstance(linear, nn.Linear):
+            wanted = (linear.out_features, linear.in_features)
+            if tuple(value.shape) != wanted:
+                raise KinoUserError(f"{source}: {key} is {tuple(value.shape)}, the model's {wanted}")
+            # a layer whose rows are not whole blocks (a converter flattened it) is dequantized once instead
+            if id(linear) in kept and linear.in_features % QUANT_TYPES[value.qtype].block == 0:
+                layer = GGUFLinear(linear.in_features, linear.out_features, value.qtype, linear.bias is not None,
+                                   device="meta")
+                parent, _, child = owner.rpartition(".")
+                setattr(modules[parent] if parent else model, child, layer)
+                modules[owner] = layer
+                out[key] = value.raw.reshape(layer.weight.shape)
+                continue
+        out[key] = value.dequantize(dtype)
     return out
 
 

@@ -94,9 +94,9 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = dict(device=base.weight.device,
-                  dtype=base.weight.dtype if self.qtype is None else base.bias.dtype if base.bias is not None
-                  else torch.float32)
+        # the LoRA's own dtype: the base weight's, or for a GGUF base (bytes) its bias's, else float32
+        floats = [p.dtype for p in (base.weight, base.bias) if p is not None and p.is_floating_point()]
+        kw = dict(device=base.weight.device, dtype=floats[0] if floats else torch.float32)
         self.lora_down = nn.Linear(self.in_features, rank, bias=False, **kw)
         self.lora_up = nn.Linear(rank, self.out_features, bias=False, **kw)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
