@@ -226,6 +226,11 @@ def add_task_options(p, task: str, batch_help: str,
                         "in Wan's, diffusers' or kino's names; may be ORG/NAME/PATH, a Hub repository's file")
     p.add_argument("--dit-2", default=None, metavar="FILE",
                    help="the same for a two-expert model's (Wan2.2 A14B) low-noise DiT")
+    p.add_argument("--text-encoder", default=None, metavar="FILE",
+                   help="the UMT5 text encoder's weights from this file instead of the model's (whose folder then "
+                        "gives the tokenizer): a GGUF file (e.g. umt5-xxl-encoder-Q8_0.gguf; its layers and token "
+                        "table stay quantized) or a safetensors file (e.g. ComfyUI's umt5_xxl_fp16 or fp8_scaled); "
+                        "may be ORG/NAME/PATH")
     add_lora(p)
     add_device(p)
     p.add_argument("--text-device", default=None, metavar="DEVICE",
@@ -418,7 +423,7 @@ def _pipeline(args, procs=None):
         # --fsdp: the DiT stays in the file's dtype, memory-mapped, until each block is cast as it is
         # sharded: a process then holds its share of the DiT and one block, not the whole DiT
         pipe = Pipeline.from_pretrained(args.model, "cpu", dit_dtype=None if args.fsdp else plan.compute_dtype(device),
-                                        dit_file=args.dit, dit_2_file=args.dit_2)
+                                        dit_file=args.dit, dit_2_file=args.dit_2, text_encoder_file=args.text_encoder)
         for expert, loras in ((1, args.lora), (2, args.lora_2)):
             for path, scale in loras:
                 pipe.load_lora(path, scale, expert)
@@ -610,7 +615,7 @@ def cmd_info(args) -> int:
 def cmd_convert_wan(args) -> int:
     from kino.convert.wan import convert_wan
 
-    manifest = convert_wan(args.src, args.dst, dit_files=(args.dit, args.dit_2))
+    manifest = convert_wan(args.src, args.dst, dit_files=(args.dit, args.dit_2), text_file=args.text_encoder)
     print(f"wrote kino model folder {manifest.parent}")
     return 0
 
@@ -830,6 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the DiT's weights from this file instead of SRC's (GGUF, dequantized to float32, or "
                         "safetensors, as `kino generate --dit` reads them)")
     p.add_argument("--dit-2", default=None, metavar="FILE", help="the same for a two-expert model's low-noise DiT")
+    p.add_argument("--text-encoder", default=None, metavar="FILE",
+                   help="the UMT5 text encoder's weights from this file instead of SRC's (GGUF, dequantized to "
+                        "bfloat16, or safetensors, as `kino generate --text-encoder` reads them)")
     add_common(p)
     p.set_defaults(func=cmd_convert_wan)
 

@@ -37,7 +37,7 @@ from kino.models.dit.pretrained import load_folder_dit
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
 from kino.models.gguf import GGUFLinear
-from kino.models.hub import dit_weights_skipped, resolve_model
+from kino.models.hub import resolve_model, weights_skipped
 from kino.models.lora import fuse_lora, read_lora, unfuse_lora
 from kino.models.memory import BlockStreamer, MemoryPlan, placed
 from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
@@ -464,7 +464,8 @@ class Pipeline:
                         text_device: str | torch.device | None = None, text_dtype: str | None = None,
                         memory: MemoryPlan | None = None,
                         dit_dtype: torch.dtype | None = torch.float32,
-                        dit_file: str | Path | None = None, dit_2_file: str | Path | None = None) -> Pipeline:
+                        dit_file: str | Path | None = None, dit_2_file: str | Path | None = None,
+                        text_encoder_file: str | Path | None = None) -> Pipeline:
         """Load a model folder (kino.json with vae, dit and text_encoder); None = the shipped default.
         A Wan2.1 folder in its original or diffusers layout loads too (kino/convert/wan.py).
         `text_device` puts the text encoder elsewhere (e.g. "cpu" beside a GPU DiT);
@@ -478,22 +479,26 @@ class Pipeline:
         `dit_file` (and `dit_2_file`, a two-expert model's second DiT): the DiT's weights from
         this file instead of the folder's, which then needs only the DiT's config: a GGUF file
         (its blocks' linear layers stay quantized and are dequantized one layer at a time as they
-        run: kino/models/gguf.py) or a safetensors file, in Wan's, diffusers' or kino's names."""
+        run: kino/models/gguf.py) or a safetensors file, in Wan's, diffusers' or kino's names.
+        `text_encoder_file`: the UMT5 text encoder's weights from this file (GGUF, its layers
+        kept quantized likewise, or safetensors: `UMT5Encoder.from_file`); the folder then gives
+        its tokenizer."""
         if memory is not None:
             dtype = memory.compute_dtype(torch.device(device))
             pipe = cls.from_pretrained(path, "cpu", None, text_dtype, dit_dtype=dtype, dit_file=dit_file,
-                                       dit_2_file=dit_2_file)
+                                       dit_2_file=dit_2_file, text_encoder_file=text_encoder_file)
             pipe.set_memory(memory, device, text_device)
             return pipe
-        skip = dit_weights_skipped((dit_file is not None, dit_2_file is not None))
-        root = resolve_model(path, skip) if path is not None else default_model_dir()
+        given = [part for part, f in (("dit", dit_file), ("dit_2", dit_2_file), ("text_encoder", text_encoder_file))
+                 if f is not None]
+        root = resolve_model(path, weights_skipped(*given)) if path is not None else default_model_dir()
         manifest = read_manifest(root)
         if manifest is None:
             from kino.convert.wan import detect_layout, load_wan_pipeline
 
             if root.is_dir() and detect_layout(root) in ("original", "diffusers"):
                 return load_wan_pipeline(root, device, text_device, text_dtype or "bfloat16", dit_dtype,
-                                         (dit_file, dit_2_file))
+                                         (dit_file, dit_2_file), text_encoder_file)
             raise KinoUserError(f"{root} is not a kino model folder (kino.json is missing) nor a Wan2.1 folder")
         missing = [c for c in ("vae", "dit", "text_encoder") if c not in manifest.get("components", {})]
         if missing:
@@ -505,9 +510,10 @@ class Pipeline:
         dits = [load_folder_dit(root, c, f, device, dit_dtype) if c in manifest["components"] else None
                 for c, f in (("dit", dit_file), ("dit_2", dit_2_file))]
         dit, dit_2 = dits  # dit_2: a two-expert model's low-noise DiT (Wan2.2 A14B)
-        text = load_component(root, "text_encoder", weights=False)
+        text = load_component(root, "text_encoder", weights=False,
+                              skip=weights_skipped("text_encoder") if text_encoder_file is not None else ())
         text_encoder = load_text_encoder(text.config, text_device if text_device is not None else device, text.folder,
-                                         text_dtype)
+                                         text_dtype, file=text_encoder_file)
         image_encoder = None
         if "image_encoder" in manifest["components"]:
             from kino.models.clip import CLIPImageEncoder
@@ -528,9 +534,10 @@ class Pipeline:
         and the generation defaults."""
         if self.sharded:
             raise KinoUserError("this pipeline's weights are sharded over processes; save it from a plain load")
-        if self.quantized:
-            raise KinoUserError("this pipeline's DiT holds GGUF-quantized layers (read from a .gguf file), which a "
-                                "kino model folder does not store: save from a DiT in a float dtype")
+        if self.quantized or self.text_quantized:
+            raise KinoUserError(f"this pipeline's {'DiT' if self.quantized else 'text encoder'} holds GGUF-quantized "
+                                "layers (read from a .gguf file), which a kino model folder does not store: save "
+                                "from weights in a float dtype")
         root = Path(path)
         save_component(root / "vae", self.vae.config.to_dict(), self.vae.state_dict())
         save_component(root / "dit", self.dit.config.to_dict(), self.dit.state_dict())
@@ -618,10 +625,11 @@ class Pipeline:
         for model in (getattr(self.text_encoder, "model", None), getattr(self.image_encoder, "model", None)):
             if model is None:
                 continue
-            if model is getattr(self.text_encoder, "model", None) and (text_device is None
-                                                                       or torch.device(text_device) == device):
+            if model is getattr(self.text_encoder, "model", None) and not self.text_quantized and (
+                    text_device is None or torch.device(text_device) == device):
                 shard_modules(model, transformer_units(model), mesh)
-            else:  # an encoder on another device (--text-device cpu), and the (small) CLIP image encoder
+            else:  # an encoder on another device (--text-device cpu) or GGUF-quantized (held whole), and the
+                # (small) CLIP image encoder
                 model.to(text_device if text_device is not None else device)
 
     def compile(self, backend: str = "inductor", mode: str | None = None) -> None:
@@ -650,6 +658,11 @@ class Pipeline:
     def quantized(self) -> bool:
         """Whether a DiT holds GGUF-quantized layers (kino/models/gguf.py)."""
         return any(isinstance(m, GGUFLinear) for dit in self.dits for m in dit.modules())
+
+    @property
+    def text_quantized(self) -> bool:
+        """Whether the text encoder holds GGUF-quantized layers (`text_encoder_file` a .gguf)."""
+        return bool(getattr(self.text_encoder, "quantized", False))
 
     @property
     def dits(self) -> list[DiT]:

@@ -16,7 +16,7 @@ import torch
 from kino.errors import KinoUserError
 from kino.models.folder import load_component, read_manifest
 from kino.models.gguf import write_gguf
-from kino.models.hub import dit_weights_skipped, resolve_model
+from kino.models.hub import resolve_model, weights_skipped
 
 
 def dit_state(src: str | Path, expert: int = 1) -> dict[str, torch.Tensor]:
@@ -25,7 +25,7 @@ def dit_state(src: str | Path, expert: int = 1) -> dict[str, torch.Tensor]:
 
     if expert not in (1, 2):
         raise KinoUserError(f"expert must be 1 or 2, got {expert}")
-    root = resolve_model(src, dit_weights_skipped((expert != 1, expert != 2)))
+    root = resolve_model(src, weights_skipped("dit_2" if expert == 1 else "dit", "text_encoder"))
     manifest = read_manifest(root)
     if manifest is not None:
         component = "dit" if expert == 1 else "dit_2"

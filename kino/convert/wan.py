@@ -43,8 +43,8 @@ from kino.models.dit import adapters as dit_adapters
 from kino.models.dit.model import DiT, DiTConfig
 from kino.models.dit.pretrained import build_dit, read_dit_file
 from kino.models.folder import MANIFEST
-from kino.models.gguf import GGUFTensor
-from kino.models.hub import dit_weights_skipped, folder_name, resolve_model
+from kino.models.gguf import GGUFTensor, dequantize_modules
+from kino.models.hub import folder_name, resolve_model, weights_skipped
 from kino.models.vae import adapters as vae_adapters
 from kino.models.vae.model import VAEConfig, VideoVAE
 
@@ -97,17 +97,25 @@ DIT_STEM = "diffusion_pytorch_model"
 
 @dataclass
 class TextSource:
-    """Where the UMT5 weights and tokenizer are: `kind` "wan" (a .pth) or "transformers" (a folder)."""
+    """Where the UMT5 weights and tokenizer are: `kind` "wan" (a .pth) or "transformers" (a
+    folder); `file`, when set, holds the weights instead (`--text-encoder FILE`: GGUF or
+    safetensors), and the folder's own are not needed (nor, from the Hub, downloaded)."""
 
     kind: str
     weights: Path
     tokenizer: Path
+    file: Path | None = None
 
     def load(self, device: str | torch.device = "cpu", dtype: str | None = "bfloat16"):
         from kino.models.text.umt5 import UMT5Encoder
 
-        build = UMT5Encoder.from_wan if self.kind == "wan" else UMT5Encoder.from_folder
-        return build(self.weights, self.tokenizer, dtype=dtype, device=device)
+        if self.file is not None:
+            return UMT5Encoder.from_file(self.file, self.tokenizer, dtype=dtype, device=device)
+        if self.kind == "wan":
+            return UMT5Encoder.from_wan(_need(self.weights, f"the text encoder's weights {self.weights.name} "
+                                                                 "(or give --text-encoder FILE)"),
+                                        self.tokenizer, dtype=dtype, device=device)
+        return UMT5Encoder.from_folder(self.weights, self.tokenizer, dtype=dtype, device=device)
 
 
 @dataclass
@@ -255,7 +263,7 @@ def _read_original(root: Path, dit_dtype: torch.dtype, dit_files: tuple = (None,
         _one_dit(root, dit_files)
         dit_config, dit_state, dit_file = _original_dit(root, dit_dtype, dit_files[0])
     vae_config, vae_state, vae_file = _original_vae(root)
-    text = TextSource("wan", _need(root / ORIGINAL_T5, f"the text encoder's weights {ORIGINAL_T5}"),
+    text = TextSource("wan", root / ORIGINAL_T5,  # checked when loaded: another file may stand in for it
                       _need(root / ORIGINAL_TOKENIZER, f"the tokenizer folder {ORIGINAL_TOKENIZER}/"))
     image = None
     if dit_config.img_dim is not None:
@@ -367,11 +375,15 @@ def build_models(src: WanSource, device: str | torch.device = "cpu") -> tuple[Vi
 
 def load_wan_pipeline(root: str | Path, device: str | torch.device = "cpu",
                       text_device: str | torch.device | None = None, text_dtype: str = "bfloat16",
-                      dit_dtype: torch.dtype = torch.float32, dit_files: tuple = (None, None)):
+                      dit_dtype: torch.dtype = torch.float32, dit_files: tuple = (None, None),
+                      text_file: str | Path | None = None):
     """A kino Pipeline straight from a Wan2.1 folder (original or diffusers), Wan's defaults;
     the DiT's weights are converted to `dit_dtype` as they are read (or come from
-    `dit_files`, see `read_wan`)."""
-    return load_wan_pipeline_from(read_wan(root, dit_dtype, dit_files), device, text_device, text_dtype)
+    `dit_files`, see `read_wan`); the text encoder's from `text_file` when given."""
+    src = read_wan(root, dit_dtype, dit_files)
+    if text_file is not None:
+        src.text.file = Path(text_file)
+    return load_wan_pipeline_from(src, device, text_device, text_dtype)
 
 
 def load_wan_pipeline_from(src: WanSource, device: str | torch.device = "cpu",
@@ -390,23 +402,31 @@ def load_wan_pipeline_from(src: WanSource, device: str | torch.device = "cpu",
 
 
 def convert_wan(src_root: str | Path, dst: str | Path, name: str | None = None,
-                dit_files: tuple = (None, None)) -> Path:
+                dit_files: tuple = (None, None), text_file: str | Path | None = None) -> Path:
     """Write a kino model folder from a Wan2.1 folder; returns the path of its kino.json.
 
     The DiT and VAE are written in float32, the dtype kino computes them in; the UMT5 encoder
     keeps the dtype it is stored in (bfloat16 in Wan's releases). `dit_files`: the DiT's (and a
     second expert's) weights from these files instead (`read_wan`); a GGUF file's quantized
     tensors are dequantized, so the folder holds plain float32 weights (e.g. to fine-tune).
+    `text_file`: the UMT5 encoder's weights from this file (GGUF, stored dequantized in
+    bfloat16, or safetensors, `UMT5Encoder.from_file`).
     """
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise KinoUserError(f"{dst} exists and is not an empty folder: convert into a new folder")
-    src = read_wan(resolve_model(src_root, dit_weights_skipped(tuple(f is not None for f in dit_files))),
-                   dit_files=dit_files)
+    given = [part for part, f in zip(("dit", "dit_2", "text_encoder"), (*dit_files, text_file)) if f is not None]
+    src = read_wan(resolve_model(src_root, weights_skipped(*given)), dit_files=dit_files)
+    if text_file is not None:
+        src.text.file = Path(text_file)
     for field in ("dit_state", "dit_2_state"):
         state = getattr(src, field)
         if state is not None:
             setattr(src, field, {k: v.dequantize() if isinstance(v, GGUFTensor) else v for k, v in state.items()})
-    pipe = load_wan_pipeline_from(src, "cpu", None, text_dtype=None)  # every shape is checked before writing
+    # every shape is checked before writing; a GGUF text encoder is stored in bfloat16, as Wan's own
+    gguf_text = text_file is not None and Path(text_file).suffix == ".gguf"
+    pipe = load_wan_pipeline_from(src, "cpu", None, text_dtype="bfloat16" if gguf_text else None)
+    if pipe.text_quantized:
+        dequantize_modules(pipe.text_encoder.model, torch.bfloat16)
     pipe.name = name or f"{folder_name(src.root)} (kino)"
     return pipe.save_pretrained(dst)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from fnmatch import fnmatch
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -180,11 +181,12 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
 
 
 def load_component(path: str | Path, component: str, weights: bool = True,
-                   dtype: torch.dtype | None = None) -> Component:
+                   dtype: torch.dtype | None = None, skip: tuple[str, ...] = ()) -> Component:
     """Load `component` from a model folder (checking sha256 sums) or a bare component folder.
     weights=False: a component described by its config alone (e.g. a reference to a text
     encoder whose files ship in a package). `dtype` converts floating-point weights as they
-    are read."""
+    are read. Files matching a `skip` pattern (relative to the model folder, fnmatch) are
+    neither needed nor checked (their weights come from another file)."""
     root = Path(path)
     if not root.exists():
         raise KinoUserError(f"model folder {root} does not exist")
@@ -197,8 +199,8 @@ def load_component(path: str | Path, component: str, weights: bool = True,
             raise KinoUserError(f"{manifest} has no valid entry for component {component!r} ({e})") from None
         folder, name = root / entry["path"], meta.get("name", root.name)
         for fname, expected in entry["files"].items():
-            if fname == WEIGHTS and not weights:  # a component read for its config alone
-                continue
+            if (fname == WEIGHTS and not weights) or any(fnmatch(f"{entry['path']}/{fname}", p) for p in skip):
+                continue  # a component read for its config alone; weights that come from elsewhere
             f = folder / fname
             if not f.is_file():
                 raise KinoUserError(f"{f} is missing: {manifest} lists it for component {component!r}")

@@ -255,7 +255,35 @@ def read_gguf(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, T
     return out
 
 
-# ---------------------------------------------------------------------------- the layer
+def read_gguf_metadata(path: str | Path) -> dict[str, str | int | float]:
+    """A GGUF file's scalar metadata (architecture, name, sizes, epsilons) by key; arrays (the
+    tokenizer's vocabulary, shapes) are left out."""
+    path = Path(path)
+    if not path.is_file():
+        raise KinoUserError(f"GGUF file {path} does not exist")
+    out = {}
+    for key, field in _reader(path).fields.items():
+        if key.startswith("GGUF.") or len(field.types) != 1:
+            continue  # the header's own fields; arrays
+        value = field.contents()
+        if isinstance(value, (str, int, float)):
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------- the layers
+
+
+def _byte_rows(rows: int, width: int, qtype: int, device, byte_dtype: torch.dtype) -> nn.Parameter:
+    """An empty frozen parameter for `rows` quantized rows of `width` values. The bytes are
+    uint8, or int8 where a host model must see a dtype it leaves alone: transformers' T5 and
+    UMT5 feed-forward layers cast their input to `wo.weight.dtype` unless that is int8 (as for
+    8-bit quantized weights), which a uint8 weight would turn into a cast to bytes."""
+    q = QUANT_TYPES[qtype]
+    if width % q.block:
+        raise ValueError(f"{q.name} rows hold blocks of {q.block}; {width} values do not divide")
+    return nn.Parameter(torch.empty(rows, width // q.block * q.nbytes, dtype=byte_dtype, device=device),
+                        requires_grad=False)
 
 
 class GGUFLinear(nn.Module):
@@ -264,20 +292,16 @@ class GGUFLinear(nn.Module):
     LoRAs (`add_lora`) are added unfused: y = W x + b + up (down x)."""
 
     def __init__(self, in_features: int, out_features: int, qtype: int, bias: bool = True,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, byte_dtype: torch.dtype = torch.uint8):
         super().__init__()
-        q = QUANT_TYPES[qtype]
-        if in_features % q.block:
-            raise ValueError(f"{q.name} rows hold blocks of {q.block}; {in_features} inputs do not divide")
         self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // q.block * q.nbytes, dtype=torch.uint8,
-                                               device=device), requires_grad=False)
+        self.weight = _byte_rows(out_features, in_features, qtype, device, byte_dtype)
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.register_buffer("lora_down", None, persistent=False)  # (R, in), several LoRAs stacked
         self.register_buffer("lora_up", None, persistent=False)  # (out, R), their scales folded in
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize(self.weight, self.qtype, (self.out_features, self.in_features), dtype)
+        return dequantize(self.weight.view(torch.uint8), self.qtype, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -305,13 +329,59 @@ class GGUFLinear(nn.Module):
                 f"type={QUANT_TYPES[self.qtype].name}, bias={self.bias is not None}{lora}")
 
 
+class GGUFEmbedding(nn.Module):
+    """A lookup table whose rows stay in a GGUF quantization type (a text encoder's token
+    embedding: UMT5-XXL's is a billion values): each call dequantizes only the rows it looks
+    up, into the dtype of the (empty) `like` buffer, which follows the model's `.to(dtype)`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: int, device: torch.device | str | None = None,
+                 byte_dtype: torch.dtype = torch.uint8):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.qtype = num_embeddings, embedding_dim, qtype
+        self.weight = _byte_rows(num_embeddings, embedding_dim, qtype, device, byte_dtype)
+        # never on the meta device: it holds no values, and a meta model's weights are assigned, not its buffers
+        self.register_buffer("like", torch.empty(0), persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.weight.view(torch.uint8)[ids.reshape(-1)]
+        return dequantize(rows, self.qtype, (*ids.shape, self.embedding_dim), self.like.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={QUANT_TYPES[self.qtype].name}"
+
+
+def dequantize_modules(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model` with every GGUFLinear / GGUFEmbedding replaced in place by a plain nn.Linear /
+    nn.Embedding holding its dequantized weight in `dtype` (e.g. to save it as floats)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GGUFLinear):
+            plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+            plain.weight = nn.Parameter(module.dequantized(dtype), requires_grad=False)
+            if module.bias is not None:
+                plain.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        elif isinstance(module, GGUFEmbedding):
+            plain = nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta")
+            plain.weight = nn.Parameter(dequantize(module.weight.view(torch.uint8), module.qtype,
+                                                   (module.num_embeddings, module.embedding_dim), dtype),
+                                        requires_grad=False)
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
+    return model
+
+
+EMBEDDING_KEPT = 1 << 16  # lookup tables of at least this many values stay quantized (token embeddings)
+
+
 def build_with_gguf(model: nn.Module, state: dict[str, Tensor | GGUFTensor], keep: list[nn.Module], source: Path,
-                    dtype: torch.dtype) -> dict[str, Tensor]:
+                    dtype: torch.dtype, byte_dtype: torch.dtype = torch.uint8) -> dict[str, Tensor]:
     """For a model built on the meta device and a state dict holding GGUF tensors: every
     `nn.Linear` inside the `keep` modules whose weight is quantized becomes a (meta)
-    `GGUFLinear` of that type, and the state dict returned holds its bytes; every other
-    quantized tensor is dequantized to `dtype`. Shapes are checked against the model's,
-    naming the file and the tensor on a mismatch."""
+    `GGUFLinear` of that type, every large `nn.Embedding` there (a token table) a
+    `GGUFEmbedding`, and the state dict returned holds their bytes (as `byte_dtype`); every
+    other quantized tensor is dequantized to `dtype`. Shapes are checked against the
+    model's, naming the file and the tensor on a mismatch."""
     modules = dict(model.named_modules())
     kept = {id(m) for k in keep for m in k.modules()}
     out: dict[str, Tensor] = {}
@@ -320,19 +390,22 @@ def build_with_gguf(model: nn.Module, state: dict[str, Tensor | GGUFTensor], kee
             out[key] = value
             continue
         owner, _, param = key.rpartition(".")
-        linear = modules.get(owner)
-        if param == "weight" and isinstance(linear, nn.Linear):
-            wanted = (linear.out_features, linear.in_features)
+        module = modules.get(owner)
+        if param == "weight" and isinstance(module, (nn.Linear, nn.Embedding)):
+            linear = isinstance(module, nn.Linear)
+            wanted = tuple(module.weight.shape)
             if tuple(value.shape) != wanted:
                 raise KinoUserError(f"{source}: {key} is {tuple(value.shape)}, the model's {wanted}")
             # a layer whose rows are not whole blocks (a converter flattened it) is dequantized once instead
-            if id(linear) in kept and linear.in_features % QUANT_TYPES[value.qtype].block == 0:
-                layer = GGUFLinear(linear.in_features, linear.out_features, value.qtype, linear.bias is not None,
-                                   device="meta")
+            if (id(module) in kept and wanted[1] % QUANT_TYPES[value.qtype].block == 0
+                    and (linear or module.weight.numel() >= EMBEDDING_KEPT)):
+                layer = (GGUFLinear(module.in_features, module.out_features, value.qtype, module.bias is not None,
+                                    "meta", byte_dtype) if linear
+                         else GGUFEmbedding(*wanted, value.qtype, "meta", byte_dtype))
                 parent, _, child = owner.rpartition(".")
                 setattr(modules[parent] if parent else model, child, layer)
                 modules[owner] = layer
-                out[key] = value.raw.reshape(layer.weight.shape)
+                out[key] = value.raw.reshape(layer.weight.shape).view(byte_dtype)
                 continue
         out[key] = value.dequantize(dtype)
     return out

@@ -49,18 +49,22 @@ def _local(text: str) -> bool:
     return Path(text).exists() or text.startswith(("./", "../"))
 
 
-# a model's DiT weights, in each layout (kino, Wan's original, diffusers); [1]: a two-expert
-# model's second DiT. Not downloaded when they come from another file (`--dit FILE`).
-DIT_WEIGHTS = (("dit/model.safetensors", "diffusion_pytorch_model*.safetensors",
-                "high_noise_model/diffusion_pytorch_model*", "transformer/diffusion_pytorch_model*"),
-               ("dit_2/model.safetensors", "low_noise_model/diffusion_pytorch_model*",
-                "transformer_2/diffusion_pytorch_model*"))
+# a model's weights by part, in each layout (kino, Wan's original, diffusers); "dit_2": a
+# two-expert model's second DiT. Not downloaded when they come from another file (`--dit
+# FILE`, `--text-encoder FILE`) or are not needed.
+WEIGHT_PATTERNS = {
+    "dit": ("dit/model.safetensors", "diffusion_pytorch_model*.safetensors", "high_noise_model/diffusion_pytorch_model*",
+            "transformer/diffusion_pytorch_model*"),
+    "dit_2": ("dit_2/model.safetensors", "low_noise_model/diffusion_pytorch_model*",
+              "transformer_2/diffusion_pytorch_model*"),
+    "text_encoder": ("text_encoder/umt5/model*.safetensors", "models_t5_umt5-xxl-enc-bf16.pth",
+                     "text_encoder/model*.safetensors"),
+}
 
 
-def dit_weights_skipped(skip: tuple[bool, bool]) -> tuple[str, ...]:
-    """The patterns of the DiT weights not to download: the first DiT's when skip[0], a
-    second expert's when skip[1] (they come from elsewhere, or are not needed)."""
-    return tuple(p for flag, patterns in zip(skip, DIT_WEIGHTS) if flag for p in patterns)
+def weights_skipped(*parts: str) -> tuple[str, ...]:
+    """The patterns of the weights of `parts` ("dit", "dit_2", "text_encoder") not to download."""
+    return tuple(p for part in parts for p in WEIGHT_PATTERNS[part])
 
 
 def resolve_model(spec: str | Path, skip: tuple[str, ...] = ()) -> Path:

@@ -31,7 +31,7 @@ def read_dit_file(path: str | Path, dtype: torch.dtype | None = None, config: Di
     Floating-point tensors are converted to `dtype` as they are read (a GGUF file's to float32
     when None). `path` may be a Hub file, ORG/NAME/PATH. With `config`, names that are that
     DiT's own (kino's extras included) pass."""
-    from kino.convert.files import load_safetensors
+    from kino.convert.files import fp8_weights, load_safetensors
     from kino.models.hub import resolve_file
 
     path = resolve_file(path)
@@ -49,35 +49,6 @@ def read_dit_file(path: str | Path, dtype: torch.dtype | None = None, config: Di
         with torch.device("meta"):
             keys = set(DiT(config).state_dict())
     return adapt_dit_state(state, path, keys)
-
-
-FP8_SCALES = (".scale_weight", ".weight_scale")  # ComfyUI's and other converters' per-weight scale names
-FP8_DROPPED = (".scale_input", ".input_scale")  # activation scales for fp8 matmuls: not needed here
-
-
-def fp8_weights(state: dict[str, torch.Tensor], dtype: torch.dtype | None, source: Path) -> dict[str, torch.Tensor]:
-    """A state dict with "fp8 scaled" weights made plain: each `X.weight` that has a scale
-    `X.scale_weight` (or `X.weight_scale`: a scalar, or one per output row) becomes
-    weight x scale, computed in float32; the scales, activation scales and the `scaled_fp8`
-    marker are dropped. Every floating-point tensor then goes to `dtype` (None: as stored,
-    float8 ones to bfloat16: nothing computes in float8 here)."""
-    out, scales = {}, {}
-    for key, value in state.items():
-        if key == "scaled_fp8" or key.endswith(FP8_DROPPED):
-            continue
-        scale = next((key[:-len(s)] for s in FP8_SCALES if key.endswith(s)), None)
-        if scale is not None:
-            scales[scale + ".weight"] = value
-        else:
-            out[key] = value
-    for key, scale in scales.items():
-        if key not in out:
-            raise KinoUserError(f"{source}: a scale for {key} but no such weight")
-        w = out[key].float()
-        out[key] = w * (scale.float().reshape(-1, *[1] * (w.ndim - 1)) if scale.numel() > 1 else scale.float())
-    float8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-    return {k: v.to(dtype or (torch.bfloat16 if v.dtype in float8 else v.dtype)) if v.is_floating_point() else v
-            for k, v in out.items()}
 
 
 def load_folder_dit(root: Path, component: str, file: str | Path | None, device: str | torch.device = "cpu",

@@ -103,11 +103,15 @@ class MiniLMEncoder:
 
 
 def load_text_encoder(config: dict, device: str | torch.device = "cpu", folder: str | Path | None = None,
-                      dtype: str | None = None) -> TextEncoder:
+                      dtype: str | None = None, file: str | Path | None = None) -> TextEncoder:
     """The encoder a model folder's text_encoder/config.json names; `folder` is that
     text_encoder/ folder (UMT5 keeps its weights and tokenizer in it). `dtype` overrides the
-    UMT5 compute dtype the config records (MiniLM always runs in float32)."""
+    UMT5 compute dtype the config records (MiniLM always runs in float32). `file`: a UMT5's
+    weights from this file instead (GGUF or safetensors, `UMT5Encoder.from_file`)."""
     kind = config.get("kind")
+    if file is not None and kind != "umt5":
+        raise KinoUserError(f"a text encoder weights file ({file}) stands in for a UMT5 encoder (Wan models); this "
+                            f"model's text encoder is {kind!r}")
     if kind == "minilm":
         return MiniLMEncoder(max_length=int(config["max_length"]), device=device)
     if kind == "umt5":
@@ -117,9 +121,10 @@ def load_text_encoder(config: dict, device: str | torch.device = "cpu", folder: 
             raise KinoUserError("a UMT5 text encoder is loaded from its text_encoder/ folder")
         folder = Path(folder)
         try:
-            return UMT5Encoder.from_folder(folder / config["weights"], folder / config["tokenizer"],
-                                           max_length=int(config["max_length"]), dtype=dtype or config["dtype"],
-                                           device=device, attend_padding=bool(config["attend_padding"]))
+            load, weights = ((UMT5Encoder.from_folder, folder / config["weights"]) if file is None
+                             else (UMT5Encoder.from_file, file))
+            return load(weights, folder / config["tokenizer"], max_length=int(config["max_length"]),
+                        dtype=dtype or config["dtype"], device=device, attend_padding=bool(config["attend_padding"]))
         except KeyError as e:
             raise KinoUserError(f"{folder / 'config.json'} lacks {e.args[0]!r}, which a umt5 text encoder needs") from None
     raise KinoUserError(f"unknown text encoder kind {kind!r}: kino knows 'minilm' and 'umt5'")

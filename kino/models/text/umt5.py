@@ -78,20 +78,106 @@ def umt5_from_wan(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 def umt5_config_from_wan(state_dict: dict[str, Tensor]):
     """A transformers UMT5Config for a Wan-layout T5 encoder state dict, read off its shapes
     (Wan's umt5-xxl: vocab 256384, d_model 4096, 64 heads of 64, d_ff 10240, 24 layers)."""
+    return umt5_config(umt5_from_wan(state_dict))
+
+
+def umt5_config(state: dict, eps: float = 1e-6):
+    """A transformers UMT5Config for an encoder state dict in transformers' names, read off its
+    shapes (tensors or GGUF tensors); UMT5's relative-position distance (128) and gated GELU."""
     from transformers import UMT5Config
 
     try:
-        vocab, d_model = state_dict["token_embedding.weight"].shape
-        buckets, heads = state_dict["blocks.0.pos_embedding.embedding.weight"].shape
-        inner = state_dict["blocks.0.attn.q.weight"].shape[0]
-        d_ff = state_dict["blocks.0.ffn.fc1.weight"].shape[0]
+        vocab, d_model = state["shared.weight"].shape
+        buckets, heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
+        inner = state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+        d_ff = state["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0]
     except KeyError as e:
-        raise ValueError(f"not a Wan2.1 UMT5 encoder state dict: {e.args[0]} is missing") from None
-    layers = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+        raise ValueError(f"not a UMT5 encoder: {e.args[0]} is missing") from None
+    layers = len({k.split(".")[2] for k in state if k.startswith("encoder.block.")})
     return UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
                       num_heads=heads, relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
-                      feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu", layer_norm_epsilon=eps, dropout_rate=0.0,
                       is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+
+
+# llama.cpp's T5 encoder names (GGUF files, e.g. umt5-xxl-encoder-Q8_0.gguf) -> transformers', per block N
+_FROM_GGUF: list[tuple[str, str]] = [
+    (r"^enc\.blk\.(\d+)\.attn_norm\.weight$", r"encoder.block.\1.layer.0.layer_norm.weight"),
+    (r"^enc\.blk\.(\d+)\.attn_([qkvo])\.weight$", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+    (r"^enc\.blk\.(\d+)\.attn_rel_b\.weight$",
+     r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (r"^enc\.blk\.(\d+)\.ffn_norm\.weight$", r"encoder.block.\1.layer.1.layer_norm.weight"),
+    (r"^enc\.blk\.(\d+)\.ffn_gate\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
+    (r"^enc\.blk\.(\d+)\.ffn_up\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
+    (r"^enc\.blk\.(\d+)\.ffn_down\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
+    (r"^enc\.output_norm\.weight$", "encoder.final_layer_norm.weight"),
+    (r"^token_embd\.weight$", "shared.weight"),
+]
+TOKENIZER_TENSORS = ("spiece_model", "tokenizer")  # a tokenizer some single files carry as bytes: not weights
+
+
+def umt5_names(state: dict, source: Path) -> dict:
+    """A UMT5 encoder's state dict from one file by transformers' names: from llama.cpp's GGUF
+    names, Wan's original names or transformers' own (a `text_encoders.`/`t5xxl.` style
+    prefix up to `encoder.` or `shared.` dropped); the token embedding under both of
+    transformers' tied names."""
+    state = {k: v for k, v in state.items() if k not in TOKENIZER_TENSORS}
+    try:
+        if "token_embedding.weight" in state:
+            return umt5_from_wan(state)
+        if "token_embd.weight" in state:
+            renamed = {key: rename_key(key, _FROM_GGUF) for key in state}
+            unknown = [key for key, new in renamed.items() if new is None]
+            if unknown:
+                raise ValueError(f"tensors not in llama.cpp's T5 encoder layout: {unknown[:8]}")
+            out = {renamed[key]: value for key, value in state.items()}
+        else:
+            out = {_from_encoder_or_shared(key): value for key, value in state.items()}
+            out = {k: v for k, v in out.items() if not k.startswith(("decoder.", "lm_head."))}
+    except ValueError as e:
+        raise KinoUserError(f"{source}: {e}") from None
+    embedding = out.get("shared.weight", out.get("encoder.embed_tokens.weight"))
+    if embedding is None:
+        raise KinoUserError(f"{source} is not a UMT5 encoder: it has no token embedding (token_embd, shared or "
+                            "token_embedding)")
+    out["shared.weight"] = out["encoder.embed_tokens.weight"] = embedding
+    return out
+
+
+def _from_encoder_or_shared(key: str) -> str:
+    """`key` from its first `encoder` or `shared` component on (a checkpoint's prefix dropped)."""
+    parts = key.split(".")
+    start = next((i for i, part in enumerate(parts) if part in ("encoder", "shared")), 0)
+    return ".".join(parts[start:])
+
+
+def read_umt5_file(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict, float]:
+    """A UMT5 encoder's weights from one file, by transformers' names, and its norm epsilon: a
+    GGUF file (llama.cpp's `t5encoder` layout; quantized tensors stay `GGUFTensor`s) or a
+    safetensors file (transformers' names, as ComfyUI's `umt5_xxl_fp16.safetensors`, or
+    Wan's; "fp8 scaled" weights multiplied back). Floating-point tensors go to `dtype` (None:
+    as stored; float8 to bfloat16)."""
+    from kino.convert.files import fp8_weights, load_safetensors
+    from kino.models.gguf import read_gguf, read_gguf_metadata
+    from kino.models.hub import resolve_file
+
+    path = resolve_file(path)
+    eps = 1e-6
+    if path.suffix == ".gguf":
+        state = read_gguf(path, dtype)
+        meta = read_gguf_metadata(path)
+        arch = meta.get("general.architecture", "")
+        if arch not in ("t5encoder", "t5"):
+            raise KinoUserError(f"{path} holds a {arch or 'unnamed'} model, not a T5 encoder (general.architecture "
+                                "t5encoder)")
+        eps = float(f"{meta.get(f'{arch}.attention.layer_norm_epsilon', eps):.7g}")  # stored as float32
+    elif path.suffix == ".safetensors":
+        if not path.is_file():
+            raise KinoUserError(f"text encoder weights file {path} does not exist")
+        state = fp8_weights(load_safetensors([path]), dtype, path)
+    else:
+        raise KinoUserError(f"{path}: a text encoder weights file is .gguf or .safetensors")
+    return umt5_names(state, path), eps
 
 
 # ---------------------------------------------------------------------------- the encoder
@@ -137,7 +223,8 @@ class UMT5Encoder:
                 model = UMT5EncoderModel.from_pretrained(weights, dtype="auto" if dtype is None else _dtype(dtype),
                                                          local_files_only=True)
         except (OSError, ValueError, RuntimeError) as e:
-            raise KinoUserError(f"cannot load the UMT5 text encoder from {weights}: {e}") from None
+            raise KinoUserError(f"cannot load the UMT5 text encoder from {weights} (its weights may come from one "
+                                f"file instead: --text-encoder FILE): {e}") from None
         return cls(model.to(device), _tokenizer(tokenizer), max_length, attend_padding)
 
     @classmethod
@@ -165,9 +252,48 @@ class UMT5Encoder:
         model = model.to(device) if dtype is None else model.to(device=device, dtype=_dtype(dtype))
         return cls(model, _tokenizer(tokenizer), max_length, attend_padding)
 
+    @classmethod
+    def from_file(cls, path: str | Path, tokenizer: str | Path, *, max_length: int = 512,
+                  dtype: str | None = "bfloat16", device: str | torch.device = "cpu",
+                  attend_padding: bool = True) -> UMT5Encoder:
+        """The encoder's weights from one file (`read_umt5_file`: GGUF or safetensors), its
+        sizes read off their shapes, and a tokenizer folder. A GGUF file's quantized linear
+        layers and token embedding stay quantized (dequantized as they run, in `dtype`:
+        kino/models/gguf.py); dtype None: the file's dtype (a GGUF file: float32)."""
+        from transformers import UMT5EncoderModel
+
+        from kino.convert.files import one_line
+        from kino.models.gguf import GGUFTensor, build_with_gguf
+
+        compute = None if dtype is None else _dtype(dtype)
+        if compute is None and str(path).endswith(".gguf"):
+            compute = torch.float32  # the dtype ggml dequantizes in
+        state, eps = read_umt5_file(path, compute)
+        try:
+            config = umt5_config(state, eps)
+        except ValueError as e:
+            raise KinoUserError(f"{path}: {e}") from None
+        with torch.device("meta"):
+            model = UMT5EncoderModel(config)
+        if any(isinstance(v, GGUFTensor) for v in state.values()):
+            state = build_with_gguf(model, state, [model], Path(path), compute, byte_dtype=torch.int8)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise KinoUserError(f"{path} holds weights that do not fit a UMT5 encoder: {one_line(e)}") from None
+        model = model.to(device) if compute is None else model.to(device=device, dtype=compute)
+        return cls(model, _tokenizer(tokenizer), max_length, attend_padding)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether layers hold GGUF-quantized weights (read from a .gguf file)."""
+        from kino.models.gguf import GGUFEmbedding, GGUFLinear
+
+        return any(isinstance(m, (GGUFLinear, GGUFEmbedding)) for m in self.model.modules())
+
     def reference(self) -> dict:
         """text_encoder/config.json of a kino folder whose UMT5 lives in umt5/ and tokenizer/."""
-        dtype = {v: k for k, v in DTYPES.items()}[next(self.model.parameters()).dtype]
+        dtype = {v: k for k, v in DTYPES.items()}[next(p for p in self.model.parameters() if p.is_floating_point()).dtype]
         return {"kind": "umt5", "weights": "umt5", "tokenizer": "tokenizer", "max_length": self.max_length,
                 "attend_padding": self.attend_padding, "dtype": dtype, "dim": self.dim}
 
