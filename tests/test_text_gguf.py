@@ -318,3 +318,19 @@ def test_kino_generate_and_convert_with_text_encoder_on_a_folder_without_its_wei
 def test_text_encoder_file_on_a_minilm_model_is_an_error(text, capsys):
     code = main(["generate", "a red circle", "--text-encoder", str(text["file"]), "-o", "never.mp4", "-q"])
     assert code == 2 and "stands in for a UMT5 encoder" in capsys.readouterr().err
+
+
+def test_kino_info_describes_a_umt5_gguf(text, capsys):
+    import json
+
+    assert main(["info", str(text["file"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["components"]["text_encoder"]
+    expected: dict[str, int] = {}
+    for t in gguf.GGUFReader(text["file"]).tensors:  # the file's own account of its types
+        name = "float32" if t.tensor_type == Q.F32 else t.tensor_type.name
+        expected[name] = expected.get(name, 0) + 1
+    assert info["tensors"] == expected and sum(expected.values()) == 22
+    assert (info["layers"], info["dim"], info["heads"], info["vocabulary"]) == (2, D_MODEL, 2, len(WORDS) + 303)
+    assert info["parameters"] == sum(p.numel() for p in text["model"].parameters())
+    assert main(["info", str(text["file"])]) == 0
+    assert "GGUF UMT5 encoder (for --text-encoder), 2 layers" in capsys.readouterr().out

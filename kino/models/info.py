@@ -116,12 +116,26 @@ def _wan(root: Path, layout: str) -> dict:
     return {"name": kind, "components": components, "defaults": asdict(wan_defaults(kind, boundary))}
 
 
+def _types(state: dict) -> dict[str, int]:
+    """How many tensors of each type (GGUF quantization or torch dtype) a state dict holds."""
+    from kino.models.gguf import GGUFTensor
+
+    types: dict[str, int] = {}
+    for v in state.values():
+        name = v.type_name if isinstance(v, GGUFTensor) else str(v.dtype).removeprefix("torch.")
+        types[name] = types.get(name, 0) + 1
+    return types
+
+
 def _gguf(path: Path) -> dict:
-    """A GGUF DiT file from its header: tensor types, parameters, and the DiT sizes it fits."""
+    """A GGUF file from its header: a DiT's tensor types, parameters and the DiT sizes it fits,
+    or a UMT5 text encoder's (llama.cpp's t5encoder layout, for --text-encoder)."""
     from kino.models.dit.model import DIT_SIZES, DiT
     from kino.models.dit.pretrained import adapt_dit_state
-    from kino.models.gguf import GGUFTensor, read_gguf
+    from kino.models.gguf import read_gguf, read_gguf_metadata
 
+    if read_gguf_metadata(path).get("general.architecture") in ("t5encoder", "t5"):
+        return _gguf_text(path)
     raw = read_gguf(path)
     layers = len({k.split(".")[1] for k in raw if k.startswith("blocks.")})  # "blocks.N." in every layout
     dim = raw["patch_embedding.weight"].shape[0] if "patch_embedding.weight" in raw else None
@@ -129,10 +143,7 @@ def _gguf(path: Path) -> dict:
         sizes = {size: {k: tuple(v.shape) for k, v in DiT(c).state_dict().items()} for size, c in DIT_SIZES.items()
                  if c.dim == dim and c.num_layers == layers}
     state = adapt_dit_state(raw, path, set().union(*sizes.values()))  # kino's extras pass as named
-    types: dict[str, int] = {}
-    for v in state.values():
-        name = v.type_name if isinstance(v, GGUFTensor) else str(v.dtype).removeprefix("torch.")
-        types[name] = types.get(name, 0) + 1
+    types = _types(state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     fits = [size for size, known in sizes.items() if known == shapes]
     dit = {"tensors": types, "parameters": sum(int(torch.Size(s).numel()) for s in shapes.values()),
@@ -141,6 +152,23 @@ def _gguf(path: Path) -> dict:
            "vace_blocks": len({k.split(".")[1] for k in shapes if k.startswith("vace_blocks.")})}
     return {"model": path.name, "path": str(path), "layout": "gguf", "name": "DiT weights",
             "components": {"dit": dit}, "defaults": {}}
+
+
+def _gguf_text(path: Path) -> dict:
+    from kino.models.gguf import read_gguf
+    from kino.models.text.umt5 import umt5_config, umt5_names
+
+    state = umt5_names(read_gguf(path), path)
+    try:
+        config = umt5_config(state)
+    except ValueError as e:
+        raise KinoUserError(f"{path}: {e}") from None
+    state.pop("encoder.embed_tokens.weight")  # transformers' tied second name of the token table
+    text = {"kind": "umt5", "tensors": _types(state), "bytes": path.stat().st_size, "dim": config.d_model,
+            "layers": config.num_layers, "heads": config.num_heads, "vocabulary": config.vocab_size,
+            "parameters": sum(int(torch.Size(v.shape).numel()) for v in state.values())}
+    return {"model": path.name, "path": str(path), "layout": "gguf", "name": "UMT5 text encoder weights",
+            "components": {"text_encoder": text}, "defaults": {}}
 
 
 def _count(n: int) -> str:
@@ -156,8 +184,11 @@ def format_info(info: dict) -> str:
              f"  path: {info['path']}"]
     for name, c in info["components"].items():
         params = f", {_count(c['parameters'])} parameters" if "parameters" in c else ""
-        if "tensors" in c:  # a GGUF DiT file
-            types = ", ".join(f"{n} {t}" for t, n in sorted(c["tensors"].items(), key=lambda kv: -kv[1]))
+        types = ", ".join(f"{n} {t}" for t, n in sorted(c.get("tensors", {}).items(), key=lambda kv: -kv[1]))
+        if "tensors" in c and name == "text_encoder":  # a GGUF UMT5 file
+            desc = (f"GGUF UMT5 encoder (for --text-encoder), {c['layers']} layers, {c['dim']} wide, {c['heads']} "
+                    f"heads, vocabulary {c['vocabulary']}, {c['bytes'] / 2**20:.1f} MiB; tensors: {types}")
+        elif "tensors" in c:  # a GGUF DiT file
             fits = ", ".join(c["fits"]) or "none of kino's named sizes (give --model the folder whose config it fits)"
             desc = (f"GGUF DiT, {c['layers']} blocks{', %d VACE blocks' % c['vace_blocks'] if c['vace_blocks'] else ''}"
                     f", {c['bytes'] / 2**20:.1f} MiB; tensors: {types}; fits: {fits}")
