@@ -91,7 +91,7 @@ def lora_spec(text: str) -> tuple[Path, float]:
 
 
 # kino.models.gguf.WRITE_TYPES (which imports torch; the parser does not)
-GGUF_WRITE_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")
+GGUF_WRITE_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K", "BF16", "F16")
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
 
@@ -846,8 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, metavar="SRC", help="kino model folder, Wan2.1 / Wan2.2 folder, or a Hub id")
     p.add_argument("dst", type=Path, metavar="DST", help="the .gguf file to write (must not exist)")
     p.add_argument("--type", choices=GGUF_WRITE_TYPES, default="Q8_0",
-                   help="quantization of the blocks' matrices (default Q8_0); the other matrices are written in "
-                        "F16, vectors and small tensors in F32")
+                   help="quantization of the blocks' matrices (default Q8_0; the K-quants are written by kino, "
+                        "the others by the gguf package); the other matrices are written in F16, vectors and small "
+                        "tensors in F32")
     p.add_argument("--expert", type=int, choices=(1, 2), default=1,
                    help="a two-expert model's (Wan2.2 A14B) DiT to write: 1 high-noise (default), 2 low-noise")
     add_common(p)

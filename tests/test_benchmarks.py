@@ -83,3 +83,14 @@ def test_memory_benchmark_runs_gguf_plans(tmp_path):
     rows = [line for line in res.stdout.splitlines() if line.startswith("| gguf-Q8_0+swap1 |")]
     assert len(rows) == 1 and (tmp_path / "tiny-Q8_0.gguf").is_file()
     assert json.loads(res.stderr.strip().splitlines()[-1])["plan"] == "gguf-Q8_0+swap1"
+
+
+@pytest.mark.slow
+def test_text_memory_benchmark_runs_its_plans(tmp_path):
+    res = _script("bench_text_memory.py", "--tiny", "--layers", "1", "--text", "8", "--plans", "bf16", "gguf-Q4_K",
+                  "--gguf-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| gguf-Q4_K |")]
+    assert len(rows) == 1 and (tmp_path / "umt5-tiny-1-Q4_K.gguf").is_file()
+    last = json.loads(res.stderr.strip().splitlines()[-1])
+    assert last["plan"] == "gguf-Q4_K" and last["peak_mib"] >= last["setup_mib"] > 0 and last["encode_s"] > 0

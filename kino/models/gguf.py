@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kino.errors import KinoUserError
+from kino.models.gguf_quant import K_WRITERS, quantize_k
 
 QK_K = 256  # elements per super-block of the K-quants
 ORIG_SHAPE = "comfy.gguf.orig_shape."
@@ -413,7 +414,8 @@ def build_with_gguf(model: nn.Module, state: dict[str, Tensor | GGUFTensor], kee
 
 # ---------------------------------------------------------------------------- writing
 
-WRITE_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16")  # the ones the gguf package quantizes
+# the gguf package quantizes the 32-element types; kino the K-quants (kino/models/gguf_quant.py)
+WRITE_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K", "BF16", "F16")
 KEEP_F32 = 1024  # tensors this small stay F32, as ComfyUI-GGUF's converter keeps them
 BLOCK_PREFIXES = ("blocks.", "vace_blocks.")
 
@@ -421,7 +423,7 @@ BLOCK_PREFIXES = ("blocks.", "vace_blocks.")
 def write_gguf(state: dict[str, Tensor], path: str | Path, type_name: str, arch: str = "wan") -> dict[str, int]:
     """Write a DiT's state dict (kino's names, which are Wan's) as a GGUF file that kino,
     ComfyUI-GGUF and diffusers read: the blocks' matrices (of more than 1,024 elements, rows of
-    whole blocks) in `type_name`; the other matrices (the text, time and position embeddings,
+    whole blocks: 32 values, or 256 for the K-quants) in `type_name`; the other matrices (the text, time and position embeddings,
     the head: under 2% of a Wan DiT's weights) in F16; vectors, norms, modulation tables and
     the 5-D patch embeddings in F32. ComfyUI-GGUF's converter quantizes the matrices outside the
     blocks too; on the shipped model the head alone then adds as much error to the DiT's output
@@ -441,7 +443,9 @@ def write_gguf(state: dict[str, Tensor], path: str | Path, type_name: str, arch:
         a = value.detach().float().cpu().numpy()
         matrix = a.ndim == 2 and a.size > KEEP_F32 and not key.endswith("modulation")
         if matrix and key.startswith(BLOCK_PREFIXES) and a.shape[1] % block == 0:
-            name, data = type_name, gguf.quants.quantize(a, qtype)
+            name = type_name
+            data = quantize_k(torch.from_numpy(a), type_name).numpy() if type_name in K_WRITERS \
+                else gguf.quants.quantize(a, qtype)
         elif matrix and float(abs(a).max()) < 6e4:  # inside float16's range
             name, data = "F16", a.astype("float16")
         else:
