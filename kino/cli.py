@@ -623,7 +623,7 @@ def cmd_convert_wan(args) -> int:
 def cmd_convert_gguf(args) -> int:
     from kino.convert.quantize import convert_gguf
 
-    counts = convert_gguf(args.src, args.dst, args.type, args.expert)
+    counts = convert_gguf(args.src, args.dst, args.type, args.expert, args.component)
     print(f"wrote {args.dst} ({', '.join(f'{n} {t}' for t, n in counts.items())} tensors, "
           f"{args.dst.stat().st_size / 2**20:.1f} MiB)")
     return 0
@@ -841,8 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_convert_wan)
 
-    p = csub.add_parser("gguf", help="a model's DiT -> a quantized GGUF file (for `--dit FILE`, ComfyUI-GGUF, "
-                        "diffusers)")
+    p = csub.add_parser("gguf", help="a model's DiT or text encoder -> a quantized GGUF file (for `--dit FILE` / "
+                        "`--text-encoder FILE`, ComfyUI-GGUF, diffusers, transformers)")
     p.add_argument("src", type=Path, metavar="SRC", help="kino model folder, Wan2.1 / Wan2.2 folder, or a Hub id")
     p.add_argument("dst", type=Path, metavar="DST", help="the .gguf file to write (must not exist)")
     p.add_argument("--type", choices=GGUF_WRITE_TYPES, default="Q8_0",
@@ -851,6 +851,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensors in F32")
     p.add_argument("--expert", type=int, choices=(1, 2), default=1,
                    help="a two-expert model's (Wan2.2 A14B) DiT to write: 1 high-noise (default), 2 low-noise")
+    p.add_argument("--component", choices=("dit", "text_encoder"), default="dit",
+                   help="what to write: the DiT (default) or the UMT5 text encoder (every matrix in --type, in "
+                        "llama.cpp's t5encoder layout, for `--text-encoder FILE`)")
     add_common(p)
     p.set_defaults(func=cmd_convert_gguf)
 

@@ -334,3 +334,50 @@ def test_kino_info_describes_a_umt5_gguf(text, capsys):
     assert info["parameters"] == sum(p.numel() for p in text["model"].parameters())
     assert main(["info", str(text["file"])]) == 0
     assert "GGUF UMT5 encoder (for --text-encoder), 2 layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K"])
+def test_kino_convert_gguf_text_encoder_writes_what_transformers_and_kino_read(wan, text, tmp_path, capsys,
+                                                                             type_name):
+    """`kino convert gguf SRC DST --component text_encoder`: the folder's UMT5 in llama.cpp's
+    t5encoder layout; transformers' GGUF loader reads it as kino does, close to the original."""
+    from test_wan import _components, write_original
+
+    from kino.models.text.umt5 import UMT5Encoder
+
+    out = tmp_path / f"umt5-{type_name}.gguf"
+    assert main(["convert", "gguf", str(wan["folder"]), str(out), "--component", "text_encoder",
+                 "--type", type_name]) == 0
+    printed = capsys.readouterr().out
+    assert f"15 {type_name}" in printed and "7 F32" in printed, printed  # 14 matrices + the token table
+    enc = UMT5Encoder.from_file(out, text["tokenizer"], dtype="float32")
+    text["model"].config.save_pretrained(tmp_path)
+    ref = transformers.UMT5EncoderModel.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    ids, mask = _ids()
+    got = _features(enc.model, ids, mask)
+    torch.testing.assert_close(got, _features(ref, ids, mask), rtol=0, atol=1e-5)
+    # every tensor where it belongs: as transformers reads them, each within its type's error of the original
+    # (the random encoder's features are too sensitive to compare: its attention logits are unscaled)
+    original = text["model"].state_dict()
+    for key, value in ref.state_dict().items():
+        error = ((value - original[key]).norm() / original[key].norm()).item()
+        if value.ndim == 2 and "relative_attention_bias" not in key:
+            assert 0 < error < {"Q8_0": 0.01, "Q4_K": 0.1}[type_name], (key, error)
+        else:
+            assert error == 0, key
+    # the same from Wan's original layout (its T5 .pth), and errors
+    dit, vae, _, tokenizer = _components()
+    original_folder = write_original(tmp_path / "original", (dit, vae, text["model"], tokenizer))
+    again = tmp_path / f"umt5-{type_name}-original.gguf"
+    assert main(["convert", "gguf", str(original_folder), str(again), "--component", "text_encoder",
+                 "--type", type_name, "-q"]) == 0
+    assert again.read_bytes() == out.read_bytes() or torch.equal(
+        _features(UMT5Encoder.from_file(again, text["tokenizer"], dtype="float32").model, ids, mask), got)
+    assert main(["convert", "gguf", str(wan["folder"]), str(tmp_path / "x.gguf"), "--component", "text_encoder",
+                 "--expert", "2"]) == 2
+    assert "one text encoder" in capsys.readouterr().err
+    from kino.models.folder import default_model_dir
+
+    assert main(["convert", "gguf", str(default_model_dir()), str(tmp_path / "x.gguf"), "--component",
+                 "text_encoder"]) == 2
+    assert "'minilm'" in capsys.readouterr().err

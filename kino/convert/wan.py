@@ -118,6 +118,15 @@ class TextSource:
         return UMT5Encoder.from_folder(self.weights, self.tokenizer, dtype=dtype, device=device)
 
 
+def text_source(root: Path, layout: str) -> TextSource:
+    """Where a Wan folder of `layout` ("original" or "diffusers") keeps its UMT5 encoder."""
+    if layout == "original":  # the .pth is checked when loaded: another file may stand in for it
+        return TextSource("wan", root / ORIGINAL_T5,
+                          _need(root / ORIGINAL_TOKENIZER, f"the tokenizer folder {ORIGINAL_TOKENIZER}/"))
+    return TextSource("transformers", _need(root / "text_encoder", "text_encoder/ (UMT5)"),
+                      _need(root / "tokenizer", "tokenizer/"))
+
+
 @dataclass
 class ImageSource:
     """Where the CLIP image encoder is: `kind` "wan" (Wan's open-clip .pth) or "transformers" (a
@@ -263,8 +272,7 @@ def _read_original(root: Path, dit_dtype: torch.dtype, dit_files: tuple = (None,
         _one_dit(root, dit_files)
         dit_config, dit_state, dit_file = _original_dit(root, dit_dtype, dit_files[0])
     vae_config, vae_state, vae_file = _original_vae(root)
-    text = TextSource("wan", root / ORIGINAL_T5,  # checked when loaded: another file may stand in for it
-                      _need(root / ORIGINAL_TOKENIZER, f"the tokenizer folder {ORIGINAL_TOKENIZER}/"))
+    text = text_source(root, "original")
     image = None
     if dit_config.img_dim is not None:
         image = ImageSource("wan", _need(root / ORIGINAL_CLIP, f"the CLIP image encoder {ORIGINAL_CLIP} for its "
@@ -351,8 +359,7 @@ def _read_diffusers(root: Path, dit_dtype: torch.dtype, dit_files: tuple = (None
     else:
         _one_dit(root, dit_files)
     vae_config, vae_state, vae_file = _diffusers_vae(root)
-    text = TextSource("transformers", _need(root / "text_encoder", "text_encoder/ (UMT5)"),
-                      _need(root / "tokenizer", "tokenizer/"))
+    text = text_source(root, "diffusers")
     return WanSource(root, "diffusers", dit_config, dit_state, dit_file, vae_config, vae_state, vae_file,
                      text, image, dit_2_state=low[0], dit_2_file=low[1], boundary=boundary)
 

@@ -420,15 +420,28 @@ KEEP_F32 = 1024  # tensors this small stay F32, as ComfyUI-GGUF's converter keep
 BLOCK_PREFIXES = ("blocks.", "vace_blocks.")
 
 
-def write_gguf(state: dict[str, Tensor], path: str | Path, type_name: str, arch: str = "wan") -> dict[str, int]:
-    """Write a DiT's state dict (kino's names, which are Wan's) as a GGUF file that kino,
-    ComfyUI-GGUF and diffusers read: the blocks' matrices (of more than 1,024 elements, rows of
-    whole blocks: 32 values, or 256 for the K-quants) in `type_name`; the other matrices (the text, time and position embeddings,
-    the head: under 2% of a Wan DiT's weights) in F16; vectors, norms, modulation tables and
-    the 5-D patch embeddings in F32. ComfyUI-GGUF's converter quantizes the matrices outside the
-    blocks too; on the shipped model the head alone then adds as much error to the DiT's output
-    as all 80 block matrices (BENCHMARKS.md), so kino keeps them near-exact. Written to a
-    temporary name, then renamed. Returns how many tensors went to each type."""
+def dit_tensor_type(key: str, a, type_name: str, block: int) -> str:
+    """The type a DiT tensor is written in (`write_gguf`): the blocks' matrices (of more than
+    1,024 elements, rows of whole blocks) `type_name`; other matrices F16 (inside its range);
+    vectors, norms, modulation tables and the 5-D patch embedding F32."""
+    matrix = a.ndim == 2 and a.size > KEEP_F32 and not key.endswith("modulation")
+    if matrix and key.startswith(BLOCK_PREFIXES) and a.shape[1] % block == 0:
+        return type_name
+    return "F16" if matrix and float(abs(a).max()) < 6e4 else "F32"
+
+
+def write_gguf(state: dict[str, Tensor], path: str | Path, type_name: str, arch: str = "wan",
+               tensor_type: Callable = dit_tensor_type, metadata: Callable | None = None) -> dict[str, int]:
+    """Write a state dict as a GGUF file (names as given), each tensor in the type
+    `tensor_type(key, array, type_name, block)` says (`type_name`, F16 or F32); `metadata`
+    (given the gguf package's writer) adds key-value fields. By default a DiT (kino's names,
+    which are Wan's) that kino, ComfyUI-GGUF and diffusers read: its blocks' matrices in
+    `type_name`, the other matrices (the text, time and position embeddings, the head: under
+    2% of a Wan DiT's weights) in F16, the rest F32 (`dit_tensor_type`). ComfyUI-GGUF's
+    converter quantizes the matrices outside the blocks too; on the shipped model the head
+    alone then adds as much error to the DiT's output as all 80 block matrices
+    (BENCHMARKS.md), so kino keeps them near-exact. Written to a temporary name, then renamed.
+    Returns how many tensors went to each type."""
     path = Path(path)
     gguf = _gguf(path)
     if type_name not in WRITE_TYPES:
@@ -438,18 +451,18 @@ def write_gguf(state: dict[str, Tensor], path: str | Path, type_name: str, arch:
     tmp = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if metadata is not None:
+        metadata(writer)
     counts: dict[str, int] = {}
     for key, value in state.items():
         a = value.detach().float().cpu().numpy()
-        matrix = a.ndim == 2 and a.size > KEEP_F32 and not key.endswith("modulation")
-        if matrix and key.startswith(BLOCK_PREFIXES) and a.shape[1] % block == 0:
-            name = type_name
-            data = quantize_k(torch.from_numpy(a), type_name).numpy() if type_name in K_WRITERS \
-                else gguf.quants.quantize(a, qtype)
-        elif matrix and float(abs(a).max()) < 6e4:  # inside float16's range
-            name, data = "F16", a.astype("float16")
+        name = tensor_type(key, a, type_name, block)
+        if name == type_name and type_name in K_WRITERS:
+            data = quantize_k(torch.from_numpy(a), type_name).numpy()
+        elif name == type_name:
+            data = gguf.quants.quantize(a, qtype)
         else:
-            name, data = "F32", a
+            data = a.astype("float16") if name == "F16" else a
         writer.add_tensor(key, data, raw_dtype=None if name in ("F16", "F32") else qtype)
         counts[name] = counts.get(name, 0) + 1
     writer.write_header_to_file()

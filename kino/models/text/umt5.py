@@ -100,16 +100,18 @@ def umt5_config(state: dict, eps: float = 1e-6):
                       is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
 
 
-# llama.cpp's T5 encoder names (GGUF files, e.g. umt5-xxl-encoder-Q8_0.gguf) -> transformers', per block N
+# llama.cpp's T5 encoder names (GGUF files, e.g. umt5-xxl-encoder-Q8_0.gguf): enc.blk.N.SHORT.weight for
+# transformers' encoder.block.N.INNER.weight (gguf-py's tensor_mapping: ffn_gate is wi_0, ffn_up wi_1)
+_LLAMA_SHORT = {
+    "layer.0.layer_norm": "attn_norm", "layer.0.SelfAttention.q": "attn_q", "layer.0.SelfAttention.k": "attn_k",
+    "layer.0.SelfAttention.v": "attn_v", "layer.0.SelfAttention.o": "attn_o",
+    "layer.0.SelfAttention.relative_attention_bias": "attn_rel_b", "layer.1.layer_norm": "ffn_norm",
+    "layer.1.DenseReluDense.wi_0": "ffn_gate", "layer.1.DenseReluDense.wi_1": "ffn_up",
+    "layer.1.DenseReluDense.wo": "ffn_down",
+}
 _FROM_GGUF: list[tuple[str, str]] = [
-    (r"^enc\.blk\.(\d+)\.attn_norm\.weight$", r"encoder.block.\1.layer.0.layer_norm.weight"),
-    (r"^enc\.blk\.(\d+)\.attn_([qkvo])\.weight$", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
-    (r"^enc\.blk\.(\d+)\.attn_rel_b\.weight$",
-     r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight"),
-    (r"^enc\.blk\.(\d+)\.ffn_norm\.weight$", r"encoder.block.\1.layer.1.layer_norm.weight"),
-    (r"^enc\.blk\.(\d+)\.ffn_gate\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
-    (r"^enc\.blk\.(\d+)\.ffn_up\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
-    (r"^enc\.blk\.(\d+)\.ffn_down\.weight$", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
+    *((rf"^enc\.blk\.(\d+)\.{short}\.weight$", rf"encoder.block.\1.{inner}.weight")
+      for inner, short in _LLAMA_SHORT.items()),
     (r"^enc\.output_norm\.weight$", "encoder.final_layer_norm.weight"),
     (r"^token_embd\.weight$", "shared.weight"),
 ]
@@ -142,6 +144,60 @@ def umt5_names(state: dict, source: Path) -> dict:
                             "token_embedding)")
     out["shared.weight"] = out["encoder.embed_tokens.weight"] = embedding
     return out
+
+
+def to_llama_names(state: dict) -> dict:
+    """A UMT5 encoder state dict from transformers' names to llama.cpp's (`_FROM_GGUF` inverted;
+    the token table once)."""
+    out = {}
+    for key, value in state.items():
+        if key == "encoder.embed_tokens.weight":
+            continue
+        m = re.match(r"^encoder\.block\.(\d+)\.(.*)\.weight$", key)
+        short = None if m is None else _LLAMA_SHORT.get(m.group(2))
+        if key == "shared.weight":
+            out["token_embd.weight"] = value
+        elif key == "encoder.final_layer_norm.weight":
+            out["enc.output_norm.weight"] = value
+        elif short is not None:
+            out[f"enc.blk.{m.group(1)}.{short}.weight"] = value
+        else:
+            raise KinoUserError(f"{key} is not a UMT5 encoder weight")
+    return out
+
+
+
+
+def write_umt5_gguf(model, path: str | Path, type_name: str, name: str = "umt5") -> dict[str, int]:
+    """A transformers UMT5 encoder as a GGUF file in llama.cpp's `t5encoder` layout (what
+    `--text-encoder FILE`, transformers' GGUF loader, ComfyUI-GGUF and llama.cpp read): every
+    matrix (token table included; rows of whole blocks) in `type_name`, the relative-position
+    tables and norms in F32; sizes and epsilon in `t5encoder.*` metadata, "umt5" in the name
+    (which tells transformers it is UMT5, not T5). The tokenizer is not written: kino takes it
+    from the model folder. Returns how many tensors went to each type."""
+    from kino.models.gguf import write_gguf
+
+    c = model.config
+
+    def tensor_type(key, a, quant, block):
+        if a.ndim == 2 and "attn_rel_b" not in key:
+            return quant if a.shape[1] % block == 0 else "F16"
+        return "F32"
+
+    def metadata(w):
+        w.add_name(name if "umt5" in name.lower() else f"umt5 {name}")
+        w.add_context_length(512)
+        w.add_embedding_length(c.d_model)
+        w.add_feed_forward_length(c.d_ff)
+        w.add_block_count(c.num_layers)
+        w.add_head_count(c.num_heads)
+        w.add_key_length(c.d_kv)
+        w.add_value_length(c.d_kv)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+        w.add_relative_attn_buckets_count(c.relative_attention_num_buckets)
+        w.add_vocab_size(c.vocab_size)
+
+    return write_gguf(to_llama_names(model.state_dict()), path, type_name, "t5encoder", tensor_type, metadata)
 
 
 def _from_encoder_or_shared(key: str) -> str:
