@@ -63,8 +63,9 @@ def write_gguf(path: Path, layers: int, qtype_name: str) -> None:
     for i in range(layers):
         b = f"enc.blk.{i}."
         shapes.update({b + "attn_norm.weight": (d,), b + "attn_rel_b.weight": (32, XXL["num_heads"]),
-                       b + "attn_q.weight": (inner, d), b + "attn_k.weight": (inner, d), b + "attn_v.weight": (inner, d),
-                       b + "attn_o.weight": (d, inner), b + "ffn_norm.weight": (d,), b + "ffn_gate.weight": (ff, d),
+                       b + "attn_q.weight": (inner, d), b + "attn_k.weight": (inner, d),
+                       b + "attn_v.weight": (inner, d), b + "attn_o.weight": (d, inner),
+                       b + "ffn_norm.weight": (d,), b + "ffn_gate.weight": (ff, d),
                        b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff)})
     writer = gguf.GGUFWriter(str(path), "t5encoder", use_temp_file=True)
     writer.add_name("umt5-xxl benchmark (random)")
@@ -154,7 +155,8 @@ def main():
             raise SystemExit(f"plan {plan} failed")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    print(f"UMT5-{'tiny' if args.tiny else 'XXL'} encoder ({args.layers} layers), {args.text} tokens, CPU, fp32 compute for GGUF")
+    print(f"UMT5-{'tiny' if args.tiny else 'XXL'} encoder ({args.layers} layers), {args.text} tokens, CPU, "
+          "fp32 compute for GGUF")
     print("| plan | file MiB | resident set after setup MiB | peak during an encode MiB | encode s |")
     print("|---|---|---|---|---|")
     for r in rows:

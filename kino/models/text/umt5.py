@@ -349,7 +349,8 @@ class UMT5Encoder:
 
     def reference(self) -> dict:
         """text_encoder/config.json of a kino folder whose UMT5 lives in umt5/ and tokenizer/."""
-        dtype = {v: k for k, v in DTYPES.items()}[next(p for p in self.model.parameters() if p.is_floating_point()).dtype]
+        first = next(p for p in self.model.parameters() if p.is_floating_point())
+        dtype = {v: k for k, v in DTYPES.items()}[first.dtype]
         return {"kind": "umt5", "weights": "umt5", "tokenizer": "tokenizer", "max_length": self.max_length,
                 "attend_padding": self.attend_padding, "dtype": dtype, "dim": self.dim}
 
