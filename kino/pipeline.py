@@ -37,7 +37,7 @@ from kino.models.dit.pretrained import load_folder_dit
 from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
                                 reject_unknown_fields, save_component, write_manifest)
 from kino.models.gguf import GGUFLinear
-from kino.models.hub import resolve_model, weights_skipped
+from kino.models.hub import resolve_model, weights_replaced, weights_skipped
 from kino.models.lora import fuse_lora, read_lora, unfuse_lora
 from kino.models.memory import BlockStreamer, MemoryPlan, placed
 from kino.models.text.encoder import TextEncoder, load_text_encoder, save_text_encoder
@@ -489,9 +489,8 @@ class Pipeline:
                                        dit_2_file=dit_2_file, text_encoder_file=text_encoder_file)
             pipe.set_memory(memory, device, text_device)
             return pipe
-        given = [part for part, f in (("dit", dit_file), ("dit_2", dit_2_file), ("text_encoder", text_encoder_file))
-                 if f is not None]
-        root = resolve_model(path, weights_skipped(*given)) if path is not None else default_model_dir()
+        skip = weights_replaced(dit=dit_file, dit_2=dit_2_file, text_encoder=text_encoder_file)
+        root = resolve_model(path, skip) if path is not None else default_model_dir()
         manifest = read_manifest(root)
         if manifest is None:
             from kino.convert.wan import detect_layout, load_wan_pipeline

@@ -44,7 +44,7 @@ from kino.models.dit.model import DiT, DiTConfig
 from kino.models.dit.pretrained import build_dit, read_dit_file
 from kino.models.folder import MANIFEST
 from kino.models.gguf import GGUFTensor, dequantize_modules
-from kino.models.hub import folder_name, resolve_model, weights_skipped
+from kino.models.hub import folder_name, resolve_model, weights_replaced
 from kino.models.vae import adapters as vae_adapters
 from kino.models.vae.model import VAEConfig, VideoVAE
 
@@ -422,8 +422,8 @@ def convert_wan(src_root: str | Path, dst: str | Path, name: str | None = None,
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise KinoUserError(f"{dst} exists and is not an empty folder: convert into a new folder")
-    given = [part for part, f in zip(("dit", "dit_2", "text_encoder"), (*dit_files, text_file)) if f is not None]
-    src = read_wan(resolve_model(src_root, weights_skipped(*given)), dit_files=dit_files)
+    skip = weights_replaced(dit=dit_files[0], dit_2=dit_files[1], text_encoder=text_file)
+    src = read_wan(resolve_model(src_root, skip), dit_files=dit_files)
     if text_file is not None:
         src.text.file = Path(text_file)
     for field in ("dit_state", "dit_2_state"):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from fnmatch import fnmatch
 import os
 from dataclasses import dataclass, fields
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch

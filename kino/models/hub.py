@@ -67,6 +67,11 @@ def weights_skipped(*parts: str) -> tuple[str, ...]:
     return tuple(p for part in parts for p in WEIGHT_PATTERNS[part])
 
 
+def weights_replaced(**files) -> tuple[str, ...]:
+    """`weights_skipped` for the parts given a file of their own, e.g. (dit=FILE, text_encoder=None)."""
+    return weights_skipped(*[part for part, file in files.items() if file is not None])
+
+
 def resolve_model(spec: str | Path, skip: tuple[str, ...] = ()) -> Path:
     """The local folder `spec` names: itself when it exists on disk, else the verified snapshot
     of the Hub repository it names (downloaded on first use, but for files matching `skip`)."""

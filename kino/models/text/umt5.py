@@ -166,8 +166,6 @@ def to_llama_names(state: dict) -> dict:
     return out
 
 
-
-
 def write_umt5_gguf(model, path: str | Path, type_name: str, name: str = "umt5") -> dict[str, int]:
     """A transformers UMT5 encoder as a GGUF file in llama.cpp's `t5encoder` layout (what
     `--text-encoder FILE`, transformers' GGUF loader, ComfyUI-GGUF and llama.cpp read): every
