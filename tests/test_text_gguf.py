@@ -215,10 +215,10 @@ def test_bad_text_encoder_files_are_clear_errors(text, tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "dit.gguf"), "wan")
     w.add_tensor("blocks.0.ffn.0.weight", np.zeros((4, 32), np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    with pytest.raises(KinoUserError, match="holds a wan model, not a T5 encoder"):
+    with pytest.raises(KinoUserError, match="holds a wan model, not a T5 encoder .*go to --dit FILE"):
         load(tmp_path / "dit.gguf")
-    save_file({"blocks.0.ffn.0.weight": torch.zeros(4, 4)}, str(tmp_path / "dit.safetensors"))
-    with pytest.raises(KinoUserError, match="dit.safetensors is not a UMT5 encoder: it has no token embedding"):
+    save_file({"blocks.0.self_attn.q.weight": torch.zeros(4, 4)}, str(tmp_path / "dit.safetensors"))
+    with pytest.raises(KinoUserError, match="dit.safetensors is not a UMT5 encoder: it has no token embedding.*--dit"):
         load(tmp_path / "dit.safetensors")
     state = {k: v for k, v in text["model"].state_dict().items()
              if ("block.1." not in k or "wo" not in k) and k != "encoder.embed_tokens.weight"}
@@ -381,3 +381,26 @@ def test_kino_convert_gguf_text_encoder_writes_what_transformers_and_kino_read(w
     assert main(["convert", "gguf", str(default_model_dir()), str(tmp_path / "x.gguf"), "--component",
                  "text_encoder"]) == 2
     assert "'minilm'" in capsys.readouterr().err
+
+
+def test_a_whole_t5_file_reads_its_encoder_and_a_text_file_is_no_dit(text, wan, tmp_path, capsys):
+    """A GGUF of a whole T5 (its decoder, dec.*, and output head beside the encoder) gives its
+    encoder; a text encoder file given as --dit is a clear error that says where it goes."""
+    from kino.models.text.umt5 import UMT5Encoder
+
+    reader = gguf.GGUFReader(text["file"])
+    w = gguf.GGUFWriter(str(tmp_path / "t5-whole.gguf"), "t5")
+    w.add_name("umt5-whole")
+    for t in reader.tensors:  # the encoder's tensors as they are
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=None if t.tensor_type == Q.F32 else t.tensor_type)
+    w.add_tensor("dec.blk.0.attn_q.weight", np.zeros((D_MODEL, D_MODEL), np.float32))
+    w.add_tensor("output.weight", np.zeros((len(WORDS) + 303, D_MODEL), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    ids, mask = _ids()
+    whole = UMT5Encoder.from_file(tmp_path / "t5-whole.gguf", text["tokenizer"], dtype="float32")
+    encoder = UMT5Encoder.from_file(text["file"], text["tokenizer"], dtype="float32")
+    torch.testing.assert_close(_features(whole.model, ids, mask), _features(encoder.model, ids, mask), rtol=0, atol=0)
+    code = main(["generate", PROMPT, "--model", str(wan["folder"]), "--dit", str(text["file"]), "--frames", "1",
+                 "-o", str(tmp_path / "x.png"), "-q"])
+    assert code == 2 and "holds a text encoder (it has a token table), not a DiT: give it as --text-encoder" in \
+        capsys.readouterr().err

@@ -14,6 +14,7 @@ from kino.models.folder import CONFIG, load_component, load_module
 from kino.models.gguf import GGUFTensor, build_with_gguf, read_gguf, strip_prefix
 
 DIT_FILE_SUFFIXES = (".gguf", ".safetensors")
+TEXT_TABLES = ("token_embd.weight", "shared.weight", "token_embedding.weight", "encoder.embed_tokens.weight")
 
 
 def load_dit(path: str | Path | None = None, device: str | torch.device = "cpu", component: str = "dit") -> DiT:
@@ -44,6 +45,9 @@ def read_dit_file(path: str | Path, dtype: torch.dtype | None = None, config: Di
                             path)
     else:
         raise KinoUserError(f"{path}: a DiT weights file is {' or '.join(DIT_FILE_SUFFIXES)}")
+    if any(k in state for k in TEXT_TABLES):
+        raise KinoUserError(f"{path} holds a text encoder (it has a token table), not a DiT: give it as "
+                            "--text-encoder FILE")
     keys = None
     if config is not None:
         with torch.device("meta"):

@@ -128,6 +128,8 @@ def umt5_names(state: dict, source: Path) -> dict:
         if "token_embedding.weight" in state:
             return umt5_from_wan(state)
         if "token_embd.weight" in state:
+            # a whole T5's file also holds its decoder (dec.*) and output head: the encoder needs neither
+            state = {k: v for k, v in state.items() if not k.startswith("dec.") and k != "output.weight"}
             renamed = {key: rename_key(key, _FROM_GGUF) for key in state}
             unknown = [key for key, new in renamed.items() if new is None]
             if unknown:
@@ -140,8 +142,9 @@ def umt5_names(state: dict, source: Path) -> dict:
         raise KinoUserError(f"{source}: {e}") from None
     embedding = out.get("shared.weight", out.get("encoder.embed_tokens.weight"))
     if embedding is None:
+        hint = "; a DiT's weights go to --dit FILE" if any(".self_attn." in k or ".attn1." in k for k in state) else ""
         raise KinoUserError(f"{source} is not a UMT5 encoder: it has no token embedding (token_embd, shared or "
-                            "token_embedding)")
+                            f"token_embedding){hint}")
     out["shared.weight"] = out["encoder.embed_tokens.weight"] = embedding
     return out
 
@@ -222,8 +225,9 @@ def read_umt5_file(path: str | Path, dtype: torch.dtype | None = None) -> tuple[
         meta = read_gguf_metadata(path)
         arch = meta.get("general.architecture", "")
         if arch not in ("t5encoder", "t5"):
+            hint = "; a DiT's weights go to --dit FILE" if arch == "wan" else ""
             raise KinoUserError(f"{path} holds a {arch or 'unnamed'} model, not a T5 encoder (general.architecture "
-                                "t5encoder)")
+                                f"t5encoder){hint}")
         eps = float(f"{meta.get(f'{arch}.attention.layer_norm_epsilon', eps):.7g}")  # stored as float32
     elif path.suffix == ".safetensors":
         if not path.is_file():
