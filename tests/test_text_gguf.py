@@ -11,6 +11,7 @@ package's own tables, not kino's.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -404,3 +405,36 @@ def test_a_whole_t5_file_reads_its_encoder_and_a_text_file_is_no_dit(text, wan, 
                  "-o", str(tmp_path / "x.png"), "-q"])
     assert code == 2 and "holds a text encoder (it has a token table), not a DiT: give it as --text-encoder" in \
         capsys.readouterr().err
+
+
+def test_fine_tuning_with_init_text_encoder_file(wan, text, tmp_path, capsys):
+    """`init_text_encoder_file`: `kino preprocess` encodes the captions with the GGUF UMT5 (the
+    converted folder's own UMT5 weights are gone), the cache records which file, and a LoRA
+    trains on that cache."""
+    from test_wan import video_run_config
+
+    from kino.data.latent_cache import LatentCache
+    from kino.models.text.umt5 import UMT5Encoder
+    from kino.training.dit import DiTRunConfig
+
+    kino_folder = tmp_path / "wan-kino"
+    assert main(["convert", "wan", str(wan["folder"]), str(kino_folder), "-q"]) == 0
+    for f in (kino_folder / "text_encoder" / "umt5").glob("*.safetensors"):
+        f.unlink()
+    config = tmp_path / "run.toml"
+    body = video_run_config(tmp_path, kino_folder)
+    config.write_text(body.replace(f'init_from = "{kino_folder}"\n', f'init_from = "{kino_folder}"\n'
+                                   f'init_text_encoder_file = "{text["file"]}"\n') + "[lora]\nrank = 2\n")
+    assert main(["preprocess", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    cache = LatentCache(tmp_path / "cache")
+    assert cache.meta["text_encoder"]["name"] == f"UMT5Encoder from {text['file'].name}"
+    enc = UMT5Encoder.from_file(text["file"], kino_folder / "text_encoder" / "tokenizer", dtype="float32")
+    bucket = cache.buckets[0]
+    expected, _ = enc.encode(cache.captions(bucket)[:1])
+    got = cache.get(bucket, [0])["text"][0].float()  # stored in float16
+    torch.testing.assert_close(got, expected[0], rtol=2e-3, atol=2e-3)
+    assert expected.abs().max() > 0.1
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
+    with pytest.raises(KinoUserError, match="init_text_encoder_file needs init_from"):
+        DiTRunConfig(init_text_encoder_file=str(text["file"]))

@@ -221,6 +221,11 @@ class DiTRunConfig:
     # config, the VAE and the text encoder): a GGUF file (kino/models/gguf.py; its blocks stay
     # quantized, so only a [lora] trains on it, as QLoRA does) or a safetensors file.
     init_dit_file: str | None = None
+    # init_from's UMT5 text encoder's weights from this file instead (for `kino preprocess` and
+    # any caption encoding here): a GGUF file (kept quantized: UMT5-XXL encodes in fp32 within
+    # 5.5 GB as Q8_0, against 22.7 GB of fp32 weights) or a safetensors file; `--text-encoder
+    # FILE` at generation. init_from's folder then gives only the tokenizer.
+    init_text_encoder_file: str | None = None
     lora: LoRAConfig | None = None  # a [lora] section trains only a LoRA of the init_from DiT
     # A two-expert init_from (Wan2.2 A14B): which DiT trains, 1 (high-noise, `dit`) or 2
     # (low-noise, `dit_2`), on the flow times of its side of the model's boundary (flow.t_min/max
@@ -253,6 +258,9 @@ class DiTRunConfig:
         if self.init_dit_file is not None and str(self.init_dit_file).endswith(".gguf") and self.lora is None:
             raise KinoUserError(f"init_dit_file {self.init_dit_file} is GGUF-quantized: its weights cannot train; "
                                 "add a [lora] section to train a LoRA on it")
+        if self.init_text_encoder_file is not None and self.init_from is None:
+            raise KinoUserError("init_text_encoder_file needs init_from = \"MODEL_DIR\": the Wan model whose UMT5 "
+                                "text encoder (and tokenizer) it stands in for")
         if self.lora is not None and self.init_from is None:
             raise KinoUserError("a [lora] section needs init_from = \"MODEL_DIR\" (or \"default\"): the model "
                                 "whose DiT the LoRA adapts")
@@ -762,7 +770,7 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         raise KinoUserError(f"the shipped default VAE is not installed at {vae_path}: set vae = \"MODEL_DIR\" "
                             "in the config to a trained VAE folder")
     vae = load_vae(vae_path)
-    own = own_text_encoder(config.init_from) if text_encoder is None else None
+    own = own_text_encoder(config.init_from, config.init_text_encoder_file) if text_encoder is None else None
     if text_encoder is None and (own is None or config.dataset is None):
         text_encoder = training_text_encoder(config)
     if config.init_from is not None:  # fail now, not after building the cache
@@ -885,29 +893,39 @@ def training_times(config: DiTRunConfig) -> tuple[float, float]:
     return (boundary, 1.0) if config.expert == 1 else (0.0, boundary)
 
 
-def own_text_encoder(init_from: str | None) -> tuple[dict, Path] | None:
+def own_text_encoder(init_from: str | None, file: str | None = None) -> tuple[dict, Path] | None:
     """(config, folder) of the text encoder a fine-tune of `init_from` must train with when that
     model folder's own is not MiniLM: a converted Wan2.1 / Wan2.2 folder's UMT5 (512 tokens;
     its DiT reads 4096-wide features). None: kino's MiniLM at `cache.text_max_length`, as
-    kino's own models are trained. Configs only: cheap."""
+    kino's own models are trained. Configs only: cheap. `file`: the UMT5's weights come from
+    this file (`init_text_encoder_file`), so the folder's are neither needed nor checked."""
+    from kino.models.hub import weights_replaced
+
     if init_from is None:
         return None
     folder = model_folder(init_from)
     manifest = read_manifest(folder) if folder.is_dir() else None
     if manifest is None or "text_encoder" not in manifest.get("components", {}):
+        if file is not None:
+            raise KinoUserError(f"init_text_encoder_file stands in for init_from's UMT5 text encoder; {folder} has no "
+                                "text encoder (a kino model folder converted from Wan holds one)")
         return None
-    comp = load_component(folder, "text_encoder", weights=False)
+    comp = load_component(folder, "text_encoder", weights=False, skip=weights_replaced(text_encoder=file))
+    if comp.config.get("kind") == "minilm" and file is not None:
+        raise KinoUserError(f"init_text_encoder_file stands in for a UMT5 text encoder (Wan models); {folder}'s is "
+                            "MiniLM")
     return None if comp.config.get("kind") == "minilm" else (comp.config, comp.folder)
 
 
 def training_text_encoder(config: DiTRunConfig, device: str | torch.device = "cpu"):
-    """The text encoder that encodes a run's captions: init_from's own (own_text_encoder) or
-    MiniLM at cache.text_max_length."""
-    own = own_text_encoder(config.init_from)
+    """The text encoder that encodes a run's captions: init_from's own (own_text_encoder; its
+    weights from init_text_encoder_file when set) or MiniLM at cache.text_max_length."""
+    own = own_text_encoder(config.init_from, config.init_text_encoder_file)
     if own is not None:  # in its recorded dtype (bf16) on a GPU; fp32 on a CPU, where bf16 crawls
         from kino.models.text.encoder import load_text_encoder
 
-        return load_text_encoder(own[0], device, own[1], None if torch.device(device).type == "cuda" else "float32")
+        return load_text_encoder(own[0], device, own[1], None if torch.device(device).type == "cuda" else "float32",
+                                 file=config.init_text_encoder_file)
     from kino.models.text.encoder import MiniLMEncoder
 
     return MiniLMEncoder(max_length=config.cache.text_max_length)  # small: on the CPU, as always

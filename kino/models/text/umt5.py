@@ -340,7 +340,9 @@ class UMT5Encoder:
         except RuntimeError as e:
             raise KinoUserError(f"{path} holds weights that do not fit a UMT5 encoder: {one_line(e)}") from None
         model = model.to(device) if compute is None else model.to(device=device, dtype=compute)
-        return cls(model, _tokenizer(tokenizer), max_length, attend_padding)
+        encoder = cls(model, _tokenizer(tokenizer), max_length, attend_padding)
+        encoder.name = f"UMT5Encoder from {Path(path).name}"  # a latent cache's record of what encoded it
+        return encoder
 
     @property
     def quantized(self) -> bool:
