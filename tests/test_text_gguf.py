@@ -438,3 +438,22 @@ def test_fine_tuning_with_init_text_encoder_file(wan, text, tmp_path, capsys):
     assert (tmp_path / "run" / "lora.safetensors").is_file()
     with pytest.raises(KinoUserError, match="init_text_encoder_file needs init_from"):
         DiTRunConfig(init_text_encoder_file=str(text["file"]))
+
+
+def test_text_dtype_auto_computes_a_gguf_text_encoder_in_float32_on_a_cpu(wan, text, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from kino.cli import text_dtype
+
+    def rule(file, device, asked="auto"):
+        return text_dtype(SimpleNamespace(text_dtype=asked, text_encoder=file), torch.device(device))
+
+    assert rule("umt5-Q8_0.gguf", "cpu") == "float32" and rule("umt5-Q8_0.gguf", "cuda") is None
+    assert rule("umt5_xxl_fp16.safetensors", "cpu") is None and rule(None, "cpu") is None
+    assert rule("umt5-Q8_0.gguf", "cpu", "bfloat16") == "bfloat16"
+    for dtype in ("auto", "bfloat16"):
+        out = tmp_path / f"{dtype}.mp4"
+        assert main(["generate", PROMPT, "--model", str(wan["folder"]), "--text-encoder", str(text["file"]),
+                     "--text-dtype", dtype, "--frames", "5", "--size", "16x32", "--steps", "2", "-o", str(out),
+                     "-q"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "auto.mp4").read_bytes() != (tmp_path / "bfloat16.mp4").read_bytes()
