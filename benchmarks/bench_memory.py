@@ -86,9 +86,10 @@ def _peak_rss_mib() -> float:
     return (proc_status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
-def write_gguf(path: Path, size: str, qtype_name: str) -> None:
-    """A GGUF file of a `size` DiT (Wan's names) laid out as published ones are: block matrices
-    of `qtype_name` (random blocks with small scales), everything else F32."""
+def write_random_gguf(path: Path, arch: str, shapes: dict, quantized, qtype_name: str, setup=None) -> None:
+    """A GGUF file of tensors `shapes` (name -> shape): those `quantized(name, shape)` picks (with
+    rows of whole blocks) of `qtype_name`, random blocks with small scales (their values do not
+    change memory or speed), the rest F32 random normals; `setup(writer)` adds metadata."""
     import gguf
     import numpy as np
 
@@ -98,11 +99,11 @@ def write_gguf(path: Path, size: str, qtype_name: str) -> None:
     q = QUANT_TYPES[qtype]
     half = {"Q2_K": 80, "Q3_K": 108, "Q6_K": 208}.get(qtype_name, 0)  # where the block's f16 scale sits
     rng = np.random.default_rng(0)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in DiT(DIT_SIZES[size]).state_dict().items()}
-    writer = gguf.GGUFWriter(str(path), "wan", use_temp_file=True)
+    writer = gguf.GGUFWriter(str(path), arch, use_temp_file=True)
+    if setup is not None:
+        setup(writer)
     for key, shape in shapes.items():
-        if key.startswith("blocks.") and len(shape) == 2 and shape[1] % q.block == 0:  # else F32, as converters do
+        if len(shape) == 2 and shape[1] % q.block == 0 and quantized(key, shape):  # else F32, as converters do
             raw = rng.integers(0, 256, size=(shape[0] * shape[1] // q.block, q.nbytes), dtype=np.uint8)
             raw[:, half:half + 2] = np.full((len(raw), 1), 1e-3, np.float16).view(np.uint8)
             if qtype_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):  # and the min / dmin field
@@ -114,6 +115,14 @@ def write_gguf(path: Path, size: str, qtype_name: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_gguf(path: Path, size: str, qtype_name: str) -> None:
+    """A GGUF file of a `size` DiT (Wan's names) laid out as published ones are: block matrices
+    of `qtype_name`, everything else F32."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in DiT(DIT_SIZES[size]).state_dict().items()}
+    write_random_gguf(path, "wan", shapes, lambda key, shape: key.startswith("blocks."), qtype_name)
 
 
 def build(args, dtype: torch.dtype) -> DiT:

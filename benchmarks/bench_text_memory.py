@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_memory import _peak_rss_mib, _reset_peak_rss, _trim  # noqa: E402
+from bench_memory import _peak_rss_mib, _reset_peak_rss, _trim, write_random_gguf  # noqa: E402
 from timing import proc_status_kib  # noqa: E402
 
 XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, relative_attention_num_buckets=32)
@@ -49,15 +49,6 @@ def config(layers: int):
 def write_gguf(path: Path, layers: int, qtype_name: str) -> None:
     """A UMT5-XXL-sized GGUF file in llama.cpp's t5encoder names: every matrix (token table
     included) of `qtype_name`, random blocks with small scales; norms and position tables F32."""
-    import gguf
-    import numpy as np
-
-    from kino.models.gguf import QUANT_TYPES
-
-    qtype = next(k for k, q in QUANT_TYPES.items() if q.name == qtype_name)
-    q = QUANT_TYPES[qtype]
-    half = {"Q2_K": 80, "Q3_K": 108, "Q6_K": 208}.get(qtype_name, 0)  # where the block's f16 scale sits
-    rng = np.random.default_rng(0)
     d, ff, inner = XXL["d_model"], XXL["d_ff"], XXL["num_heads"] * XXL["d_kv"]
     shapes = {"token_embd.weight": (XXL["vocab_size"], d), "enc.output_norm.weight": (d,)}
     for i in range(layers):
@@ -67,21 +58,8 @@ def write_gguf(path: Path, layers: int, qtype_name: str) -> None:
                        b + "attn_v.weight": (inner, d), b + "attn_o.weight": (d, inner),
                        b + "ffn_norm.weight": (d,), b + "ffn_gate.weight": (ff, d),
                        b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff)})
-    writer = gguf.GGUFWriter(str(path), "t5encoder", use_temp_file=True)
-    writer.add_name("umt5-xxl benchmark (random)")
-    for key, shape in shapes.items():
-        if len(shape) == 2 and "rel_b" not in key:
-            raw = rng.integers(0, 256, size=(shape[0] * shape[1] // q.block, q.nbytes), dtype=np.uint8)
-            raw[:, half:half + 2] = np.full((len(raw), 1), 1e-3, np.float16).view(np.uint8)
-            if qtype_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):  # and the min / dmin field
-                raw[:, 2:4] = raw[:, 0:2]
-            writer.add_tensor(key, raw.reshape(shape[0], -1), raw_dtype=gguf.GGMLQuantizationType(qtype))
-        else:
-            writer.add_tensor(key, rng.normal(0, 0.02, size=shape).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_random_gguf(path, "t5encoder", shapes, lambda key, shape: "rel_b" not in key, qtype_name,
+                      lambda writer: writer.add_name("umt5-xxl benchmark (random)"))
 
 
 def gguf_path(args, plan: str) -> Path:

@@ -315,22 +315,11 @@ def test_a_lora_on_a_gguf_dit_is_the_fused_lora_unfused(wan, tmp_path):
 def test_kino_generate_with_dit_on_a_hub_folder_without_its_dit_weights(wan, tmp_path, capsys, monkeypatch):
     """The GGUF users' set-up: a Hub repository's VAE, text encoder and the DiT's config.json
     (its DiT weights are not downloaded: here they are not even in the offline cache)."""
-    import huggingface_hub
-    from huggingface_hub import constants
-    from test_hub import hub_cache
+    from test_hub import hub_without
 
     from kino.data.video_io import read_video
 
-    folder = tmp_path / "no-dit-weights"
-    shutil.copytree(wan["folder"], folder)
-    for f in (folder / "transformer").glob("*.safetensors"):
-        f.unlink()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    hub_cache(tmp_path / "hf", "Wan-AI/wide", folder)
-    calls = []
-    real = huggingface_hub.snapshot_download
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append(k) or real(*a, **k))
+    folder, calls = hub_without(tmp_path, monkeypatch, "Wan-AI/wide", wan["folder"], "transformer/*.safetensors")
     out = tmp_path / "clip.mp4"
     code = main(["generate", PROMPT, "--model", "Wan-AI/wide", "--dit", str(wan["file"]), "--frames", "5",
                  "--size", "16x32", "--steps", "2", "--swap-blocks", "1", "-o", str(out), "-q"])

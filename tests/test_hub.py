@@ -35,6 +35,28 @@ def hub_cache(cache: Path, repo: str, folder: Path, commit: str = COMMIT) -> Pat
     return snapshot
 
 
+def hub_without(tmp_path: Path, monkeypatch, repo: str, folder: Path, removed: str) -> tuple[Path, list]:
+    """A copy of `folder` without its files matching the glob `removed` (weights that come from
+    another file), served offline as Hub repository `repo` from a fresh cache; returns the copy
+    and a list that records every snapshot_download's keyword arguments (its ignore patterns)."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    copy = tmp_path / f"{folder.name}-without"
+    shutil.copytree(folder, copy)
+    for f in copy.glob(removed):
+        f.unlink()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_cache(tmp_path / "hf", repo, copy)
+    calls = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return copy, calls
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     from huggingface_hub import constants

@@ -273,23 +273,12 @@ def test_kino_generate_and_convert_with_text_encoder_on_a_folder_without_its_wei
     from a GGUF file (its weights in the repository are not downloaded: here they are not even
     in the offline cache); then `kino convert wan --text-encoder` to a kino folder (bfloat16),
     which loads with a text encoder file too, its own UMT5 weights gone."""
-    import huggingface_hub
-    from huggingface_hub import constants
-    from test_hub import hub_cache
+    from test_hub import hub_without
 
     from kino.data.video_io import read_video
     from kino.pipeline import Pipeline
 
-    folder = tmp_path / "no-text-weights"
-    shutil.copytree(wan["folder"], folder)
-    for f in (folder / "text_encoder").glob("*.safetensors"):
-        f.unlink()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    hub_cache(tmp_path / "hf", "Wan-AI/text", folder)
-    calls = []
-    real = huggingface_hub.snapshot_download
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append(k) or real(*a, **k))
+    folder, calls = hub_without(tmp_path, monkeypatch, "Wan-AI/text", wan["folder"], "text_encoder/*.safetensors")
     out = tmp_path / "clip.mp4"
     args = ["--frames", "5", "--size", "16x32", "--steps", "2", "-q"]
     code = main(["generate", PROMPT, "--model", "Wan-AI/text", "--text-encoder", str(text["file"]), "-o", str(out),
@@ -322,8 +311,6 @@ def test_text_encoder_file_on_a_minilm_model_is_an_error(text, capsys):
 
 
 def test_kino_info_describes_a_umt5_gguf(text, capsys):
-    import json
-
     assert main(["info", str(text["file"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)["components"]["text_encoder"]
     expected: dict[str, int] = {}
