@@ -237,6 +237,13 @@ def check_text_matches(encoder, text, tokenizer, prompts=("a cat walks on the  g
         torch.testing.assert_close(tokens[i, :n], expected, rtol=0, atol=1e-5)
         assert (tokens[i, n:] == 0).all()
     assert mask.all()  # Wan attends to the zero padding too: the DiT sees all max_length positions
+    # kino encodes the prompts padded to the longest only; Wan (and diffusers) encode all max_length
+    # positions with the padding masked: the same features
+    batch = tokenizer([" ".join(p.split()) for p in prompts], padding="max_length", max_length=encoder.max_length,
+                      return_tensors="pt")
+    with torch.no_grad():
+        padded = text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(tokens, padded * batch["attention_mask"][..., None], rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- tests

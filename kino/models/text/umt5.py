@@ -372,12 +372,19 @@ class UMT5Encoder:
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts")
-        tok = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
+        # Padded to the longest prompt of the batch only, not to max_length: a real token's features
+        # do not depend on padding it cannot attend to (masked keys; T5's position bias is relative),
+        # so this equals encoding the 512-token padded sequence up to float rounding, at the cost of
+        # the prompt's own ~20-60 tokens (a UMT5-XXL on a CPU: seconds, not a minute).
+        tok = self.tokenizer([clean_prompt(p) for p in prompts], padding="longest", truncation=True,
                              max_length=self.max_length, add_special_tokens=True, return_attention_mask=True,
                              return_tensors="pt").to(self.device)
         hidden = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-        real = tok["attention_mask"].bool()  # (B, L)
-        tokens = hidden.float() * real[..., None]  # (B, L, D): padding features are zeros, as in Wan
+        b, n = tok["input_ids"].shape
+        real = torch.zeros(b, self.max_length, dtype=torch.bool, device=hidden.device)
+        real[:, :n] = tok["attention_mask"].bool()
+        tokens = hidden.new_zeros(b, self.max_length, hidden.shape[-1], dtype=torch.float32)
+        tokens[:, :n] = hidden.float() * real[:, :n, None]  # padding features are zeros, as in Wan
         mask = torch.ones_like(real) if self.attend_padding else real
         return tokens, mask
 
