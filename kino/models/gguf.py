@@ -69,26 +69,30 @@ def _high_bits(qh: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- 32-element blocks
 
 
+# (In place where a fresh float tensor allows it: the same values, fewer temporaries; a DiT or
+# text encoder dequantizes every layer on every call.)
+
+
 def _q8_0(b: Tensor) -> Tensor:  # d (f16), 32 x int8
-    return _f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+    return b[:, 2:].view(torch.int8).float().mul_(_f16(b[:, :2]))
 
 
 def _q4_0(b: Tensor) -> Tensor:  # d, 16 bytes of nibbles; (q - 8) * d
-    return _f16(b[:, :2]) * (_low_high(b[:, 2:]).float() - 8)
+    return _low_high(b[:, 2:]).float().sub_(8).mul_(_f16(b[:, :2]))
 
 
 def _q4_1(b: Tensor) -> Tensor:  # d, m, 16 bytes of nibbles; q * d + m
-    return _f16(b[:, :2]) * _low_high(b[:, 4:]).float() + _f16(b[:, 2:4])
+    return _low_high(b[:, 4:]).float().mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
 
 
 def _q5_0(b: Tensor) -> Tensor:  # d, 32 high bits, 16 bytes of nibbles; (q - 16) * d
     q = _low_high(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)
-    return _f16(b[:, :2]) * (q.float() - 16)
+    return q.float().sub_(16).mul_(_f16(b[:, :2]))
 
 
 def _q5_1(b: Tensor) -> Tensor:  # d, m, 32 high bits, 16 bytes of nibbles; q * d + m
     q = _low_high(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4)
-    return _f16(b[:, :2]) * q.float() + _f16(b[:, 2:4])
+    return q.float().mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
 
 
 # ---------------------------------------------------------------------------- 256-element super-blocks
@@ -99,8 +103,8 @@ def _q2_k(b: Tensor) -> Tensor:  # 16 scale bytes (4-bit scale, 4-bit min), 64 b
     sc = b[:, :16]
     d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
     q = _fields(b[:, 16:80].reshape(n, 2, 32), 2, 4).reshape(n, 16, 16).float()
-    out = (d * (sc & 15).float()).unsqueeze(-1) * q - (dmin * (sc >> 4).float()).unsqueeze(-1)
-    return out.reshape(n, QK_K)
+    q.mul_((d * (sc & 15).float()).unsqueeze(-1)).sub_((dmin * (sc >> 4).float()).unsqueeze(-1))
+    return q.reshape(n, QK_K)
 
 
 def _q3_k(b: Tensor) -> Tensor:  # 32 bytes of high bits, 64 bytes of 2-bit q, 12 bytes of 6-bit scales, d
@@ -110,8 +114,8 @@ def _q3_k(b: Tensor) -> Tensor:  # 32 bytes of high bits, 64 bytes of 2-bit q, 1
     s = b[:, 96:108]
     sc = _fields(s[:, :8], 4, 2).reshape(n, 16) | (_fields(s[:, 8:12], 2, 4).reshape(n, 16) << 4)
     scale = _f16(b[:, 108:110]) * (sc.float() - 32)
-    q = low.float() - 4 * (1 - high.float())  # a clear high bit subtracts 4
-    return (scale.unsqueeze(-1) * q).reshape(n, QK_K)
+    q = high.float().sub_(1).mul_(4).add_(low)  # low - 4 (1 - high): a clear high bit subtracts 4 (exact)
+    return q.mul_(scale.unsqueeze(-1)).reshape(n, QK_K)
 
 
 def _k_scales(s: Tensor) -> tuple[Tensor, Tensor]:
@@ -123,30 +127,31 @@ def _k_scales(s: Tensor) -> tuple[Tensor, Tensor]:
     return scales.float(), mins.float()
 
 
+def _scale_min(q: Tensor, b: Tensor) -> Tensor:
+    """Q4_K / Q5_K: (n, 8, 32) float q -> d * scale * q - dmin * min, in place, as (n, 256)."""
+    sc, mn = _k_scales(b[:, 4:16])
+    q.mul_((_f16(b[:, :2]) * sc).unsqueeze(-1)).sub_((_f16(b[:, 2:4]) * mn).unsqueeze(-1))
+    return q.reshape(-1, QK_K)
+
+
 def _q4_k(b: Tensor) -> Tensor:  # d, dmin, 12 scale bytes, 128 bytes of nibbles
     n = b.shape[0]
-    sc, mn = _k_scales(b[:, 4:16])
-    q = _fields(b[:, 16:].reshape(n, 4, 32), 4, 2).reshape(n, 8, 32).float()
-    out = (_f16(b[:, :2]) * sc).unsqueeze(-1) * q - (_f16(b[:, 2:4]) * mn).unsqueeze(-1)
-    return out.reshape(n, QK_K)
+    return _scale_min(_fields(b[:, 16:].reshape(n, 4, 32), 4, 2).reshape(n, 8, 32).float(), b)
 
 
 def _q5_k(b: Tensor) -> Tensor:  # d, dmin, 12 scale bytes, 32 bytes of high bits, 128 bytes of nibbles
     n = b.shape[0]
-    sc, mn = _k_scales(b[:, 4:16])
     high = _fields(b[:, 16:48].reshape(n, 1, 32), 1, 8).reshape(n, 8, 32)
-    q = (_fields(b[:, 48:].reshape(n, 4, 32), 4, 2).reshape(n, 8, 32) | (high << 4)).float()
-    out = (_f16(b[:, :2]) * sc).unsqueeze(-1) * q - (_f16(b[:, 2:4]) * mn).unsqueeze(-1)
-    return out.reshape(n, QK_K)
+    return _scale_min((_fields(b[:, 48:].reshape(n, 4, 32), 4, 2).reshape(n, 8, 32) | (high << 4)).float(), b)
 
 
 def _q6_k(b: Tensor) -> Tensor:  # 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d
     n = b.shape[0]
     low = _fields(b[:, :128].reshape(n, 2, 64), 4, 2).reshape(n, 8, 32)
     high = _fields(b[:, 128:192].reshape(n, 2, 32), 2, 4).reshape(n, 8, 32)
-    q = ((low | (high << 4)).float() - 32).reshape(n, 16, 16)
-    scale = _f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
-    return (scale.unsqueeze(-1) * q).reshape(n, QK_K)
+    q = (low | (high << 4)).float().sub_(32).reshape(n, 16, 16)
+    scale = _f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float()
+    return q.mul_(scale.unsqueeze(-1)).reshape(n, QK_K)
 
 
 @dataclass(frozen=True)
