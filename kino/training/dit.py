@@ -223,7 +223,7 @@ class DiTRunConfig:
     init_dit_file: str | None = None
     # init_from's UMT5 text encoder's weights from this file instead (for `kino preprocess` and
     # any caption encoding here): a GGUF file (kept quantized: UMT5-XXL encodes in fp32 within
-    # 5.5 GB as Q8_0, against 22.7 GB of fp32 weights) or a safetensors file; `--text-encoder
+    # 5.4 GiB as Q8_0, against 22.7 GB of fp32 weights) or a safetensors file; `--text-encoder
     # FILE` at generation. init_from's folder then gives only the tokenizer.
     init_text_encoder_file: str | None = None
     lora: LoRAConfig | None = None  # a [lora] section trains only a LoRA of the init_from DiT
