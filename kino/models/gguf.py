@@ -352,6 +352,9 @@ class GGUFEmbedding(nn.Module):
         rows = self.weight.view(torch.uint8)[ids.reshape(-1)]
         return dequantize(rows, self.qtype, (*ids.shape, self.embedding_dim), self.like.dtype)
 
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.weight.view(torch.uint8), self.qtype, (self.num_embeddings, self.embedding_dim), dtype)
+
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, type={QUANT_TYPES[self.qtype].name}"
 
@@ -362,16 +365,13 @@ def dequantize_modules(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, GGUFLinear):
             plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
-            plain.weight = nn.Parameter(module.dequantized(dtype), requires_grad=False)
             if module.bias is not None:
                 plain.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
         elif isinstance(module, GGUFEmbedding):
             plain = nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta")
-            plain.weight = nn.Parameter(dequantize(module.weight.view(torch.uint8), module.qtype,
-                                                   (module.num_embeddings, module.embedding_dim), dtype),
-                                        requires_grad=False)
         else:
             continue
+        plain.weight = nn.Parameter(module.dequantized(dtype), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, plain)
     return model
