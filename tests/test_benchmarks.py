@@ -94,3 +94,10 @@ def test_text_memory_benchmark_runs_its_plans(tmp_path):
     assert len(rows) == 1 and (tmp_path / "umt5-tiny-1-Q4_K.gguf").is_file()
     last = json.loads(res.stderr.strip().splitlines()[-1])
     assert last["plan"] == "gguf-Q4_K" and last["peak_mib"] >= last["setup_mib"] > 0 and last["encode_s"] > 0
+
+
+def test_quantize_benchmark_times_every_type():
+    res = _script("bench_quantize.py", "--shape", "8x256", "--repeats", "1", "--threads", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| Q")]
+    assert len(rows) == 10 and sum(" - |" not in r for r in rows) == 5  # the five K-quants are also written
