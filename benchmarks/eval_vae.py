@@ -1,11 +1,16 @@
 """Quality of a VAE on fresh Shapes World `eval` clips: PSNR and world-evaluator pass rates.
 
-    python benchmarks/eval_vae.py [--model DIR] [--n 200] [--seed 2026] [--out DIR]
+    python benchmarks/eval_vae.py [--model DIR] [--n 200] [--seed 2026] [--refine-latents N] [--workers W]
+                                  [--out DIR]
 
 Samples n eval clips (every size; frame counts 1, 9, 17, 33 in turn) with a seed never used
 in training or tuning, stores them losslessly, reconstructs them through the VAE with the same
-code as `kino vae reconstruct`, and scores originals and reconstructions with the evaluator.
-Prints Markdown tables for BENCHMARKS.md and writes the clips and report.json under --out.
+code as `kino vae reconstruct` (with `--refine-latents N`: N steps of latent refinement per
+window, as `kino vae reconstruct --refine-latents N`), and scores originals and reconstructions
+with the evaluator.
+`--workers W` reconstructs in W one-thread processes, each over every W-th clip (the same
+clips as one process). Prints Markdown tables for BENCHMARKS.md and writes the clips and
+report.json under --out.
 """
 
 from __future__ import annotations
@@ -39,19 +44,43 @@ def sample_eval(out: Path, n: int, seed: int) -> list[dict]:
     return rows
 
 
+def _reconstruct_files(model, files: list[Path], rec: Path, refine: int) -> list[tuple[str, float]]:
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        return reconstruct_inputs(load_vae(model), files, rec, refine=refine)
+
+
+def reconstruct_parallel(model, src: Path, rows: list[dict], rec: Path, refine: int, workers: int) -> dict:
+    """`reconstruct_inputs` over `workers` one-thread processes (clip i in shard i % workers);
+    the outputs keep the clips' names, and rec/captions.jsonl lists them as src's does."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shards = [[src / r["file"] for r in rows[k::workers]] for k in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = [job.result() for job in [pool.submit(_reconstruct_files, model, files, rec, refine)
+                                            for files in shards]]
+    write_rows(rec, rows)
+    return {name: psnr for shard in results for name, psnr in shard}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--refine-latents", type=int, default=0, metavar="N")
+    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="kino-eval-vae-"))
     src, rec = out / "clips", out / "recon"
     rows = sample_eval(src, args.n, args.seed)
-    vae = load_vae(args.model)
-    with torch.no_grad():
-        psnrs = dict(reconstruct_inputs(vae, [src], rec))
+    if args.workers > 1:
+        psnrs = reconstruct_parallel(args.model, src, rows, rec, args.refine_latents, args.workers)
+    else:
+        with torch.no_grad():
+            psnrs = dict(reconstruct_inputs(load_vae(args.model), [src], rec, refine=args.refine_latents))
     original = evaluate_folder(src)
     report = evaluate_folder(rec)
     by_key = defaultdict(list)

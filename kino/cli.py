@@ -607,7 +607,8 @@ def cmd_vae_reconstruct(args) -> int:
     from kino.tasks.reconstruct import reconstruct_inputs
 
     model = load_vae(args.model, _device(args.device))
-    results = reconstruct_inputs(model, args.inputs, args.out, progress=_progress(args, "reconstruct"))
+    results = reconstruct_inputs(model, args.inputs, args.out, progress=_progress(args, "reconstruct"),
+                                 refine=args.refine_latents)
     for name, value in results:
         print(f"{name}\tPSNR {value:.2f} dB")
     mean = sum(v for _, v in results) / len(results)
@@ -823,6 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = vsub.add_parser("reconstruct", help="encode + decode videos/images (or a folder with captions.jsonl)")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="videos, images, or a clip folder")
     add_out(p, help="output folder")
+    p.add_argument("--refine-latents", type=nonneg_int, default=0, metavar="N",
+                   help="N Adam steps per latent frame that fit the encoder's latents to the clip through the frozen "
+                        "decoder (latent refinement: a closer reconstruction at ~3N decodes' cost; default 0, off)")
     add_model(p)
     add_device(p)
     add_common(p)

@@ -96,6 +96,7 @@ def test_eval_scores_a_broken_clip_as_failed(tmp_path, capsys):
     (["frobnicate"], "invalid choice"),
     (["vae", "reconstruct", "{tmp}/missing.mp4", "--out", "{tmp}/r"], "does not exist"),
     (["vae", "reconstruct", "{tmp}/afile", "--out", "{tmp}/r", "--device", "cuda"], "CUDA"),
+    (["vae", "reconstruct", "{tmp}/afile", "--out", "{tmp}/r", "--refine-latents", "-1"], "--refine-latents"),
     (["train", "vae", "--config", "{tmp}/nope.toml"], "does not exist"),
     (["train", "vae", "--config", "{tmp}/bad.toml"], "unknown"),
     (["train", "dit", "--config", "{tmp}/bad.toml"], "unknown"),

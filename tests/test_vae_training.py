@@ -143,6 +143,18 @@ def test_reconstruct_cli_on_files_keeps_frame_count(tiny_model_dir, tmp_path, ca
     assert code == 0
     assert read_video(out / "a.mp4")[0].shape == (6, 40, 48, 3)  # 6 frames, 40 px: padded and trimmed back
     assert read_video(out / "b.png")[0].shape == (1, 16, 16, 3)
+    plain = _printed_psnr(capsys.readouterr().out)
+    # latent refinement: the same files, closer
+    code = main(["vae", "reconstruct", str(tmp_path / "a.mp4"), str(tmp_path / "b.png"), "--out", str(out),
+                 "--model", str(tiny_model_dir), "--quiet", "--refine-latents", "8"])
+    refined = _printed_psnr(capsys.readouterr().out)
+    assert code == 0 and read_video(out / "a.mp4")[0].shape == (6, 40, 48, 3)
+    assert all(refined[name] > plain[name] for name in ("a.mp4", "b.png")), (plain, refined)
+
+
+def _printed_psnr(stdout: str) -> dict[str, float]:
+    """`kino vae reconstruct`'s per-clip lines: NAME<TAB>PSNR x dB."""
+    return {line.split("\t")[0]: float(line.split()[-2]) for line in stdout.splitlines() if "\tPSNR" in line}
 
 
 def test_vae_training_resume_is_bitwise_exact(tmp_path):

@@ -99,6 +99,13 @@ class CausalCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._frames.values())
 
+    def copy(self) -> CausalCache:
+        """A cache holding the same context, whose slots the next chunk replaces without touching
+        this one's (a chunk can be decoded again and again from one state: latent refinement)."""
+        other = CausalCache()
+        other._frames = dict(self._frames)
+        return other
+
 
 class CausalConv3d(nn.Conv3d):
     """Conv3d whose temporal padding all goes before the clip: output t sees frames <= t.
@@ -644,13 +651,22 @@ class VideoVAE(nn.Module):
 
     # -- whole clips
 
-    def reconstruct(self, video: torch.Tensor, tile: TileConfig | None = None) -> torch.Tensor:
-        """Encode (posterior mean) and decode; same shape as `video`, for any F >= 1, H, W >= 1."""
+    def reconstruct(self, video: torch.Tensor, tile: TileConfig | None = None, refine: int = 0) -> torch.Tensor:
+        """Encode (posterior mean) and decode; same shape as `video`, for any F >= 1, H, W >= 1.
+        `refine` > 0: that many steps of latent refinement per latent frame before decoding
+        (`kino.models.vae.refine`; whole frames, no tiling)."""
         self._check_video(video, spatial=False)
         frames, height, width = video.shape[2:]
         s = self.config.space_stride
         padded = F.pad(video, (0, -width % s, 0, -height % s, 0, 0), mode="replicate")  # (B, 3, F, H8, W8)
-        mean, _ = self.encode(padded, tile)
+        if refine:
+            if tile is not None:
+                raise KinoUserError("latent refinement decodes whole frames: it does not combine with tiling")
+            from kino.models.vae.refine import refine_latents  # refine builds on this module
+
+            mean = refine_latents(self, padded, refine)
+        else:
+            mean, _ = self.encode(padded, tile)
         return self.decode(mean, tile)[:, :, :frames, :height, :width]
 
     def forward(

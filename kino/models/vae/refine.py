@@ -1,0 +1,75 @@
+"""Latent refinement: latents that the frozen decoder turns back into the clip more exactly.
+
+The encoder is amortised: one pass maps any clip to latents, and the decoder's output from
+them is not the closest to the clip that the decoder can produce. `refine_latents` closes
+part of that gap for one clip at a time. It starts from the encoder's posterior mean and takes
+`steps` Adam steps on each latent frame so that the frozen decoder reproduces that frame's
+pixels (mean squared error). The encoder and decoder are unchanged, and so is the latent
+space: a refined latent is still a latent of this VAE, only a better one for this clip.
+
+Latent frames are refined one at a time in the decoder's causal order (frame 0, then each
+chunk of `time_stride` frames). Frame t is optimised against its own pixel chunk, decoding
+from a copy of the causal cache that the already refined frames 0..t-1 left. Each step
+differentiates one latent frame's decode only, so memory stays as bounded as decoding's,
+whatever the clip's length. It is greedy: frame t is not changed for the sake of later
+chunks, but each later frame is fitted through the context it actually gets.
+
+Cost: about 3 x `steps` decodes of the clip (forward and backward per step). Measured on
+Shapes World in BENCHMARKS.md ("Video VAE: latent refinement").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kino.errors import KinoUserError
+from kino.models.vae.model import CausalCache, VideoVAE, pad_frames
+
+DEFAULT_LR = 0.05  # Adam's step on latents of unit scale (chosen on Shapes World, BENCHMARKS.md)
+DEFAULT_WINDOW = 4  # latent frames fitted together (13-16 pixel frames)
+
+
+def refine_latents(vae: VideoVAE, video: torch.Tensor, steps: int, lr: float = DEFAULT_LR,
+                   latents: torch.Tensor | None = None, window: int = DEFAULT_WINDOW) -> torch.Tensor:
+    """Latents (B, Z, T, h, w) of `video` (B, 3, F, H, W) in [-1, 1], as `vae.encode`'s mean,
+    refined by `steps` Adam steps per window of `window` latent frames (0 steps: the mean
+    itself). `latents` (default: the encoder's mean) is where the search starts. Frames are
+    padded to 4k + 1 as `encode` pads them, and H, W must be multiples of 8 (`encode`'s rule).
+    Whole frames only: with spatial tiling on, this is an error (the tiles' decodes are blended)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise KinoUserError(f"latent refinement steps must be an integer >= 0, got {steps!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise KinoUserError(f"latent refinement window must be an integer >= 1 (latent frames), got {window!r}")
+    if not lr > 0:
+        raise KinoUserError(f"latent refinement learning rate must be > 0, got {lr!r}")
+    if vae.tiling is not None:
+        raise KinoUserError("latent refinement decodes whole frames: turn the VAE's spatial tiling off for it")
+    with torch.no_grad():
+        mean = vae.encode(video)[0] if latents is None else latents
+    if steps == 0:
+        return mean
+    stride, dtype = vae.config.time_stride, mean.dtype
+    target = pad_frames(video, stride).float()
+    cache = CausalCache()
+    refined = []
+    for start in range(0, mean.shape[2], window):
+        stop = min(start + window, mean.shape[2])
+        goal = target[:, :, max(0, 1 + stride * (start - 1)) : 1 + stride * (stop - 1)]  # the window's pixels
+        z = mean[:, :, start:stop].detach().float().clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=lr)
+        for _ in range(steps):
+            with torch.enable_grad():
+                loss = F.mse_loss(_decode(vae, z.to(dtype), cache.copy()).float(), goal)
+                (z.grad,) = torch.autograd.grad(loss, z)  # the decoder's weights get no gradient
+            opt.step()
+        with torch.no_grad():
+            _decode(vae, z.to(dtype), cache)  # the window's context for the next one
+        refined.append(z.detach().to(dtype))
+    return torch.cat(refined, dim=2)
+
+
+def _decode(vae: VideoVAE, z: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+    """Latent frames z (B, Z, t, h, w) decoded one at a time through `cache` -> (B, 3, F', H, W)."""
+    x = vae.conv2(z)
+    return torch.cat([vae.decoder(x[:, :, t : t + 1], cache) for t in range(x.shape[2])], dim=2)
