@@ -8,8 +8,8 @@ in training or tuning, stores them losslessly, reconstructs them through the VAE
 code as `kino vae reconstruct` (with `--refine-latents N`: N steps of latent refinement per
 window, as `kino vae reconstruct --refine-latents N`), and scores originals and reconstructions
 with the evaluator.
-`--workers W` reconstructs in W one-thread processes, each over every W-th clip (the same
-clips as one process). Prints Markdown tables for BENCHMARKS.md and writes the clips and
+`--workers W` reconstructs in W one-thread processes, the clips dealt out longest first (the
+same clips as one process). Prints Markdown tables for BENCHMARKS.md and writes the clips and
 report.json under --out.
 """
 
@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,12 +52,14 @@ def _reconstruct_files(model, files: list[Path], rec: Path, refine: int) -> list
 
 
 def reconstruct_parallel(model, src: Path, rows: list[dict], rec: Path, refine: int, workers: int) -> dict:
-    """`reconstruct_inputs` over `workers` one-thread processes (clip i in shard i % workers);
-    the outputs keep the clips' names, and rec/captions.jsonl lists them as src's does."""
+    """`reconstruct_inputs` over `workers` one-thread processes, the clips dealt out longest first
+    (frames x pixels) so the shards take about equal time; the outputs keep the clips' names, and
+    rec/captions.jsonl lists them as src's does."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    shards = [[src / r["file"] for r in rows[k::workers]] for k in range(workers)]
+    order = sorted(rows, key=lambda r: r["frames"] * r["height"] * r["width"], reverse=True)
+    shards = [[src / r["file"] for r in order[k::workers]] for k in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = [job.result() for job in [pool.submit(_reconstruct_files, model, files, rec, refine)
                                             for files in shards]]
@@ -76,17 +79,20 @@ def main():
     out = args.out or Path(tempfile.mkdtemp(prefix="kino-eval-vae-"))
     src, rec = out / "clips", out / "recon"
     rows = sample_eval(src, args.n, args.seed)
+    start = time.perf_counter()
     if args.workers > 1:
         psnrs = reconstruct_parallel(args.model, src, rows, rec, args.refine_latents, args.workers)
     else:
         with torch.no_grad():
             psnrs = dict(reconstruct_inputs(load_vae(args.model), [src], rec, refine=args.refine_latents))
+    seconds = time.perf_counter() - start
     original = evaluate_folder(src)
     report = evaluate_folder(rec)
     by_key = defaultdict(list)
     for row in rows:
         by_key[(row["frames"], f"{row['height']}x{row['width']}")].append(psnrs[row["file"]])
-    print(f"clips: {len(rows)} eval clips, seed {args.seed}; folder {out}")
+    print(f"clips: {len(rows)} eval clips, seed {args.seed}; folder {out}; reconstruction {seconds:.1f} s wall "
+          f"({seconds / len(rows):.2f} s/clip, {args.workers} worker(s), refine-latents {args.refine_latents})")
     print("| frames | size | clips | mean PSNR dB | min PSNR dB |")
     print("|---|---|---|---|---|")
     for (f, s), v in sorted(by_key.items()):

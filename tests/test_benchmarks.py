@@ -101,3 +101,18 @@ def test_quantize_benchmark_times_every_type():
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| Q")]
     assert len(rows) == 10 and sum(" - |" not in r for r in rows) == 5  # the five K-quants are also written
+
+
+def test_vae_eval_workers_and_refinement(tmp_path):
+    """eval_vae.py over two worker processes reconstructs the same clips as one process, and
+    `--refine-latents` runs through it (the shipped VAE; the figures are BENCHMARKS.md's)."""
+    def psnrs(*args):
+        out = tmp_path / "-".join(args)
+        res = _script("eval_vae.py", "--n", "4", "--seed", "1", "--out", str(out), *args)
+        assert res.returncode == 0 and "world evaluator" in res.stdout, res.stderr[-2000:]
+        return json.loads((out / "summary.json").read_text())["psnr"]
+
+    one, two = psnrs("--refine-latents", "2"), psnrs("--refine-latents", "2", "--workers", "2")
+    assert one == two and len(one) == 4
+    plain = psnrs()
+    assert all(one[name] > plain[name] for name in plain), (plain, one)
