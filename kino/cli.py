@@ -825,8 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="videos, images, or a clip folder")
     add_out(p, help="output folder")
     p.add_argument("--refine-latents", type=nonneg_int, default=0, metavar="N",
-                   help="N Adam steps per latent frame that fit the encoder's latents to the clip through the frozen "
-                        "decoder (latent refinement: a closer reconstruction at ~3N decodes' cost; default 0, off)")
+                   help="N Adam steps (per window of 4 latent frames) that fit the encoder's latents to the clip "
+                        "through the frozen decoder (latent refinement: a closer reconstruction at ~3N decodes' "
+                        "cost; default 0, off)")
     add_model(p)
     add_device(p)
     add_common(p)

@@ -8,30 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from kino.errors import KinoUserError
-from kino.models.vae import VAE_SIZES, CausalCache, TileConfig, VideoVAE
+from kino.models.vae import CausalCache, TileConfig, VideoVAE
 from kino.models.vae.pretrained import load_vae
 from kino.models.vae.refine import refine_latents
 from kino.tasks.reconstruct import psnr_uint8, reconstruct_video
 from kino.world.generator import render, scene_at
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_vae_model import _model
+from test_vae_model import one_thread as one_thread  # the autouse fixture: one thread here too
 
 
 @pytest.fixture(scope="module")
 def tiny() -> VideoVAE:
-    torch.manual_seed(0)
-    model = VideoVAE(VAE_SIZES["tiny"]).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # zero-initialised layers take part too
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return _model()  # the tiny VAE with every layer perturbed, as in test_vae_model
 
 
 def _video(frames: int, seed: int = 0) -> torch.Tensor:

@@ -52,7 +52,7 @@ def reconstruct_inputs(model: VideoVAE, inputs: list[Path], out: Path,
                        progress: Callable[[Iterable], Iterable] = iter, refine: int = 0) -> list[tuple[str, float]]:
     """Reconstruct every input into `out` (lossless), returning (name, PSNR dB) per clip.
     A clip folder's captions.jsonl is copied so `kino world eval OUT` scores the results.
-    `refine` > 0: latent refinement steps per latent frame (`kino.models.vae.refine`)."""
+    `refine` > 0: latent refinement steps per window (`kino.models.vae.refine`)."""
     pairs, rows = _plan([Path(p) for p in inputs])
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -653,8 +653,8 @@ class VideoVAE(nn.Module):
 
     def reconstruct(self, video: torch.Tensor, tile: TileConfig | None = None, refine: int = 0) -> torch.Tensor:
         """Encode (posterior mean) and decode; same shape as `video`, for any F >= 1, H, W >= 1.
-        `refine` > 0: that many steps of latent refinement per latent frame before decoding
-        (`kino.models.vae.refine`; whole frames, no tiling)."""
+        `refine` > 0: that many steps of latent refinement per window of latent frames before
+        decoding (`kino.models.vae.refine`; whole frames, no tiling)."""
         self._check_video(video, spatial=False)
         frames, height, width = video.shape[2:]
         s = self.config.space_stride

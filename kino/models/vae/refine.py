@@ -3,19 +3,20 @@
 The encoder is amortised: one pass maps any clip to latents, and the decoder's output from
 them is not the closest to the clip that the decoder can produce. `refine_latents` closes
 part of that gap for one clip at a time. It starts from the encoder's posterior mean and takes
-`steps` Adam steps on each latent frame so that the frozen decoder reproduces that frame's
-pixels (mean squared error). The encoder and decoder are unchanged, and so is the latent
-space: a refined latent is still a latent of this VAE, only a better one for this clip.
+`steps` Adam steps on the latents so that the frozen decoder reproduces the clip's pixels
+(mean squared error). The encoder and decoder are unchanged, and so is the latent space: a
+refined latent is still a latent of this VAE, only a better one for this clip.
 
-Latent frames are refined one at a time in the decoder's causal order (frame 0, then each
-chunk of `time_stride` frames). Frame t is optimised against its own pixel chunk, decoding
-from a copy of the causal cache that the already refined frames 0..t-1 left. Each step
-differentiates one latent frame's decode only, so memory stays as bounded as decoding's,
-whatever the clip's length. It is greedy: frame t is not changed for the sake of later
-chunks, but each later frame is fitted through the context it actually gets.
+The clip is worked through in windows of `window` latent frames in the decoder's causal
+order. Each window is fitted to its own pixels (frame 0, then `time_stride` frames per latent
+frame), decoding from a copy of the causal cache that the already refined windows left, so a
+step differentiates one window's decode and memory stays bounded whatever the clip's length.
+Across windows it is greedy: a window is not changed for the sake of later ones, but each later
+window is fitted through the context it actually gets. One window as long as the clip is plain
+Adam on the whole decode.
 
 Cost: about 3 x `steps` decodes of the clip (forward and backward per step). Measured on
-Shapes World in BENCHMARKS.md ("Video VAE: latent refinement").
+Shapes World in BENCHMARKS.md ("Latent refinement", under "Video VAE: quality").
 """
 
 from __future__ import annotations
