@@ -660,11 +660,9 @@ class VideoVAE(nn.Module):
         s = self.config.space_stride
         padded = F.pad(video, (0, -width % s, 0, -height % s, 0, 0), mode="replicate")  # (B, 3, F, H8, W8)
         if refine:
-            if tile is not None:
-                raise KinoUserError("latent refinement decodes whole frames: it does not combine with tiling")
             from kino.models.vae.refine import refine_latents  # refine builds on this module
 
-            mean = refine_latents(self, padded, refine)
+            mean = refine_latents(self, padded, refine, tile=tile)
         else:
             mean, _ = self.encode(padded, tile)
         return self.decode(mean, tile)[:, :, :frames, :height, :width]

@@ -25,27 +25,29 @@ import torch
 import torch.nn.functional as F
 
 from kino.errors import KinoUserError
-from kino.models.vae.model import CausalCache, VideoVAE, pad_frames
+from kino.models.vae.model import CausalCache, TileConfig, VideoVAE, pad_frames
 
 DEFAULT_LR = 0.05  # Adam's step on latents of unit scale (chosen on Shapes World, BENCHMARKS.md)
 DEFAULT_WINDOW = 4  # latent frames fitted together (13-16 pixel frames)
 
 
 def refine_latents(vae: VideoVAE, video: torch.Tensor, steps: int, lr: float = DEFAULT_LR,
-                   latents: torch.Tensor | None = None, window: int = DEFAULT_WINDOW) -> torch.Tensor:
+                   latents: torch.Tensor | None = None, window: int = DEFAULT_WINDOW,
+                   tile: TileConfig | None = None) -> torch.Tensor:
     """Latents (B, Z, T, h, w) of `video` (B, 3, F, H, W) in [-1, 1], as `vae.encode`'s mean,
     refined by `steps` Adam steps per window of `window` latent frames (0 steps: the mean
     itself). `latents` (default: the encoder's mean) is where the search starts. Frames are
     padded to 4k + 1 as `encode` pads them, and H, W must be multiples of 8 (`encode`'s rule).
-    Whole frames only: with spatial tiling on, this is an error (the tiles' decodes are blended)."""
+    Whole frames only: a `tile` or the VAE's own tiling is an error (the tiles' decodes are blended)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise KinoUserError(f"latent refinement steps must be an integer >= 0, got {steps!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise KinoUserError(f"latent refinement window must be an integer >= 1 (latent frames), got {window!r}")
     if not lr > 0:
         raise KinoUserError(f"latent refinement learning rate must be > 0, got {lr!r}")
-    if vae.tiling is not None:
-        raise KinoUserError("latent refinement decodes whole frames: turn the VAE's spatial tiling off for it")
+    if tile is not None or vae.tiling is not None:
+        raise KinoUserError("latent refinement decodes whole frames: it does not combine with spatial tiling "
+                            "(turn tiling off for it)")
     with torch.no_grad():
         mean = vae.encode(video)[0] if latents is None else latents
     if steps == 0:
