@@ -1,13 +1,13 @@
 """Quality of a VAE on fresh Shapes World `eval` clips: PSNR and world-evaluator pass rates.
 
-    python benchmarks/eval_vae.py [--model DIR] [--n 200] [--seed 2026] [--refine-latents N] [--workers W]
-                                  [--out DIR]
+    python benchmarks/eval_vae.py [--model DIR] [--n 200] [--seed 2026] [--refine-latents N]
+                                  [--refine-palette W] [--workers W] [--out DIR]
 
 Samples n eval clips (every size; frame counts 1, 9, 17, 33 in turn) with a seed never used
 in training or tuning, stores them losslessly, reconstructs them through the VAE with the same
 code as `kino vae reconstruct` (with `--refine-latents N`: N steps of latent refinement per
-window, as `kino vae reconstruct --refine-latents N`), and scores originals and reconstructions
-with the evaluator.
+window, as `kino vae reconstruct --refine-latents N [--refine-palette W]`), and scores originals
+and reconstructions with the evaluator.
 `--workers W` reconstructs in W one-thread processes, the clips dealt out longest first (the
 same clips as one process). Prints Markdown tables for BENCHMARKS.md and writes the clips and
 report.json under --out.
@@ -45,16 +45,16 @@ def sample_eval(out: Path, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def _reconstruct_files(model, files: list[Path], rec: Path, refine: int) -> list[tuple[str, float]]:
+def _reconstruct_files(model, files: list[Path], rec: Path, refine: dict) -> list[tuple[str, float]]:
     torch.set_num_threads(1)
     with torch.no_grad():
-        return reconstruct_inputs(load_vae(model), files, rec, refine=refine)
+        return reconstruct_inputs(load_vae(model), files, rec, **refine)
 
 
-def reconstruct_parallel(model, src: Path, rows: list[dict], rec: Path, refine: int, workers: int) -> dict:
+def reconstruct_parallel(model, src: Path, rows: list[dict], rec: Path, refine: dict, workers: int) -> dict:
     """`reconstruct_inputs` over `workers` one-thread processes, the clips dealt out longest first
     (frames x pixels) so the shards take about equal time; the outputs keep the clips' names, and
-    rec/captions.jsonl lists them as src's does."""
+    rec/captions.jsonl lists them as src's does. `refine`: reconstruct_inputs' refinement arguments."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -73,18 +73,20 @@ def main():
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--refine-latents", type=int, default=0, metavar="N")
+    ap.add_argument("--refine-palette", type=float, default=0.0, metavar="W")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="kino-eval-vae-"))
     src, rec = out / "clips", out / "recon"
     rows = sample_eval(src, args.n, args.seed)
+    refine = {"refine": args.refine_latents, "refine_palette": args.refine_palette}
     start = time.perf_counter()
     if args.workers > 1:
-        psnrs = reconstruct_parallel(args.model, src, rows, rec, args.refine_latents, args.workers)
+        psnrs = reconstruct_parallel(args.model, src, rows, rec, refine, args.workers)
     else:
         with torch.no_grad():
-            psnrs = dict(reconstruct_inputs(load_vae(args.model), [src], rec, refine=args.refine_latents))
+            psnrs = dict(reconstruct_inputs(load_vae(args.model), [src], rec, **refine))
     seconds = time.perf_counter() - start
     original = evaluate_folder(src)
     report = evaluate_folder(rec)
@@ -92,7 +94,8 @@ def main():
     for row in rows:
         by_key[(row["frames"], f"{row['height']}x{row['width']}")].append(psnrs[row["file"]])
     print(f"clips: {len(rows)} eval clips, seed {args.seed}; folder {out}; reconstruction {seconds:.1f} s wall "
-          f"({seconds / len(rows):.2f} s/clip, {args.workers} worker(s), refine-latents {args.refine_latents})")
+          f"({seconds / len(rows):.2f} s/clip, {args.workers} worker(s), refine-latents {args.refine_latents}, "
+          f"refine-palette {args.refine_palette})")
     print("| frames | size | clips | mean PSNR dB | min PSNR dB |")
     print("|---|---|---|---|---|")
     for (f, s), v in sorted(by_key.items()):

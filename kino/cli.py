@@ -62,15 +62,24 @@ def unit_interval(text: str) -> float:
     return v
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
+def _finite_float(text: str, zero_ok: bool) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{v} must be a positive number")
+    if not (math.isfinite(v) and (v > 0 or zero_ok and v == 0)):
+        raise argparse.ArgumentTypeError(f"{v} must be a {'number >= 0' if zero_ok else 'positive number'}")
     return v
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    return _finite_float(text, zero_ok=False)
+
+
+def nonneg_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    return _finite_float(text, zero_ok=True)
 
 
 def lora_spec(text: str) -> tuple[Path, float]:
@@ -606,9 +615,11 @@ def cmd_vae_reconstruct(args) -> int:
     from kino.models.vae.pretrained import load_vae
     from kino.tasks.reconstruct import reconstruct_inputs
 
+    if args.refine_palette and not args.refine_latents:
+        raise KinoUserError("--refine-palette weights a term of latent refinement: give --refine-latents N (N > 0) too")
     model = load_vae(args.model, _device(args.device))
     results = reconstruct_inputs(model, args.inputs, args.out, progress=_progress(args, "reconstruct"),
-                                 refine=args.refine_latents)
+                                 refine=args.refine_latents, refine_palette=args.refine_palette)
     for name, value in results:
         print(f"{name}\tPSNR {value:.2f} dB")
     mean = sum(v for _, v in results) / len(results)
@@ -828,6 +839,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N Adam steps (per window of 4 latent frames) that fit the encoder's latents to the clip "
                         "through the frozen decoder (latent refinement: a closer reconstruction at ~3N decodes' "
                         "cost; default 0, off)")
+    p.add_argument("--refine-palette", type=nonneg_float, default=0.0, metavar="W",
+                   help="with --refine-latents, add Shapes World's palette term with weight W to the fit (each pixel "
+                        "keeps its nearest world colour, what the world evaluator reads; 0.05 measured in "
+                        "BENCHMARKS.md; for world clips only; default 0, MSE alone)")
     add_model(p)
     add_device(p)
     add_common(p)

@@ -13,6 +13,7 @@ from kino.models.vae.pretrained import load_vae
 from kino.models.vae.refine import refine_latents
 from kino.tasks.reconstruct import psnr_uint8, reconstruct_video
 from kino.world.generator import render, scene_at
+from kino.world.palette import WORLD_PALETTE, palette_loss
 from test_vae_model import _model
 from test_vae_model import one_thread as one_thread  # the autouse fixture: one thread here too
 
@@ -58,20 +59,26 @@ def test_refined_latents_decode_closer_to_the_clip_in_every_chunk(tiny, frames, 
     assert sum(after) < 0.9 * sum(before), (before, after)
 
 
-def test_a_window_as_long_as_the_clip_is_adam_on_the_whole_decode(tiny):
+@pytest.mark.parametrize("palette", [0.0, 0.5])
+def test_a_window_as_long_as_the_clip_is_adam_on_the_whole_decode(tiny, palette):
     """window >= T: the same Adam steps as on the whole clip's decode (`VideoVAE.decode`), so
-    windows cover the right pixels and the cache carries the context the whole decode has."""
+    windows cover the right pixels and the cache carries the context the whole decode has; with
+    `palette`, on MSE plus that weight of Shapes World's palette loss."""
     video = _video(9, seed=2)
     with torch.no_grad():
         z = tiny.encode(video)[0].clone()
     z.requires_grad_(True)
     opt = torch.optim.Adam([z], lr=0.05)
     for _ in range(4):
-        loss = F.mse_loss(tiny.decode(z, clamp=False), video)
+        rec = tiny.decode(z, clamp=False)
+        loss = F.mse_loss(rec, video) + palette * palette_loss(rec, video, 0.05)
         (z.grad,) = torch.autograd.grad(loss, z)
         opt.step()
-    torch.testing.assert_close(refine_latents(tiny, video, 4, window=3), z.detach(), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(refine_latents(tiny, video, 4, window=1), z.detach(), rtol=1e-4, atol=1e-5)
+    fit = refine_latents(tiny, video, 4, window=3, palette=palette)
+    torch.testing.assert_close(fit, z.detach(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(refine_latents(tiny, video, 4, window=1, palette=palette), fit, rtol=1e-4, atol=1e-5)
+    if palette:  # the term is not a no-op
+        assert not torch.allclose(refine_latents(tiny, video, 4, window=3), fit, rtol=1e-4, atol=1e-5)
 
 
 def test_refinement_leaves_the_model_alone(tiny):
@@ -103,6 +110,13 @@ def test_reconstruct_with_refinement_keeps_the_shape(tiny):
     assert F.mse_loss(refined, video) < F.mse_loss(plain, video)
 
 
+def test_reconstruct_passes_the_palette_weight_on(tiny):
+    video = WORLD_PALETTE[torch.randint(0, len(WORLD_PALETTE), (1, 5, 16, 24))].permute(0, 4, 1, 2, 3)
+    with torch.no_grad():
+        assert torch.equal(tiny.reconstruct(video, refine=3, refine_palette=0.5),
+                           tiny.decode(refine_latents(tiny, video, 3, palette=0.5)))
+
+
 def test_bad_settings_are_user_errors(tiny):
     video = _video(1)
     for steps in (-1, 2.5, True):
@@ -113,6 +127,9 @@ def test_bad_settings_are_user_errors(tiny):
             refine_latents(tiny, video, 2, window=window)
     with pytest.raises(KinoUserError, match="learning rate"):
         refine_latents(tiny, video, 2, lr=0.0)
+    for palette, temperature in ((-0.1, 0.05), (float("nan"), 0.05), (0.05, 0.0)):
+        with pytest.raises(KinoUserError, match="palette"):
+            refine_latents(tiny, video, 2, palette=palette, palette_temperature=temperature)
     with pytest.raises(KinoUserError, match="tiling"):
         tiny.reconstruct(video, tile=TileConfig(), refine=2)
     tiny.enable_tiling()

@@ -12,10 +12,10 @@ from kino.cli import main
 from kino.errors import KinoUserError
 from kino.models.folder import MANIFEST, WeightsIntegrityError, sha256_file
 from kino.models.vae.pretrained import load_vae
-from kino.training.vae import (WORLD_PALETTE, VAEDataConfig, VAELossConfig, VAERunConfig, VAETask, palette_loss,
-                               to_model_range, world_crops)
+from kino.training.vae import VAEDataConfig, VAELossConfig, VAERunConfig, VAETask, to_model_range, world_crops
 from kino.world.dataset import write_samples
 from kino.world.generator import render, scene_at
+from kino.world.palette import WORLD_PALETTE, palette_loss
 
 TINY_RUN = """
 model = "tiny"
@@ -150,6 +150,10 @@ def test_reconstruct_cli_on_files_keeps_frame_count(tiny_model_dir, tmp_path, ca
     refined = _printed_psnr(capsys.readouterr().out)
     assert code == 0 and read_video(out / "a.mp4")[0].shape == (6, 40, 48, 3)
     assert all(refined[name] > plain[name] for name in ("a.mp4", "b.png")), (plain, refined)
+    # the palette term changes the fit (these random pixels are far from world colours)
+    code = main(["vae", "reconstruct", str(tmp_path / "a.mp4"), "--out", str(out), "--model", str(tiny_model_dir),
+                 "--quiet", "--refine-latents", "8", "--refine-palette", "0.5"])
+    assert code == 0 and _printed_psnr(capsys.readouterr().out)["a.mp4"] != refined["a.mp4"]
 
 
 def _printed_psnr(stdout: str) -> dict[str, float]:

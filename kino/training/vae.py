@@ -18,9 +18,9 @@ from kino.errors import KinoUserError
 from kino.models.folder import save_component, write_manifest
 from kino.models.vae import VAE_SIZES, VAEConfig, VideoVAE
 from kino.training.config import TrainConfig
-from kino.world.captions import BACKGROUNDS, COLORS, FRAME_COUNTS, SIZES
-from kino.world.evaluator import PALETTE_NAMES
+from kino.world.captions import FRAME_COUNTS, SIZES
 from kino.world.generator import render, scene_at
+from kino.world.palette import palette_loss
 
 
 @dataclass
@@ -220,24 +220,6 @@ def regenerated_crops(step: int, data: VAEDataConfig, denoise: VAEDenoiseConfig,
         zs.append(lat[j, :, :T, y:y + s, x:x + s])
         xs.append(video[j, :, :frames, y * stride:y * stride + S, x * stride:x * stride + S])
     return torch.stack(zs), torch.stack(xs)
-
-
-# the evaluator's palette, in its order: the colours its nearest-colour map chooses from
-WORLD_PALETTE = torch.tensor([(BACKGROUNDS | COLORS)[n] for n in PALETTE_NAMES], dtype=torch.float32) / 127.5 - 1.0
-
-
-def palette_loss(rec: Tensor, x: Tensor, temperature: float) -> Tensor:
-    """Mean cross-entropy of the decoded pixels' nearest world colour (logits -|rec - c|^2 /
-    temperature) against the original's nearest one. rec, x: (B, 3, T, H, W) in [-1, 1]."""
-    pal = WORLD_PALETTE.to(device=rec.device, dtype=torch.float32)
-
-    def dist2(v: Tensor) -> Tensor:
-        return (v.float().movedim(1, -1)[..., None, :] - pal).pow(2).sum(-1)  # (B, T, H, W, 10)
-
-    with torch.no_grad():
-        labels = dist2(x).argmin(-1)  # (B, T, H, W)
-    logits = -dist2(rec) / temperature
-    return nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten())
 
 
 def psnr(a: Tensor, b: Tensor) -> Tensor:

@@ -651,10 +651,12 @@ class VideoVAE(nn.Module):
 
     # -- whole clips
 
-    def reconstruct(self, video: torch.Tensor, tile: TileConfig | None = None, refine: int = 0) -> torch.Tensor:
+    def reconstruct(self, video: torch.Tensor, tile: TileConfig | None = None, refine: int = 0,
+                    refine_palette: float = 0.0) -> torch.Tensor:
         """Encode (posterior mean) and decode; same shape as `video`, for any F >= 1, H, W >= 1.
         `refine` > 0: that many steps of latent refinement per window of latent frames before
-        decoding (`kino.models.vae.refine`; whole frames, no tiling)."""
+        decoding (`kino.models.vae.refine`; whole frames, no tiling), with Shapes World's palette
+        term weighted `refine_palette` (0: MSE alone)."""
         self._check_video(video, spatial=False)
         frames, height, width = video.shape[2:]
         s = self.config.space_stride
@@ -662,7 +664,7 @@ class VideoVAE(nn.Module):
         if refine:
             from kino.models.vae.refine import refine_latents  # refine builds on this module
 
-            mean = refine_latents(self, padded, refine, tile=tile)
+            mean = refine_latents(self, padded, refine, tile=tile, palette=refine_palette)
         else:
             mean, _ = self.encode(padded, tile)
         return self.decode(mean, tile)[:, :, :frames, :height, :width]

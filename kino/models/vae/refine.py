@@ -4,8 +4,10 @@ The encoder is amortised: one pass maps any clip to latents, and the decoder's o
 them is not the closest to the clip that the decoder can produce. `refine_latents` closes
 part of that gap for one clip at a time. It starts from the encoder's posterior mean and takes
 `steps` Adam steps on the latents so that the frozen decoder reproduces the clip's pixels
-(mean squared error). The encoder and decoder are unchanged, and so is the latent space: a
-refined latent is still a latent of this VAE, only a better one for this clip.
+(mean squared error; for Shapes World clips, optionally plus the world's palette term, which
+charges pixels that would read as another world colour). The encoder and decoder are
+unchanged, and so is the latent space: a refined latent is still a latent of this VAE, only a
+better one for this clip.
 
 The clip is worked through in windows of `window` latent frames in the decoder's causal
 order. Each window is fitted to its own pixels (frame 0, then `time_stride` frames per latent
@@ -26,25 +28,34 @@ import torch.nn.functional as F
 
 from kino.errors import KinoUserError
 from kino.models.vae.model import CausalCache, TileConfig, VideoVAE, pad_frames
+from kino.world.palette import palette_loss
 
 DEFAULT_LR = 0.05  # Adam's step on latents of unit scale (chosen on Shapes World, BENCHMARKS.md)
 DEFAULT_WINDOW = 4  # latent frames fitted together (13-16 pixel frames)
+DEFAULT_PALETTE_TEMPERATURE = 0.05  # as the VAE's training loss uses it
 
 
 def refine_latents(vae: VideoVAE, video: torch.Tensor, steps: int, lr: float = DEFAULT_LR,
                    latents: torch.Tensor | None = None, window: int = DEFAULT_WINDOW,
-                   tile: TileConfig | None = None) -> torch.Tensor:
+                   tile: TileConfig | None = None, palette: float = 0.0,
+                   palette_temperature: float = DEFAULT_PALETTE_TEMPERATURE) -> torch.Tensor:
     """Latents (B, Z, T, h, w) of `video` (B, 3, F, H, W) in [-1, 1], as `vae.encode`'s mean,
     refined by `steps` Adam steps per window of `window` latent frames (0 steps: the mean
     itself). `latents` (default: the encoder's mean) is where the search starts. Frames are
     padded to 4k + 1 as `encode` pads them, and H, W must be multiples of 8 (`encode`'s rule).
-    Whole frames only: a `tile` or the VAE's own tiling is an error (the tiles' decodes are blended)."""
+    Whole frames only: a `tile` or the VAE's own tiling is an error (the tiles' decodes are blended).
+    `palette` > 0 adds Shapes World's palette term with that weight to the MSE
+    (`kino.world.palette.palette_loss`: each pixel should keep its nearest world colour), for
+    clips of that world only; 0.05 is the weight measured in BENCHMARKS.md."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise KinoUserError(f"latent refinement steps must be an integer >= 0, got {steps!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise KinoUserError(f"latent refinement window must be an integer >= 1 (latent frames), got {window!r}")
     if not lr > 0:
         raise KinoUserError(f"latent refinement learning rate must be > 0, got {lr!r}")
+    if not palette >= 0 or not palette_temperature > 0:
+        raise KinoUserError(f"latent refinement palette weight must be >= 0 and its temperature > 0, "
+                            f"got {palette!r} and {palette_temperature!r}")
     if tile is not None or vae.tiling is not None:
         raise KinoUserError("latent refinement decodes whole frames: it does not combine with spatial tiling "
                             "(turn tiling off for it)")
@@ -63,7 +74,10 @@ def refine_latents(vae: VideoVAE, video: torch.Tensor, steps: int, lr: float = D
         opt = torch.optim.Adam([z], lr=lr)
         for _ in range(steps):
             with torch.enable_grad():
-                loss = F.mse_loss(_decode(vae, z.to(dtype), cache.copy()).float(), goal)
+                rec = _decode(vae, z.to(dtype), cache.copy()).float()
+                loss = F.mse_loss(rec, goal)
+                if palette:
+                    loss = loss + palette * palette_loss(rec, goal, palette_temperature)
                 (z.grad,) = torch.autograd.grad(loss, z)  # the decoder's weights get no gradient
             opt.step()
         with torch.no_grad():
