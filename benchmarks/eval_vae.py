@@ -1,6 +1,6 @@
 """Quality of a VAE on fresh Shapes World `eval` clips: PSNR and world-evaluator pass rates.
 
-    python benchmarks/eval_vae.py [--model DIR] [--n 200] [--seed 2026] [--refine-latents N]
+    python benchmarks/eval_vae.py [--model DIR] [--n 200] [--start 0] [--seed 2026] [--refine-latents N]
                                   [--refine-palette W] [--workers W] [--out DIR]
 
 Samples n eval clips (every size; frame counts 1, 9, 17, 33 in turn) with a seed never used
@@ -34,10 +34,11 @@ from kino.world.generator import render, scene_at
 FRAMES = (1, 9, 17, 33)
 
 
-def sample_eval(out: Path, n: int, seed: int) -> list[dict]:
+def sample_eval(out: Path, n: int, seed: int, start: int = 0) -> list[dict]:
+    """Clips start..n-1 of the seed's sequence (clip i is the same whatever start and n are)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(n):
+    for i in range(start, n):
         frames, size = FRAMES[i % len(FRAMES)], SIZES[(i // len(FRAMES)) % len(SIZES)]
         scene = scene_at("eval", seed, i, frames=frames, size=size)
         rows.append(write_clip(out, clip_filename(i, frames), render(scene), scene.text))
@@ -71,6 +72,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--start", type=int, default=0, help="score clips start..n-1 only (e.g. a second half)")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--refine-latents", type=int, default=0, metavar="N")
     ap.add_argument("--refine-palette", type=float, default=0.0, metavar="W")
@@ -79,7 +81,7 @@ def main():
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="kino-eval-vae-"))
     src, rec = out / "clips", out / "recon"
-    rows = sample_eval(src, args.n, args.seed)
+    rows = sample_eval(src, args.n, args.seed, args.start)
     refine = {"refine": args.refine_latents, "refine_palette": args.refine_palette}
     start = time.perf_counter()
     if args.workers > 1:
@@ -93,9 +95,9 @@ def main():
     by_key = defaultdict(list)
     for row in rows:
         by_key[(row["frames"], f"{row['height']}x{row['width']}")].append(psnrs[row["file"]])
-    print(f"clips: {len(rows)} eval clips, seed {args.seed}; folder {out}; reconstruction {seconds:.1f} s wall "
-          f"({seconds / len(rows):.2f} s/clip, {args.workers} worker(s), refine-latents {args.refine_latents}, "
-          f"refine-palette {args.refine_palette})")
+    print(f"clips: {len(rows)} eval clips ({args.start}..{args.n - 1}), seed {args.seed}; folder {out}; "
+          f"reconstruction {seconds:.1f} s wall ({seconds / len(rows):.2f} s/clip, {args.workers} worker(s), "
+          f"refine-latents {args.refine_latents}, refine-palette {args.refine_palette})")
     print("| frames | size | clips | mean PSNR dB | min PSNR dB |")
     print("|---|---|---|---|---|")
     for (f, s), v in sorted(by_key.items()):

@@ -841,7 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cost; default 0, off)")
     p.add_argument("--refine-palette", type=nonneg_float, default=0.0, metavar="W",
                    help="with --refine-latents, add Shapes World's palette term with weight W to the fit (each pixel "
-                        "keeps its nearest world colour, what the world evaluator reads; 0.05 measured in "
+                        "keeps its nearest world colour, what the world evaluator reads; 0.2 measured in "
                         "BENCHMARKS.md; for world clips only; default 0, MSE alone)")
     add_model(p)
     add_device(p)

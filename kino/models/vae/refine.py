@@ -46,7 +46,7 @@ def refine_latents(vae: VideoVAE, video: torch.Tensor, steps: int, lr: float = D
     Whole frames only: a `tile` or the VAE's own tiling is an error (the tiles' decodes are blended).
     `palette` > 0 adds Shapes World's palette term with that weight to the MSE
     (`kino.world.palette.palette_loss`: each pixel should keep its nearest world colour), for
-    clips of that world only; 0.05 is the weight measured in BENCHMARKS.md."""
+    clips of that world only; 0.2 is the weight chosen and measured in BENCHMARKS.md."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise KinoUserError(f"latent refinement steps must be an integer >= 0, got {steps!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
