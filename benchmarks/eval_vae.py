@@ -1,12 +1,13 @@
 """Quality of a VAE on fresh Shapes World `eval` clips: PSNR and world-evaluator pass rates.
 
     python benchmarks/eval_vae.py [--model DIR] [--n 200] [--start 0] [--seed 2026] [--refine-latents N]
-                                  [--refine-palette W] [--workers W] [--out DIR]
+                                  [--refine-palette W] [--refine-method M] [--workers W] [--out DIR]
 
 Samples n eval clips (every size; frame counts 1, 9, 17, 33 in turn) with a seed never used
 in training or tuning, stores them losslessly, reconstructs them through the VAE with the same
-code as `kino vae reconstruct` (with `--refine-latents N`: N steps of latent refinement per
-window, as `kino vae reconstruct --refine-latents N [--refine-palette W]`), and scores originals
+code as `kino vae reconstruct` (with `--refine-latents N`: N loss evaluations of latent
+refinement per window, as `kino vae reconstruct --refine-latents N [--refine-palette W]
+[--refine-method M]`), and scores originals
 and reconstructions with the evaluator.
 `--workers W` reconstructs in W one-thread processes, the clips dealt out longest first (the
 same clips as one process). Prints Markdown tables for BENCHMARKS.md and writes the clips and
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from kino.models.vae.pretrained import load_vae
+from kino.models.vae.refine import DEFAULT_METHOD, METHODS, Refinement
 from kino.tasks.reconstruct import reconstruct_inputs
 from kino.world.captions import SIZES
 from kino.world.dataset import clip_filename, evaluate_folder, write_clip, write_rows
@@ -46,16 +48,16 @@ def sample_eval(out: Path, n: int, seed: int, start: int = 0) -> list[dict]:
     return rows
 
 
-def _reconstruct_files(model, files: list[Path], rec: Path, refine: dict) -> list[tuple[str, float]]:
+def _reconstruct_files(model, files: list[Path], rec: Path, refine: Refinement) -> list[tuple[str, float]]:
     torch.set_num_threads(1)
     with torch.no_grad():
-        return reconstruct_inputs(load_vae(model), files, rec, **refine)
+        return reconstruct_inputs(load_vae(model), files, rec, refine=refine)
 
 
-def reconstruct_parallel(model, src: Path, rows: list[dict], rec: Path, refine: dict, workers: int) -> dict:
+def reconstruct_parallel(model, src: Path, rows: list[dict], rec: Path, refine: Refinement, workers: int) -> dict:
     """`reconstruct_inputs` over `workers` one-thread processes, the clips dealt out longest first
     (frames x pixels) so the shards take about equal time; the outputs keep the clips' names, and
-    rec/captions.jsonl lists them as src's does. `refine`: reconstruct_inputs' refinement arguments."""
+    rec/captions.jsonl lists them as src's does. `refine`: the latent refinement of each clip."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -76,19 +78,20 @@ def main():
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--refine-latents", type=int, default=0, metavar="N")
     ap.add_argument("--refine-palette", type=float, default=0.0, metavar="W")
+    ap.add_argument("--refine-method", choices=sorted(METHODS), default=DEFAULT_METHOD)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="kino-eval-vae-"))
     src, rec = out / "clips", out / "recon"
     rows = sample_eval(src, args.n, args.seed, args.start)
-    refine = {"refine": args.refine_latents, "refine_palette": args.refine_palette}
+    refine = Refinement(args.refine_latents, args.refine_palette, args.refine_method)
     start = time.perf_counter()
     if args.workers > 1:
         psnrs = reconstruct_parallel(args.model, src, rows, rec, refine, args.workers)
     else:
         with torch.no_grad():
-            psnrs = dict(reconstruct_inputs(load_vae(args.model), [src], rec, **refine))
+            psnrs = dict(reconstruct_inputs(load_vae(args.model), [src], rec, refine=refine))
     seconds = time.perf_counter() - start
     original = evaluate_folder(src)
     report = evaluate_folder(rec)
@@ -97,7 +100,8 @@ def main():
         by_key[(row["frames"], f"{row['height']}x{row['width']}")].append(psnrs[row["file"]])
     print(f"clips: {len(rows)} eval clips ({args.start}..{args.n - 1}), seed {args.seed}; folder {out}; "
           f"reconstruction {seconds:.1f} s wall ({seconds / len(rows):.2f} s/clip, {args.workers} worker(s), "
-          f"refine-latents {args.refine_latents}, refine-palette {args.refine_palette})")
+          f"refine-latents {args.refine_latents}, refine-palette {args.refine_palette}, "
+          f"refine-method {args.refine_method})")
     print("| frames | size | clips | mean PSNR dB | min PSNR dB |")
     print("|---|---|---|---|---|")
     for (f, s), v in sorted(by_key.items()):

@@ -99,6 +99,9 @@ def lora_spec(text: str) -> tuple[Path, float]:
     return Path(path), value
 
 
+# kino.models.vae.refine's METHODS and DEFAULT_METHOD, here so that parsing imports no torch (a test keeps them equal)
+REFINE_METHODS = ("adam", "lbfgs")
+DEFAULT_REFINE_METHOD = "adam"
 # kino.models.gguf.WRITE_TYPES (which imports torch; the parser does not)
 GGUF_WRITE_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K", "BF16", "F16")
 positive_int = int_at_least(1)
@@ -613,13 +616,15 @@ def _torchrun(args):
 
 def cmd_vae_reconstruct(args) -> int:
     from kino.models.vae.pretrained import load_vae
+    from kino.models.vae.refine import Refinement
     from kino.tasks.reconstruct import reconstruct_inputs
 
-    if args.refine_palette and not args.refine_latents:
-        raise KinoUserError("--refine-palette weights a term of latent refinement: give --refine-latents N (N > 0) too")
+    if (args.refine_palette or args.refine_method) and not args.refine_latents:
+        raise KinoUserError("--refine-palette and --refine-method set latent refinement: give --refine-latents N "
+                            "(N > 0) too")
+    refine = Refinement(args.refine_latents, args.refine_palette, args.refine_method or DEFAULT_REFINE_METHOD)
     model = load_vae(args.model, _device(args.device))
-    results = reconstruct_inputs(model, args.inputs, args.out, progress=_progress(args, "reconstruct"),
-                                 refine=args.refine_latents, refine_palette=args.refine_palette)
+    results = reconstruct_inputs(model, args.inputs, args.out, progress=_progress(args, "reconstruct"), refine=refine)
     for name, value in results:
         print(f"{name}\tPSNR {value:.2f} dB")
     mean = sum(v for _, v in results) / len(results)
@@ -836,9 +841,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="videos, images, or a clip folder")
     add_out(p, help="output folder")
     p.add_argument("--refine-latents", type=nonneg_int, default=0, metavar="N",
-                   help="N Adam steps (per window of 4 latent frames) that fit the encoder's latents to the clip "
-                        "through the frozen decoder (latent refinement: a closer reconstruction at ~3N decodes' "
-                        "cost; default 0, off)")
+                   help="N loss evaluations (per window of 4 latent frames) that fit the encoder's latents to the "
+                        "clip through the frozen decoder (latent refinement: a closer reconstruction at ~3N "
+                        "decodes' cost; default 0, off)")
+    p.add_argument("--refine-method", choices=REFINE_METHODS, default=None,
+                   help=f"the optimizer of --refine-latents (default {DEFAULT_REFINE_METHOD}; BENCHMARKS.md)")
     p.add_argument("--refine-palette", type=nonneg_float, default=0.0, metavar="W",
                    help="with --refine-latents, add Shapes World's palette term with weight W to the fit (each pixel "
                         "keeps its nearest world colour, what the world evaluator reads; 0.2 measured in "

@@ -105,7 +105,7 @@ def test_quantize_benchmark_times_every_type():
 
 def test_vae_eval_workers_and_refinement(tmp_path):
     """eval_vae.py over two worker processes reconstructs the same clips as one process, and
-    `--refine-latents` (and `--refine-palette`) run through it, `--start` scores the same clips
+    `--refine-latents` (and `--refine-palette`, `--refine-method`) run through it, `--start` scores the same clips
     as a full run (the shipped VAE; the figures are BENCHMARKS.md's)."""
     def psnrs(*args):
         out = tmp_path / "-".join(args)
@@ -119,3 +119,4 @@ def test_vae_eval_workers_and_refinement(tmp_path):
     assert all(one[name] > plain[name] for name in plain), (plain, one)
     assert psnrs("--start", "2") == {name: plain[name] for name in sorted(plain)[2:]}  # the same clips 2, 3
     assert psnrs("--refine-latents", "2", "--refine-palette", "0.2") != one  # the palette term reaches the fit
+    assert psnrs("--refine-latents", "2", "--refine-method", "lbfgs") != one  # and so does the optimizer

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kino.errors import KinoUserError
 from kino.models.vae import CausalCache, TileConfig, VideoVAE
 from kino.models.vae.pretrained import load_vae
-from kino.models.vae.refine import refine_latents
+from kino.models.vae.refine import Refinement, refine_latents
 from kino.tasks.reconstruct import psnr_uint8, reconstruct_video
 from kino.world.generator import render, scene_at
 from kino.world.palette import WORLD_PALETTE, palette_loss
@@ -43,15 +43,16 @@ def test_zero_steps_is_the_posterior_mean(tiny):
     assert torch.equal(refine_latents(tiny, video, 0), mean)
 
 
+@pytest.mark.parametrize("method", ["adam", "lbfgs"])
 @pytest.mark.parametrize("frames,window", [(1, 4), (9, 1), (11, 2), (17, 4)])
-def test_refined_latents_decode_closer_to_the_clip_in_every_chunk(tiny, frames, window):
+def test_refined_latents_decode_closer_to_the_clip_in_every_chunk(tiny, frames, window, method):
     """Each window of latent frames is fitted through the context the refined frames before it
     leave, so every chunk of the decoded clip gets closer to its pixels (11 frames: padded to
     13 as `encode` pads them, and the latent grid is the encoder's)."""
     video = _video(frames)
     with torch.no_grad():
         mean = tiny.encode(video)[0]
-    refined = refine_latents(tiny, video, 15, lr=0.05, window=window)
+    refined = refine_latents(tiny, video, 15, window=window, method=method)
     assert refined.shape == mean.shape and refined.dtype == mean.dtype and not refined.requires_grad
     padded = torch.cat([video, video[:, :, -1:].expand(-1, -1, -(frames - 1) % 4, -1, -1)], dim=2)
     before, after = _chunk_errors(tiny, mean, padded), _chunk_errors(tiny, refined, padded)
@@ -101,6 +102,30 @@ def test_a_copied_cache_is_not_changed_by_decoding_from_the_copy(tiny):
         again = tiny.decoder(tiny.conv2(z[:, :, 1:2]), cache.copy())
     assert torch.equal(first, again)
 
+def test_a_window_as_long_as_the_clip_is_lbfgs_on_the_whole_decode(tiny):
+    """The L-BFGS method: one torch L-BFGS run (lr 1, strong-Wolfe line search, at most `steps`
+    loss evaluations) on the whole clip's decode when the window covers it."""
+    video = _video(9, seed=5)
+    with torch.no_grad():
+        z = tiny.encode(video)[0].clone()
+    z.requires_grad_(True)
+    evaluations = []
+
+    def closure():
+        with torch.enable_grad():
+            rec = tiny.decode(z, clamp=False)
+            loss = F.mse_loss(rec, video) + 0.5 * palette_loss(rec, video, 0.05)
+            (z.grad,) = torch.autograd.grad(loss, z)
+        evaluations.append(loss.item())
+        return loss.detach()
+
+    torch.optim.LBFGS([z], lr=1.0, max_iter=6, max_eval=6, history_size=10, line_search_fn="strong_wolfe").step(closure)
+    assert len(evaluations) == 6 and min(evaluations) < evaluations[0]
+    fit = refine_latents(tiny, video, 6, window=3, palette=0.5, method="lbfgs")
+    torch.testing.assert_close(fit, z.detach(), rtol=1e-4, atol=1e-5)
+    adam = refine_latents(tiny, video, 6, window=3, palette=0.5, method="adam")
+    assert not torch.allclose(adam, fit, rtol=1e-4, atol=1e-5)
+
 
 def test_reconstruct_with_refinement_keeps_the_shape(tiny):
     video = torch.rand(1, 3, 6, 13, 21) * 2 - 1  # any frame count and size, as reconstruct takes
@@ -110,11 +135,13 @@ def test_reconstruct_with_refinement_keeps_the_shape(tiny):
     assert F.mse_loss(refined, video) < F.mse_loss(plain, video)
 
 
-def test_reconstruct_passes_the_palette_weight_on(tiny):
+@pytest.mark.parametrize("method", ["adam", "lbfgs"])
+def test_reconstruct_passes_the_refinement_settings_on(tiny, method):
     video = WORLD_PALETTE[torch.randint(0, len(WORLD_PALETTE), (1, 5, 16, 24))].permute(0, 4, 1, 2, 3)
     with torch.no_grad():
-        assert torch.equal(tiny.reconstruct(video, refine=3, refine_palette=0.5),
-                           tiny.decode(refine_latents(tiny, video, 3, palette=0.5)))
+        assert torch.equal(tiny.reconstruct(video, refine=Refinement(3, palette=0.5, method=method)),
+                           tiny.decode(refine_latents(tiny, video, 3, palette=0.5, method=method)))
+        assert torch.equal(tiny.reconstruct(video, refine=3), tiny.decode(refine_latents(tiny, video, 3)))
 
 
 def test_bad_settings_are_user_errors(tiny):
@@ -130,6 +157,12 @@ def test_bad_settings_are_user_errors(tiny):
     for palette, temperature in ((-0.1, 0.05), (float("nan"), 0.05), (0.05, 0.0)):
         with pytest.raises(KinoUserError, match="palette"):
             refine_latents(tiny, video, 2, palette=palette, palette_temperature=temperature)
+    for method in ("sgd", None):
+        with pytest.raises(KinoUserError, match="method must be one of adam, lbfgs"):
+            refine_latents(tiny, video, 2, method=method)
+    for bad in ({"steps": -1}, {"steps": 2, "palette": -1.0}, {"steps": 2, "method": "Adam"}):
+        with pytest.raises(KinoUserError, match="latent refinement"):
+            Refinement(**bad)
     with pytest.raises(KinoUserError, match="tiling"):
         tiny.reconstruct(video, tile=TileConfig(), refine=2)
     tiny.enable_tiling()

@@ -154,6 +154,16 @@ def test_reconstruct_cli_on_files_keeps_frame_count(tiny_model_dir, tmp_path, ca
     code = main(["vae", "reconstruct", str(tmp_path / "a.mp4"), "--out", str(out), "--model", str(tiny_model_dir),
                  "--quiet", "--refine-latents", "8", "--refine-palette", "0.5"])
     assert code == 0 and _printed_psnr(capsys.readouterr().out)["a.mp4"] != refined["a.mp4"]
+    # and so does the optimizer; the CLI's list of methods (kept without torch) is refine.py's
+    from kino.cli import DEFAULT_REFINE_METHOD, REFINE_METHODS
+    from kino.models.vae.refine import DEFAULT_METHOD, METHODS
+
+    assert REFINE_METHODS == tuple(METHODS) and DEFAULT_REFINE_METHOD == DEFAULT_METHOD
+    other = next(m for m in REFINE_METHODS if m != DEFAULT_REFINE_METHOD)
+    code = main(["vae", "reconstruct", str(tmp_path / "a.mp4"), "--out", str(out), "--model", str(tiny_model_dir),
+                 "--quiet", "--refine-latents", "8", "--refine-method", other])
+    lbfgs = _printed_psnr(capsys.readouterr().out)["a.mp4"]
+    assert code == 0 and lbfgs != refined["a.mp4"] and lbfgs > plain["a.mp4"]
 
 
 def _printed_psnr(stdout: str) -> dict[str, float]:

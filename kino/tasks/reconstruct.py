@@ -12,6 +12,7 @@ from kino import __version__
 from kino.data.video_io import read_video
 from kino.errors import KinoUserError
 from kino.models.vae.model import VideoVAE
+from kino.models.vae.refine import Refinement
 from kino.world.captions import FPS
 from kino.world.dataset import read_rows, write_clip, write_rows
 
@@ -22,12 +23,12 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def reconstruct_video(model: VideoVAE, video: np.ndarray, refine: int = 0, refine_palette: float = 0.0) -> np.ndarray:
-    """uint8 (F, H, W, 3) -> its VAE reconstruction, same shape (`refine`: latent refinement steps,
-    `refine_palette`: the weight of their Shapes World palette term)."""
+def reconstruct_video(model: VideoVAE, video: np.ndarray, refine: int | Refinement = 0) -> np.ndarray:
+    """uint8 (F, H, W, 3) -> its VAE reconstruction, same shape (`refine`: latent refinement, as
+    `VideoVAE.reconstruct` takes it)."""
     device = next(model.parameters()).device
     x = torch.from_numpy(video).to(device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, F, H, W)
-    rec = model.reconstruct(x, refine=refine, refine_palette=refine_palette)[0]  # (3, F, H, W)
+    rec = model.reconstruct(x, refine=refine)[0]  # (3, F, H, W)
     return rec.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
@@ -50,12 +51,11 @@ def _plan(inputs: list[Path]) -> tuple[list[tuple[Path, str]], list[dict] | None
 
 
 def reconstruct_inputs(model: VideoVAE, inputs: list[Path], out: Path,
-                       progress: Callable[[Iterable], Iterable] = iter, refine: int = 0,
-                       refine_palette: float = 0.0) -> list[tuple[str, float]]:
+                       progress: Callable[[Iterable], Iterable] = iter,
+                       refine: int | Refinement = 0) -> list[tuple[str, float]]:
     """Reconstruct every input into `out` (lossless), returning (name, PSNR dB) per clip.
     A clip folder's captions.jsonl is copied so `kino world eval OUT` scores the results.
-    `refine` > 0: latent refinement steps per window (`kino.models.vae.refine`), with the
-    Shapes World palette term weighted `refine_palette`."""
+    `refine`: latent refinement (`kino.models.vae.refine.Refinement`, or its step count; 0: off)."""
     pairs, rows = _plan([Path(p) for p in inputs])
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -65,7 +65,7 @@ def reconstruct_inputs(model: VideoVAE, inputs: list[Path], out: Path,
     captions = {r["file"]: r["caption"] for r in rows or []}
     for src, name in progress(pairs):
         video, fps = read_video(src)
-        rec = reconstruct_video(model, video, refine, refine_palette)
+        rec = reconstruct_video(model, video, refine)
         if rows is None:  # lossless storage, by frame count
             name = f"{name}.png" if len(rec) == 1 else f"{name}.mp4"
         row = write_clip(out, name, rec, caption=captions.get(name, ""), fps=fps or FPS,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,9 @@ import torch.nn.functional as F
 
 from kino.errors import KinoUserError
 from kino.models.folder import reject_unknown_fields
+
+if TYPE_CHECKING:
+    from kino.models.vae.refine import Refinement
 
 # Same bounds as diffusers' DiagonalGaussianDistribution: exp(logvar / 2) stays finite in fp16.
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -651,20 +655,20 @@ class VideoVAE(nn.Module):
 
     # -- whole clips
 
-    def reconstruct(self, video: torch.Tensor, tile: TileConfig | None = None, refine: int = 0,
-                    refine_palette: float = 0.0) -> torch.Tensor:
+    def reconstruct(self, video: torch.Tensor, tile: TileConfig | None = None,
+                    refine: int | Refinement = 0) -> torch.Tensor:
         """Encode (posterior mean) and decode; same shape as `video`, for any F >= 1, H, W >= 1.
-        `refine` > 0: that many steps of latent refinement per window of latent frames before
-        decoding (`kino.models.vae.refine`; whole frames, no tiling), with Shapes World's palette
-        term weighted `refine_palette` (0: MSE alone)."""
+        `refine`: latent refinement before decoding (`kino.models.vae.refine`; whole frames, no
+        tiling), a `Refinement` or its step count (the other settings at their defaults; 0: off)."""
         self._check_video(video, spatial=False)
         frames, height, width = video.shape[2:]
         s = self.config.space_stride
         padded = F.pad(video, (0, -width % s, 0, -height % s, 0, 0), mode="replicate")  # (B, 3, F, H8, W8)
-        if refine:
-            from kino.models.vae.refine import refine_latents  # refine builds on this module
+        from kino.models.vae.refine import Refinement, refine_latents  # refine builds on this module
 
-            mean = refine_latents(self, padded, refine, tile=tile, palette=refine_palette)
+        refine = refine if isinstance(refine, Refinement) else Refinement(refine)
+        if refine.steps:
+            mean = refine_latents(self, padded, refine.steps, tile=tile, palette=refine.palette, method=refine.method)
         else:
             mean, _ = self.encode(padded, tile)
         return self.decode(mean, tile)[:, :, :frames, :height, :width]

@@ -23,6 +23,8 @@ Shapes World in BENCHMARKS.md ("Latent refinement", under "Video VAE: quality").
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -30,32 +32,58 @@ from kino.errors import KinoUserError
 from kino.models.vae.model import CausalCache, TileConfig, VideoVAE, pad_frames
 from kino.world.palette import palette_loss
 
-DEFAULT_LR = 0.05  # Adam's step on latents of unit scale (chosen on Shapes World, BENCHMARKS.md)
+METHODS = {"adam": 0.05, "lbfgs": 1.0}  # optimizer -> its default learning rate (chosen on Shapes World, BENCHMARKS.md)
+DEFAULT_METHOD = "adam"
+LBFGS_HISTORY = 10  # curvature pairs L-BFGS keeps
 DEFAULT_WINDOW = 4  # latent frames fitted together (13-16 pixel frames)
 DEFAULT_PALETTE_TEMPERATURE = 0.05  # as the VAE's training loss uses it
 
 
-def refine_latents(vae: VideoVAE, video: torch.Tensor, steps: int, lr: float = DEFAULT_LR,
+@dataclass(frozen=True)
+class Refinement:
+    """Latent refinement as `VideoVAE.reconstruct` and `kino vae reconstruct` apply it: `steps`
+    loss evaluations per window (0: off, the encoder's mean as it is), the weight of Shapes
+    World's palette term (0: MSE alone), and the optimizer (`METHODS`)."""
+
+    steps: int = 0
+    palette: float = 0.0
+    method: str = DEFAULT_METHOD
+
+    def __post_init__(self):
+        _check(self.steps, self.palette, self.method)
+
+
+def _check(steps, palette, method, palette_temperature: float = DEFAULT_PALETTE_TEMPERATURE) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise KinoUserError(f"latent refinement steps must be an integer >= 0, got {steps!r}")
+    if method not in METHODS:
+        raise KinoUserError(f"latent refinement method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not palette >= 0 or not palette_temperature > 0:
+        raise KinoUserError(f"latent refinement palette weight must be >= 0 and its temperature > 0, "
+                            f"got {palette!r} and {palette_temperature!r}")
+
+
+def refine_latents(vae: VideoVAE, video: torch.Tensor, steps: int, lr: float | None = None,
                    latents: torch.Tensor | None = None, window: int = DEFAULT_WINDOW,
                    tile: TileConfig | None = None, palette: float = 0.0,
-                   palette_temperature: float = DEFAULT_PALETTE_TEMPERATURE) -> torch.Tensor:
+                   palette_temperature: float = DEFAULT_PALETTE_TEMPERATURE,
+                   method: str = DEFAULT_METHOD) -> torch.Tensor:
     """Latents (B, Z, T, h, w) of `video` (B, 3, F, H, W) in [-1, 1], as `vae.encode`'s mean,
-    refined by `steps` Adam steps per window of `window` latent frames (0 steps: the mean
-    itself). `latents` (default: the encoder's mean) is where the search starts. Frames are
+    refined per window of `window` latent frames by `steps` loss evaluations (0: the mean
+    itself) of `method`: "adam" (one Adam step per evaluation, lr 0.05 by default) or "lbfgs"
+    (one L-BFGS run with a strong-Wolfe line search, lr 1, its line search's evaluations
+    counted), each evaluation a decode of the window and its gradient. `latents` (default: the encoder's mean) is where the search starts. Frames are
     padded to 4k + 1 as `encode` pads them, and H, W must be multiples of 8 (`encode`'s rule).
     Whole frames only: a `tile` or the VAE's own tiling is an error (the tiles' decodes are blended).
     `palette` > 0 adds Shapes World's palette term with that weight to the MSE
     (`kino.world.palette.palette_loss`: each pixel should keep its nearest world colour), for
     clips of that world only; 0.2 is the weight chosen and measured in BENCHMARKS.md."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise KinoUserError(f"latent refinement steps must be an integer >= 0, got {steps!r}")
+    _check(steps, palette, method, palette_temperature)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise KinoUserError(f"latent refinement window must be an integer >= 1 (latent frames), got {window!r}")
+    lr = METHODS[method] if lr is None else lr
     if not lr > 0:
         raise KinoUserError(f"latent refinement learning rate must be > 0, got {lr!r}")
-    if not palette >= 0 or not palette_temperature > 0:
-        raise KinoUserError(f"latent refinement palette weight must be >= 0 and its temperature > 0, "
-                            f"got {palette!r} and {palette_temperature!r}")
     if tile is not None or vae.tiling is not None:
         raise KinoUserError("latent refinement decodes whole frames: it does not combine with spatial tiling "
                             "(turn tiling off for it)")
@@ -71,15 +99,24 @@ def refine_latents(vae: VideoVAE, video: torch.Tensor, steps: int, lr: float = D
         stop = min(start + window, mean.shape[2])
         goal = target[:, :, max(0, 1 + stride * (start - 1)) : 1 + stride * (stop - 1)]  # the window's pixels
         z = mean[:, :, start:stop].detach().float().clone().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=lr)
-        for _ in range(steps):
+
+        def closure():  # the window's fit: loss and gradient on z (the decoder's weights get none)
             with torch.enable_grad():
                 rec = _decode(vae, z.to(dtype), cache.copy()).float()
                 loss = F.mse_loss(rec, goal)
                 if palette:
                     loss = loss + palette * palette_loss(rec, goal, palette_temperature)
-                (z.grad,) = torch.autograd.grad(loss, z)  # the decoder's weights get no gradient
-            opt.step()
+                (z.grad,) = torch.autograd.grad(loss, z)
+            return loss.detach()
+
+        if method == "adam":
+            opt = torch.optim.Adam([z], lr=lr)
+            for _ in range(steps):
+                closure()
+                opt.step()
+        else:  # one L-BFGS run of at most `steps` loss evaluations, strong-Wolfe line search
+            torch.optim.LBFGS([z], lr=lr, max_iter=steps, max_eval=steps, history_size=LBFGS_HISTORY,
+                              line_search_fn="strong_wolfe").step(closure)
         with torch.no_grad():
             _decode(vae, z.to(dtype), cache)  # the window's context for the next one
         refined.append(z.detach().to(dtype))
