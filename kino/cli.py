@@ -101,7 +101,7 @@ def lora_spec(text: str) -> tuple[Path, float]:
 
 # kino.models.vae.refine's METHODS and DEFAULT_METHOD, here so that parsing imports no torch (a test keeps them equal)
 REFINE_METHODS = ("adam", "lbfgs")
-DEFAULT_REFINE_METHOD = "adam"
+DEFAULT_REFINE_METHOD = "lbfgs"
 # kino.models.gguf.WRITE_TYPES (which imports torch; the parser does not)
 GGUF_WRITE_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K", "BF16", "F16")
 positive_int = int_at_least(1)
