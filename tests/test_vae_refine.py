@@ -103,6 +103,7 @@ def test_a_copied_cache_is_not_changed_by_decoding_from_the_copy(tiny):
         again = tiny.decoder(tiny.conv2(z[:, :, 1:2]), cache.copy())
     assert torch.equal(first, again)
 
+
 def test_a_window_as_long_as_the_clip_is_lbfgs_on_the_whole_decode(tiny):
     """The L-BFGS method: one torch L-BFGS run (lr 1, strong-Wolfe line search, at most `steps`
     loss evaluations) on the whole clip's decode when the window covers it."""

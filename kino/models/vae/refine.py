@@ -1,13 +1,13 @@
 """Latent refinement: latents that the frozen decoder turns back into the clip more exactly.
 
-The encoder is amortised: one pass maps any clip to latents, and the decoder's output from
-them is not the closest to the clip that the decoder can produce. `refine_latents` closes
-part of that gap for one clip at a time. It starts from the encoder's posterior mean and spends
-`steps` loss evaluations (L-BFGS by default, or Adam) on the latents so that the frozen
-decoder reproduces the clip's pixels (mean squared error; for Shapes World clips, optionally
-plus the world's palette term, which charges pixels that would read as another world colour). The encoder and decoder are
-unchanged, and so is the latent space: a refined latent is still a latent of this VAE, only a
-better one for this clip.
+The encoder is amortised: one pass maps any clip to latents, and the decoder's output from them
+is not the closest to the clip that the decoder can produce. `refine_latents` closes part of
+that gap for one clip at a time. It starts from the encoder's posterior mean and spends `steps`
+loss evaluations (L-BFGS by default, or Adam) on the latents so that the frozen decoder
+reproduces the clip's pixels (mean squared error; for Shapes World clips, optionally plus the
+world's palette term, which charges pixels that would read as another world colour). The
+encoder and decoder are unchanged, and so is the latent space: a refined latent is still a
+latent of this VAE, only a better one for this clip.
 
 The clip is worked through in windows of `window` latent frames in the decoder's causal
 order. Each window is fitted to its own pixels (frame 0, then `time_stride` frames per latent
