@@ -1,4 +1,5 @@
-"""Causal 3D convolutional video VAE (Wan2.1 family): time x4, space x8, 16 latent channels."""
+"""Causal 3D convolutional video VAE (Wan2.1 family: time x4, space x8, 16 latent channels; Wan2.2's
+layout: space x16, 48 channels)."""
 
 from kino.models.vae.adapters import (config_from_diffusers, config_from_wan, from_diffusers, from_wan, to_diffusers,
                                      to_wan)
