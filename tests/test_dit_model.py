@@ -257,13 +257,6 @@ def _diffusers_wan(config: DiTConfig, seed: int):
     return _perturb(model, seed + 1)  # norm weights start at 1, LayerNorm biases at 0
 
 
-def _diffusers_takes_per_token_t() -> bool:
-    import diffusers
-
-    major, minor = (int(p) for p in diffusers.__version__.split(".")[:2])
-    return (major, minor) >= (0, 35)  # the (B, seq_len) timestep form arrived with Wan2.2
-
-
 TIME_PATCH = DiTConfig(**{**TINY.to_dict(), "patch_size": (2, 2, 2)})  # Wan's is 1x2x2; the layout allows more
 
 
@@ -288,18 +281,17 @@ def test_matches_diffusers_wan_transformer(config, shape):
         mask = torch.arange(8)[None].expand(2, 8) < 5
         torch.testing.assert_close(model(x, t, padded, mask), expected, rtol=0, atol=1e-5)
 
-        if _diffusers_takes_per_token_t():
-            # Per-frame t against diffusers' per-token form: each token gets its frame's t.
-            pt, ph, pw = config.patch_size
-            token_frames = shape[0] // pt
-            frame_t = torch.rand(2, token_frames, generator=torch.Generator().manual_seed(9)) * 1000
-            token_t = frame_t.repeat_interleave(shape[1] * shape[2] // (ph * pw), dim=1)  # (B, F*h*w)
-            expected = reference(x, token_t, text).sample
-            latent_t = frame_t.repeat_interleave(pt, dim=1)  # (B, T): one per latent frame
-            torch.testing.assert_close(model(x, latent_t, text), expected, rtol=0, atol=1e-5)
-            if pt > 1:
-                with pytest.raises(DiTInputError, match="temporal patch must share one t"):
-                    model(x, torch.rand(2, shape[0]) * 1000, text)
+        # Per-frame t against diffusers' per-token form (diffusers >= 0.35): each token gets its frame's t.
+        pt, ph, pw = config.patch_size
+        token_frames = shape[0] // pt
+        frame_t = torch.rand(2, token_frames, generator=torch.Generator().manual_seed(9)) * 1000
+        token_t = frame_t.repeat_interleave(shape[1] * shape[2] // (ph * pw), dim=1)  # (B, F*h*w)
+        expected = reference(x, token_t, text).sample
+        latent_t = frame_t.repeat_interleave(pt, dim=1)  # (B, T): one per latent frame
+        torch.testing.assert_close(model(x, latent_t, text), expected, rtol=0, atol=1e-5)
+        if pt > 1:
+            with pytest.raises(DiTInputError, match="temporal patch must share one t"):
+                model(x, torch.rand(2, shape[0]) * 1000, text)
 
     back = to_diffusers(from_diffusers(state))
     assert list(back) == list(state) and all(back[k] is state[k] for k in state)

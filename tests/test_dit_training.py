@@ -356,17 +356,18 @@ def test_training_reduces_loss_on_a_couple_of_clips(tmp_path):
 
 def test_resume_is_exact(cache_dir, tmp_path):
     def train(out: Path, steps: list[int]):
-        trainer = None
+        trainer, starts = None, []
         for n in steps:
             cfg = run_config(out, cache_dir, max_steps=n, ema_decay=0.9)
             trainer = Trainer(DiTTask(cfg, LatentCache(cache_dir)), cfg.train, run_config=cfg)
-            trainer.fit()
-        return trainer.export_state_dict(ema=False), trainer.export_state_dict(ema=True)
+            starts.append(trainer.fit().start_step)
+        return trainer.export_state_dict(ema=False), trainer.export_state_dict(ema=True), starts
 
     straight = train(tmp_path / "a", [6])
     resumed = train(tmp_path / "b", [3, 6])
-    for one, two in zip(straight, resumed):
-        assert all(torch.equal(one[k], two[k]) for k in one)
+    assert straight[2] == [0] and resumed[2] == [0, 3]  # the second fit resumed, it did not start again
+    for one, two in zip(straight[:2], resumed[:2]):
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
 # ---------------------------------------------------------------------------- export and the run

@@ -172,15 +172,17 @@ def test_lora_training_changes_only_lora_weights(cache_dir, base_dir, tmp_path):
 
 def test_lora_resume_is_exact(cache_dir, base_dir, tmp_path):
     def train(out: Path, steps: list[int]):
-        trainer = None
+        trainer, starts = None, []
         for n in steps:
             cfg = run_config(out, cache_dir, base_dir, LoRAConfig(rank=2, dropout=0.1), max_steps=n, ema_decay=0.9)
             trainer = Trainer(DiTTask(cfg, LatentCache(cache_dir)), cfg.train, run_config=cfg)
             result = trainer.fit()
-        return trainer.export_state_dict(ema=False), trainer.export_state_dict(ema=True), result.losses
+            starts.append(result.start_step)
+        return trainer.export_state_dict(ema=False), trainer.export_state_dict(ema=True), result.losses, starts
 
     straight = train(tmp_path / "a", [4])
     resumed = train(tmp_path / "b", [2, 4])
+    assert straight[3] == [0] and resumed[3] == [0, 2]  # the second fit resumed, it did not start again
     for one, two in zip(straight[:2], resumed[:2]):
         assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert straight[2]["loss"] == resumed[2]["loss"]

@@ -113,9 +113,11 @@ def test_swapped_blocks_follow_skipped_blocks(skip):
 
 
 def test_memory_plan_rejects_bad_values():
-    for bad in (dict(dtype="int8"), dict(weights="fp4"), dict(swap_blocks=-1), dict(offload="disk"),
-                dict(vae_tile=50), dict(vae_tile=32), dict(cfg="parallel")):
-        with pytest.raises(KinoUserError):
+    for bad, message in ((dict(dtype="int8"), "unknown dtype 'int8'"), (dict(weights="fp4"), "weight storage 'fp4'"),
+                         (dict(swap_blocks=-1), "swap_blocks must be >= 0"), (dict(offload="disk"), "offload 'disk'"),
+                         (dict(vae_tile=50), "vae_tile must be"), (dict(vae_tile=32), "vae_tile must be"),
+                         (dict(cfg="parallel"), "cfg mode 'parallel'")):
+        with pytest.raises(KinoUserError, match=message):
             MemoryPlan(**bad)
     assert MemoryPlan().compute_dtype(torch.device("cpu")) == torch.float32
     assert MemoryPlan().compute_dtype(torch.device("cuda")) == torch.bfloat16

@@ -83,6 +83,30 @@ def test_a_window_as_long_as_the_clip_is_adam_on_the_whole_decode(tiny, palette)
         assert not torch.allclose(refine_latents(tiny, video, 4, window=3, method="adam"), fit, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [1, 2])
+def test_windows_are_fitted_one_after_another_in_causal_order(tiny, window):
+    """window < T, against a reference built from the whole decode alone: window by window,
+    Adam on that window's latents with the ones before it fixed at their fitted values, on the
+    MSE of that window's own pixels (frame 0, then 4 per latent frame) in the decode of all
+    latents up to it."""
+    video = _video(13, seed=6)  # 4 latent frames: pixels [0, 1), [1, 5), [5, 9), [9, 13)
+    with torch.no_grad():
+        z = tiny.encode(video)[0].clone()
+    pixels = [0, 1, 5, 9, 13]
+    for start in range(0, z.shape[2], window):
+        stop = min(start + window, z.shape[2])
+        part = z[:, :, start:stop].clone().requires_grad_(True)
+        opt = torch.optim.Adam([part], lr=0.05)
+        for _ in range(3):
+            rec = tiny.decode(torch.cat([z[:, :, :start], part], dim=2), clamp=False)
+            a, b = pixels[start], pixels[stop]
+            (part.grad,) = torch.autograd.grad(F.mse_loss(rec[:, :, a:b], video[:, :, a:b]), part)
+            opt.step()
+        z[:, :, start:stop] = part.detach()
+    fit = refine_latents(tiny, video, 3, window=window, method="adam")
+    torch.testing.assert_close(fit, z, rtol=1e-4, atol=1e-5)
+
+
 def test_refinement_leaves_the_model_alone(tiny):
     """The decoder's weights get no gradient and do not change; the model stays usable as before."""
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
@@ -101,7 +125,12 @@ def test_a_copied_cache_is_not_changed_by_decoding_from_the_copy(tiny):
         first = tiny.decoder(tiny.conv2(z[:, :, 1:2]), cache.copy())
         tiny.decoder(tiny.conv2(z[:, :, 1:2] * 3), cache.copy())
         again = tiny.decoder(tiny.conv2(z[:, :, 1:2]), cache.copy())
+        without_context = tiny.decoder(tiny.conv2(z[:, :, 1:2]), CausalCache())
+        from_original = tiny.decoder(tiny.conv2(z[:, :, 1:2]), cache)
     assert torch.equal(first, again)
+    assert torch.equal(first, from_original)  # the copy holds the original's context ...
+    # ... and that context matters (without it the chunk is decoded as a clip's first)
+    assert first.shape != without_context.shape or not torch.allclose(first, without_context, atol=1e-4)
 
 
 def test_a_window_as_long_as_the_clip_is_lbfgs_on_the_whole_decode(tiny):

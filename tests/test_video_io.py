@@ -260,7 +260,8 @@ def test_sampling_arguments_are_checked(counter_mp4):
         iter_frames(counter_mp4, fps=8, stride=2)  # at call time, not at first next()
     for bad in [dict(fps=0), dict(stride=0), dict(max_frames=0), dict(start=-1.0), dict(size=(32,)),
                 dict(size=(0, 8)), dict(size=32)]:
-        with pytest.raises(ValueError):
+        (name,) = bad
+        with pytest.raises(ValueError, match=f"^{name} must be"):  # the check's own message, naming the argument
             read_video(counter_mp4, **bad)
 
 

@@ -316,6 +316,8 @@ class Trainer:
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _write_json(self.out_dir / "config.json", config_to_dict(self.run_config))
+            if self.start_step:
+                print(f"kino: resuming {self.out_dir} from its checkpoint at step {self.start_step}", file=sys.stderr)
         if self.step >= cfg.max_steps and self._saved_step == self.step:
             return TrainResult(self.step, self.start_step, {}, False, latest_checkpoint(self.out_dir))
 
