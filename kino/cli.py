@@ -549,6 +549,11 @@ def cmd_task(args) -> int:
     out = args.out or Path("out.png" if frames == 1 else "out.mp4")
     _check_out(out, frames)
     kwargs = _task_kwargs(args)  # checked before the model loads
+    from kino.pipeline import require_prompt
+
+    for prompt in (args.prompt, kwargs.get("source_prompt")):
+        if prompt is not None:
+            require_prompt(prompt)
     with _torchrun(args) as procs:
         pipe = _pipeline(args, procs)
         steps = args.steps or pipe.defaults.steps

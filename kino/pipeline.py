@@ -422,6 +422,12 @@ def transformer_units(model: torch.nn.Module) -> list:
     return units
 
 
+def require_prompt(prompt) -> None:
+    """An empty (or blank) prompt is a user error, told before any model loads."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise KinoUserError(f"the prompt is empty: say what the clip shows, e.g. {EXAMPLE_PROMPT!r}")
+
+
 class Pipeline:
     def __init__(self, vae: VideoVAE, dit: DiT, text_encoder: TextEncoder,
                  defaults: GenerationDefaults | None = None, name: str = "kino", image_encoder=None,
@@ -760,8 +766,7 @@ class Pipeline:
         """An empty prompt is an error. A Shapes World model (kino's default, named
         `SHAPES_WORLD_NAME`) given a prompt outside the world's caption grammar still generates,
         with a warning saying so."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise KinoUserError(f"the prompt is empty: say what the clip shows, e.g. {EXAMPLE_PROMPT!r}")
+        require_prompt(prompt)
         if self.name == SHAPES_WORLD_NAME:
             try:
                 parse_caption(prompt)

@@ -389,6 +389,8 @@ def test_a_world_folder_is_a_generate_batch(model_dir, tmp_path):
     (["generate", "x", "--model", "nowhere"], "kino.json"),
     (["generate", ""], "the prompt is empty"),
     (["generate", "  "], "the prompt is empty"),
+    (["generate", "", "--model", "nowhere"], "the prompt is empty"),  # told before any model loads
+    (["edit", "in.mp4", "x", "--source-prompt", " ", "--model", "nowhere"], "the prompt is empty"),
 ])
 def test_generate_bad_input_exits_2(model_dir, tmp_path, capsys, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)
