@@ -871,7 +871,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="third-party weights into a kino model folder; LoRAs between layouts")
     convert.set_defaults(group_help=convert.format_help)
     csub = convert.add_subparsers(dest="convert_command", metavar="COMMAND", parser_class=_Parser)
-    p = csub.add_parser("wan", help="a Wan2.1 / Wan2.2 folder (T2V, I2V, FLF2V, VACE; original or diffusers layout) -> kino")
+    p = csub.add_parser("wan", help="a Wan2.1 / Wan2.2 folder (T2V, I2V, FLF2V, VACE; original or diffusers "
+                                    "layout) -> kino")
     p.add_argument("src", type=Path, metavar="SRC",
                    help="Wan2.1 / Wan2.2 folder (e.g. Wan2.1-T2V-1.3B or its -Diffusers), or its Hub id "
                         "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
