@@ -84,7 +84,8 @@ def test_config_json_roundtrip_and_sizes():
     assert counts == {"tiny": 40_608, "tiny-abspos": 41_408, "tiny-abspos-3": 54_432, "tiny-abspos-p1": 38_288,
                       "tiny-vace": 95_168,  # = diffusers' WanVACETransformer3DModel of that size
                       "small": 9_164_096, "small-abspos": 9_170_496, "small-abspos-12": 13_390_400,
-                      "small-abspos-p1": 9_145_872, "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584,
+                      "small-abspos-p1": 9_145_872, "small-abspos-s4": 9_170_496,
+                      "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584,
                       # = diffusers' WanTransformer3DModel with image_dim 1280 (and pos_embed_seq_len 514)
                       "wan2.1-i2v-14b": 16_394_878_784, "wan2.1-flf2v-14b": 16_395_536_704,
                       # Wan2.2: an I2V-A14B expert (36 channels in, no CLIP branch) and TI2V-5B
@@ -420,6 +421,45 @@ def test_a_dit_regrown_with_finer_patches_starts_close_to_what_it_was():
         assert not can_grow(plain.config, other)
         with pytest.raises(ValueError, match="finer patches"):
             grow(plain, other)
+
+
+def test_a_dit_moved_to_other_latents_computes_the_same_through_exact_maps():
+    from kino.models.dit.grow import change_latents, fit_latent_map, latent_tokens
+
+    old = _model(DIT_SIZES["tiny-abspos-p1"], seed=4)  # 1x1x1 patches of 16 channels
+    # new latents: 4 channels at twice the resolution, read in 1x2x2 patches (one token per old
+    # token). Their space-to-depth fold, channel c*4 + 2i + j, is an old latent, so the maps
+    # are identities when the fold is the kernel's order, and the moved DiT on a new latent
+    # must give the old one's output on its fold, unfolded again.
+    wanted = DiTConfig(**{**old.config.to_dict(), "patch_size": (1, 2, 2), "in_channels": 4, "out_channels": 4})
+    eye = (torch.eye(16), torch.zeros(16))
+    moved = change_latents(old, wanted, to_old=eye, to_new=eye).eval()
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(2, 4, 3, 8, 12, generator=gen)
+    fold = z.unflatten(3, (4, 2)).unflatten(5, (6, 2)).permute(0, 1, 4, 6, 2, 3, 5).flatten(1, 3)
+    assert torch.equal(latent_tokens(z, (1, 2, 2)), latent_tokens(fold, (1, 1, 1)))
+    _, t, text = _inputs(2, 3, 4, 6)
+    with torch.no_grad():
+        out = old(fold, t, text)  # (2, 16, 3, 4, 6) -> back to (2, 4, 3, 8, 12)
+        unfold = out.unflatten(1, (4, 2, 2)).permute(0, 1, 4, 5, 2, 6, 3).flatten(5, 6).flatten(3, 4)
+        torch.testing.assert_close(moved(z, t, text), unfold, rtol=1e-5, atol=1e-5)
+        # an orthogonal mix of the channels with an offset, fitted from paired latents
+        q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+        q, shift = q.float(), torch.randn(16, generator=gen)
+        mixed = torch.einsum("kc,bcthw->bkthw", q, fold) + shift[:, None, None, None]
+        mix = fit_latent_map(latent_tokens(fold, (1, 1, 1)), latent_tokens(mixed, (1, 1, 1)), ridge=0.0)
+        back = fit_latent_map(latent_tokens(mixed, (1, 1, 1)), latent_tokens(fold, (1, 1, 1)), ridge=0.0)
+        torch.testing.assert_close(mix[0], q, atol=1e-4, rtol=0)
+        torch.testing.assert_close(mix[1], shift, atol=1e-4, rtol=0)
+        same = DiTConfig(**{**old.config.to_dict()})
+        turned = change_latents(old, same, to_old=back, to_new=mix).eval()
+        # data offsets enter a velocity negated: the turned model's output is q @ old - shift
+        expect = torch.einsum("kc,bcthw->bkthw", q, out) - shift[:, None, None, None]
+        torch.testing.assert_close(turned(mixed, t, text), expect, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="only patch_size"):
+        change_latents(old, DiTConfig(**{**wanted.to_dict(), "num_layers": 3}), to_old=eye, to_new=eye)
+    with pytest.raises(ValueError, match="wrong shape"):
+        change_latents(old, wanted, to_old=(torch.eye(16)[:, :8], torch.zeros(16)), to_new=eye)
 
 
 def test_abs_pos_embedding_starts_at_zero_then_sees_absolute_places():

@@ -70,8 +70,8 @@ def test_config_json_roundtrip_and_sizes():
     for name, config in VAE_SIZES.items():
         d = json.loads(json.dumps(config.to_dict()))
         assert VAEConfig.from_dict(d) == config, name
-        wan22 = name == "wan2.2"  # 4 x 16 x 16 to 48 channels; every other size 4 x 8 x 8 to 16
-        assert (config.time_stride, config.space_stride, config.z_dim) == ((4, 16, 48) if wan22 else (4, 8, 16))
+        strides = {"wan2.2": (4, 16, 48), "small-s4": (4, 4, 16)}  # every other size: 4 x 8 x 8 to 16
+        assert (config.time_stride, config.space_stride, config.z_dim) == strides.get(name, (4, 8, 16)), name
     with pytest.raises(ValueError, match="unknown VAEConfig fields"):
         VAEConfig.from_dict({**TINY.to_dict(), "temperal_downsample": [True]})
     with pytest.raises(ValueError, match="z_dim"):

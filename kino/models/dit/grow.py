@@ -35,6 +35,7 @@ what the trained weights mean.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -131,3 +132,77 @@ def grow(model: DiT, wanted: DiTConfig) -> DiT:
     grown.load_state_dict(state)
     return grown.train(model.training)
 
+
+
+# ---------------------------------------------------------------------------- another VAE's latents
+
+
+def latent_tokens(z: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """Latents (B, C, T, H, W) -> (tokens, C*pt*ph*pw), each token's values in the order the
+    patch embedding's kernel reads them: channel, then time, height, width inside the patch."""
+    pt, ph, pw = patch
+    b, c, t, h, w = z.shape
+    z = z.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
+    return z.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(-1, c * pt * ph * pw)
+
+
+def fit_latent_map(source: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares (with a small ridge on the weights) for target ~ A @ source + a over paired
+    token rows (N, K_source), (N, K_target): returns A (K_target, K_source) and a (K_target,)."""
+    if source.shape[0] != target.shape[0]:
+        raise ValueError(f"paired rows needed; got {source.shape[0]} and {target.shape[0]}")
+    s_mean, t_mean = source.mean(0), target.mean(0)
+    s, t = (source - s_mean).double(), (target - t_mean).double()
+    gram = s.T @ s + ridge * s.shape[0] * torch.eye(s.shape[1], dtype=s.dtype)
+    weight = torch.linalg.solve(gram, s.T @ t).T.to(source.dtype)  # (K_target, K_source)
+    return weight, t_mean - weight @ s_mean
+
+
+def change_latents(model: DiT, wanted: DiTConfig, to_old: tuple[torch.Tensor, torch.Tensor],
+                   to_new: tuple[torch.Tensor, torch.Tensor]) -> DiT:
+    """A DiT of `wanted` that reads and writes another VAE's latents, started from `model`.
+
+    Only the patch size and the latent channels may differ, and one new token must cover the
+    pixels one old token covered (the caller's VAEs: old stride x old patch = new stride x new
+    patch), so positions, text and every block keep their meaning. The two latent spaces are
+    related by linear maps fitted on paired latents of the same clips (`fit_latent_map` over
+    `latent_tokens` rows, patch-embedding order): `to_old` = (A, a), an old token ~ A @ new + a,
+    and `to_new` = (B, b), a new token ~ B @ old + b. The new patch embedding is the old one
+    after A (so it embeds a new-latent token as the old one embedded its image under A), and the
+    new head is B after the old head, less b (a velocity is noise minus data, so the data's
+    offset enters negated). The start is approximate, as the maps are and as noise drawn in the
+    new space is not the old noise under A; training from it keeps what the blocks learned."""
+    diff = config_diff(model.config, wanted)
+    if set(diff) - {"patch_size", "in_channels", "out_channels"}:
+        raise ValueError(f"change_latents changes only patch_size and the latent channels; these differ too "
+                         f"(has, wanted): {diff}")
+    (a_w, a_b), (b_w, b_b) = to_old, to_new
+    old_k, new_k = (c.in_channels * math.prod(c.patch_size) for c in (model.config, wanted))
+    old_out, new_out = (c.out_channels * math.prod(c.patch_size) for c in (model.config, wanted))
+    if a_w.shape != (old_k, new_k) or a_b.shape != (old_k,) or b_w.shape != (new_out, old_out) \
+            or b_b.shape != (new_out,):
+        raise ValueError(f"maps of the wrong shape: to_old needs ({old_k}, {new_k}) and ({old_k},), to_new "
+                         f"({new_out}, {old_out}) and ({new_out},); got {tuple(a_w.shape)}, {tuple(a_b.shape)}, "
+                         f"{tuple(b_w.shape)}, {tuple(b_b.shape)}")
+    changed = DiT(wanted).to(next(model.parameters()).device)
+    state = dict(model.state_dict())
+    kernel = state["patch_embedding.weight"].flatten(1)  # (D, old_k), kernel order
+    state["patch_embedding.weight"] = (kernel @ a_w).reshape(changed.patch_embedding.weight.shape)
+    state["patch_embedding.bias"] = state["patch_embedding.bias"] + kernel @ a_b
+    # head rows are per token (pt, ph, pw, C), the kernel's order is (C, pt, ph, pw): reorder B
+    b_w, b_b = _head_order(b_w, b_b, model.config, wanted)
+    state["head.head.weight"] = b_w @ state["head.head.weight"]
+    state["head.head.bias"] = b_w @ state["head.head.bias"] - b_b
+    changed.load_state_dict(state)
+    return changed.train(model.training)
+
+
+def _head_order(weight: torch.Tensor, bias: torch.Tensor, old: DiTConfig, new: DiTConfig
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A map between kernel-ordered tokens (C, pt, ph, pw) as one between head-ordered ones."""
+    def order(c: DiTConfig) -> torch.Tensor:  # head position -> kernel position
+        return torch.arange(c.out_channels * math.prod(c.patch_size)).reshape(
+            c.out_channels, *c.patch_size).permute(1, 2, 3, 0).flatten()
+    rows, cols = order(new), order(old)
+    return weight[rows][:, cols], bias[rows]

@@ -792,6 +792,10 @@ DIT_SIZES: dict[str, DiTConfig] = {
     # "small-abspos" over 1x1x1 patches: one token per latent pixel (4x the tokens; 9.15M params).
     # A trained "small-abspos" regrows into it (grow.py: approximately, RoPE positions halved).
     "small-abspos-p1": DiTConfig(abs_pos_embed=True, patch_size=(1, 1, 1), rope_scale=(1.0, 0.5, 0.5)),
+    # "small-abspos-p1"'s token grid over the latents of VAE_SIZES["small-s4"] (space x4): 1x2x2
+    # patches of 16 channels, so a token is again 8x8 pixels; a trained "small-abspos-p1" moves
+    # to those latents through `grow.change_latents` (9.17M params, as "small-abspos").
+    "small-abspos-s4": DiTConfig(abs_pos_embed=True, patch_size=(1, 2, 2), rope_scale=(1.0, 0.5, 0.5)),
     # Wan2.1 T2V 1.3B and 14B (UMT5-XXL text); their weights load into these via adapters.
     "wan2.1-1.3b": DiTConfig(dim=1536, ffn_dim=8960, text_dim=4096, num_heads=12, num_layers=30),
     "wan2.1-14b": DiTConfig(dim=5120, ffn_dim=13824, text_dim=4096, num_heads=40, num_layers=40),

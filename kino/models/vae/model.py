@@ -871,6 +871,10 @@ VAE_SIZES: dict[str, VAEConfig] = {
     # 2-core CPU: 17x64x64 1.7 s, 5x32x32 0.15 s (2 threads, quiet machine); 2.1 s and 0.24 s
     # with 1 thread beside another busy process (2 threads there: 10-30x slower, OpenMP waits).
     "small": VAEConfig(),
+    # "small" with one spatial stage fewer: time x4, space x4 (16x16 latents for a 64x64
+    # frame, 12x fewer numbers than pixels against small's 48x), for worlds whose objects are
+    # a latent pixel or two across at x8. 1.85M params. Same classes, keys and adapters.
+    "small-s4": VAEConfig(dim_mult=[1, 2, 4], temporal_downsample=[True, True]),
     # Wan2.1's released VAE; its weights load into this size (via adapters). 127M params.
     "wan2.1": VAEConfig(
         base_dim=96,
