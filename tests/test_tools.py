@@ -22,11 +22,13 @@ def test_change_latents_onto_the_same_vae_keeps_the_dit(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "change_latents.py"), "--vae",
                           str(ROOT / "kino" / "weights" / "default"), "--size", "small-abspos-p1", "--out", str(out),
-                          "--clips", "4", "--ridge", "0"], capture_output=True, text=True, env=env, timeout=600)
+                          "--clips", "4"], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["tokens"] == 64 * (1 + 3 + 5 + 9)  # 8x8 latent tokens of 1, 9, 17, 33 frames
-    assert max(report["unexplained_variance"].values()) < 1e-6
+    assert max(report["unexplained_variance"].values()) < 1e-4
+    # identity maps pass noise on unamplified, so the smallest ridge is taken for both
+    assert report["ridge"] == {"to_old": 1e-4, "to_new": 1e-4} and max(report["noise_gain"].values()) <= 1.0
     shipped, moved = Pipeline.from_pretrained(), Pipeline.from_pretrained(out)
     assert moved.dit.config == shipped.dit.config and moved.defaults == shipped.defaults
     gen = torch.Generator().manual_seed(0)
