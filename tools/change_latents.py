@@ -82,9 +82,11 @@ def main() -> None:
     to_new, ridge_new = fit_quiet(old_tok, new_tok, args.ridge)
     report = {"ridge": {"to_old": ridge_old, "to_new": ridge_new},
               "noise_gain": {"to_old": noise_gain(to_old[0]), "to_new": noise_gain(to_new[0])}}
-    for name, (src, dst, (w, b)) in {"to_old": (new_tok, old_tok, to_old), "to_new": (old_tok, new_tok, to_new)}.items():
+    report["unexplained_variance"] = {}  # the share of each target's variance its map leaves
+    for name, (src, dst, (w, b)) in {"to_old": (new_tok, old_tok, to_old),
+                                     "to_new": (old_tok, new_tok, to_new)}.items():
         resid = dst - (src @ w.T + b)
-        report.setdefault("unexplained_variance", {})[name] = round((resid.pow(2).mean() / dst.var(0).mean()).item(), 4)  # unexplained variance share
+        report["unexplained_variance"][name] = round((resid.pow(2).mean() / dst.var(0).mean()).item(), 4)
     moved = change_latents(pipe.dit, wanted, to_old, to_new)
     out = Pipeline(new_vae, moved, pipe.text_encoder, pipe.defaults, name=args.out.name).save_pretrained(args.out)
     print(json.dumps({"tokens": old_tok.shape[0], **report, "folder": str(out)}))
