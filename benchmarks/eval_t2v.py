@@ -23,7 +23,13 @@ left/right/up/down that are present in at least 90% of their clip's frames, the 
 displacement (first quarter to last quarter of the frames) points mostly the named way
 (chance is 25%). Another, "drawn twice": of the objects seen in the median frame, the share
 seen there as two or more separate blobs of their color, each big enough to count as the
-object (the evaluator's `blobs`).
+object (the evaluator's `blobs`). And "binding", for two-object videos: of the objects whose
+direction word differs from the other object's (both moving left/right/up/down, present in at
+least 90% of the frames, displaced by at least 0.05), how many moved mostly their own way and
+how many the other object's way; of the objects whose shape differs from the other's, how many
+have the fill of their own shape and how many that of the other's (the evaluator's fill ranges).
+A model that reads the words but not which object they belong to scores as often "other" as
+"own".
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from kino.pipeline import Pipeline
 from kino.tasks.batch import generate_batch
 from kino.world.captions import FRAME_COUNTS, SIZES, is_held_out, parse_caption
 from kino.world.dataset import clip_filename, evaluate_rows, read_rows, write_rows
-from kino.world.evaluator import summarize
+from kino.world.evaluator import SHAPE_FILL, summarize
 from kino.world.generator import scene_at
 
 HELD_OUT_SCAN = 200_000  # eval scenes scanned for held-out compositions (about 1 in 6 has one)
@@ -116,6 +122,7 @@ def score(folder: Path) -> dict:
                                    "pass_rate": round(sum(held) / len(held), 4) if held else None}
     report["direction"] = direction_rate(results)
     report["drawn_twice"] = drawn_twice_rate(results)
+    report["binding"] = binding_rates(results)
     return report
 
 
@@ -144,6 +151,40 @@ def direction_rate(results) -> dict:
             total += 1
             right += along > across
     return {"objects": total, "right_way": right, "rate": round(right / total, 4) if total else None}
+
+
+def _heading(dx: float, dy: float) -> str:
+    return max(DIRECTIONS, key=lambda m: DIRECTIONS[m][0] * dx + DIRECTIONS[m][1] * dy)
+
+
+def _shape_of(fill: float) -> str | None:
+    return next((shape for shape, (lo, hi) in SHAPE_FILL.items() if lo <= fill < hi), None)
+
+
+def binding_rates(results) -> dict:
+    """In two-object clips, for motion (the direction words) and shape: how many objects whose
+    attribute differs from the other object's show their own, the other's, or neither."""
+    counts = {k: {"objects": 0, "own": 0, "other": 0} for k in ("motion", "shape")}
+    for row, result in results:
+        objects = parse_caption(row["caption"]).objects
+        if len(objects) != 2:
+            continue
+        for i, info in enumerate(result.details["objects"]):
+            me, other = objects[i], objects[1 - i]
+            if (row["frames"] > 1 and me.motion in DIRECTIONS and other.motion in DIRECTIONS
+                    and me.motion != other.motion and "dx" in info and info["present_frames"] >= 0.9 * row["frames"]
+                    and max(abs(info["dx"]), abs(info["dy"])) >= 0.05):
+                seen = _heading(info["dx"], info["dy"])
+                _tally(counts["motion"], seen, me.motion, other.motion)
+            if me.shape != other.shape and "fill" in info:
+                _tally(counts["shape"], _shape_of(info["fill"]), me.shape, other.shape)
+    return counts
+
+
+def _tally(count: dict, seen, own, other) -> None:
+    count["objects"] += 1
+    count["own"] += seen == own
+    count["other"] += seen == other
 
 
 def main() -> None:
@@ -205,6 +246,10 @@ def main() -> None:
     d = last["drawn_twice"]
     if d["objects"]:
         print(f"| drawn twice (diagnostic, lower is better) | {d['rate']:.1%} ({d['twice']}/{d['objects']}) |")
+    for name, b in last["binding"].items():
+        if b["objects"]:
+            print(f"| pairs: {name} of own / other object (diagnostic) | {b['own']} / {b['other']} "
+                  f"of {b['objects']} |")
     print(f"\nclips and report.json in {out}")
 
 

@@ -120,3 +120,36 @@ def test_vae_eval_workers_and_refinement(tmp_path):
     assert psnrs("--start", "2") == {name: plain[name] for name in sorted(plain)[2:]}  # the same clips 2, 3
     assert psnrs("--refine-latents", "2", "--refine-palette", "0.2") != one  # the palette term reaches the fit
     assert psnrs("--refine-latents", "2", "--refine-method", "adam") != one  # and so does the optimizer
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_binding_diagnostic_tells_own_from_other_attributes(tmp_path):
+    """eval_t2v's binding counts on true two-object clips: every object that moved shows its own
+    direction and fill; the same clips under captions whose motions (and shapes) are swapped
+    between the objects show the other object's."""
+    from kino.world.captions import parse_caption
+    from kino.world.dataset import evaluate_rows, read_rows, write_rows, write_samples
+
+    eval_t2v, sensitivity = _bench_module("eval_t2v"), _bench_module("text_sensitivity")
+    rows = write_samples(tmp_path, 40, split="eval", seed=3, frames=17, size=(64, 64), objects=2)
+    true = eval_t2v.binding_rates(evaluate_rows(tmp_path, read_rows(tmp_path)))
+    assert true["motion"]["objects"] >= 4 and true["shape"]["objects"] >= 10, true
+    assert true["motion"]["own"] == true["motion"]["objects"] and true["motion"]["other"] == 0
+    assert true["shape"]["own"] == true["shape"]["objects"] and true["shape"]["other"] == 0
+
+    swapped = []
+    for row in rows:
+        caption = sensitivity._swap(sensitivity._swap(parse_caption(row["caption"]), "motion"), "shape")
+        assert sorted(str(caption).split()) == sorted(row["caption"].split())  # the same words
+        swapped.append({**row, "caption": str(caption)})
+    write_rows(tmp_path, swapped)
+    crossed = eval_t2v.binding_rates(evaluate_rows(tmp_path, read_rows(tmp_path)))
+    assert crossed["motion"] == {**true["motion"], "own": 0, "other": true["motion"]["own"]}
+    assert crossed["shape"] == {**true["shape"], "own": 0, "other": true["shape"]["own"]}
