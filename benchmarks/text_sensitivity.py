@@ -8,9 +8,9 @@ true caption against the same caption with one word group changed, at fixed nois
 For one-object clips captioned "moving left/right" (axis x) and "moving up/down" (axis y), each
 axis on its own rows, it prints the mean squared velocity error with: the true caption; the
 direction swapped (left <-> right, up <-> down); "standing still" instead; the empty prompt.
-Same clips, same noise for all four. A model that binds the direction word loses more with the swapped caption than with the true one wherever the noisy
-clip does not already show the motion (high t); equal losses mean the word is ignored. The
-axes are kept apart because a model can learn one and not the other (stages 5-7 learnt up and
+Same clips, same noise for all four. A model that binds the direction word loses more with
+the swapped caption than with the true one wherever the noisy clip does not already show the
+motion (high t); equal losses mean the word is ignored. The axes are kept apart because a model can learn one and not the other (stages 5-7 learnt up and
 down, not left and right).
 `--pairs` asks the binding question on two-object clips instead. Variants: the two object
 phrases in the other order (the same scene: a model that reads the caption as a set of objects
