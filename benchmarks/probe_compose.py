@@ -49,6 +49,27 @@ class Composed(torch.nn.Module):
         return torch.cat([v_c, v_u])
 
 
+def pair_rows(n: int, held_out: int, seed: int) -> list[dict]:
+    """The two-object prompts among eval_t2v.py's."""
+    return [r for r in prompt_rows(n, held_out, seed) if len(parse_caption(r["caption"]).objects) == 2]
+
+
+def composed_videos(pipe, rows: list[dict], weight: float, alone: bool = False) -> list[torch.Tensor]:
+    """Each row's clip with its objects' own captions composed into the guidance (the
+    pipeline's DiT is put back afterwards)."""
+    dit, videos = pipe.dit, []
+    try:
+        for r in rows:
+            caption = parse_caption(r["caption"])
+            parts = [str(Caption(objects=(o,), background=caption.background)) for o in caption.objects]
+            pipe.dit = Composed(dit, pipe.text_encoder.encode(parts), pipe.defaults.guidance, weight, alone)
+            videos.append(pipe.generate(r["caption"], frames=r["frames"], height=r["height"], width=r["width"],
+                                        seed=r["seed"]).video)
+    finally:
+        pipe.dit = dit
+    return videos
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
@@ -61,18 +82,12 @@ def main() -> None:
     args = ap.parse_args()
 
     pipe = Pipeline.from_pretrained(args.model)
-    dit = pipe.dit
     out = Path(args.out or tempfile.mkdtemp(prefix="kino-compose-"))
     out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in prompt_rows(args.n, args.held_out, args.seed) if len(parse_caption(r["caption"]).objects) == 2]
-    written = []
-    for i, r in enumerate(rows):
-        caption = parse_caption(r["caption"])
-        parts = [str(Caption(objects=(o,), background=caption.background)) for o in caption.objects]
-        pipe.dit = Composed(dit, pipe.text_encoder.encode(parts), pipe.defaults.guidance, args.weight, args.alone)
-        gen = pipe.generate(r["caption"], frames=r["frames"], height=r["height"], width=r["width"], seed=r["seed"])
-        written.append(write_clip(out, clip_filename(i, r["frames"]), gen.video, r["caption"]))
-    write_rows(out, written)
+    rows = pair_rows(args.n, args.held_out, args.seed)
+    videos = composed_videos(pipe, rows, args.weight, args.alone)
+    write_rows(out, [write_clip(out, clip_filename(i, r["frames"]), video, r["caption"])
+                     for i, (r, video) in enumerate(zip(rows, videos))])
     report = score(out)
     report.pop("failures", None)
     print(json.dumps({"weight": args.weight, "alone": args.alone, **report}))
