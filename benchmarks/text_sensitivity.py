@@ -10,8 +10,8 @@ axis on its own rows, it prints the mean squared velocity error with: the true c
 direction swapped (left <-> right, up <-> down); "standing still" instead; the empty prompt.
 Same clips, same noise for all four. A model that binds the direction word loses more with
 the swapped caption than with the true one wherever the noisy clip does not already show the
-motion (high t); equal losses mean the word is ignored. The axes are kept apart because a model can learn one and not the other (stages 5-7 learnt up and
-down, not left and right).
+motion (high t); equal losses mean the word is ignored. The axes are kept apart because a
+model can learn one and not the other (stages 5-7 learnt up and down, not left and right).
 `--pairs` asks the binding question on two-object clips instead. Variants: the two object
 phrases in the other order (the same scene: a model that reads the caption as a set of objects
 pays nothing); the objects' motions swapped between them (clips whose two motions differ), and
