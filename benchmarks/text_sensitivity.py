@@ -88,7 +88,8 @@ def _losses(dit, x0, variants, args):
                       for text, mask in variants]
 
 
-def _swap(caption: Caption, field: str) -> Caption:
+def swap_attribute(caption: Caption, field: str) -> Caption:
+    """The two-object caption with `field` exchanged between its objects."""
     a, b = caption.objects
     va, vb = getattr(a, field), getattr(b, field)
     return dataclasses.replace(caption, objects=(dataclasses.replace(a, **{field: vb}),
@@ -111,7 +112,7 @@ def binding(pipe, dit, cache, args) -> None:
             idx = idx[: args.n]
             data = cache.get(bucket, idx)
             reordered = [dataclasses.replace(captions[i], objects=captions[i].objects[::-1]) for i in idx]
-            swapped = [_swap(captions[i], field) for i in idx]
+            swapped = [swap_attribute(captions[i], field) for i in idx]
             variants = [(data["text"], data["mask"])]
             variants += [pipe.text_encoder.encode([str(c) for c in group]) for group in (reordered, swapped)]
             variants.append((cache.empty_text.expand(len(idx), -1, -1), cache.empty_mask.expand(len(idx), -1)))

@@ -147,7 +147,8 @@ def test_binding_diagnostic_tells_own_from_other_attributes(tmp_path):
 
     swapped = []
     for row in rows:
-        caption = sensitivity._swap(sensitivity._swap(parse_caption(row["caption"]), "motion"), "shape")
+        caption = parse_caption(row["caption"])
+        caption = sensitivity.swap_attribute(sensitivity.swap_attribute(caption, "motion"), "shape")
         assert sorted(str(caption).split()) == sorted(row["caption"].split())  # the same words
         swapped.append({**row, "caption": str(caption)})
     write_rows(tmp_path, swapped)
@@ -160,8 +161,10 @@ def test_binding_diagnostic_tells_own_from_other_attributes(tmp_path):
 def test_compose_probe_at_weight_zero_is_plain_generation(tmp_path):
     """The composed DiT folds the parts' guidance into the conditional half only: at weight 0 the
     probe's clips are the plain pipeline's, bit for bit (same process); at weight 1 they differ.
-    The script runs end to end."""
+    Guided away from its swapped caption, a clip changes unless the swap changes nothing. The
+    script runs end to end."""
     from kino.pipeline import Pipeline
+    from kino.world.captions import parse_caption
 
     compose = _bench_module("probe_compose")
     pipe = Pipeline.from_pretrained(None)
@@ -171,6 +174,10 @@ def test_compose_probe_at_weight_zero_is_plain_generation(tmp_path):
                            seed=r["seed"]).video for r in rows]
     assert all(torch.equal(a, b) for a, b in zip(compose.composed_videos(pipe, rows, 0.0), plain))
     assert not any(torch.equal(a, b) for a, b in zip(compose.composed_videos(pipe, rows, 1.0), plain))
+    # row 0's objects share shape and motion, so its swapped caption is itself; row 1's move apart
+    assert [len({o.motion for o in parse_caption(r["caption"]).objects}) for r in rows[:2]] == [1, 2]
+    contrast = compose.composed_videos(pipe, rows[:2], 2.0, contrast="both")
+    assert torch.equal(contrast[0], plain[0]) and not torch.equal(contrast[1], plain[1])
     res = _script("probe_compose.py", "--weight", "1", "--n", "4", "--held-out", "0", "--seed", "7",
                   "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]
