@@ -40,7 +40,8 @@ from kino.models.hub import resolve_model
 from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
 from kino.tasks.conditioning import LOOP_TIE
 from kino.training.config import TrainConfig
-from kino.world.generator import SPLITS
+from kino.training.grounding import CrossAttentionRecorder, GroundingConfig, grounding_loss, object_cover, phrase_masks
+from kino.world.generator import SPLITS, scene_at
 
 TIME_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # noise levels the loss is also logged for
 SAMPLE_STEPS = 20  # Euler steps of the preview videos logged to TensorBoard
@@ -239,6 +240,8 @@ class DiTRunConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     conditioning: ConditioningMix = field(default_factory=ConditioningMix)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # An experiment: a loss that ties each object's words to its pixels (kino/training/grounding.py)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dit"))
 
     def __post_init__(self):
@@ -261,6 +264,9 @@ class DiTRunConfig:
         if self.init_text_encoder_file is not None and self.init_from is None:
             raise KinoUserError("init_text_encoder_file needs init_from = \"MODEL_DIR\": the Wan model whose UMT5 "
                                 "text encoder (and tokenizer) it stands in for")
+        if self.grounding.weight and (self.dataset is not None or self.train.parallel.sequence_parallel > 1):
+            raise KinoUserError("grounding needs Shapes World's scenes (no [dataset]) and whole clips on each "
+                                "process (train.parallel.sequence_parallel = 1)")
         if self.lora is not None and self.init_from is None:
             raise KinoUserError("a [lora] section needs init_from = \"MODEL_DIR\" (or \"default\"): the model "
                                 "whose DiT the LoRA adapts")
@@ -404,8 +410,12 @@ class DiTTask:
     `samples`; without it no samples are logged."""
 
     def __init__(self, config: DiTRunConfig, cache: LatentCache, vae: nn.Module | None = None,
-                 loop_cache: LatentCache | None = None, val_cache: LatentCache | None = None):
+                 loop_cache: LatentCache | None = None, val_cache: LatentCache | None = None, tokenizer=None):
         self.config = config
+        self.tokenizer = tokenizer  # the text encoder's: the grounding loss finds each phrase's tokens
+        if config.grounding.weight and (tokenizer is None or not cache.scene_indices(cache.buckets[0])):
+            raise KinoUserError("grounding needs a Shapes World latent cache (its scene indices) and the text "
+                                "encoder's tokenizer")
         self.cache = cache
         self.val_cache = val_cache
         if val_cache is not None and (not same_latents(val_cache.meta["vae"], cache.meta["vae"]) or
@@ -532,8 +542,25 @@ class DiTTask:
             x0[tie, :, -1] = x0[tie, :, LOOP_TIE]
             noise[tie, :, -1] = noise[tie, :, LOOP_TIE]
         extras = {k: data[k] for k in CONDITION_KEYS if k in data}  # a Wan I2V or VACE model's
+        if cfg.grounding.weight:
+            extras.update(self._grounding_targets(bucket, indices, x0.shape[2:], drop | tie))
         return {"latents": x0, "noise": noise, "t": t, "text": text, "mask": mask, "clean": clean,
                 "pattern": patterns, **extras}
+
+    def _grounding_targets(self, bucket: Bucket, indices, latent: tuple[int, ...], skip: Tensor) -> dict[str, Tensor]:
+        """Per clip, its objects' phrase tokens (B, 2, L) and the share of each DiT token's pixels
+        inside each object (B, 2, tokens); zeros for clips without two objects, and for `skip`
+        (captions dropped, loops drawn in their place)."""
+        meta = self.cache.meta
+        f, h, w = bucket
+        scenes = [scene_at(meta["split"], meta["seed"], self.cache.scene_indices(bucket)[i], frames=f, size=(h, w))
+                  for i in indices]
+        grid = tuple(n // p for n, p in zip(latent, self.dit_config.patch_size))
+        stride = (f - 1) // (latent[0] - 1) if latent[0] > 1 else 1
+        cover = torch.stack([object_cover(s, grid, stride).flatten(1) for s in scenes])  # (B, 2, tokens)
+        phrases = phrase_masks(self.tokenizer, [s.text for s in scenes], self.cache.text_length)
+        cover[skip | ~phrases.any(-1).all(-1)] = 0.0  # one object, or a phrase cut off: nothing to bind
+        return {"ground_cover": cover, "ground_phrases": phrases}
 
     def dit_input(self, x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The DiT's input for noisy latents `x` (B, C, T, h, w) and its extra arguments: for a
@@ -573,11 +600,21 @@ class DiTTask:
         in, not even as NaN), so they take no part in the loss or its gradient."""
         x0, noise, t, free = batch["latents"], batch["noise"], batch["t"], ~batch["clean"]
         x, extra = self.dit_input(interpolate(x0, noise, t), batch)
-        v = model(x, 1000.0 * t, batch["text"], batch["mask"], **extra)  # (B, C, T, h, w)
+        grounding = self.config.grounding
+        if grounding.weight:
+            with CrossAttentionRecorder(model, grounding.blocks) as recorder:
+                v = model(x, 1000.0 * t, batch["text"], batch["mask"], **extra)
+        else:
+            v = model(x, 1000.0 * t, batch["text"], batch["mask"], **extra)  # (B, C, T, h, w)
         per_frame = (v.float() - velocity_target(x0, noise).float()).pow(2).mean(dim=(1, 3, 4))  # (B, T)
         per_frame = torch.where(free, per_frame, torch.zeros((), device=per_frame.device))
         loss = per_frame.sum() / free.sum().clamp(min=1)
-        return loss, self._binned(per_frame.detach(), t, free, self.shift(tuple(x0.shape[1:])))
+        logs = self._binned(per_frame.detach(), t, free, self.shift(tuple(x0.shape[1:])))
+        if grounding.weight:
+            ground = grounding_loss(recorder.probs, batch["ground_phrases"], batch["ground_cover"])
+            logs["grounding"] = ground.detach()
+            loss = loss + grounding.weight * ground
+        return loss, logs
 
     def batch_tokens(self, batch: dict[str, Tensor]) -> int:
         """Transformer tokens of a batch (for the trainer's tokens/s)."""
@@ -818,7 +855,8 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
                 )
             procs.barrier()
         val_cache = LatentCache(v.dir if v.dir is not None else c.dir + "-val")
-    task = DiTTask(config, cache, vae=vae, loop_cache=loop_cache, val_cache=val_cache)
+    task = DiTTask(config, cache, vae=vae, loop_cache=loop_cache, val_cache=val_cache,
+                   tokenizer=getattr(text_encoder, "tokenizer", None))
     if config.lora is not None:
         pin_lora_base(config)
     trainer = Trainer(task, config.train, run_config=config)
