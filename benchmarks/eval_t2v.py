@@ -21,7 +21,8 @@ Markdown for BENCHMARKS.md and writes report.json and the clips under --out. A d
 "direction", looks past the motion check's thresholds: of the objects captioned as moving
 left/right/up/down that are present in at least 90% of their clip's frames, the share whose
 displacement (first quarter to last quarter of the frames) points mostly the named way
-(chance is 25%). Another, "drawn twice": of the objects seen in the median frame, the share
+(chance is 25%), also split into objects alone in their clip and objects beside another (and
+of those, how many moved the other object's way). Another, "drawn twice": of the objects seen in the median frame, the share
 seen there as two or more separate blobs of their color, each big enough to count as the
 object (the evaluator's `blobs`). And "binding", for two-object videos: of the objects whose
 direction word differs from the other object's (both moving left/right/up/down, present in at
@@ -138,19 +139,35 @@ DIRECTIONS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -
 
 def direction_rate(results) -> dict:
     """Of the objects captioned as moving in a direction and present in >= 90% of the frames,
-    how many moved mostly that way (the larger of |dx|, |dy| on the named axis, with its sign)."""
-    right = total = 0
+    how many moved mostly that way (the larger of |dx|, |dy| on the named axis, with its sign);
+    the same split into objects alone in their clip ("single") and beside another ("pair"),
+    where "other_way" counts the pair objects that moved mostly the other object's way (when
+    its word is another direction)."""
+    count = {kind: {"objects": 0, "right_way": 0} for kind in ("single", "pair")}
+    count["pair"]["other_way"] = 0
     for row, result in results:
         frames = row["frames"]
-        for obj, info in zip(parse_caption(row["caption"]).objects, result.details["objects"]):
+        objects = parse_caption(row["caption"]).objects
+        kind = count["pair" if len(objects) == 2 else "single"]
+        for i, (obj, info) in enumerate(zip(objects, result.details["objects"])):
             if obj.motion not in DIRECTIONS or "dx" not in info or info["present_frames"] < 0.9 * frames:
                 continue
-            ux, uy = DIRECTIONS[obj.motion]
-            dx, dy = info["dx"], info["dy"]
-            along, across = (dx * ux, abs(dy)) if ux else (dy * uy, abs(dx))
-            total += 1
-            right += along > across
-    return {"objects": total, "right_way": right, "rate": round(right / total, 4) if total else None}
+            kind["objects"] += 1
+            kind["right_way"] += _moved(info, obj.motion)
+            other = objects[1 - i].motion if len(objects) == 2 else None
+            if other in DIRECTIONS and other != obj.motion:
+                kind["other_way"] += _moved(info, other)
+    total = sum(c["objects"] for c in count.values())
+    right = sum(c["right_way"] for c in count.values())
+    return {"objects": total, "right_way": right, "rate": round(right / total, 4) if total else None, **count}
+
+
+def _moved(info: dict, motion: str) -> bool:
+    """Whether the displacement points mostly along `motion`'s direction."""
+    ux, uy = DIRECTIONS[motion]
+    dx, dy = info["dx"], info["dy"]
+    along, across = (dx * ux, abs(dy)) if ux else (dy * uy, abs(dx))
+    return along > across
 
 
 def _heading(dx: float, dy: float) -> str:
@@ -243,6 +260,9 @@ def main() -> None:
     d = last["direction"]
     if d["objects"]:
         print(f"| direction (diagnostic) | {d['rate']:.1%} ({d['right_way']}/{d['objects']}) |")
+        single, pair = d["single"], d["pair"]
+        print(f"| direction: alone / beside another object (diagnostic) | {single['right_way']}/{single['objects']} "
+              f"/ {pair['right_way']}/{pair['objects']} (the other's way: {pair['other_way']}) |")
     d = last["drawn_twice"]
     if d["objects"]:
         print(f"| drawn twice (diagnostic, lower is better) | {d['rate']:.1%} ({d['twice']}/{d['objects']}) |")

@@ -156,6 +156,24 @@ def test_binding_diagnostic_tells_own_from_other_attributes(tmp_path):
     assert crossed["motion"] == {**true["motion"], "own": 0, "other": true["motion"]["own"]}
     assert crossed["shape"] == {**true["shape"], "own": 0, "other": true["shape"]["own"]}
 
+    # direction, pairs: on true clips every object moves its own way; with the motions swapped,
+    # exactly the objects whose two direction words differ move "the other's way"
+    write_rows(tmp_path, rows)
+    direction = eval_t2v.direction_rate(evaluate_rows(tmp_path, read_rows(tmp_path)))["pair"]
+    assert direction["objects"] >= 8 and direction["right_way"] == direction["objects"], direction
+    assert direction["other_way"] == 0
+    write_rows(tmp_path, [{**row, "caption": str(sensitivity.swap_attribute(parse_caption(row["caption"]), "motion"))}
+                          for row in rows])
+    swapped_direction = eval_t2v.direction_rate(evaluate_rows(tmp_path, read_rows(tmp_path)))["pair"]
+    crossing = sum(2 for row in rows for a, b in [parse_caption(row["caption"]).objects]
+                   if a.motion in eval_t2v.DIRECTIONS and b.motion in eval_t2v.DIRECTIONS and a.motion != b.motion)
+    same = sum(2 for row in rows for a, b in [parse_caption(row["caption"]).objects]
+               if a.motion in eval_t2v.DIRECTIONS and a.motion == b.motion)
+    assert crossing > 0 and swapped_direction["other_way"] == crossing
+    # the rest moved their own way only if their words were the same (or their new word's motion
+    # is a small drift: a growing triangle's centre moves down)
+    assert same <= swapped_direction["right_way"] <= swapped_direction["objects"] - crossing
+
 
 @pytest.mark.slow
 def test_compose_probe_at_weight_zero_is_plain_generation(tmp_path):
