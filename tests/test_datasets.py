@@ -40,12 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUCKETS = ["1x32x32", "5x32x32", "5x32x48"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_vae() -> VideoVAE:

@@ -24,12 +24,7 @@ from kino.training.grounding import (CrossAttentionRecorder, GroundingConfig, gr
 from kino.training.trainer import Trainer
 from kino.world.generator import scene_at, shape_masks, trajectory
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 PAIR = "a large red circle moving left and a small cyan triangle moving up on a black background"
