@@ -13,6 +13,7 @@ a conditioning pattern drawn from `ConditioningMix`: some latent frames given cl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -601,10 +602,8 @@ class DiTTask:
         x0, noise, t, free = batch["latents"], batch["noise"], batch["t"], ~batch["clean"]
         x, extra = self.dit_input(interpolate(x0, noise, t), batch)
         grounding = self.config.grounding
-        if grounding.weight:
-            with CrossAttentionRecorder(model, grounding.blocks) as recorder:
-                v = model(x, 1000.0 * t, batch["text"], batch["mask"], **extra)
-        else:
+        recorder = CrossAttentionRecorder(model, grounding.blocks) if grounding.weight else contextlib.nullcontext()
+        with recorder:
             v = model(x, 1000.0 * t, batch["text"], batch["mask"], **extra)  # (B, C, T, h, w)
         per_frame = (v.float() - velocity_target(x0, noise).float()).pow(2).mean(dim=(1, 3, 4))  # (B, T)
         per_frame = torch.where(free, per_frame, torch.zeros((), device=per_frame.device))
