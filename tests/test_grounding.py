@@ -107,6 +107,10 @@ def test_recorder_reads_each_chosen_blocks_text_attention_while_open():
     p = rec.probs[0]
     assert p.shape == (2, 2 * 2 * 2, 5)  # 1x2x2 patches: 2 x 2 x 2 tokens
     assert torch.allclose(p.sum(-1), torch.ones(2, 8)) and not p[1, :, 2:].any()
+    with CrossAttentionRecorder(dit, [1]) as rec:  # a prompt without a real token: no NaN, in the gradient too
+        dit(x, 500.0, text, torch.zeros_like(mask))
+        grounding_loss(rec.probs, torch.ones(2, 2, 5, dtype=torch.bool), torch.ones(2, 2, 8)).backward()
+    assert all(torch.isfinite(p.grad).all() for p in dit.parameters() if p.grad is not None)
     with CrossAttentionRecorder(dit, []) as rec:
         dit(x, 500.0, text, mask)
     assert len(rec.probs) == len(dit.blocks)

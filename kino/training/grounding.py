@@ -120,9 +120,9 @@ class CrossAttentionRecorder:
         q = module.norm_q(module.q(x)).unflatten(-1, (heads, -1)).float()  # (B, Lq, H, Dh)
         k = module.norm_k(module.k(context)).unflatten(-1, (heads, -1)).float()  # (B, Lk, H, Dh)
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-        if mask is not None:
-            logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
-        self.probs.append(logits.softmax(-1).nan_to_num(0.0).mean(1))  # (B, Lq, Lk)
+        if mask is not None:  # finite, so a prompt with no real token (the empty one) gives no NaN
+            logits = logits.masked_fill(~mask[:, None, None, :], torch.finfo(logits.dtype).min)
+        self.probs.append(logits.softmax(-1).mean(1))  # (B, Lq, Lk)
 
 
 def grounding_loss(probs: list[Tensor], phrases: Tensor, cover: Tensor, eps: float = 1e-6) -> Tensor:
