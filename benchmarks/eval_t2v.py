@@ -22,7 +22,9 @@ Markdown for BENCHMARKS.md and writes report.json and the clips under --out. A d
 left/right/up/down that are present in at least 90% of their clip's frames, the share whose
 displacement (first quarter to last quarter of the frames) points mostly the named way
 (chance is 25%), also split into objects alone in their clip and objects beside another (and
-of those, how many moved the other object's way). Another, "drawn twice": of the objects seen in the median frame, the share
+of those, how many moved the other object's way), and "placement": how many such objects start
+on the side of the frame their motion needs, and how often those and the others then moved
+their own way. Another, "drawn twice": of the objects seen in the median frame, the share
 seen there as two or more separate blobs of their color, each big enough to count as the
 object (the evaluator's `blobs`). And "binding", for two-object videos: of the objects whose
 direction word differs from the other object's (both moving left/right/up/down, present in at
@@ -124,6 +126,7 @@ def score(folder: Path) -> dict:
     report["direction"] = direction_rate(results)
     report["drawn_twice"] = drawn_twice_rate(results)
     report["binding"] = binding_rates(results)
+    report["placement"] = placement_rates(results)
     return report
 
 
@@ -160,6 +163,27 @@ def direction_rate(results) -> dict:
     total = sum(c["objects"] for c in count.values())
     right = sum(c["right_way"] for c in count.values())
     return {"objects": total, "right_way": right, "rate": round(right / total, 4) if total else None, **count}
+
+
+def placement_rates(results) -> dict:
+    """Of the objects captioned as moving in a direction (present in >= 90% of the frames), alone
+    or beside another: how many start on the side their motion needs (more than 0.05 of the frame
+    from the centre, against the direction: a world clip keeps its object in the frame), and how
+    many of those, and of the others, moved mostly their own way."""
+    count = {kind: {"objects": 0, "placed": 0, "placed_own_way": 0, "other_own_way": 0}
+             for kind in ("single", "pair")}
+    for row, result in results:
+        objects = parse_caption(row["caption"]).objects
+        kind = count["pair" if len(objects) == 2 else "single"]
+        for obj, info in zip(objects, result.details["objects"]):
+            if obj.motion not in DIRECTIONS or "start_x" not in info or info["present_frames"] < 0.9 * row["frames"]:
+                continue
+            ux, uy = DIRECTIONS[obj.motion]
+            placed = -(ux * info["start_x"] + uy * info["start_y"]) > 0.05
+            kind["objects"] += 1
+            kind["placed"] += placed
+            kind["placed_own_way" if placed else "other_own_way"] += _moved(info, obj.motion)
+    return count
 
 
 def _moved(info: dict, motion: str) -> bool:
@@ -266,6 +290,11 @@ def main() -> None:
     d = last["drawn_twice"]
     if d["objects"]:
         print(f"| drawn twice (diagnostic, lower is better) | {d['rate']:.1%} ({d['twice']}/{d['objects']}) |")
+    for kind, c in last["placement"].items():
+        if c["objects"]:
+            rest = c["objects"] - c["placed"]
+            print(f"| {kind}: placed for its motion; of those / the rest, moved its own way (diagnostic) | "
+                  f"{c['placed']}/{c['objects']}; {c['placed_own_way']}/{c['placed']} / {c['other_own_way']}/{rest} |")
     for name, b in last["binding"].items():
         if b["objects"]:
             print(f"| pairs: {name} of own / other object (diagnostic) | {b['own']} / {b['other']} "

@@ -175,6 +175,38 @@ def test_binding_diagnostic_tells_own_from_other_attributes(tmp_path):
     assert same <= swapped_direction["right_way"] <= swapped_direction["objects"] - crossing
 
 
+def test_placement_diagnostic_reads_where_an_object_starts():
+    """The evaluator's start_x / start_y are the first quarter's centroid from the frame's centre
+    (a rendered clip: its trajectory); eval_t2v's placement counts an object as placed for its
+    motion when it starts more than 0.05 of the frame away against its direction."""
+    from kino.world.evaluator import ClipResult, evaluate_clip
+    from kino.world.generator import render, scene_at, trajectory
+
+    scene = scene_at("eval", 5, 0, frames=17, size=(64, 96), objects=1)
+    info = evaluate_clip(render(scene), scene.text).details["objects"][0]
+    cx, cy, _ = trajectory(scene.caption.objects[0], scene.centers[0], 17, 64, 96)
+    assert info["start_x"] == pytest.approx(cx[:4].mean() / 96 - 0.5, abs=0.02)
+    assert info["start_y"] == pytest.approx(cy[:4].mean() / 64 - 0.5, abs=0.02)
+
+    eval_t2v = _bench_module("eval_t2v")
+
+    def result(*starts):
+        objects = [{"present_frames": 17, "start_x": x, "start_y": y, "dx": dx, "dy": 0.0} for x, y, dx in starts]
+        return ClipResult(False, {}, {"objects": objects})
+
+    results = [
+        ({"caption": "a large red circle moving left on a black background", "frames": 17},
+         result((0.2, 0.0, -0.3))),  # starts right of centre, moves left: placed, own way
+        ({"caption": "a large red circle moving right and a small blue square moving up on a black background",
+          "frames": 17}, result((0.2, 0.0, -0.3), (0.0, 0.3, 0.0))),  # against; below centre, for "up"
+        ({"caption": "a large red circle moving left and a small blue square moving down on a black background",
+          "frames": 17}, result((0.03, 0.0, -0.3), (0.0, -0.2, 0.0))),  # too near the centre; above: placed
+    ]
+    rates = eval_t2v.placement_rates(results)
+    assert rates["single"] == {"objects": 1, "placed": 1, "placed_own_way": 1, "other_own_way": 0}
+    assert rates["pair"] == {"objects": 4, "placed": 2, "placed_own_way": 0, "other_own_way": 1}
+
+
 @pytest.mark.slow
 def test_compose_probe_at_weight_zero_is_plain_generation(tmp_path):
     """The composed DiT folds the parts' guidance into the conditional half only: at weight 0 the

@@ -185,7 +185,10 @@ def _check_object(labels: np.ndarray, obj, H: int, W: int) -> tuple[dict[str, bo
             dy = (cy[last].mean() - cy[first].mean()) / H
             growth = area[F - q:].mean() / max(area[:q].mean(), 1e-9)
             checks["motion"] = _motion_ok(obj.motion, dx, dy, growth)
-            info.update(dx=round(float(dx), 4), dy=round(float(dy), 4), growth=round(float(growth), 4))
+            info.update(dx=round(float(dx), 4), dy=round(float(dy), 4), growth=round(float(growth), 4),
+                        # diagnostic: where it starts (first quarter's centroid, from the frame's centre)
+                        start_x=round(float(cx[first].mean() / W - 0.5), 4),
+                        start_y=round(float(cy[first].mean() / H - 0.5), 4))
         jumps = np.hypot(np.diff(cx[idx]), np.diff(cy[idx]))
         max_jump = float(jumps.max()) if len(jumps) else 0.0
         checks["smoothness"] = max_jump <= 0.15 * max(H, W)
