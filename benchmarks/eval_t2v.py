@@ -148,18 +148,12 @@ def direction_rate(results) -> dict:
     its word is another direction)."""
     count = {kind: {"objects": 0, "right_way": 0} for kind in ("single", "pair")}
     count["pair"]["other_way"] = 0
-    for row, result in results:
-        frames = row["frames"]
-        objects = parse_caption(row["caption"]).objects
-        kind = count["pair" if len(objects) == 2 else "single"]
-        for i, (obj, info) in enumerate(zip(objects, result.details["objects"])):
-            if obj.motion not in DIRECTIONS or "dx" not in info or info["present_frames"] < 0.9 * frames:
-                continue
-            kind["objects"] += 1
-            kind["right_way"] += _moved(info, obj.motion)
-            other = objects[1 - i].motion if len(objects) == 2 else None
-            if other in DIRECTIONS and other != obj.motion:
-                kind["other_way"] += _moved(info, other)
+    for kind, obj, other, info in _directed(results):
+        c = count[kind]
+        c["objects"] += 1
+        c["right_way"] += _moved(info, obj.motion)
+        if other is not None and other.motion in DIRECTIONS and other.motion != obj.motion:
+            c["other_way"] += _moved(info, other.motion)
     total = sum(c["objects"] for c in count.values())
     right = sum(c["right_way"] for c in count.values())
     return {"objects": total, "right_way": right, "rate": round(right / total, 4) if total else None, **count}
@@ -172,18 +166,25 @@ def placement_rates(results) -> dict:
     many of those, and of the others, moved mostly their own way."""
     count = {kind: {"objects": 0, "placed": 0, "placed_own_way": 0, "other_own_way": 0}
              for kind in ("single", "pair")}
+    for kind, obj, _, info in _directed(results):
+        ux, uy = DIRECTIONS[obj.motion]
+        placed = -(ux * info["start_x"] + uy * info["start_y"]) > 0.05
+        c = count[kind]
+        c["objects"] += 1
+        c["placed"] += placed
+        c["placed_own_way" if placed else "other_own_way"] += _moved(info, obj.motion)
+    return count
+
+
+def _directed(results):
+    """(kind, object, the other object or None, evaluator info) for each object captioned as
+    moving left/right/up/down that was present in >= 90% of its clip's frames."""
     for row, result in results:
         objects = parse_caption(row["caption"]).objects
-        kind = count["pair" if len(objects) == 2 else "single"]
-        for obj, info in zip(objects, result.details["objects"]):
-            if obj.motion not in DIRECTIONS or "start_x" not in info or info["present_frames"] < 0.9 * row["frames"]:
-                continue
-            ux, uy = DIRECTIONS[obj.motion]
-            placed = -(ux * info["start_x"] + uy * info["start_y"]) > 0.05
-            kind["objects"] += 1
-            kind["placed"] += placed
-            kind["placed_own_way" if placed else "other_own_way"] += _moved(info, obj.motion)
-    return count
+        kind = "pair" if len(objects) == 2 else "single"
+        for i, (obj, info) in enumerate(zip(objects, result.details["objects"])):
+            if obj.motion in DIRECTIONS and "dx" in info and info["present_frames"] >= 0.9 * row["frames"]:
+                yield kind, obj, objects[1 - i] if len(objects) == 2 else None, info
 
 
 def _moved(info: dict, motion: str) -> bool:
