@@ -397,6 +397,8 @@ def test_shipped_config_loads():
     assert stages["dit_small_stage5.toml"].model == "small-abspos"  # grows from stage 4's "small"
     loops = stages["dit_small_stage6.toml"]
     assert loops.cache.loop_dir and loops.conditioning.loop > ConditioningMix().loop
+    decoder = stages["dit_small_stage16_decoder.toml"].decoder_loss  # the shipped stage 16
+    assert decoder.weight > 0 and decoder.target == "frames"
     with pytest.raises(KinoUserError, match="allowed"):
         DiTRunConfig(model="huge")
     with pytest.raises(KinoUserError, match="caption_dropout"):

@@ -41,8 +41,10 @@ from kino.models.hub import resolve_model
 from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
 from kino.tasks.conditioning import LOOP_TIE
 from kino.training.config import TrainConfig
+from kino.training.decoder_loss import DecoderLossConfig, clean_estimate, decoded_target, decoder_loss, pick_rows
 from kino.training.grounding import CrossAttentionRecorder, GroundingConfig, grounding_loss, object_cover, phrase_masks
-from kino.world.generator import SPLITS, scene_at
+from kino.training.vae import to_model_range
+from kino.world.generator import SPLITS, render, scene_at
 
 TIME_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # noise levels the loss is also logged for
 SAMPLE_STEPS = 20  # Euler steps of the preview videos logged to TensorBoard
@@ -243,6 +245,9 @@ class DiTRunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     # An experiment: a loss that ties each object's words to its pixels (kino/training/grounding.py)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    # An experiment: the DiT's clean-latent estimate at low noise judged in pixels through the
+    # frozen VAE decoder (kino/training/decoder_loss.py)
+    decoder_loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dit"))
 
     def __post_init__(self):
@@ -268,6 +273,11 @@ class DiTRunConfig:
         if self.grounding.weight and (self.dataset is not None or self.train.parallel.sequence_parallel > 1):
             raise KinoUserError("grounding needs Shapes World's scenes (no [dataset]) and whole clips on each "
                                 "process (train.parallel.sequence_parallel = 1)")
+        if self.decoder_loss.weight and self.train.parallel.sequence_parallel > 1:
+            raise KinoUserError("decoder_loss decodes whole clips: it needs train.parallel.sequence_parallel = 1")
+        if self.decoder_loss.weight and self.decoder_loss.target == "frames" and self.dataset is not None:
+            raise KinoUserError("decoder_loss.target = \"frames\" renders Shapes World scenes: with a [dataset] "
+                                "use target = \"decoded\"")
         if self.lora is not None and self.init_from is None:
             raise KinoUserError("a [lora] section needs init_from = \"MODEL_DIR\" (or \"default\"): the model "
                                 "whose DiT the LoRA adapts")
@@ -417,6 +427,12 @@ class DiTTask:
         if config.grounding.weight and (tokenizer is None or not cache.scene_indices(cache.buckets[0])):
             raise KinoUserError("grounding needs a Shapes World latent cache (its scene indices) and the text "
                                 "encoder's tokenizer")
+        dec = config.decoder_loss
+        if dec.weight and vae is None:
+            raise KinoUserError("decoder_loss needs the VAE whose latents the cache holds")
+        if dec.weight and dec.target == "frames" and not cache.scene_indices(cache.buckets[0]):
+            raise KinoUserError("decoder_loss.target = \"frames\" needs a Shapes World latent cache (its scene "
+                                "indices); use target = \"decoded\" with another cache")
         self.cache = cache
         self.val_cache = val_cache
         if val_cache is not None and (not same_latents(val_cache.meta["vae"], cache.meta["vae"]) or
@@ -545,6 +561,14 @@ class DiTTask:
         extras = {k: data[k] for k in CONDITION_KEYS if k in data}  # a Wan I2V or VACE model's
         if cfg.grounding.weight:
             extras.update(self._grounding_targets(bucket, indices, x0.shape[2:], drop | tie))
+        if cfg.decoder_loss.weight:
+            dec = cfg.decoder_loss
+            rows = pick_rows(t, ~clean.any(dim=1) & ~tie, dec.max_t, dec.rows)
+            extras["decoder_rows"] = rows
+            if dec.target == "frames":
+                scenes = self._scenes(bucket, indices[rows.numpy()])
+                extras["decoder_frames"] = torch.stack([to_model_range(render(s)) for s in scenes]) if len(scenes) else \
+                    torch.zeros(0, 3, *bucket)  # (n, 3, F, H, W) in [-1, 1]
         return {"latents": x0, "noise": noise, "t": t, "text": text, "mask": mask, "clean": clean,
                 "pattern": patterns, **extras}
 
@@ -552,16 +576,21 @@ class DiTTask:
         """Per clip, its objects' phrase tokens (B, 2, L) and the share of each DiT token's pixels
         inside each object (B, 2, tokens); zeros for clips without two objects, and for `skip`
         (captions dropped, loops drawn in their place)."""
-        meta = self.cache.meta
-        f, h, w = bucket
-        scenes = [scene_at(meta["split"], meta["seed"], self.cache.scene_indices(bucket)[i], frames=f, size=(h, w))
-                  for i in indices]
+        f = bucket[0]
+        scenes = self._scenes(bucket, indices)
         grid = tuple(n // p for n, p in zip(latent, self.dit_config.patch_size))
         stride = (f - 1) // (latent[0] - 1) if latent[0] > 1 else 1
         cover = torch.stack([object_cover(s, grid, stride).flatten(1) for s in scenes])  # (B, 2, tokens)
         phrases = phrase_masks(self.tokenizer, [s.text for s in scenes], self.cache.text_length)
         cover[skip | ~phrases.any(-1).all(-1)] = 0.0  # one object, or a phrase cut off: nothing to bind
         return {"ground_cover": cover, "ground_phrases": phrases}
+
+    def _scenes(self, bucket: Bucket, indices) -> list:
+        """The Shapes World scenes of cached clips, from the scene indices the cache records."""
+        meta = self.cache.meta
+        f, h, w = bucket
+        return [scene_at(meta["split"], meta["seed"], self.cache.scene_indices(bucket)[i], frames=f, size=(h, w))
+                for i in indices]
 
     def dit_input(self, x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The DiT's input for noisy latents `x` (B, C, T, h, w) and its extra arguments: for a
@@ -600,7 +629,8 @@ class DiTTask:
         frames are at t = 0 and masked out (where, not a product: their output cannot leak
         in, not even as NaN), so they take no part in the loss or its gradient."""
         x0, noise, t, free = batch["latents"], batch["noise"], batch["t"], ~batch["clean"]
-        x, extra = self.dit_input(interpolate(x0, noise, t), batch)
+        xt = interpolate(x0, noise, t)
+        x, extra = self.dit_input(xt, batch)
         grounding = self.config.grounding
         recorder = CrossAttentionRecorder(model, grounding.blocks) if grounding.weight else contextlib.nullcontext()
         with recorder:
@@ -613,6 +643,16 @@ class DiTTask:
             ground = grounding_loss(recorder.probs, batch["ground_phrases"], batch["ground_cover"])
             logs["grounding"] = ground.detach()
             loss = loss + grounding.weight * ground
+        dec = self.config.decoder_loss
+        if dec.weight:  # logged as sum and count: the mean per row is decoder_sum / decoder_rows
+            rows = batch["decoder_rows"]
+            pixel = x0.new_zeros(())
+            if len(rows):
+                target = batch["decoder_frames"] if dec.target == "frames" else decoded_target(self.vae, x0[rows])
+                pixel = decoder_loss(self.vae, clean_estimate(xt[rows], v[rows], t[rows]), target)
+                loss = loss + dec.weight * pixel
+            logs["decoder_sum"] = pixel.detach() * len(rows)
+            logs["decoder_rows"] = torch.tensor(float(len(rows)))
         return loss, logs
 
     def batch_tokens(self, batch: dict[str, Tensor]) -> int:
