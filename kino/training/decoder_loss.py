@@ -1,10 +1,10 @@
-"""Decoder-space loss: the DiT's clean-latent estimate judged in pixels (an experiment).
+"""Decoder-space loss: the DiT's clean-latent estimate judged in pixels.
 
-The shipped DiT rounds the corners of Shapes World squares and blunts triangles even when it
-starts from a real clip's latents: denoised from flow time 0.3, squares drawn by the VAE at a
-fill of ~0.95 come back at ~0.91 (BENCHMARKS.md). Flow matching charges for that in latent
-space, where a square's corners are a few small values among many; the evaluator (and a
-viewer) reads pixels. This loss judges the model's estimate of the clean latents at low noise
+The stage-15 DiT rounded the corners of Shapes World squares and blunted triangles even when it
+started from a real clip's latents: denoised from flow time 0.3, squares drawn by the VAE at a
+fill of ~0.96 came back at ~0.91 (BENCHMARKS.md, "Shapes"; stage 16, trained with this loss,
+keeps more of them). Flow matching charges for that in latent space, where a square's corners
+are a few small values among many; the evaluator (and a viewer) reads pixels. This loss judges the model's estimate of the clean latents at low noise
 through the frozen VAE decoder:
 
     x0_hat = x_t - t v(x_t, t)          (flow matching: x_t = (1 - t) x0 + t eps, v = eps - x0)

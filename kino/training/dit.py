@@ -245,8 +245,8 @@ class DiTRunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     # An experiment: a loss that ties each object's words to its pixels (kino/training/grounding.py)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
-    # An experiment: the DiT's clean-latent estimate at low noise judged in pixels through the
-    # frozen VAE decoder (kino/training/decoder_loss.py)
+    # The DiT's clean-latent estimate at low noise judged in pixels through the frozen VAE
+    # decoder (kino/training/decoder_loss.py; the shipped DiT's stage 16 trained with it)
     decoder_loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dit"))
 
@@ -567,8 +567,8 @@ class DiTTask:
             extras["decoder_rows"] = rows
             if dec.target == "frames":
                 scenes = self._scenes(bucket, indices[rows.numpy()])
-                extras["decoder_frames"] = torch.stack([to_model_range(render(s)) for s in scenes]) if len(scenes) else \
-                    torch.zeros(0, 3, *bucket)  # (n, 3, F, H, W) in [-1, 1]
+                frames = [to_model_range(render(s)) for s in scenes]  # each (3, F, H, W) in [-1, 1]
+                extras["decoder_frames"] = torch.stack(frames) if frames else torch.zeros(0, 3, *bucket)
         return {"latents": x0, "noise": noise, "t": t, "text": text, "mask": mask, "clean": clean,
                 "pattern": patterns, **extras}
 
@@ -648,6 +648,8 @@ class DiTTask:
             rows = batch["decoder_rows"]
             pixel = x0.new_zeros(())
             if len(rows):
+                if next(self.vae.parameters()).device != x0.device:  # loaded on the CPU; the DiT trains on x0's device
+                    self.vae.to(x0.device)
                 target = batch["decoder_frames"] if dec.target == "frames" else decoded_target(self.vae, x0[rows])
                 pixel = decoder_loss(self.vae, clean_estimate(xt[rows], v[rows], t[rows]), target)
                 loss = loss + dec.weight * pixel
