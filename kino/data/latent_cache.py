@@ -52,6 +52,7 @@ from torch import Tensor
 
 from kino import __version__
 from kino.errors import KinoUserError
+from kino.tasks.conditioning import to_model_range
 from kino.world.captions import FRAME_COUNTS, SIZES
 from kino.world.generator import loop_progress, render, scene_at
 
@@ -220,11 +221,6 @@ def _remove_stale_temp(root: Path) -> None:
             p.unlink()
 
 
-def _to_model_range(video: np.ndarray) -> Tensor:
-    """uint8 (F, H, W, 3) -> float (3, F, H, W) in [-1, 1] (the VAE's input range)."""
-    return torch.from_numpy(video).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
-
-
 def _encode_text(encoder, prompts: list[str]) -> tuple[Tensor, Tensor]:
     text, mask = encoder.encode(prompts)
     text = text.detach().float().cpu()
@@ -239,7 +235,7 @@ def _encode_text(encoder, prompts: list[str]) -> tuple[Tensor, Tensor]:
 def _encode_latents(vae, videos: list[np.ndarray | Tensor]) -> Tensor:
     """uint8 (F, H, W, 3) arrays, or float (3, F, H, W) tensors in [-1, 1], of one shape."""
     device = next(vae.parameters()).device
-    x = torch.stack([v if isinstance(v, Tensor) else _to_model_range(v) for v in videos]).to(device)  # (B, 3, F, H, W)
+    x = torch.stack([v if isinstance(v, Tensor) else to_model_range(v) for v in videos]).to(device)  # (B, 3, F, H, W)
     mean, _ = vae.encode(x)  # posterior mean: the cache stores the distribution's centre
     return vae.normalize(mean).float().cpu().to(LATENT_DTYPE)  # (B, Z, T, h, w)
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from kino.errors import KinoUserError
 from kino.models.folder import save_component, write_manifest
 from kino.models.vae import VAE_SIZES, VAEConfig, VideoVAE
+from kino.tasks.conditioning import to_model_range
 from kino.training.config import TrainConfig
 from kino.world.captions import FRAME_COUNTS, SIZES
 from kino.world.generator import render, scene_at
@@ -143,11 +144,6 @@ class VAERunConfig:
                                     f"{max(self.data.crop_frames)} frames")
         if self.data.crop_size % 8 or self.data.crop_size < 0:
             raise KinoUserError(f"data.crop_size must be a multiple of 8 (0 = whole frame), got {self.data.crop_size}")
-
-
-def to_model_range(video: np.ndarray) -> Tensor:
-    """uint8 (F, H, W, 3) -> float (3, F, H, W) in [-1, 1]."""
-    return torch.from_numpy(video).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 
 def to_uint8(video: Tensor) -> Tensor:
