@@ -39,11 +39,10 @@ from kino.models.folder import (WEIGHTS, default_model_dir, load_component, read
                                 sha256_file, write_manifest)
 from kino.models.hub import resolve_model
 from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
-from kino.tasks.conditioning import LOOP_TIE
+from kino.tasks.conditioning import LOOP_TIE, to_model_range
 from kino.training.config import TrainConfig
 from kino.training.decoder_loss import DecoderLossConfig, clean_estimate, decoded_target, decoder_loss, pick_rows
 from kino.training.grounding import CrossAttentionRecorder, GroundingConfig, grounding_loss, object_cover, phrase_masks
-from kino.training.vae import to_model_range
 from kino.world.generator import SPLITS, render, scene_at
 
 TIME_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # noise levels the loss is also logged for
