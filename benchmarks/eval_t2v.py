@@ -239,6 +239,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[None])
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--shift", type=float, default=None, help="sampling shift (default: the model's)")
+    ap.add_argument("--sampler", default=None, help="the solver (default: the model's)")
+    ap.add_argument("--eta", type=float, default=None, help="a stochastic sampler's share of fresh noise")
     add_guidance_options(ap)
     ap.add_argument("--workers", type=int, default=1, help="one-thread generation processes (default: 1, "
                     "this process with torch's threads)")
@@ -253,8 +255,9 @@ def main() -> None:
     batch.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "held_out"}) + "\n" for r in prompts))
     results = {}
     for steps in args.steps:
-        defaults = {k: v for k, v in (("steps", steps), ("guidance", args.guidance), ("shift", args.shift),
-                                      *guidance_options(args).items()) if v is not None}
+        options = (("steps", steps), ("guidance", args.guidance), ("shift", args.shift), ("sampler", args.sampler),
+                   ("eta", args.eta), *guidance_options(args).items())
+        defaults = {k: v for k, v in options if v is not None}
         folder = out / f"steps-{steps or pipe.defaults.steps}"
         start = time.perf_counter()
         if args.workers > 1:

@@ -157,7 +157,11 @@ def add_sampling(p):
                    help="a two-expert model's (Wan2.2 A14B) guidance on its low-noise expert's steps "
                         "(--guidance is the high-noise one's; default: the model's)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--sampler", choices=("euler", "dpm++2m", "unipc"), default=None, help="default: the model's")
+    p.add_argument("--sampler", choices=("euler", "dpm++2m", "unipc", "ddim-eta"), default=None,
+                   help="default: the model's; ddim-eta adds fresh noise at each step (--eta)")
+    p.add_argument("--eta", type=unit_interval, default=None, metavar="E",
+                   help="ddim-eta's share of fresh noise: 0 = Euler, 1 = DDPM's ancestral sampler (default: the "
+                        "model's, 1)")
     p.add_argument("--shift", type=positive_float, default=None, metavar="S",
                    help="timestep shift of the sampling schedule (> 1 spends more steps at high noise; Wan2.1 "
                         "uses 3 at 480p, 5 at 720p; default: the model's, else one that grows with the token count)")
@@ -376,7 +380,7 @@ def guidance_options(args) -> dict:
 def _sampling_kwargs(args) -> dict:
     vace = {} if args.vace_scale is None else {"vace_scale": args.vace_scale}  # only VACE models take it
     return dict(steps=args.steps, guidance=args.guidance, guidance_2=args.guidance_2, negative=args.negative,
-                sampler=args.sampler, shift=args.shift, fps=args.fps, **vace, **guidance_options(args))
+                sampler=args.sampler, eta=args.eta, shift=args.shift, fps=args.fps, **vace, **guidance_options(args))
 
 
 def _size_kwargs(args) -> dict:
@@ -687,6 +691,8 @@ def _run_config(args, cls):
         cfg.train.out_dir = str(args.out)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
+    if args.max_minutes is not None:
+        cfg.train.max_minutes = args.max_minutes
     if args.quiet:
         cfg.train.progress = False
     return cfg
@@ -749,6 +755,9 @@ def add_train_options(p):
     p.add_argument("--config", type=Path, required=True, help="TOML or JSON run config (see configs/)")
     p.add_argument("-o", "--out", type=Path, default=None, help="run folder (overrides train.out_dir)")
     p.add_argument("--max-steps", type=positive_int, default=None, help="override train.max_steps")
+    p.add_argument("--max-minutes", type=positive_float, default=None, metavar="M",
+                   help="train at most M minutes in this run, then finish as at max_steps (checkpoint, export); "
+                        "overrides train.max_minutes")
     add_common(p)
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from kino import __version__
 from kino.diffusion.flow import sampling_timesteps, shift_for_tokens
-from kino.diffusion.samplers import SAMPLERS, flow_edit
+from kino.diffusion.samplers import SAMPLERS, STOCHASTIC, flow_edit
 from kino.errors import CaptionError, KinoUserError
 from kino.models.dit.cache import FirstBlockCache
 from kino.models.dit.model import DiT
@@ -66,6 +66,7 @@ class GenerationDefaults:
     # alone, one DiT pass instead of two (Kynkäänniemi et al. 2024). None: every step.
     guidance_interval: tuple[float, float] | None = None
     sampler: str = "dpm++2m"
+    eta: float = 1.0  # a stochastic sampler's share of fresh noise (ddim_eta: 0 = Euler, 1 = ancestral)
     shift: float | None = None  # None: grows with the token count (shift_for_tokens)
     negative: str = ""
     t_max: float = 1.0  # the schedule runs from t_max to t_min, then 0 (Wan2.1: 0.999 to 0; sampling_timesteps)
@@ -102,6 +103,8 @@ class GenerationDefaults:
             raise KinoUserError(f"the cache threshold must be >= 0 (0 = off), got {self.cache_threshold}")
         if self.zero_steps < 0:
             raise KinoUserError(f"zero_steps must be >= 0, got {self.zero_steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise KinoUserError(f"eta (a stochastic sampler's share of fresh noise) must be in [0, 1], got {self.eta}")
         if self.boundary is not None and not 0.0 < self.boundary < 1.0:
             raise KinoUserError(f"the experts' boundary must be in (0, 1), got {self.boundary}")
 
@@ -227,7 +230,7 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
                    skip_interval: tuple[float, float] | None = None, dit_2: DiT | None = None,
                    boundary: float | None = None, guidance_2: float | None = None,
                    on_switch: Callable[[DiT], None] | None = None, cfg_star: bool = False,
-                   zero_steps: int = 0, vace: VaceCondition | None = None) -> Tensor:
+                   zero_steps: int = 0, vace: VaceCondition | None = None, eta: float = 1.0) -> Tensor:
     """Integrate the DiT's velocity from noise (t = 1) to latents (t = 0) with classifier-free
     guidance; conditional and unconditional branches run as one batch (`cfg_batch=False`:
     one after the other, half the activations). The DiT computes in its own dtype (that of
@@ -257,6 +260,10 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
     v = s v_u + g (v_c - s v_u); and the first `zero_steps` steps take zero velocity (a flow
     model's earliest velocity estimates are its least reliable). Guidance 1 is still the
     conditional velocity.
+
+    A stochastic sampler (`STOCHASTIC`: ddim-eta) draws its fresh noise at each step from
+    `generator` (CPU), tied and clean where the conditioning ties and gives frames, with
+    stochasticity `eta`.
 
     `source` (text, mask) of the prompt that describes the start latents of an edit
     conditioning: the edit then runs FlowEdit (`flow_edit`: the difference of the target's
@@ -400,7 +407,11 @@ def sample_latents(dit: DiT, text: Tensor, mask: Tensor, neg_text: Tensor, neg_m
 
     x = cond.start(noise, float(ts[0]))
     if len(ts) > 1:  # an SDEdit at strength 0 has no step to take
-        x = SAMPLERS[sampler](velocity, x, ts.tolist(), callback=callback)
+        kwargs = {}
+        if sampler in STOCHASTIC:  # fresh noise per step, tied and clean where the start is
+            kwargs = {"eta": eta, "noise": lambda i: cond.start(
+                torch.randn(noise.shape, generator=generator).to(noise), 1.0)}
+        x = SAMPLERS[sampler](velocity, x, ts.tolist(), callback=callback, **kwargs)
     return cond.keep_clean(x)
 
 
@@ -787,7 +798,8 @@ class Pipeline:
                  skip_interval: tuple[float, float] | None = None, fps: float | None = None,
                  cache_threshold: float | None = None, guidance_2: float | None = None,
                  cfg_star: bool | None = None, zero_steps: int | None = None,
-                 vace: VaceCondition | None = None, vace_scale: float | None = None) -> Generation:
+                 vace: VaceCondition | None = None, vace_scale: float | None = None,
+                 eta: float | None = None) -> Generation:
         """One clip. Unset options take the model's defaults; the same arguments on the same
         machine give the same clip bit for bit on CPU.
 
@@ -833,7 +845,7 @@ class Pipeline:
             sampler=sampler, shift=shift, guidance_interval=guidance_interval, skip_guidance=skip_guidance,
             skip_blocks=skip_blocks, skip_interval=skip_interval, fps=fps,
             cache_threshold=cache_threshold, guidance_2=guidance_2, cfg_star=cfg_star,
-            zero_steps=zero_steps).items() if v is not None})
+            zero_steps=zero_steps, eta=eta).items() if v is not None})
         partial = d.t_max < 1.0 or (conditioning is not None and conditioning.starts_part_way)
         if partial and guidance_interval is None:
             # the model's interval is for runs from noise; a run that starts part way (edit,
@@ -898,7 +910,7 @@ class Pipeline:
                                      guidance_interval=d.guidance_interval, skip_guidance=d.skip_guidance,
                                      skip_blocks=d.skip_blocks, skip_interval=d.skip_interval, dit_2=self.dit_2,
                                      boundary=d.boundary, guidance_2=d.guidance_2, on_switch=switch,
-                                     cfg_star=d.cfg_star, zero_steps=d.zero_steps if not partial else 0,
+                                     cfg_star=d.cfg_star, zero_steps=d.zero_steps if not partial else 0, eta=d.eta,
                                      vace=vace)
         if vace is not None and vace.references:  # the reference images' frames are not the clip's
             latents = latents[:, :, vace.references:]

@@ -195,7 +195,7 @@ class Spy:
         return self.dit(x, t, text, mask)
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpm++2m", "unipc"])
+@pytest.mark.parametrize("sampler", ["euler", "dpm++2m", "unipc", "ddim-eta"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_sampling_keeps_clean_frames_exact_at_every_step(dit, sampler, guidance):
     g = torch.Generator().manual_seed(1)

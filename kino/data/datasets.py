@@ -50,7 +50,6 @@ import numpy as np
 from torch import Tensor
 
 from kino.data.latent_cache import Bucket, parse_bucket
-from kino.data.video_io import IMAGE_EXTS, VIDEO_EXTS, is_image_path, iter_frames, probe
 from kino.errors import KinoUserError
 
 CAPTION_EXTS = (".txt", ".caption")
@@ -247,6 +246,7 @@ def load_clip(path: Path, sample: Sample, fps: float, buckets: list[Bucket]) -> 
 
 
 def _load_clip(path: Path, sample: Sample, fps: float, buckets: list[Bucket]) -> Clip | Skipped:
+    from kino.data.video_io import is_image_path, iter_frames, probe  # PyAV only where videos are read
     from kino.tasks.conditioning import cover_size, fit_video, to_model_range
 
     info = probe(path)
@@ -281,6 +281,8 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _iter_tar(path: Path, fps: float, buckets: list[Bucket]) -> Iterator[Clip | Skipped]:
+    from kino.data.video_io import IMAGE_EXTS, VIDEO_EXTS
+
     with tempfile.TemporaryDirectory(prefix="kino-tar-") as tmp:
         group: dict[str, bytes | Path] = {}  # extension -> small file's bytes, or a spooled video
         key = None
@@ -320,6 +322,8 @@ def _drop(group: dict[str, bytes | Path]) -> None:
 
 def _tar_sample(shard: Path, key: str, group: dict[str, bytes | Path], fps: float,
                 buckets: list[Bucket]) -> Clip | Skipped:
+    from kino.data.video_io import IMAGE_EXTS, VIDEO_EXTS
+
     name = f"{shard.name}:{key}"
     videos = [e for e in group if e in VIDEO_EXTS or e in IMAGE_EXTS]
     if len(videos) != 1:

@@ -138,7 +138,41 @@ def unipc(velocity: Velocity, x: Tensor, timesteps: Sequence[float],
     return x
 
 
-SAMPLERS = {"euler": euler, "dpm++2m": dpm_solver_2m, "unipc": unipc}
+def ddim_eta(velocity: Velocity, x: Tensor, timesteps: Sequence[float],
+             callback: Callable[[int], None] | None = None, *, noise: Callable[[int], Tensor] | None = None,
+             eta: float = 1.0) -> Tensor:
+    """DDIM with stochasticity eta (Song et al. 2021), in flow form: eta 0 is Euler, eta 1
+    DDPM's ancestral sampler.
+
+    Each step from t to s splits the model's velocity into its data and noise estimates,
+    d = x - t v and e = x + (1 - t) v, and lands on
+        x' = (1 - s) d + s (sqrt(1 - f^2) e + f z),   f^2 = eta^2 (1 - SNR(t) / SNR(s)),
+    with fresh noise z = noise(i) and SNR(t) = ((1 - t) / t)^2: DDIM's share of fresh noise,
+    which depends on the SNRs only, so it is the same in the flow's scaling as in the
+    variance-preserving one. Fresh noise lets later steps correct an earlier step's error
+    rather than carry it to t = 0. The last step (to s = 0) is d.
+    """
+    if noise is None:
+        raise ValueError("ddim_eta draws fresh noise at each step: give noise(i)")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    ts = _times(timesteps)
+    for i, (t, s) in enumerate(zip(ts, ts[1:])):
+        v = velocity(x, t)
+        d, e = x - t * v, x + (1.0 - t) * v
+        if s <= 0.0:
+            x = d
+        else:
+            snr_ratio = 0.0 if t >= 1.0 else ((1.0 - t) * s / (t * (1.0 - s))) ** 2
+            f2 = eta * eta * max(0.0, 1.0 - snr_ratio)
+            x = (1.0 - s) * d + s * (math.sqrt(1.0 - f2) * e + math.sqrt(f2) * noise(i))
+        if callback:
+            callback(i)
+    return x
+
+
+SAMPLERS = {"euler": euler, "dpm++2m": dpm_solver_2m, "unipc": unipc, "ddim-eta": ddim_eta}
+STOCHASTIC = {"ddim-eta"}  # samplers that take noise(i) and eta
 
 # velocities(z_src, z_tar, t) -> (v_src, v_tar): the field under the source and the target prompt
 PairVelocity = Callable[[Tensor, Tensor, float], tuple[Tensor, Tensor]]

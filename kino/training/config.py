@@ -32,6 +32,10 @@ class TrainConfig:
 
     out_dir: str  # checkpoints/, tb/, metrics.jsonl and config.json go here
     max_steps: int = 1000
+    # A wall-clock budget for this invocation: after the first step that ends past it the run
+    # finishes as at max_steps (final checkpoint; `kino train` exports), at that step. A rerun
+    # resumes there and trains up to this long again. None: no budget.
+    max_minutes: float | None = None
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0  # applied to matrices only, never to biases or norm gains
@@ -71,6 +75,8 @@ class TrainConfig:
         problems = []
         if self.max_steps < 0:
             problems.append("max_steps must be >= 0")
+        if self.max_minutes is not None and not (self.max_minutes > 0 and math.isfinite(self.max_minutes)):
+            problems.append("max_minutes must be a positive number of minutes (or none)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append("lr must be a positive number")
         if not all(0.0 <= b < 1.0 for b in self.betas):

@@ -322,6 +322,7 @@ class Trainer:
             return TrainResult(self.step, self.start_step, {}, False, latest_checkpoint(self.out_dir))
 
         losses: dict[str, float] = {}
+        deadline = None if cfg.max_minutes is None else time.monotonic() + 60.0 * cfg.max_minutes
         window = _Window(self.device, self.procs, peak_flops(cfg.peak_tflops, self.device, self.autocast_dtype))
         with _StopOnSignal() as stop, _RunLog(self.out_dir, self.step, enabled=main) as log, tqdm(
             total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and main), file=sys.stderr,
@@ -341,7 +342,9 @@ class Trainer:
                 stopping = self.procs.any(stop.requested is not None)
                 if stopping and stop.requested is None:
                     stop.requested = "a signal to another process"
-                if step % cfg.log_every == 0 or step == cfg.max_steps or stopping:
+                # the time budget, agreed on the same way (clocks differ between processes)
+                out_of_time = deadline is not None and self.procs.any(time.monotonic() >= deadline)
+                if step % cfg.log_every == 0 or step == cfg.max_steps or stopping or out_of_time:
                     row = window.flush(step, lr=lr, grad_norm=float(grad_norm))
                     losses = {k: v for k, v in row.items() if k in window.names}
                     log.scalars(step, row, task_keys=window.names)
@@ -353,6 +356,10 @@ class Trainer:
                         )
                 if stopping:
                     interrupted = True
+                    break
+                if out_of_time:
+                    if main:
+                        print(f"kino: train.max_minutes ({cfg.max_minutes:g}) reached at step {step}", file=sys.stderr)
                     break
                 if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
                     with window.paused():
