@@ -30,6 +30,7 @@ import json
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 EXPORT_MINUTES = 0.5  # kept from the training budget: the export's reload and the pieces
@@ -81,6 +82,8 @@ def train(args) -> int:
     summary = {"config": str(args.config), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else "cpu", "torch": torch.__version__, "minutes": args.minutes}
 
+    if device.type == "cuda":  # the VAE and MiniLM run in fp32 here: TF32 tensor cores for their matmuls
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     start = time.monotonic()
     vae_path = Path(cfg.vae) if cfg.vae is not None else default_vae_folder(cfg.init_from)
     vae = load_vae(vae_path).to(device)
@@ -98,7 +101,20 @@ def train(args) -> int:
                          "or fewer cache.clips_per_bucket")
 
     start = time.monotonic()
-    model = run_train_dit(cfg, text_encoder=encoder)  # the cache is complete: it trains, then exports
+    try:
+        model = run_train_dit(cfg, text_encoder=encoder)  # the cache is complete: it trains, then exports
+    except Exception:  # the CUDA path has not run before its first lent GPU: keep the error, try once more
+        (out / "error.txt").write_text(traceback.format_exc())
+        traceback.print_exc()
+        cfg.train.max_minutes = args.minutes - (time.monotonic() - begun) / 60.0 - EXPORT_MINUTES
+        if cfg.train.max_minutes < 0.5:
+            raise
+        # the simplest run of the same recipe: fp32, no decoder loss, in a fresh folder
+        cfg.train.precision, cfg.decoder_loss.weight = "fp32", 0.0
+        cfg.train.out_dir += "-retry"
+        summary["retry"] = "fp32, no decoder loss (error.txt: the first attempt's error)"
+        print(f"retrying: {summary['retry']}, {cfg.train.max_minutes:.2f} min", flush=True)
+        model = run_train_dit(cfg, text_encoder=encoder)
     summary["train_seconds"] = round(time.monotonic() - start, 1)
     if model is None:
         raise SystemExit("the run was stopped by a signal before it could export")
