@@ -1,9 +1,22 @@
 """Shared test fixtures."""
 
 import hashlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_script(folder: str, name: str):
+    """A module from the repository's benchmarks/ or tools/ (scripts, not a package)."""
+    sys.path.insert(0, str(ROOT / folder))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / folder))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import import_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -123,14 +125,6 @@ def test_vae_eval_workers_and_refinement(tmp_path):
     assert psnrs("--refine-latents", "2", "--refine-method", "adam") != one  # and so does the optimizer
 
 
-def _bench_module(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
 def test_binding_diagnostic_tells_own_from_other_attributes(tmp_path):
     """eval_t2v's binding counts on true two-object clips: every object that moved shows its own
     direction and fill; the same clips under captions whose motions (and shapes) are swapped
@@ -138,7 +132,7 @@ def test_binding_diagnostic_tells_own_from_other_attributes(tmp_path):
     from kino.world.captions import parse_caption
     from kino.world.dataset import evaluate_rows, read_rows, write_rows, write_samples
 
-    eval_t2v, sensitivity = _bench_module("eval_t2v"), _bench_module("text_sensitivity")
+    eval_t2v, sensitivity = import_script("benchmarks", "eval_t2v"), import_script("benchmarks", "text_sensitivity")
     rows = write_samples(tmp_path, 40, split="eval", seed=3, frames=17, size=(64, 64), objects=2)
     true = eval_t2v.binding_rates(evaluate_rows(tmp_path, read_rows(tmp_path)))
     assert true["motion"]["objects"] >= 4 and true["shape"]["objects"] >= 10, true
@@ -188,7 +182,7 @@ def test_placement_diagnostic_reads_where_an_object_starts():
     assert info["start_x"] == pytest.approx(cx[:4].mean() / 96 - 0.5, abs=0.02)
     assert info["start_y"] == pytest.approx(cy[:4].mean() / 64 - 0.5, abs=0.02)
 
-    eval_t2v = _bench_module("eval_t2v")
+    eval_t2v = import_script("benchmarks", "eval_t2v")
 
     def result(*starts):
         objects = [{"present_frames": 17, "start_x": x, "start_y": y, "dx": dx, "dy": 0.0} for x, y, dx in starts]
@@ -216,7 +210,7 @@ def test_compose_probe_at_weight_zero_is_plain_generation(tmp_path):
     from kino.pipeline import Pipeline
     from kino.world.captions import parse_caption
 
-    compose = _bench_module("probe_compose")
+    compose = import_script("benchmarks", "probe_compose")
     pipe = Pipeline.from_pretrained(None)
     rows = compose.pair_rows(4, 0, 7)
     assert rows
@@ -237,7 +231,7 @@ def test_compose_probe_at_weight_zero_is_plain_generation(tmp_path):
 def test_text_binding_probe_reads_what_is_there_and_nothing_else():
     """The probe's classifier finds a label written linearly into the features and stays near
     chance on labels the features do not hold; the script runs end to end on MiniLM."""
-    probe = _bench_module("text_binding_probe").probe
+    probe = import_script("benchmarks", "text_binding_probe").probe
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 7, (1000,), generator=gen)
     x = torch.randn(1000, 32, generator=gen)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import import_script
 from kino.errors import KinoUserError
 from kino.pipeline import Pipeline
 
@@ -59,20 +60,12 @@ def test_the_default_ridge_keeps_the_noise_gain_at_one():
     assert noise_gain(fit_quiet(source, target, ridge=smaller)[0][0]) > 1.0  # the smallest such ridge
 
 
-def _tool(name: str):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-
-
 def test_compact_minilm_gives_minilms_features_for_world_captions(tmp_path):
     """The int8 copy that travels to the GPU machine: ~11 MiB, MiniLM's masks exactly and its
     features within a few percent (RMS) on world captions, and a clear error for other words."""
     from kino.world.generator import scene_at
 
-    cm = _tool("compact_minilm")
+    cm = import_script("tools", "compact_minilm")
     folder = cm.write_compact(tmp_path / "minilm", cm.world_words())
     assert sum(f.stat().st_size for f in folder.iterdir()) < 12 * 2**20
     compact = cm.CompactMiniLM(folder)
@@ -85,7 +78,7 @@ def test_compact_minilm_gives_minilms_features_for_world_captions(tmp_path):
 def test_gpu_train_shapes_dry_run_then_join(tmp_path):
     """tools/gpu_train_shapes.py's whole path on the CPU at its toy size, without PyAV or the MiniLM
     package (the GPU machine has neither): cache, a time-boxed run that exports, pieces, join."""
-    cm = _tool("compact_minilm")
+    cm = import_script("tools", "compact_minilm")
     cm.write_compact(tmp_path / "minilm", cm.world_words())
     out, work = tmp_path / "out", tmp_path / "work"
     script = ("import sys\n"
@@ -103,7 +96,7 @@ def test_gpu_train_shapes_dry_run_then_join(tmp_path):
     assert summary["steps"] >= 1 and len(summary["pieces"]) == 3  # the 36.6 MB DiT in pieces under 16 MiB
     assert all((out / p).stat().st_size <= 16 * 2**20 for p in summary["pieces"])
     assert "max_minutes" in res.stderr  # stopped by its budget, not by max_steps
-    tool = _tool("gpu_train_shapes")
+    tool = import_script("tools", "gpu_train_shapes")
     assert tool.main(["join", "--from", str(out), "--out", str(tmp_path / "model")]) == 0
     joined = Pipeline.from_pretrained(tmp_path / "model")
     from kino.models.dit.pretrained import load_dit
