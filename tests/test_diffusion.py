@@ -4,8 +4,9 @@
 import pytest
 import torch
 
-from kino.diffusion import (SAMPLERS, STOCHASTIC, ddim_eta, dpm_solver_2m, euler, flow_edit, guided, interpolate, logit_normal,
-                            predict_x0, sampling_timesteps, shift_for_tokens, shift_timesteps, velocity_target)
+from kino.diffusion import (SAMPLERS, STOCHASTIC, ddim_eta, dpm_solver_2m, euler, flow_edit, guided, interpolate,
+                            logit_normal, predict_x0, sampling_timesteps, shift_for_tokens, shift_timesteps,
+                            velocity_target)
 
 MU, S = 0.7, 0.3  # data: x0 ~ N(MU, S^2) per element
 
