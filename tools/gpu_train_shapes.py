@@ -78,6 +78,10 @@ def train(args) -> int:
     if args.smoke:
         smoke_config(cfg, Path(args.work))
     begun = time.monotonic()
+
+    def minutes_left() -> float:  # what the budget leaves for training, less the export's margin
+        return args.minutes - (time.monotonic() - begun) / 60.0 - EXPORT_MINUTES
+
     device = resolve_device(cfg.train.device)
     summary = {"config": str(args.config), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else "cpu", "torch": torch.__version__, "minutes": args.minutes}
@@ -93,8 +97,7 @@ def train(args) -> int:
                       buckets=c.bucket_list())
     del vae
     summary["cache_seconds"] = round(time.monotonic() - start, 1)
-    # what is left of the budget trains, less a margin for the export and the pieces
-    cfg.train.max_minutes = args.minutes - (time.monotonic() - begun) / 60.0 - EXPORT_MINUTES
+    cfg.train.max_minutes = minutes_left()
     print(f"latent cache: {summary['cache_seconds']} s; training for {cfg.train.max_minutes:.2f} min", flush=True)
     if cfg.train.max_minutes < 0.01:
         raise SystemExit(f"the latent cache took the whole budget of {args.minutes} min: give more --minutes "
@@ -106,7 +109,7 @@ def train(args) -> int:
     except Exception:  # the CUDA path has not run before its first lent GPU: keep the error, try once more
         (out / "error.txt").write_text(traceback.format_exc())
         traceback.print_exc()
-        cfg.train.max_minutes = args.minutes - (time.monotonic() - begun) / 60.0 - EXPORT_MINUTES
+        cfg.train.max_minutes = minutes_left()
         if cfg.train.max_minutes < 0.5:
             raise
         # the simplest run of the same recipe: fp32, no decoder loss, in a fresh folder
@@ -118,9 +121,8 @@ def train(args) -> int:
     summary["train_seconds"] = round(time.monotonic() - start, 1)
     if model is None:
         raise SystemExit("the run was stopped by a signal before it could export")
-    dit = model / "dit" if (model / "dit").is_dir() else model
-    weights = dit / "model.safetensors"
-    data = weights.read_bytes()
+    dit = model / "dit"  # the export of a run with another text encoder than MiniLM: the DiT alone
+    data = (dit / "model.safetensors").read_bytes()
     pieces = []
     for k in range(0, len(data), PIECE_BYTES):
         name = f"dit.safetensors.{k // PIECE_BYTES:02d}"
@@ -130,7 +132,7 @@ def train(args) -> int:
         shutil.copy(dit / name, out / f"dit_{name}")
     rows = (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join(rows[-400:]) + "\n")
-    summary.update(pieces=pieces, sha256=_sha256(weights), bytes=len(data),
+    summary.update(pieces=pieces, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
                    steps=json.loads((dit / "training.json").read_text())["steps"],
                    last=json.loads(rows[-1]) if rows else None)
     (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
