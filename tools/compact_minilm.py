@@ -82,7 +82,8 @@ def write_compact(out: str | Path, words: list[str], max_length: int = 32) -> Pa
 class CompactMiniLM:
     """The compact encoder `write_compact` wrote: MiniLMEncoder's interface, for the kept words."""
 
-    name = "kino.models.text.encoder.MiniLMEncoder"  # what a latent cache records: features of that encoder
+    # what a latent cache and the exported DiT's training.json record: not MiniLM's own features
+    name = "compact all-MiniLM-L6-v2 (int8, Shapes World's words; tools/compact_minilm.py)"
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
         from safetensors import safe_open
