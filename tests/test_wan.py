@@ -544,3 +544,47 @@ def test_lora_fine_tune_of_a_wan_folder_on_videos(folders, tmp_path, capsys):
     assert main(["train", "dit", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
     tuned = Pipeline.from_pretrained(tmp_path / "full" / "model", text_dtype="float32")
     assert type(tuned.text_encoder).__name__ == "UMT5Encoder" and tuned.defaults.steps == 50
+
+
+def test_a_one_dit_model_grows_into_two_experts(folders, tmp_path, capsys):
+    """`boundary` with `expert` splits a one-DiT init_from into two experts (Wan2.2's layout):
+    the run trains one side's DiT from init_from's, on that side's flow times only, and the
+    export holds it beside the parent's DiT, untouched, with the boundary in its settings; an
+    expert without a boundary, or a boundary without an expert, is refused with a clear message."""
+    from kino.data.latent_cache import LatentCache
+    from kino.pipeline import Pipeline
+    from kino.training.config import load_config
+    from kino.training.dit import DiTRunConfig, DiTTask
+
+    wan = tmp_path / "wan-kino"
+    assert main(["convert", "wan", str(folders["diffusers"]), str(wan)]) == 0
+    config = tmp_path / "run.toml"
+    body = video_run_config(tmp_path, wan)
+    config.write_text(body)
+    assert main(["preprocess", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+    config.write_text("expert = 2\n" + body)
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 2
+    assert "has one DiT: set boundary" in capsys.readouterr().err
+    config.write_text("boundary = 0.6\n" + body)
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 2
+    assert "needs `expert`" in capsys.readouterr().err
+    for expert, span in ((2, (0.0, 0.6)), (1, (0.6, 1.0))):
+        config.write_text(f"expert = {expert}\nboundary = 0.6\n" + body.replace(str(tmp_path / "run"),
+                                                                                 str(tmp_path / f"run{expert}")))
+        task = DiTTask(load_config(config, DiTRunConfig), LatentCache(tmp_path / "cache"))
+        assert task.component == "dit" and task.t_range == span
+        times = torch.cat([task.batch(step)["t"].flatten() for step in range(20)])
+        noisy = times[times > 0]  # frames given clean (the conditioning mix) are at t = 0
+        assert span[0] <= noisy.min() and noisy.max() < span[1]
+        assert main(["train", "dit", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+        parent = Pipeline.from_pretrained(wan, text_dtype="float32")
+        grown = Pipeline.from_pretrained(tmp_path / f"run{expert}" / "model", text_dtype="float32")
+        assert parent.dit_2 is None and grown.defaults.boundary == 0.6 and grown.defaults.steps == 50
+        kept, trained = (grown.dit_2, grown.dit) if expert == 1 else (grown.dit, grown.dit_2)
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), parent.dit.state_dict().values()))
+        assert not all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(),
+                                                         parent.dit.state_dict().values()))
+    args = ["generate", "a cat walks", "--frames", "5", "--size", "16x32", "--steps", "4", "--shift", "1", "-q"]
+    assert main([*args, "--model", str(tmp_path / "run2" / "model"), "-o", str(tmp_path / "grown.mp4")]) == 0
+    assert main([*args, "--model", str(wan), "-o", str(tmp_path / "parent.mp4")]) == 0
+    assert (tmp_path / "grown.mp4").read_bytes() != (tmp_path / "parent.mp4").read_bytes()

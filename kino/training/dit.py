@@ -232,8 +232,12 @@ class DiTRunConfig:
     lora: LoRAConfig | None = None  # a [lora] section trains only a LoRA of the init_from DiT
     # A two-expert init_from (Wan2.2 A14B): which DiT trains, 1 (high-noise, `dit`) or 2
     # (low-noise, `dit_2`), on the flow times of its side of the model's boundary (flow.t_min/max
-    # override). Required there, refused elsewhere.
+    # override). Required there; on a one-DiT init_from only with `boundary`.
     expert: int | None = None
+    # Grow a one-DiT init_from into two experts split at this flow time (Wan2.2's layout): the
+    # run trains `expert` from init_from's DiT on its side of the boundary, and the export holds
+    # it beside init_from's DiT, untouched, on the other side.
+    boundary: float | None = None
     # A real video dataset (kino/data/datasets.py), encoded into cache.dir by `kino preprocess`
     # (its buckets replace cache.buckets). None: Shapes World, encoded on first use.
     dataset: VideoDatasetConfig | None = None
@@ -254,6 +258,10 @@ class DiTRunConfig:
             raise KinoUserError(f"unknown DiT size {self.model!r}: allowed {', '.join(DIT_SIZES)}")
         if self.expert not in (None, 1, 2):
             raise KinoUserError(f"expert must be 1 (high-noise) or 2 (low-noise), got {self.expert}")
+        if self.boundary is not None and (self.expert is None or not 0.0 < self.boundary < 1.0):
+            raise KinoUserError(f"boundary (where a one-DiT init_from splits into two experts) must be in (0, 1) and "
+                                f"needs `expert` (1: train the high-noise side, 2: the low-noise side); got boundary "
+                                f"{self.boundary}, expert {self.expert}")
         if self.dataset is not None and self.cache.loop_dir is not None:
             raise KinoUserError("cache.loop_dir renders Shapes World loops: it cannot go with a [dataset] (a video "
                                 "dataset has no loops to render); remove one of them")
@@ -929,17 +937,36 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
         from kino.models.dit.pretrained import load_dit
         from kino.pipeline import SHAPES_WORLD_NAME, Pipeline
 
-        Pipeline(vae, load_dit(out), text_encoder, init_from_defaults(config.init_from),
-                 name=SHAPES_WORLD_NAME).save_pretrained(out)
+        if config.expert is None:
+            pipe = Pipeline(vae, load_dit(out), text_encoder, init_from_defaults(config.init_from),
+                            name=SHAPES_WORLD_NAME)
+        else:  # one expert of two: the parent's pipeline around it
+            pipe = with_trained_expert(Pipeline.from_pretrained(model_folder(config.init_from)), load_dit(out), config)
+        pipe.save_pretrained(out)
     elif own is not None:  # a fine-tuned Wan model: the parent's pipeline with the new DiT
         from kino.models.dit.pretrained import load_dit
         from kino.pipeline import Pipeline
 
-        parent = Pipeline.from_pretrained(model_folder(config.init_from))
-        setattr(parent, dit_component(config), load_dit(out))  # the expert trained, if two
+        parent = with_trained_expert(Pipeline.from_pretrained(model_folder(config.init_from)), load_dit(out), config)
         parent.name = f"{parent.name} (fine-tuned)"
         parent.save_pretrained(out)
     return out
+
+
+def with_trained_expert(parent, dit, config: DiTRunConfig):
+    """`parent` (the init_from pipeline) with the DiT a run trained in its place: the one DiT,
+    the expert `config.expert` of two, or, with `config.boundary`, that expert beside the
+    parent's one DiT as the other expert, split at the boundary."""
+    from dataclasses import replace
+
+    if config.boundary is None:
+        setattr(parent, dit_component(config), dit)
+        return parent
+    if parent.dit_2 is not None:
+        raise KinoUserError("boundary splits a one-DiT init_from; this one has two experts")
+    parent.dit, parent.dit_2 = (dit, parent.dit) if config.expert == 1 else (parent.dit, dit)
+    parent.defaults = replace(parent.defaults, boundary=config.boundary)
+    return parent
 
 
 def dit_component(config: DiTRunConfig) -> str:
@@ -954,8 +981,14 @@ def dit_component(config: DiTRunConfig) -> str:
     if two and config.expert is None:
         raise KinoUserError(f"init_from {config.init_from} has two DiT experts (Wan2.2 A14B): set expert = 1 "
                             "(high-noise) or 2 (low-noise) to say which one trains")
+    if two and config.boundary is not None:
+        raise KinoUserError(f"init_from {config.init_from} has two DiT experts already; boundary splits a one-DiT "
+                            "model: remove it")
     if not two and config.expert is not None:
-        raise KinoUserError(f"expert = {config.expert}, but init_from {config.init_from} has one DiT")
+        if config.boundary is None:
+            raise KinoUserError(f"expert = {config.expert}, but init_from {config.init_from} has one DiT: set "
+                                "boundary to split it into two experts")
+        return "dit"  # the expert starts as init_from's one DiT
     return "dit_2" if config.expert == 2 else "dit"
 
 
@@ -965,7 +998,7 @@ def training_times(config: DiTRunConfig) -> tuple[float, float]:
     flow = config.flow
     if config.expert is None or (flow.t_min, flow.t_max) != (0.0, 1.0):
         return flow.t_min, flow.t_max
-    boundary = init_from_defaults(config.init_from).boundary
+    boundary = config.boundary or init_from_defaults(config.init_from).boundary
     if boundary is None:
         raise KinoUserError(f"init_from {config.init_from} records no experts' boundary; set flow.t_min / t_max")
     return (boundary, 1.0) if config.expert == 1 else (0.0, boundary)
