@@ -568,6 +568,9 @@ def test_a_one_dit_model_grows_into_two_experts(folders, tmp_path, capsys):
     config.write_text("boundary = 0.6\n" + body)
     assert main(["train", "dit", "--config", str(config), "-q"]) == 2
     assert "needs `expert`" in capsys.readouterr().err
+    config.write_text("expert = 2\nboundary = 0.6\n" + body + "[lora]\nrank = 2\n")
+    assert main(["train", "dit", "--config", str(config), "-q"]) == 2
+    assert "remove one of them" in capsys.readouterr().err
     for expert, span in ((2, (0.0, 0.6)), (1, (0.6, 1.0))):
         config.write_text(f"expert = {expert}\nboundary = 0.6\n" + body.replace(str(tmp_path / "run"),
                                                                                  str(tmp_path / f"run{expert}")))

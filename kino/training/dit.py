@@ -262,6 +262,9 @@ class DiTRunConfig:
             raise KinoUserError(f"boundary (where a one-DiT init_from splits into two experts) must be in (0, 1) and "
                                 f"needs `expert` (1: train the high-noise side, 2: the low-noise side); got boundary "
                                 f"{self.boundary}, expert {self.expert}")
+        if self.boundary is not None and self.lora is not None:
+            raise KinoUserError("boundary grows a two-expert model by training one expert in full; a [lora] trains "
+                                "an adapter of one DiT: remove one of them")
         if self.dataset is not None and self.cache.loop_dir is not None:
             raise KinoUserError("cache.loop_dir renders Shapes World loops: it cannot go with a [dataset] (a video "
                                 "dataset has no loops to render); remove one of them")
