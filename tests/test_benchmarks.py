@@ -221,7 +221,10 @@ def test_compose_probe_at_weight_zero_is_plain_generation(tmp_path):
     # row 0's objects share shape and motion, so its swapped caption is itself; row 1's move apart
     assert [len({o.motion for o in parse_caption(r["caption"]).objects}) for r in rows[:2]] == [1, 2]
     contrast = compose.composed_videos(pipe, rows[:2], 2.0, contrast="both")
-    assert torch.equal(contrast[0], plain[0]) and not torch.equal(contrast[1], plain[1])
+    # the swapped caption runs as a batch of one beside the pipeline's batch of two: on some
+    # CPUs that differs in the last bits, so row 0 may move by a grey level, where row 1 moves
+    diff = [(a.int() - b.int()).abs().float() for a, b in zip(contrast, plain)]
+    assert diff[0].max() <= 2 and diff[0].mean() < 1e-3 and diff[1].mean() > 0.1, [d.mean() for d in diff]
     res = _script("probe_compose.py", "--weight", "1", "--n", "4", "--held-out", "0", "--seed", "7",
                   "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]

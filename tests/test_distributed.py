@@ -445,7 +445,12 @@ def test_cli_generate_under_torchrun_splits_a_clip_and_shares_a_batch(tmp_path):
     assert read_metadata(tmp_path / "twoc.png")["cache_reused"] == "2/3"
     for name in ("one.png", "one.mp4", "onec.png"):
         one, two = (read_video(tmp_path / name.replace("one", n))[0].astype(np.int16) for n in ("one", "two"))
-        assert one.shape == two.shape and np.abs(one - two).max() <= 2, name
+        assert one.shape == two.shape, name
+        diff = np.abs(one - two)
+        if name.endswith(".png"):
+            assert diff.max() <= 2, name
+        else:  # lossy H.264 (crf 18) can turn a grey level's difference in a frame into several
+            assert diff.mean() < 0.5 and (diff > 2).mean() < 0.05 and diff.max() <= 24, (name, diff.max(), diff.mean())
     assert read_metadata(tmp_path / "two.mp4")["seed"] == "3"
     # 48x48: 3x3 tokens per latent frame do not split over 2 ranks -> a clear error on both, exit 2
     procs = launch(2, command=[sys.executable, "-m", "kino", "generate", prompt, "-o", str(tmp_path / "odd.mp4"),
