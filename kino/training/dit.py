@@ -959,14 +959,13 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
 def with_trained_expert(parent, dit, config: DiTRunConfig):
     """`parent` (the init_from pipeline) with the DiT a run trained in its place: the one DiT,
     the expert `config.expert` of two, or, with `config.boundary`, that expert beside the
-    parent's one DiT as the other expert, split at the boundary."""
+    parent's one DiT as the other expert, split at the boundary (dit_component has refused a
+    boundary on a two-expert parent)."""
     from dataclasses import replace
 
     if config.boundary is None:
         setattr(parent, dit_component(config), dit)
         return parent
-    if parent.dit_2 is not None:
-        raise KinoUserError("boundary splits a one-DiT init_from; this one has two experts")
     parent.dit, parent.dit_2 = (dit, parent.dit) if config.expert == 1 else (parent.dit, dit)
     parent.defaults = replace(parent.defaults, boundary=config.boundary)
     return parent
