@@ -571,6 +571,7 @@ def test_a_one_dit_model_grows_into_two_experts(folders, tmp_path, capsys):
     config.write_text("expert = 2\nboundary = 0.6\n" + body + "[lora]\nrank = 2\n")
     assert main(["train", "dit", "--config", str(config), "-q"]) == 2
     assert "remove one of them" in capsys.readouterr().err
+    parent = Pipeline.from_pretrained(wan, text_dtype="float32")
     for expert, span in ((2, (0.0, 0.6)), (1, (0.6, 1.0))):
         config.write_text(f"expert = {expert}\nboundary = 0.6\n" + body.replace(str(tmp_path / "run"),
                                                                                  str(tmp_path / f"run{expert}")))
@@ -580,7 +581,6 @@ def test_a_one_dit_model_grows_into_two_experts(folders, tmp_path, capsys):
         noisy = times[times > 0]  # frames given clean (the conditioning mix) are at t = 0
         assert span[0] <= noisy.min() and noisy.max() < span[1]
         assert main(["train", "dit", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
-        parent = Pipeline.from_pretrained(wan, text_dtype="float32")
         grown = Pipeline.from_pretrained(tmp_path / f"run{expert}" / "model", text_dtype="float32")
         assert parent.dit_2 is None and grown.defaults.boundary == 0.6 and grown.defaults.steps == 50
         kept, trained = (grown.dit_2, grown.dit) if expert == 1 else (grown.dit, grown.dit_2)
