@@ -231,6 +231,41 @@ def test_compose_probe_at_weight_zero_is_plain_generation(tmp_path):
     assert json.loads(res.stdout.strip().splitlines()[-1])["clips"] == len(rows)
 
 
+def test_best_of_probe_scores_candidates_and_counts_the_picks(tmp_path):
+    """Candidate 0 is the plain sampler's clip at the prompt's own seed; the analysis counts
+    candidate 0, each candidate, the oracle and each score's pick as written."""
+    from kino.pipeline import Pipeline
+    from kino.world.dataset import read_rows
+    from kino.data.video_io import read_video
+
+    best_of = import_script("benchmarks", "probe_best_of")
+    res = _script("probe_best_of.py", "--n", "2", "--candidates", "2", "--workers", "1", "--seed", "7",
+                  "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["records"]) == 4 and all(len(r["losses"]) == len(best_of.TIMES) for r in report["records"])
+    row = report["rows"][1]
+    plain = Pipeline.from_pretrained(None).generate(row["caption"], frames=row["frames"], height=row["height"],
+                                                     width=row["width"], seed=row["seed"]).video
+    clip, _ = read_video(tmp_path / "cand-0" / read_rows(tmp_path / "cand-0")[1]["file"])
+    # stored as lossless H.264 in YUV 4:4:4: RGB comes back within a grey level or two
+    diff = (torch.as_tensor(clip).int() - plain.int()).abs()
+    assert diff.max() <= 2 and diff.float().mean() < 0.5, (diff.max(), diff.float().mean())
+
+    def record(i, c, passed, lc, lu):
+        return {"index": i, "candidate": c, "passed": passed, "losses": {str(t): [lc, lu] for t in best_of.TIMES}}
+
+    fake = {"args": {"candidates": 2}, "rows": [{}, {}, {}],
+            "records": [record(0, 0, False, 0.2, 0.3), record(0, 1, True, 0.1, 0.15),  # lower L_c passes
+                        record(1, 0, True, 0.1, 0.3), record(1, 1, False, 0.2, 0.3),
+                        record(2, 0, False, 0.1, 0.2), record(2, 1, False, 0.1, 0.2)]}
+    (tmp_path / "fake.json").write_text(json.dumps(fake))
+    out = best_of.analyse(tmp_path / "fake.json")
+    assert out["each"] == [1, 1] and out["any"] == 2
+    assert out["picks"]["-L_c", best_of.TIMES] == 2  # the lower loss passes in both prompts
+    assert out["picks"]["L_u - L_c", best_of.TIMES] == 1  # 0.05 against 0.1, then 0.2 against 0.1
+
+
 def test_text_binding_probe_reads_what_is_there_and_nothing_else():
     """The probe's classifier finds a label written linearly into the features and stays near
     chance on labels the features do not hold; the script runs end to end on MiniLM."""
