@@ -8,7 +8,11 @@ in training or tuning, stores them losslessly, reconstructs them through the VAE
 code as `kino vae reconstruct` (with `--refine-latents N`: N loss evaluations of latent
 refinement per window, as `kino vae reconstruct --refine-latents N [--refine-palette W]
 [--refine-method M]`), and scores originals
-and reconstructions with the evaluator.
+and reconstructions with the evaluator. Flicker: over the video clips, the temporal error of
+each frame-to-frame step (mean absolute difference between the reconstruction's step and the
+clip's, in grey levels), averaged separately over the steps that cross a latent chunk boundary
+(frame 4j to 4j + 1: the causal decoder renders frame 0 alone, then 4 frames per latent frame)
+and over the steps inside a chunk; a decoder without flicker has the two alike.
 `--workers W` reconstructs in W one-thread processes, the clips dealt out longest first (the
 same clips as one process). Prints Markdown tables for BENCHMARKS.md and writes the clips and
 report.json under --out.
@@ -30,6 +34,7 @@ from kino.models.vae.pretrained import load_vae
 from kino.models.vae.refine import DEFAULT_METHOD, METHODS, Refinement
 from kino.tasks.reconstruct import reconstruct_inputs
 from kino.world.captions import SIZES
+from kino.data.video_io import read_video
 from kino.world.dataset import clip_filename, evaluate_folder, write_clip, write_rows
 from kino.world.generator import render, scene_at
 
@@ -68,6 +73,28 @@ def reconstruct_parallel(model, src: Path, rows: list[dict], rec: Path, refine: 
                                             for files in shards]]
     write_rows(rec, rows)
     return {name: psnr for shard in results for name, psnr in shard}
+
+
+def step_errors(original, reconstruction) -> tuple[list[float], list[float]]:
+    """Temporal errors of a clip's steps (uint8 (F, H, W, 3) each): those crossing a chunk
+    boundary (frame 4j -> 4j + 1) and those inside a chunk."""
+    a, b = (torch.as_tensor(v).double() for v in (original, reconstruction))
+    err = (b.diff(dim=0) - a.diff(dim=0)).abs().mean(dim=(1, 2, 3)).tolist()
+    return [e for k, e in enumerate(err) if k % 4 == 0], [e for k, e in enumerate(err) if k % 4]
+
+
+def flicker(src: Path, rec: Path, rows: list[dict]) -> dict:
+    """Mean temporal error at chunk boundaries and inside chunks over the video clips."""
+    across, inside = [], []
+    for row in rows:
+        if row["frames"] > 1:
+            a, b = step_errors(read_video(src / row["file"])[0], read_video(rec / row["file"])[0])
+            across += a
+            inside += b
+    if not across:
+        return {}
+    out = {"boundary": statistics.mean(across), "inside": statistics.mean(inside)}
+    return {**out, "ratio": out["boundary"] / out["inside"]}
 
 
 def main():
@@ -117,7 +144,11 @@ def main():
         print(f"| {name} | {r['passed']}/{r['clips']} |")
     for name, r in report["kinds"].items():
         print(f"| kind {name} | {r['passed']}/{r['clips']} |")
-    (out / "summary.json").write_text(json.dumps({"psnr": psnrs, "report": report}, indent=1))
+    steps = flicker(src, rec, rows)
+    if steps:
+        print(f"\nflicker (temporal error, grey levels): across chunk boundaries {steps['boundary']:.3f}, inside "
+              f"chunks {steps['inside']:.3f}, ratio {steps['ratio']:.2f}")
+    (out / "summary.json").write_text(json.dumps({"psnr": psnrs, "report": report, "flicker": steps}, indent=1))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,18 @@ def test_vae_eval_workers_and_refinement(tmp_path):
     assert psnrs("--refine-latents", "2", "--refine-method", "adam") != one  # and so does the optimizer
 
 
+def test_vae_eval_flicker_splits_steps_at_chunk_boundaries():
+    """A reconstruction off by a constant has no temporal error; one whose error changes at
+    every chunk (frames 1-4, 5-8, ...) has it only on the steps crossing a boundary."""
+    eval_vae = import_script("benchmarks", "eval_vae")
+    clip = torch.randint(40, 200, (9, 4, 4, 3), dtype=torch.uint8)
+    across, inside = eval_vae.step_errors(clip, clip + 3)
+    assert len(across) == 2 and len(inside) == 6 and max(across + inside) == 0  # steps 0->1, 4->5 cross
+    chunk = torch.tensor([0, 1, 1, 1, 1, 2, 2, 2, 2], dtype=torch.uint8).view(9, 1, 1, 1)
+    across, inside = eval_vae.step_errors(clip, clip + 5 * chunk)
+    assert across == [5.0, 5.0] and inside == [0.0] * 6
+
+
 def test_binding_diagnostic_tells_own_from_other_attributes(tmp_path):
     """eval_t2v's binding counts on true two-object clips: every object that moved shows its own
     direction and fill; the same clips under captions whose motions (and shapes) are swapped

@@ -91,6 +91,36 @@ def test_palette_loss_charges_pixels_that_change_world_colour():
         VAELossConfig(palette_temperature=0.0)
 
 
+def test_temporal_loss_charges_the_error_changing_between_frames():
+    """Zero for an error that is the same in every frame, however large; charged for one that
+    changes (a decoder's chunk flicker); added to the VAE task's loss with its own log entry,
+    and not for a one-frame crop."""
+    from kino.training.vae import temporal_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((2, 3, 9, 8, 8), generator=g) * 2 - 1
+    steady = x + 0.3 * torch.randn((2, 3, 1, 8, 8), generator=g)  # one error, repeated in time
+    assert temporal_loss(steady, x) < 1e-12
+    flicker = x.clone()
+    flicker[:, :, 5:] += 0.1  # the error jumps once, at the second chunk boundary
+    assert temporal_loss(flicker, x).item() == pytest.approx(0.01 / 8)  # 1 of 8 steps off by 0.1
+    task = VAETask(VAERunConfig(model="tiny", loss=VAELossConfig(temporal=2.0)))
+    model = task.build_model()
+    for frames in (5, 1):
+        batch = {"video": world_crops(0, VAEDataConfig(batch_size=1, crop_frames=[frames], crop_size=16))}
+        torch.manual_seed(0)
+        loss, logs = task.loss(model, batch)
+        torch.manual_seed(0)
+        plain, plain_logs = VAETask(VAERunConfig(model="tiny")).loss(model, batch)
+        if frames == 1:
+            assert "temporal" not in logs and loss.item() == plain.item()
+            continue
+        assert logs["temporal"] > 0 and "temporal" not in plain_logs
+        assert loss.item() == pytest.approx(plain.item() + 2.0 * logs["temporal"].item(), rel=1e-4)
+    with pytest.raises(KinoUserError, match="loss weights"):
+        VAELossConfig(temporal=-1.0)
+
+
 def test_trained_model_folder_loads_with_latent_stats(tiny_model_dir):
     manifest = json.loads((tiny_model_dir / MANIFEST).read_text())
     files = manifest["components"]["vae"]["files"]

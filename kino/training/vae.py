@@ -48,9 +48,15 @@ class VAELossConfig:
     # VAE). 0 = off. The temperature is about a sixth of the closest two colours' squared distance.
     palette: float = 0.0
     palette_temperature: float = 0.05
+    # Temporal consistency: MSE between the frame-to-frame differences of the reconstruction and
+    # of the clip, i.e. of the error's change from one frame to the next. A causal decoder
+    # renders each latent frame's 4 frames together, so its error changes at every chunk
+    # boundary: flicker every 4 frames that per-frame MSE charges only as error, not as change
+    # (BENCHMARKS.md, "Loops"). 0 = off.
+    temporal: float = 0.0
 
     def __post_init__(self):
-        if min(self.l1, self.mse, self.kl, self.palette) < 0 or self.palette_temperature <= 0:
+        if min(self.l1, self.mse, self.kl, self.palette, self.temporal) < 0 or self.palette_temperature <= 0:
             raise KinoUserError(f"loss weights must be >= 0 and palette_temperature > 0; got {self}")
 
 
@@ -155,6 +161,12 @@ def _step_rng(step: int, data: VAEDataConfig) -> tuple[np.random.Generator, int]
     """The random stream of `step`'s plain crops, after its first draw: the crop length."""
     rng = np.random.default_rng([data.seed, step])
     return rng, int(rng.choice(data.crop_frames))
+
+
+def temporal_loss(rec: Tensor, x: Tensor) -> Tensor:
+    """Mean squared difference between consecutive-frame differences of `rec` and `x`
+    (B, C, T, H, W), T > 1: zero when the reconstruction's error is the same in every frame."""
+    return (rec.diff(dim=2) - x.diff(dim=2)).pow(2).mean()
 
 
 def crop_frames(step: int, data: VAEDataConfig) -> int:
@@ -313,6 +325,10 @@ class VAETask:
             pal = palette_loss(rec, x, w.palette_temperature)
             loss = loss + w.palette * pal
             logs["palette"] = pal.detach()
+        if w.temporal and rec.shape[2] > 1:
+            tmp = temporal_loss(rec, x)
+            loss = loss + w.temporal * tmp
+            logs["temporal"] = tmp.detach()
         return loss, logs
 
     def validation_batches(self):
