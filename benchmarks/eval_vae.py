@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
+from kino.data.video_io import read_video
 from kino.models.vae.pretrained import load_vae
 from kino.models.vae.refine import DEFAULT_METHOD, METHODS, Refinement
 from kino.tasks.reconstruct import reconstruct_inputs
 from kino.world.captions import SIZES
-from kino.data.video_io import read_video
 from kino.world.dataset import clip_filename, evaluate_folder, write_clip, write_rows
 from kino.world.generator import render, scene_at
 

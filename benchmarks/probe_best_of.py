@@ -33,14 +33,14 @@ DRAWS = 2
 SEED_STEP = 1_000_003
 
 
-def caption_losses(pipe, latents, prompt: str, row_seed: int):
-    """{t: (L_c, L_u)} averaged over DRAWS noises per t, one batch per t."""
+def caption_losses(pipe, latents, text, mask, row_seed: int):
+    """{t: (L_c, L_u)} averaged over DRAWS noises per t, one batch per t; `text`, `mask`: the
+    encoded caption and empty caption (2, ...)."""
     import torch
 
     from kino.diffusion.flow import interpolate, velocity_target
     from kino.pipeline import T_SCALE
 
-    text, mask = pipe.text_encoder.encode([prompt, ""])
     g = torch.Generator().manual_seed(row_seed)
     x0 = latents.float()
     out = {}
@@ -73,11 +73,12 @@ def _work(model, rows, part, parts, candidates, out):
     for i, row in enumerate(rows):
         if i % parts != part:
             continue
+        text, mask = pipe.text_encoder.encode([row["caption"], ""])  # once for every candidate
         for c in range(candidates):
             seed = row["seed"] + c * SEED_STEP
             gen = video_tasks.generate(pipe, row["caption"], seed=seed, frames=row["frames"],
                                        height=row["height"], width=row["width"])
-            losses = caption_losses(pipe, gen.latents, row["caption"], row["seed"])
+            losses = caption_losses(pipe, gen.latents, text, mask, row["seed"])
             folder = Path(out) / f"cand-{c}"
             folder.mkdir(parents=True, exist_ok=True)
             result = write_clip(folder, clip_filename(i, row["frames"]), gen.video.numpy(), row["caption"], gen.fps,
@@ -148,6 +149,7 @@ def analyse(path) -> dict:
             result["picks"][name, sub] = picked
             print(f"{name:>18} over t in {sub}: {picked}/{n}")
     return result
+
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--analyse":
