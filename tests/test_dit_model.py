@@ -84,7 +84,7 @@ def test_config_json_roundtrip_and_sizes():
     assert counts == {"tiny": 40_608, "tiny-abspos": 41_408, "tiny-abspos-3": 54_432, "tiny-abspos-p1": 38_288,
                       "tiny-vace": 95_168,  # = diffusers' WanVACETransformer3DModel of that size
                       "small": 9_164_096, "small-abspos": 9_170_496, "small-abspos-12": 13_390_400,
-                      "small-abspos-p1": 9_145_872, "small-abspos-s4": 9_170_496,
+                      "small-abspos-p1": 9_145_872, "small-abspos-p1-12": 13_365_776, "small-abspos-s4": 9_170_496,
                       "wan2.1-1.3b": 1_418_996_800, "wan2.1-14b": 14_288_491_584,
                       # = diffusers' WanTransformer3DModel with image_dim 1280 (and pos_embed_seq_len 514)
                       "wan2.1-i2v-14b": 16_394_878_784, "wan2.1-flf2v-14b": 16_395_536_704,

@@ -792,6 +792,9 @@ DIT_SIZES: dict[str, DiTConfig] = {
     # "small-abspos" over 1x1x1 patches: one token per latent pixel (4x the tokens; 9.15M params).
     # A trained "small-abspos" regrows into it (grow.py: approximately, RoPE positions halved).
     "small-abspos-p1": DiTConfig(abs_pos_embed=True, patch_size=(1, 1, 1), rope_scale=(1.0, 0.5, 0.5)),
+    # "small-abspos-p1" 12 blocks deep (13.4M params): the shipped DiT grows into it exactly.
+    "small-abspos-p1-12": DiTConfig(abs_pos_embed=True, patch_size=(1, 1, 1), rope_scale=(1.0, 0.5, 0.5),
+                                    num_layers=12),
     # "small-abspos-p1"'s token grid over the latents of VAE_SIZES["small-s4"] (space x4): 1x2x2
     # patches of 16 channels, so a token is again 8x8 pixels; a trained "small-abspos-p1" moves
     # to those latents through `grow.change_latents` (9.17M params, as "small-abspos").
