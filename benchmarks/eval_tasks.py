@@ -29,6 +29,7 @@ go under --out, and each task runs through the same code as its `--batch` CLI co
 A jump is a centroid step larger than the evaluator's smoothness bound (0.15 of max(H, W)).
 --given is the tasks' option: with exact (their default) given frames come back as given, so
 "kept" holds by construction; decoded measures how the decoding keeps them.
+Every task's pass count is also split by the number of objects its captions name (one / two).
 Prints a Markdown table for BENCHMARKS.md and writes report.json under --out.
 """
 
@@ -49,7 +50,7 @@ from kino.tasks.batch import generate_batch
 from kino.tasks.video_tasks import GIVEN_MODES
 from kino.tasks.checks import (JUMP_BOUND, KEEP_PSNR, edited_caption, kept_psnr, loop_steps, seam_jumps,
                                trajectory_offset)
-from kino.world.captions import SIZES
+from kino.world.captions import SIZES, parse_caption
 from kino.world.dataset import read_rows, write_clip
 from kino.world.evaluator import evaluate_clip
 from kino.world.generator import render, scene_at
@@ -103,7 +104,8 @@ def build_cases(task: str, n: int, seed: int, folder: Path, loop_frames: int = 1
 def score_case(task: str, row: dict, inputs: Path, output: np.ndarray) -> dict:
     source, _ = read_video(inputs / row["_source"])
     result = evaluate_clip(output, row["caption"])
-    case: dict = {"passed": result.passed, "failed": result.failed}
+    case: dict = {"passed": result.passed, "failed": result.failed,
+                  "objects": len(parse_caption(row["caption"]).objects)}
     if task == "i2v":
         case["kept_psnr"] = kept_psnr(output, source[:1], 0)
     elif task in ("extend_fwd", "extend_bwd"):
@@ -127,6 +129,9 @@ def summarize(task: str, cases: list[dict]) -> dict:
     n = len(cases)
     rate = lambda ok: round(sum(ok) / n, 4)  # noqa: E731
     out = {"cases": n, "pass_rate": rate([c["passed"] for c in cases])}
+    for k, name in ((1, "one"), (2, "two")):  # by the number of objects the caption names
+        sub = [c["passed"] for c in cases if c["objects"] == k]
+        out[f"pass_{name}_object{'s' if k > 1 else ''}"] = f"{sum(sub)}/{len(sub)}"
     if "kept_psnr" in cases[0]:
         psnr = np.array([min(c["kept_psnr"], 99.0) for c in cases])
         out.update(kept_psnr_mean=round(float(psnr.mean()), 2), kept_psnr_min=round(float(psnr.min()), 2),
@@ -189,11 +194,13 @@ def main() -> None:
         print(f"{task}: {json.dumps(summary)}", flush=True)
         (out / "report.json").write_text(json.dumps(report, indent=2))
 
-    print("\n| task | cases | pass | kept (PSNR >= 28) | mean kept PSNR | no jump | loop ok | trajectory | s/case |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| task | cases | pass | one object / two objects | kept (PSNR >= 28) | mean kept PSNR | no jump | "
+          "loop ok | trajectory | s/case |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda r, k, pct=True: "-" if r.get(k) is None else (f"{r[k]:.1%}" if pct else f"{r[k]}")  # noqa: E731
     for task, r in report["tasks"].items():
-        print(f"| {task} | {r['cases']} | {fmt(r, 'pass_rate')} | {fmt(r, 'kept_rate')} | "
+        print(f"| {task} | {r['cases']} | {fmt(r, 'pass_rate')} | {r['pass_one_object']} / {r['pass_two_objects']} | "
+              f"{fmt(r, 'kept_rate')} | "
               f"{fmt(r, 'kept_psnr_mean', False)} | {fmt(r, 'no_jump_rate')} | {fmt(r, 'loop_ok_rate')} | "
               f"{fmt(r, 'trajectory_rate')} | {r['seconds_per_case']} |")
     print(f"\ninputs, outputs and report.json in {out}")

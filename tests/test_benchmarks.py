@@ -291,3 +291,23 @@ def test_text_binding_probe_reads_what_is_there_and_nothing_else():
     out = _run("text_binding_probe.py", "--n", "300")
     assert out["captions"] == 300 and len([k for k in out if k.startswith("word")]) == 4
     assert all(0.0 <= v <= 1.0 for k, v in out.items() if k.startswith("word"))
+
+
+def test_task_eval_scores_true_clips_and_splits_by_objects(tmp_path):
+    """The world clips a task eval starts from pass when scored as its outputs, and the summary
+    counts passes apart for one- and two-object captions."""
+    from kino.data.video_io import read_video
+
+    tasks = import_script("benchmarks", "eval_tasks")
+    rows = tasks.build_cases("i2v", 6, 5151, tmp_path)
+    cases = [tasks.score_case("i2v", row, tmp_path, read_video(tmp_path / row["_source"])[0]) for row in rows]
+    objects = [len(row["caption"].split(" and a ")) for row in rows]
+    assert [c["objects"] for c in cases] == objects and set(objects) == {1, 2}
+    assert all(c["passed"] for c in cases) and all(c["kept_psnr"] == float("inf") for c in cases)
+    cases[0]["passed"] = False  # a miss is counted where its caption's objects say
+    summary = tasks.summarize("i2v", cases)
+    ones, twos = objects.count(1), objects.count(2)
+    lost = (1, 0) if objects[0] == 1 else (0, 1)
+    assert summary["pass_one_object"] == f"{ones - lost[0]}/{ones}"
+    assert summary["pass_two_objects"] == f"{twos - lost[1]}/{twos}"
+    assert summary["pass_rate"] == round(5 / 6, 4)
