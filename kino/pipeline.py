@@ -34,8 +34,8 @@ from kino.errors import CaptionError, KinoUserError
 from kino.models.dit.cache import FirstBlockCache
 from kino.models.dit.model import DiT
 from kino.models.dit.pretrained import load_folder_dit
-from kino.models.folder import (WEIGHTS, default_model_dir, load_component, load_module, read_manifest,
-                                reject_unknown_fields, save_component, write_manifest)
+from kino.models.folder import (MAX_SHARD_BYTES, combined_sha256, default_model_dir, load_component, load_module,
+                                read_manifest, reject_unknown_fields, save_component, write_manifest)
 from kino.models.gguf import GGUFLinear
 from kino.models.hub import resolve_model, weights_replaced, weights_skipped
 from kino.models.lora import fuse_lora, read_lora, unfuse_lora
@@ -541,13 +541,14 @@ class Pipeline:
         pipe = cls(vae, dit, text_encoder, defaults, name=manifest.get("name", root.name), image_encoder=image_encoder,
                    dit_2=dit_2)
         if dit_file is None:
-            pipe.dit_sha256 = manifest["components"]["dit"].get("files", {}).get(WEIGHTS)
+            pipe.dit_sha256 = combined_sha256(manifest["components"]["dit"].get("files", {}))
         return pipe
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
         """Write a model folder: vae/, dit/, text_encoder/ (MiniLM: a reference, its weights ship
         in a package; UMT5: weights and tokenizer too) and kino.json with every file's sha256
-        and the generation defaults."""
+        and the generation defaults. A VAE or DiT over `max_shard_bytes` is written in shards
+        (kino/models/folder.py)."""
         if self.sharded:
             raise KinoUserError("this pipeline's weights are sharded over processes; save it from a plain load")
         if self.quantized or self.text_quantized:
@@ -555,13 +556,13 @@ class Pipeline:
                                 "layers (read from a .gguf file), which a kino model folder does not store: save "
                                 "from weights in a float dtype")
         root = Path(path)
-        save_component(root / "vae", self.vae.config.to_dict(), self.vae.state_dict())
-        save_component(root / "dit", self.dit.config.to_dict(), self.dit.state_dict())
+        save_component(root / "vae", self.vae.config.to_dict(), self.vae.state_dict(), max_shard_bytes)
+        save_component(root / "dit", self.dit.config.to_dict(), self.dit.state_dict(), max_shard_bytes)
         save_text_encoder(self.text_encoder, root / "text_encoder")
         components = {"vae": ("vae", "VideoVAE"), "dit": ("dit", "DiT"),
                       "text_encoder": ("text_encoder", type(self.text_encoder).__name__)}
         if self.dit_2 is not None:
-            save_component(root / "dit_2", self.dit_2.config.to_dict(), self.dit_2.state_dict())
+            save_component(root / "dit_2", self.dit_2.config.to_dict(), self.dit_2.state_dict(), max_shard_bytes)
             components["dit_2"] = ("dit_2", "DiT")
         if self.image_encoder is not None:  # a reference config.json beside the weights in clip/
             self.image_encoder.save(root / "image_encoder")

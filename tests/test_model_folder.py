@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from kino.models import folder
-from kino.models.folder import (RECORD_NAME, WeightsIntegrityError, checked_sha256, load_component, save_component,
-                                sha256_file, write_manifest)
+from kino.errors import KinoUserError
+from kino.models.folder import (RECORD_NAME, WeightsIntegrityError, checked_sha256, combined_sha256, load_component,
+                                save_component, sha256_file, weights_sha256, write_manifest)
 
 
 @pytest.fixture
@@ -94,3 +95,55 @@ def test_model_folder_check_uses_the_record_and_still_refuses_tampering(tmp_path
     f.write_bytes(bytes(data))
     with pytest.raises(WeightsIntegrityError, match="model.safetensors failed its integrity check"):
         load_component(tmp_path / "m", "net")
+
+
+def test_weights_over_the_shard_size_are_saved_in_shards_and_load_back(tmp_path):
+    """Big weights go into model-0000i-of-0000N.safetensors + index (transformers' layout): every
+    shard is in the manifest and checked, the load is the same dict, a re-save in one file
+    removes the shards, and a config-only load needs none of them."""
+    torch.manual_seed(0)
+    weights = {f"blocks.{i}.w": torch.randn(32, 32) for i in range(5)}  # 4 KiB each
+    weights["head"] = torch.randn(8)
+    comp = tmp_path / "m" / "net"
+    files = save_component(comp, {"n": 1}, weights, max_shard_bytes=9000)  # two 4 KiB tensors a shard
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(files) == sorted(["config.json", *shards, "model.safetensors.index.json"])
+    assert not (comp / "model.safetensors").exists()
+    index = json.loads((comp / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["blocks.0.w"] == shards[0] and index["weight_map"]["head"] == shards[2]
+    assert index["metadata"]["total_size"] == 5 * 32 * 32 * 4 + 8 * 4
+    write_manifest(tmp_path / "m", "m", {"net": ("net", "Net")})
+    loaded = load_component(tmp_path / "m", "net").state_dict
+    assert list(loaded) == list(weights) and all(torch.equal(loaded[k], weights[k]) for k in weights)
+    assert load_component(comp, "net").state_dict.keys() == weights.keys()  # the bare folder too
+    manifest = json.loads((tmp_path / "m" / "kino.json").read_text())["components"]["net"]["files"]
+    assert combined_sha256(manifest) == weights_sha256(comp) != combined_sha256({shards[0]: "0" * 64})
+
+    data = bytearray((comp / shards[1]).read_bytes())
+    data[-1] ^= 0x01
+    (comp / shards[1]).write_bytes(bytes(data))
+    with pytest.raises(WeightsIntegrityError, match="00002-of-00003.safetensors failed its integrity check"):
+        load_component(tmp_path / "m", "net")
+    (comp / shards[1]).unlink()
+    assert load_component(tmp_path / "m", "net", weights=False).config == {"n": 1}
+    with pytest.raises(KinoUserError, match="00002-of-00003.safetensors is missing"):
+        load_component(comp, "net")
+
+    files = save_component(comp, {"n": 2}, weights)  # under the default size: one file again
+    assert sorted(files) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in comp.iterdir()) == ["config.json", "model.safetensors"]
+    assert combined_sha256(files) == files["model.safetensors"] == weights_sha256(comp)
+
+
+def test_a_bad_shard_index_is_a_clear_error(tmp_path):
+    comp = tmp_path / "net"
+    save_component(comp, {"n": 1}, {"a": torch.ones(4), "b": torch.ones(4)}, max_shard_bytes=16)
+    index = comp / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "../elsewhere.safetensors"}}))
+    with pytest.raises(KinoUserError, match="not shards beside it"):
+        load_component(comp, "net")
+    index.write_text("{}")
+    with pytest.raises(KinoUserError, match="not a valid weights index"):
+        load_component(comp, "net")
+    with pytest.raises(ValueError, match="max_shard_bytes"):
+        save_component(comp, {}, {"a": torch.ones(1)}, max_shard_bytes=0)

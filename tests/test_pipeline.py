@@ -460,3 +460,20 @@ def test_cli_compile_flag_compiles_after_placement(model_dir, tmp_path, monkeypa
                  "--frames", "1", "--steps", "1", "--compile", "--cfg", "sequential", "-o", str(tmp_path / "x.png"),
                  "-q"]) == 0
     assert calls == ["sequential"]  # once, with the memory plan already set
+
+
+def test_a_pipeline_saved_in_shards_loads_and_generates_the_same(model_dir, tmp_path):
+    """save_pretrained with a small shard size: the DiT and VAE go into checked shards, the folder
+    generates what the one-file folder does, and its DiT digest is the one LoRAs record."""
+    from kino.models.folder import weights_sha256
+
+    pipe = Pipeline.from_pretrained(model_dir)
+    pipe.save_pretrained(tmp_path / "sharded", max_shard_bytes=64 * 1024)
+    dit_files = sorted(p.name for p in (tmp_path / "sharded" / "dit").iterdir())
+    assert "model.safetensors" not in dit_files and "model.safetensors.index.json" in dit_files
+    assert sum(n.endswith(".safetensors") for n in dit_files) > 2
+    again = Pipeline.from_pretrained(tmp_path / "sharded")
+    assert again.dit_sha256 == weights_sha256(tmp_path / "sharded" / "dit") != pipe.dit_sha256
+    assert pipe.dit_sha256 == weights_sha256(model_dir / "dit")
+    kw = dict(frames=5, height=32, width=32, steps=2, seed=3)
+    assert torch.equal(again.generate("a red circle", **kw).video, pipe.generate("a red circle", **kw).video)

@@ -9,6 +9,11 @@
 A component folder (config.json + model.safetensors) also loads on its own, e.g. straight
 from a training run. When a kino.json lists a file's sha256, the file is checked before use,
 so shipped or downloaded weights that were altered are refused.
+
+Weights over `save_component`'s shard size (5 GB by default, as transformers writes them) are
+split, in the layout of transformers and diffusers: model-00001-of-0000N.safetensors ... and
+model.safetensors.index.json ({"metadata": {"total_size"}, "weight_map": {name: file}}). A
+Wan2.1-14B DiT converted to float32 is 57 GB, more than one file the Hugging Face Hub takes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from kino.errors import KinoUserError
 MANIFEST = "kino.json"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+SHARD_PATTERN = "model-*-of-*.safetensors"
+MAX_SHARD_BYTES = 5 * 10**9
 
 
 class WeightsIntegrityError(KinoUserError):
@@ -123,16 +131,85 @@ def _atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_component(folder: str | Path, config: dict, state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Write config.json + model.safetensors; return {file: sha256}."""
+def is_weights_file(name: str) -> bool:
+    """A component's weights: model.safetensors, or its shards and their index."""
+    return name in (WEIGHTS, WEIGHTS_INDEX) or fnmatch(name, SHARD_PATTERN)
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """The tensors in their order, cut into groups of at most `max_bytes` (a bigger tensor alone)."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if groups[-1] and size + n > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][key] = t
+        size += n
+    return groups
+
+
+def save_component(folder: str | Path, config: dict, state_dict: dict[str, torch.Tensor],
+                   max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, str]:
+    """Write config.json + model.safetensors, or, when the weights are over `max_shard_bytes`,
+    their shards and index (module docstring); weights files of an earlier save that the new
+    one does not use are removed. Returns {file: sha256}."""
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "kino_version": __version__})
-    os.replace(tmp, folder / WEIGHTS)
+    groups = _shards(tensors, max_shard_bytes)
+    names = [WEIGHTS] if len(groups) == 1 else [f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+                                                 for i in range(1, len(groups) + 1)]
+    for name, group in zip(names, groups):
+        tmp = folder / (name + ".tmp")
+        save_file(group, str(tmp), metadata={"format": "pt", "kino_version": __version__})
+        os.replace(tmp, folder / name)
+    if len(groups) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _atomic_json(folder / WEIGHTS_INDEX, {"metadata": {"total_size": total},
+                                              "weight_map": {k: n for n, g in zip(names, groups) for k in g}})
+        names.append(WEIGHTS_INDEX)
+    for old in folder.iterdir():
+        if is_weights_file(old.name) and old.name not in names:
+            old.unlink()
     _atomic_json(folder / CONFIG, config)
-    return {name: sha256_file(folder / name) for name in (CONFIG, WEIGHTS)}
+    return {name: sha256_file(folder / name) for name in (CONFIG, *names)}
+
+
+def weights_files(folder: str | Path) -> list[Path]:
+    """A component folder's weights files: model.safetensors, else the shards its index names."""
+    folder = Path(folder)
+    if (folder / WEIGHTS).is_file() or not (folder / WEIGHTS_INDEX).is_file():
+        return [folder / WEIGHTS]
+    try:
+        weight_map = json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise KinoUserError(f"{folder / WEIGHTS_INDEX} is not a valid weights index ({e})") from None
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or not fnmatch(n, SHARD_PATTERN)]
+    if bad:
+        raise KinoUserError(f"{folder / WEIGHTS_INDEX} names files that are not shards beside it: {bad[:3]}")
+    return [folder / n for n in names]
+
+
+def combined_sha256(digests: dict[str, str]) -> str | None:
+    """One digest for a component's weights from {file: sha256} (a manifest's record, or
+    `save_component`'s return): a single model.safetensors' own sha256, for shards the sha256
+    of their "name sha256" lines (index left out: it only maps names); None when there are none."""
+    if WEIGHTS in digests:
+        return digests[WEIGHTS]
+    shards = sorted(n for n in digests if fnmatch(n, SHARD_PATTERN))
+    if not shards:
+        return None
+    return hashlib.sha256("".join(f"{n} {digests[n]}\n" for n in shards).encode()).hexdigest()
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """`combined_sha256` of a component folder's weights files, hashed now."""
+    return combined_sha256({p.name: sha256_file(p) for p in weights_files(folder)})
 
 
 def write_manifest(root: str | Path, name: str, components: dict[str, tuple[str, str]],
@@ -199,7 +276,7 @@ def load_component(path: str | Path, component: str, weights: bool = True,
             raise KinoUserError(f"{manifest} has no valid entry for component {component!r} ({e})") from None
         folder, name = root / entry["path"], meta.get("name", root.name)
         for fname, expected in entry["files"].items():
-            if (fname == WEIGHTS and not weights) or any(fnmatch(f"{entry['path']}/{fname}", p) for p in skip):
+            if (is_weights_file(fname) and not weights) or any(fnmatch(f"{entry['path']}/{fname}", p) for p in skip):
                 continue  # a component read for its config alone; weights that come from elsewhere
             f = folder / fname
             if not f.is_file():
@@ -211,20 +288,26 @@ def load_component(path: str | Path, component: str, weights: bool = True,
                     "the file was altered or corrupted — reinstall kino or re-download the model")
     else:
         folder, name = root, root.name
-    for fname in (CONFIG, WEIGHTS) if weights else (CONFIG,):
-        if not (folder / fname).is_file():
-            raise KinoUserError(f"{folder / fname} is missing: a {component} folder holds {CONFIG} and {WEIGHTS}"
-                                f" (or a model folder has {MANIFEST} naming its components)")
+    files = [folder / CONFIG, *weights_files(folder)] if weights else [folder / CONFIG]
+    for f in files:
+        if not f.is_file():
+            raise KinoUserError(f"{f} is missing: a {component} folder holds {CONFIG} and {WEIGHTS} (or its "
+                                f"shards and {WEIGHTS_INDEX}), or a model folder has {MANIFEST} naming its components")
     try:
         config = json.loads((folder / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise KinoUserError(f"{folder / CONFIG} is not valid JSON ({e.msg})") from None
     if not weights:
         return Component(folder, config, {}, name)
-    try:
-        state = read_safetensors(folder / WEIGHTS, dtype)
-    except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise KinoUserError(f"{folder / WEIGHTS} is not a valid safetensors file ({e})") from None
+    state = {}
+    for f in files[1:]:
+        try:
+            part = read_safetensors(f, dtype)
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise KinoUserError(f"{f} is not a valid safetensors file ({e})") from None
+        if state.keys() & part.keys():
+            raise KinoUserError(f"{f} repeats tensors of another shard: {sorted(state.keys() & part.keys())[:3]}")
+        state.update(part)
     return Component(folder, config, state, name)
 
 

@@ -53,9 +53,9 @@ def _local(text: str) -> bool:
 # two-expert model's second DiT. Not downloaded when they come from another file (`--dit
 # FILE`, `--text-encoder FILE`) or are not needed.
 WEIGHT_PATTERNS = {
-    "dit": ("dit/model.safetensors", "diffusion_pytorch_model*.safetensors",
+    "dit": ("dit/model*.safetensors*", "diffusion_pytorch_model*.safetensors",
             "high_noise_model/diffusion_pytorch_model*", "transformer/diffusion_pytorch_model*"),
-    "dit_2": ("dit_2/model.safetensors", "low_noise_model/diffusion_pytorch_model*",
+    "dit_2": ("dit_2/model*.safetensors*", "low_noise_model/diffusion_pytorch_model*",
               "transformer_2/diffusion_pytorch_model*"),
     "text_encoder": ("text_encoder/umt5/model*.safetensors", "models_t5_umt5-xxl-enc-bf16.pth",
                      "text_encoder/model*.safetensors"),

@@ -35,8 +35,8 @@ from kino.diffusion.samplers import euler, guided
 from kino.errors import KinoUserError
 from kino.models.dit import DIT_SIZES, DiT, DiTConfig
 from kino.models.dit.grow import can_grow, config_diff, grow
-from kino.models.folder import (WEIGHTS, default_model_dir, load_component, read_manifest, save_component,
-                                sha256_file, write_manifest)
+from kino.models.folder import (default_model_dir, load_component, read_manifest, save_component, sha256_file,
+                                weights_sha256, write_manifest)
 from kino.models.hub import resolve_model
 from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
 from kino.tasks.conditioning import LOOP_TIE, to_model_range
@@ -830,7 +830,7 @@ def _base_sha256(config: DiTRunConfig) -> str:
 def _dit_weights_sha256(root: Path, component: str = "dit") -> str:
     manifest = read_manifest(root)
     folder = root / manifest["components"][component]["path"] if manifest is not None else root
-    return sha256_file(folder / WEIGHTS)
+    return weights_sha256(folder)
 
 
 def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
