@@ -208,8 +208,9 @@ def combined_sha256(digests: dict[str, str]) -> str | None:
 
 
 def weights_sha256(folder: str | Path) -> str:
-    """`combined_sha256` of a component folder's weights files, hashed now."""
-    return combined_sha256({p.name: sha256_file(p) for p in weights_files(folder)})
+    """`combined_sha256` of a component folder's weights files (big ones from the record of an
+    earlier hash while unchanged: `checked_sha256`)."""
+    return combined_sha256({p.name: checked_sha256(p) for p in weights_files(folder)})
 
 
 def write_manifest(root: str | Path, name: str, components: dict[str, tuple[str, str]],
