@@ -79,16 +79,21 @@ def _row(scene, seed: int, index: int) -> dict:
             "held_out": any(is_held_out(o) for o in scene.caption.objects)}
 
 
-def _generate_shard(model, batch: Path, folder: Path, defaults: dict, dit=None) -> None:
+def _generate_shard(model, batch: Path, folder: Path, defaults: dict, dit=None, setup=None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    generate_batch(Pipeline.from_pretrained(model, dit_file=dit), batch, folder, defaults=defaults)
+    pipe = Pipeline.from_pretrained(model, dit_file=dit)
+    if setup is not None:
+        setup(pipe)
+    generate_batch(pipe, batch, folder, defaults=defaults)
 
 
-def generate_parallel(model, batch: Path, folder: Path, defaults: dict, workers: int, dit=None) -> None:
+def generate_parallel(model, batch: Path, folder: Path, defaults: dict, workers: int, dit=None,
+                      setup=None) -> None:
     """`generate_batch` over `workers` one-thread processes (row i in shard i % workers), the
-    clips then renamed and listed in one captions.jsonl in the batch's order."""
+    clips then renamed and listed in one captions.jsonl in the batch's order. `setup(pipe)`, a
+    module-level function (probes: it changes the pipeline), runs in each process first."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -100,7 +105,8 @@ def generate_parallel(model, batch: Path, folder: Path, defaults: dict, workers:
         (shard / "prompts.jsonl").write_text("".join(lines[k::workers]))
         shards.append(shard)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for job in [pool.submit(_generate_shard, model, shard / "prompts.jsonl", shard / "clips", defaults, dit)
+        for job in [pool.submit(_generate_shard, model, shard / "prompts.jsonl", shard / "clips", defaults, dit,
+                                   setup)
                     for shard in shards]:
             job.result()
     merged = [None] * len(lines)
