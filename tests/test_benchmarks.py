@@ -278,6 +278,59 @@ def test_best_of_probe_scores_candidates_and_counts_the_picks(tmp_path):
     assert out["picks"]["L_u - L_c", best_of.TIMES] == 1  # 0.05 against 0.1, then 0.2 against 0.1
 
 
+def test_segregation_probe_labels_phrases_and_changes_only_two_object_prompts():
+    """Each object's phrase is labelled, the shared words are not; segregated cross-attention
+    changes a two-object clip, leaves a one-object clip as it was, and does nothing above its
+    t_max."""
+    from kino.pipeline import Pipeline
+
+    seg = import_script("benchmarks", "probe_segregate")
+    pipe = Pipeline.from_pretrained(None)
+    tok = pipe.text_encoder.tokenizer
+    two = "a small red circle moving left and a large blue square moving up on a black background"
+    labels, tokens = seg.phrase_labels(tok, two, pipe.text_encoder.max_length)
+    words = tok.convert_ids_to_tokens(tok(two, padding="max_length", max_length=len(labels))["input_ids"])
+    phrase = {k: " ".join(w for w, lab in zip(words, labels.tolist()) if lab == k) for k in (1, 2)}
+    assert phrase == {1: "a small red circle moving left", 2: "a large blue square moving up"}
+    assert tokens == len(tok(two)["input_ids"]) and labels[tokens:].eq(seg.SHARED).all()
+    one = "a large green triangle moving right on a white background"
+
+    def video(p, caption):
+        return p.generate(caption, frames=1, height=64, width=64, seed=3, steps=4).video
+
+    plain = [video(pipe, c) for c in (two, one)]
+    seg.segregate(pipe, t_max=1.0)
+    assert not torch.equal(video(pipe, two), plain[0]) and torch.equal(video(pipe, one), plain[1])
+    idle = Pipeline.from_pretrained(None)
+    seg.segregate(idle, t_max=-1.0)
+    assert torch.equal(video(idle, two), plain[0])
+
+
+def test_autoguidance_probe_sends_the_skip_pass_to_the_weak_dit():
+    """The wrapped DiT runs the weak DiT for the sampler's skip-layer pass and its own otherwise;
+    with the model as its own weak version the guidance term vanishes (within rounding)."""
+    from kino.models.folder import default_model_dir
+    from kino.pipeline import Pipeline
+
+    ag = import_script("benchmarks", "probe_autoguidance")
+    pipe = Pipeline.from_pretrained(None)
+    caption = "a small red circle moving left on a black background"
+    plain = pipe.generate(caption, frames=1, height=64, width=64, seed=3, steps=4).video
+    main = pipe.dit
+    ag.use_weak(pipe, str(default_model_dir()))
+    wrapped, weak = pipe.dit, pipe.dit.weak
+    x, t = torch.randn(1, 16, 1, 8, 8), torch.full((1, 1), 500.0)
+    text, mask = pipe.text_encoder.encode([caption])
+    with torch.no_grad():
+        weak.head.head.bias.add_(1.0)  # tell the two apart
+        assert torch.equal(wrapped(x, t, text, mask), main(x, t, text, mask))
+        assert torch.equal(wrapped(x, t, text, mask, skip_blocks=(0,)), weak(x, t, text, mask))
+        weak.head.head.bias.sub_(1.0)
+    same = pipe.generate(caption, frames=1, height=64, width=64, seed=3, steps=4, skip_guidance=1.0,
+                         skip_blocks=(0,), skip_interval=(0.0, 1.0)).video
+    assert (same.int() - plain.int()).abs().max() <= 2
+
+
 def test_text_binding_probe_reads_what_is_there_and_nothing_else():
     """The probe's classifier finds a label written linearly into the features and stays near
     chance on labels the features do not hold; the script runs end to end on MiniLM."""
