@@ -98,6 +98,7 @@ def generate_parallel(model, batch: Path, folder: Path, defaults: dict, workers:
     from concurrent.futures import ProcessPoolExecutor
 
     lines = batch.read_text().splitlines(keepends=True)
+    workers = max(1, min(workers, len(lines)))  # no empty shard
     shards = []
     for k in range(workers):
         shard = folder / f"shard-{k}"
@@ -118,6 +119,29 @@ def generate_parallel(model, batch: Path, folder: Path, defaults: dict, workers:
             merged[i] = {**row, "file": name}
         shutil.rmtree(shard)
     write_rows(folder, merged)
+
+
+def write_batch(rows: list[dict], path: Path) -> None:
+    """A `kino generate --batch` file of prompt_rows' rows."""
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "held_out"}) + "\n" for r in rows))
+
+
+def run_probe(rows: list[dict], out: Path, defaults: dict, workers: int, model=None, setup=None,
+              args: dict | None = None) -> dict:
+    """A probe's run: `rows` generated into out/clips by `workers` processes with `setup`,
+    scored, the report (with `args`) written to out/report.json, its summary printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_batch(rows, out / "prompts.jsonl")
+    start = time.perf_counter()
+    generate_parallel(model, out / "prompts.jsonl", out / "clips", defaults, workers, setup=setup)
+    report = score(out / "clips")
+    report.pop("failures", None)
+    report["seconds"] = round(time.perf_counter() - start)
+    (out / "report.json").write_text(json.dumps({"args": args, "report": report}, indent=2))
+    kinds = {k: f"{v['passed']}/{v['clips']}" for k, v in report["kinds"].items()}
+    checks = {k: v["passed"] for k, v in report["checks"].items()}
+    print(f"pass {report['passed']}/{report['clips']}  kinds {kinds}  checks {checks}  ({report['seconds']} s)")
+    return report
 
 
 def score(folder: Path) -> dict:
@@ -258,7 +282,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     prompts = prompt_rows(args.n, args.held_out, args.seed)
     batch = out / "prompts.jsonl"
-    batch.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "held_out"}) + "\n" for r in prompts))
+    write_batch(prompts, batch)
     results = {}
     for steps in args.steps:
         options = (("steps", steps), ("guidance", args.guidance), ("shift", args.shift), ("sampler", args.sampler),

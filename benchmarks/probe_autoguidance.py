@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from eval_t2v import generate_parallel, prompt_rows, score
+from eval_t2v import prompt_rows, run_probe
 from kino.models.dit.pretrained import load_dit
 
 
@@ -63,21 +61,9 @@ def main() -> None:
     args = ap.parse_args()
 
     out = Path(args.out or tempfile.mkdtemp(prefix="kino-autoguidance-"))
-    out.mkdir(parents=True, exist_ok=True)
-    batch = out / "prompts.jsonl"
-    batch.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "held_out"}) + "\n"
-                             for r in prompt_rows(args.n, args.held_out, args.seed)))
     defaults = {"skip_guidance": args.weight, "skip_blocks": (0,), "skip_interval": tuple(args.interval)}
-    start = time.perf_counter()
-    generate_parallel(args.model, batch, out / "clips", defaults, args.workers,
-                      setup=functools.partial(use_weak, weak_dir=args.weak))
-    report = score(out / "clips")
-    report.pop("failures", None)
-    report["seconds"] = round(time.perf_counter() - start)
-    (out / "report.json").write_text(json.dumps({"args": vars(args), "report": report}, indent=2))
-    kinds = {k: f"{v['passed']}/{v['clips']}" for k, v in report["kinds"].items()}
-    checks = {k: v["passed"] for k, v in report["checks"].items()}
-    print(f"pass {report['passed']}/{report['clips']}  kinds {kinds}  checks {checks}  ({report['seconds']} s)")
+    run_probe(prompt_rows(args.n, args.held_out, args.seed), out, defaults, args.workers, args.model,
+              functools.partial(use_weak, weak_dir=args.weak), vars(args))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,11 @@ import functools
 import json
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from eval_t2v import generate_parallel, prompt_rows, score
+from eval_t2v import prompt_rows, run_probe
 from kino.world.captions import parse_caption
 
 SHARED, FIRST, SECOND = 0, 1, 2
@@ -116,22 +115,11 @@ def main() -> None:
     args = ap.parse_args()
 
     out = Path(args.out or tempfile.mkdtemp(prefix="kino-segregate-"))
-    out.mkdir(parents=True, exist_ok=True)
     rows = [r for r in prompt_rows(args.n, args.held_out, args.seed) if len(parse_caption(r["caption"]).objects) == 2]
-    batch = out / "prompts.jsonl"
-    batch.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "held_out"}) + "\n" for r in rows))
     setup = leave if args.off else functools.partial(segregate, t_max=args.t_max)
-    start = time.perf_counter()
-    generate_parallel(args.model, batch, out / "clips", {}, args.workers, setup=setup)
-    report = score(out / "clips")
-    report.pop("failures", None)
-    report["seconds"] = round(time.perf_counter() - start)
-    (out / "report.json").write_text(json.dumps({"args": vars(args), "report": report}, indent=2))
-    kinds = {k: f"{v['passed']}/{v['clips']}" for k, v in report["kinds"].items()}
-    checks = {k: v["passed"] for k, v in report["checks"].items()}
-    print(f"pass {report['passed']}/{report['clips']}  kinds {kinds}  checks {checks}")
+    report = run_probe(rows, out, {}, args.workers, args.model, setup, vars(args))
     print(f"binding {json.dumps(report['binding'])}\nplacement {json.dumps(report['placement']['pair'])}"
-          f"\ndirection {json.dumps(report['direction']['pair'])}  ({report['seconds']} s)")
+          f"\ndirection {json.dumps(report['direction']['pair'])}")
 
 
 if __name__ == "__main__":

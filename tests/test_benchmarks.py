@@ -278,7 +278,7 @@ def test_best_of_probe_scores_candidates_and_counts_the_picks(tmp_path):
     assert out["picks"]["L_u - L_c", best_of.TIMES] == 1  # 0.05 against 0.1, then 0.2 against 0.1
 
 
-def test_segregation_probe_labels_phrases_and_changes_only_two_object_prompts():
+def test_segregation_probe_labels_phrases_and_changes_only_two_object_prompts(tmp_path):
     """Each object's phrase is labelled, the shared words are not; segregated cross-attention
     changes a two-object clip, leaves a one-object clip as it was, and does nothing above its
     t_max."""
@@ -304,6 +304,12 @@ def test_segregation_probe_labels_phrases_and_changes_only_two_object_prompts():
     idle = Pipeline.from_pretrained(None)
     seg.segregate(idle, t_max=-1.0)
     assert torch.equal(video(idle, two), plain[0])
+    # the script: the two-object rows only, set up in each of two processes, scored
+    res = _script("probe_segregate.py", "--n", "2", "--held-out", "0", "--seed", "5353", "--workers", "2",
+                  "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())["report"]
+    assert report["clips"] == 1 and report["kinds"]["image"]["clips"] == 1  # row 0, two objects; row 1 has one
 
 
 def test_autoguidance_probe_sends_the_skip_pass_to_the_weak_dit():
