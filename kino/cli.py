@@ -711,7 +711,7 @@ def cmd_train_vae(args) -> int:
         return 0
     model = trainer.ema_model() if cfg.train.ema_decay is not None else trainer.model.eval()
     out = export_vae(model, task.vae_config, Path(cfg.train.out_dir) / "model", stats_clips=cfg.stats_clips,
-                     keep_stats=cfg.train_only == "decoder")
+                     keep_stats=cfg.train_only != "all")
     print(f"trained {result.step} steps; model folder {out}")
     return 0
 

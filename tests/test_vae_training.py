@@ -292,6 +292,50 @@ def test_decoder_only_fine_tune_keeps_the_encoder_and_latent_stats(tiny_model_di
     assert saved and all(k.startswith(("decoder.", "conv2.")) for k in saved)
 
 
+def test_encoder_only_fine_tune_keeps_the_decoder_and_latent_stats(tiny_model_dir, tmp_path):
+    """train_only = "encoder": the decoder and the exported latent normalisation stay the
+    parent's, the encoder learns; the anchor is charged (and logged) from the first step, zero
+    there since the encoder starts as the parent's; a checkpoint holds the encoder alone."""
+    cfg = decoder_round(tmp_path, tiny_model_dir, "[loss]\nkl = 0.0\nanchor = 0.5\n")
+    cfg.write_text(cfg.read_text().replace('train_only = "decoder"', 'train_only = "encoder"'))
+    assert main(["train", "vae", "--config", str(cfg)]) == 0
+    before, after = load_vae(tiny_model_dir), load_vae(tmp_path / "run" / "model")
+    b, a = before.state_dict(), after.state_dict()
+    frozen = [k for k in b if k.startswith(("decoder.", "conv2."))]
+    trained = [k for k in b if k.startswith(("encoder.", "conv1."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(b)
+    assert all(torch.equal(a[k], b[k]) for k in frozen)
+    assert any(not torch.equal(a[k], b[k]) for k in trained)
+    assert after.config.latents_mean == before.config.latents_mean
+    assert after.config.latents_std == before.config.latents_std
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    anchors = [r["anchor"] for r in logs if "anchor" in r]
+    assert len(anchors) == 3 and anchors[0] == 0.0 and anchors[-1] > 0.0
+    from safetensors.torch import load_file
+
+    saved = load_file(latest_checkpoint(tmp_path / "run") / "model.safetensors")
+    assert saved and all(k.startswith(("encoder.", "conv1.")) for k in saved)
+
+
+def test_encoder_only_fine_tune_decodes_the_means_it_trains_on(tiny_model_dir):
+    """The encoder round decodes the posterior means (what a DiT's latents are), not samples:
+    its loss is the same for any noise, and lower when the reconstruction is."""
+    from kino.training.vae import VAETask
+
+    task = VAETask(VAERunConfig(model="tiny", init_from=str(tiny_model_dir), train_only="encoder",
+                                loss=VAELossConfig(kl=0.0)))
+    model = task.build_model()
+    video = to_model_range(render(scene_at("eval", 3, 0, frames=5, size=(32, 32))))[None]
+    losses = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        losses.append(task.loss(model, {"video": video})[0].item())
+    assert losses[0] == losses[1]
+    with torch.no_grad():
+        rec = model.reconstruct(video)
+    assert abs(losses[0] - (rec - video).pow(2).mean().item()) < 1e-3
+
+
 def test_widened_decoder_trains_and_exports_its_width(tiny_model_dir, tmp_path, capsys):
     cfg = decoder_round(tmp_path, tiny_model_dir, "widen_decoder = 2\n", max_steps=2, lr=1e-6, checkpoint_every=1,
                         ema_decay=0.999)
@@ -317,8 +361,14 @@ def test_widened_decoder_trains_and_exports_its_width(tiny_model_dir, tmp_path, 
 def test_decoder_only_needs_init_from():
     with pytest.raises(KinoUserError, match="init_from"):
         VAERunConfig(model="tiny", train_only="decoder")
-    with pytest.raises(KinoUserError, match="train_only"):
+    with pytest.raises(KinoUserError, match="train_only must be"):
+        VAERunConfig(model="tiny", train_only="middle")
+    with pytest.raises(KinoUserError, match="init_from"):
         VAERunConfig(model="tiny", train_only="encoder")
+    with pytest.raises(KinoUserError, match="anchor"):
+        VAERunConfig(model="tiny", init_from="m", train_only="decoder", loss=VAELossConfig(anchor=1.0))
+    with pytest.raises(KinoUserError, match="widen_decoder"):
+        VAERunConfig(model="tiny", init_from="m", train_only="encoder", widen_decoder=2)
     with pytest.raises(KinoUserError, match="init_from"):
         VAERunConfig(model="tiny", widen_decoder=2)
     with pytest.raises(KinoUserError, match="widen_decoder"):

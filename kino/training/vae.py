@@ -7,6 +7,8 @@ structure: a crop's first frame is encoded alone like any clip's.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -54,9 +56,14 @@ class VAELossConfig:
     # boundary: flicker every 4 frames that per-frame MSE charges only as error, not as change
     # (BENCHMARKS.md, "Loops"). 0 = off.
     temporal: float = 0.0
+    # train_only = "encoder": MSE between the latents (posterior means, in units of the
+    # exported latents_std) and those the VAE's encoder gave before the fine-tune, which keeps
+    # the new latents where a DiT trained on the old ones looks for them. 0 = off.
+    anchor: float = 0.0
 
     def __post_init__(self):
-        if min(self.l1, self.mse, self.kl, self.palette, self.temporal) < 0 or self.palette_temperature <= 0:
+        if min(self.l1, self.mse, self.kl, self.palette, self.temporal, self.anchor) < 0 or \
+                self.palette_temperature <= 0:
             raise KinoUserError(f"loss weights must be >= 0 and palette_temperature > 0; got {self}")
 
 
@@ -113,7 +120,11 @@ class VAERunConfig:
     init_from: str | None = None  # start from this model folder's VAE ("default": the shipped one)
     # "all", or "decoder": fine-tune only the decoder (and post-quant conv) of init_from's VAE.
     # The encoder, hence every latent and the latent normalisation, stays bit for bit, so a DiT
-    # trained on this VAE's latents stays valid with the new decoder.
+    # trained on this VAE's latents stays valid with the new decoder. Or "encoder": fine-tune
+    # only the encoder (and quant conv) against the frozen decoder, decoding the posterior means
+    # as they are (no sampling, no KL): amortised latent refinement, the encoder learning the
+    # latents `kino vae reconstruct --refine-latents` fits one clip at a time. The exported
+    # latent normalisation stays the parent's; `loss.anchor` holds the latents near the old ones.
     train_only: str = "all"
     # Grow init_from's decoder this many times wider before training (kino/models/vae/grow.py:
     # the wider decoder starts out decoding what the narrow one did; the encoder stays as is).
@@ -129,11 +140,16 @@ class VAERunConfig:
             raise KinoUserError(f"unknown VAE size {self.model!r}: allowed {', '.join(VAE_SIZES)}")
         if any(f < 1 or (f - 1) % 4 for f in self.data.crop_frames):
             raise KinoUserError(f"data.crop_frames must be 4k+1 values, got {self.data.crop_frames}")
-        if self.train_only not in ("all", "decoder"):
-            raise KinoUserError(f"train_only must be 'all' or 'decoder', got {self.train_only!r}")
-        if self.train_only == "decoder" and self.init_from is None:
-            raise KinoUserError("train_only = \"decoder\" fine-tunes a trained VAE's decoder: set init_from = "
-                                "\"MODEL_DIR\" (or \"default\")")
+        if self.train_only not in ("all", "decoder", "encoder"):
+            raise KinoUserError(f"train_only must be 'all', 'decoder' or 'encoder', got {self.train_only!r}")
+        if self.train_only != "all" and self.init_from is None:
+            raise KinoUserError(f"train_only = \"{self.train_only}\" fine-tunes a trained VAE's {self.train_only}: set "
+                                "init_from = \"MODEL_DIR\" (or \"default\")")
+        if self.loss.anchor and self.train_only != "encoder":
+            raise KinoUserError("loss.anchor holds an encoder fine-tune's latents near the old ones: set "
+                                "train_only = \"encoder\"")
+        if self.train_only == "encoder" and self.widen_decoder > 1:
+            raise KinoUserError("widen_decoder trains a new decoder; train_only = \"encoder\" keeps the decoder fixed")
         if not isinstance(self.widen_decoder, int) or self.widen_decoder < 1:
             raise KinoUserError(f"widen_decoder must be a whole number >= 1, got {self.widen_decoder!r}")
         if self.widen_decoder > 1 and self.init_from is None:
@@ -265,6 +281,12 @@ class VAETask:
         if self.config.train_only == "decoder":
             model.encoder.requires_grad_(False)
             model.conv1.requires_grad_(False)
+        if self.config.train_only == "encoder":
+            model.decoder.requires_grad_(False)
+            model.conv2.requires_grad_(False)
+            if self.config.loss.anchor:  # the parent's encoder, frozen: the latents to stay near
+                self.anchor = copy.deepcopy(model).requires_grad_(False).eval()
+                self.anchor.decoder = None
         if self.regenerated:
             self.pipe = self._denoise_pipeline(model)
         return model
@@ -302,14 +324,25 @@ class VAETask:
             x = batch["video"]  # (B, 3, T, H, W)
             with torch.set_grad_enabled(self.config.train_only != "decoder"):
                 mean, logvar = model.encode(x)
-            z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+            if self.config.train_only == "encoder":  # the means, as a DiT's latents are decoded
+                z = mean
+            else:
+                z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
             rec = model.decode(z, clamp=False)[:, :, : x.shape[2]]  # a clamp would stop gradients on overshoot
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
             logs |= {"kl": kl.detach(), "psnr": psnr(rec.detach(), x)}
+            if self.config.loss.anchor:
+                with torch.no_grad():
+                    before, _ = self.anchor.to(x.device).encode(x)
+                std = torch.tensor(model.config.latents_std, device=x.device).view(1, -1, 1, 1, 1)
+                anchor = ((mean - before) / std).pow(2).mean()
+                logs["anchor"] = anchor.detach()
             recs.append(rec)
             xs.append(x)
         else:
             kl = torch.zeros(())
+        if "video" not in batch or not w.anchor:
+            anchor = torch.zeros(())
         if "latents" in batch:  # the DiT's regenerated latents -> the clips they came from
             x = batch["target"]
             rec = model.decode(batch["latents"], clamp=False)[:, :, : x.shape[2]]
@@ -319,7 +352,7 @@ class VAETask:
         rec, x = torch.cat(recs), torch.cat(xs)  # both parts are crops of one shape: each item weighs alike
         l1 = (rec - x).abs().mean()
         mse = (rec - x).pow(2).mean()
-        loss = w.l1 * l1 + w.mse * mse + w.kl * kl
+        loss = w.l1 * l1 + w.mse * mse + w.kl * kl + w.anchor * anchor
         logs["l1"] = l1.detach()
         if w.palette:
             pal = palette_loss(rec, x, w.palette_temperature)
