@@ -8,7 +8,6 @@ structure: a crop's first frame is encoded alone like any clip's.
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -320,6 +319,7 @@ class VAETask:
     def loss(self, model: VideoVAE, batch: dict[str, Tensor]):
         w = self.config.loss
         recs, xs, logs = [], [], {}
+        anchor = torch.zeros(())  # train_only = "encoder" with loss.anchor: set below
         if "video" in batch:
             x = batch["video"]  # (B, 3, T, H, W)
             with torch.set_grad_enabled(self.config.train_only != "decoder"):
@@ -341,8 +341,6 @@ class VAETask:
             xs.append(x)
         else:
             kl = torch.zeros(())
-        if "video" not in batch or not w.anchor:
-            anchor = torch.zeros(())
         if "latents" in batch:  # the DiT's regenerated latents -> the clips they came from
             x = batch["target"]
             rec = model.decode(batch["latents"], clamp=False)[:, :, : x.shape[2]]
