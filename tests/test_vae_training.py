@@ -274,22 +274,27 @@ def decoder_round(tmp_path, init_from, extra: str = "", **train) -> Path:
     return cfg
 
 
-def test_decoder_only_fine_tune_keeps_the_encoder_and_latent_stats(tiny_model_dir, tmp_path):
-    assert main(["train", "vae", "--config", str(decoder_round(tmp_path, tiny_model_dir))]) == 0
-    before, after = load_vae(tiny_model_dir), load_vae(tmp_path / "run" / "model")
-    b, a = before.state_dict(), after.state_dict()
-    frozen = [k for k in b if k.startswith(("encoder.", "conv1."))]
-    trained = [k for k in b if k.startswith(("decoder.", "conv2."))]
-    assert frozen and trained and len(frozen) + len(trained) == len(b)
-    assert all(torch.equal(a[k], b[k]) for k in frozen)
-    assert any(not torch.equal(a[k], b[k]) for k in trained)
-    assert after.config.latents_mean == before.config.latents_mean
-    assert after.config.latents_std == before.config.latents_std
-    # a checkpoint holds the trained part alone; the frozen encoder comes back from init_from
+def assert_half_trained(parent: Path, run: Path, frozen: tuple[str, ...], trained: tuple[str, ...]) -> None:
+    """The run's exported VAE: the `frozen` parts and the latent normalisation are the parent's,
+    some of the `trained` parts changed (together they are every tensor), and the last
+    checkpoint holds the trained parts alone (the frozen ones come back from init_from)."""
     from safetensors.torch import load_file
 
-    saved = load_file(latest_checkpoint(tmp_path / "run") / "model.safetensors")
-    assert saved and all(k.startswith(("decoder.", "conv2.")) for k in saved)
+    before, after = load_vae(parent), load_vae(run / "model")
+    b, a = before.state_dict(), after.state_dict()
+    fixed, learnt = [k for k in b if k.startswith(frozen)], [k for k in b if k.startswith(trained)]
+    assert fixed and learnt and len(fixed) + len(learnt) == len(b)
+    assert all(torch.equal(a[k], b[k]) for k in fixed)
+    assert any(not torch.equal(a[k], b[k]) for k in learnt)
+    assert after.config.latents_mean == before.config.latents_mean
+    assert after.config.latents_std == before.config.latents_std
+    saved = load_file(latest_checkpoint(run) / "model.safetensors")
+    assert saved and all(k.startswith(trained) for k in saved)
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_and_latent_stats(tiny_model_dir, tmp_path):
+    assert main(["train", "vae", "--config", str(decoder_round(tmp_path, tiny_model_dir))]) == 0
+    assert_half_trained(tiny_model_dir, tmp_path / "run", ("encoder.", "conv1."), ("decoder.", "conv2."))
 
 
 def test_encoder_only_fine_tune_keeps_the_decoder_and_latent_stats(tiny_model_dir, tmp_path):
@@ -299,22 +304,10 @@ def test_encoder_only_fine_tune_keeps_the_decoder_and_latent_stats(tiny_model_di
     cfg = decoder_round(tmp_path, tiny_model_dir, "[loss]\nkl = 0.0\nanchor = 0.5\n")
     cfg.write_text(cfg.read_text().replace('train_only = "decoder"', 'train_only = "encoder"'))
     assert main(["train", "vae", "--config", str(cfg)]) == 0
-    before, after = load_vae(tiny_model_dir), load_vae(tmp_path / "run" / "model")
-    b, a = before.state_dict(), after.state_dict()
-    frozen = [k for k in b if k.startswith(("decoder.", "conv2."))]
-    trained = [k for k in b if k.startswith(("encoder.", "conv1."))]
-    assert frozen and trained and len(frozen) + len(trained) == len(b)
-    assert all(torch.equal(a[k], b[k]) for k in frozen)
-    assert any(not torch.equal(a[k], b[k]) for k in trained)
-    assert after.config.latents_mean == before.config.latents_mean
-    assert after.config.latents_std == before.config.latents_std
+    assert_half_trained(tiny_model_dir, tmp_path / "run", ("decoder.", "conv2."), ("encoder.", "conv1."))
     logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     anchors = [r["anchor"] for r in logs if "anchor" in r]
     assert len(anchors) == 3 and anchors[0] == 0.0 and anchors[-1] > 0.0
-    from safetensors.torch import load_file
-
-    saved = load_file(latest_checkpoint(tmp_path / "run") / "model.safetensors")
-    assert saved and all(k.startswith(("encoder.", "conv1.")) for k in saved)
 
 
 def test_encoder_only_fine_tune_decodes_the_means_it_trains_on(tiny_model_dir):
