@@ -98,10 +98,6 @@ def segregate(pipe, t_max: float) -> None:
         attn.forward = functools.partial(state.attention, attn, inner=attn.forward)
 
 
-def leave(pipe) -> None:
-    """The `--off` setup: nothing changed (the same processes and prompts)."""
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--t-max", type=float, default=1.0, help="segregate on steps at solver times <= T")
@@ -116,7 +112,7 @@ def main() -> None:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="kino-segregate-"))
     rows = [r for r in prompt_rows(args.n, args.held_out, args.seed) if len(parse_caption(r["caption"]).objects) == 2]
-    setup = leave if args.off else functools.partial(segregate, t_max=args.t_max)
+    setup = None if args.off else functools.partial(segregate, t_max=args.t_max)
     report = run_probe(rows, out, {}, args.workers, args.model, setup, vars(args))
     print(f"binding {json.dumps(report['binding'])}\nplacement {json.dumps(report['placement']['pair'])}"
           f"\ndirection {json.dumps(report['direction']['pair'])}")
