@@ -41,6 +41,7 @@ from kino.models.hub import resolve_model
 from kino.models.lora import LoRAConfig, apply_lora, save_lora, write_record
 from kino.tasks.conditioning import LOOP_TIE, to_model_range
 from kino.training.config import TrainConfig
+from kino.training.binding import BindingConfig, binding_loss, pick_swaps
 from kino.training.decoder_loss import DecoderLossConfig, clean_estimate, decoded_target, decoder_loss, pick_rows
 from kino.training.grounding import CrossAttentionRecorder, GroundingConfig, grounding_loss, object_cover, phrase_masks
 from kino.world.generator import SPLITS, render, scene_at
@@ -251,6 +252,9 @@ class DiTRunConfig:
     # The DiT's clean-latent estimate at low noise judged in pixels through the frozen VAE
     # decoder (kino/training/decoder_loss.py; the shipped DiT's stage 16 trained with it)
     decoder_loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
+    # An experiment: the caption with the objects' attributes exchanged must explain a
+    # two-object clip worse than the true one (kino/training/binding.py)
+    binding: BindingConfig = field(default_factory=BindingConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dit"))
 
     def __post_init__(self):
@@ -282,6 +286,9 @@ class DiTRunConfig:
                                 "text encoder (and tokenizer) it stands in for")
         if self.grounding.weight and (self.dataset is not None or self.train.parallel.sequence_parallel > 1):
             raise KinoUserError("grounding needs Shapes World's scenes (no [dataset]) and whole clips on each "
+                                "process (train.parallel.sequence_parallel = 1)")
+        if self.binding.weight and (self.dataset is not None or self.train.parallel.sequence_parallel > 1):
+            raise KinoUserError("binding needs Shapes World's captions (no [dataset]) and whole clips on each "
                                 "process (train.parallel.sequence_parallel = 1)")
         if self.decoder_loss.weight and self.train.parallel.sequence_parallel > 1:
             raise KinoUserError("decoder_loss decodes whole clips: it needs train.parallel.sequence_parallel = 1")
@@ -431,9 +438,14 @@ class DiTTask:
     `samples`; without it no samples are logged."""
 
     def __init__(self, config: DiTRunConfig, cache: LatentCache, vae: nn.Module | None = None,
-                 loop_cache: LatentCache | None = None, val_cache: LatentCache | None = None, tokenizer=None):
+                 loop_cache: LatentCache | None = None, val_cache: LatentCache | None = None, tokenizer=None,
+                 text_encoder=None):
         self.config = config
         self.tokenizer = tokenizer  # the text encoder's: the grounding loss finds each phrase's tokens
+        self.text_encoder = text_encoder  # the cache's: the binding loss encodes swapped captions
+        if config.binding.weight and (text_encoder is None or text_encoder.max_length != cache.text_length):
+            raise KinoUserError("binding needs the text encoder that encoded the cache's captions (it encodes "
+                                "their swapped forms)")
         if config.grounding.weight and (tokenizer is None or not cache.scene_indices(cache.buckets[0])):
             raise KinoUserError("grounding needs a Shapes World latent cache (its scene indices) and the text "
                                 "encoder's tokenizer")
@@ -571,6 +583,14 @@ class DiTTask:
         extras = {k: data[k] for k in CONDITION_KEYS if k in data}  # a Wan I2V or VACE model's
         if cfg.grounding.weight:
             extras.update(self._grounding_targets(bucket, indices, x0.shape[2:], drop | tie))
+        if cfg.binding.weight:  # its own stream, drawn last: the other draws are unchanged
+            bind_rng = np.random.default_rng([cfg.train.seed, step, 1])
+            captions = self.cache.captions(bucket)
+            rows, swapped = pick_swaps([captions[i] for i in indices], t, ~(drop | tie | clean.any(dim=1)),
+                                       cfg.binding, bind_rng)
+            extras["bind_rows"] = rows
+            if len(rows):
+                extras["bind_text"], extras["bind_mask"] = self.text_encoder.encode(swapped)
         if cfg.decoder_loss.weight:
             dec = cfg.decoder_loss
             rows = pick_rows(t, ~clean.any(dim=1) & ~tie, dec.max_t, dec.rows)
@@ -653,6 +673,26 @@ class DiTTask:
             ground = grounding_loss(recorder.probs, batch["ground_phrases"], batch["ground_cover"])
             logs["grounding"] = ground.detach()
             loss = loss + grounding.weight * ground
+        bind = self.config.binding
+        if bind.weight:  # logged as sums and count: per row, binding_sum / binding_rows
+            rows = batch["bind_rows"]
+            term = x0.new_zeros(())
+            gap = x0.new_zeros(())
+            if len(rows):
+                sub = {k: val[rows] for k, val in extra.items()}
+                vs = model(x[rows], 1000.0 * t[rows], batch["bind_text"].to(batch["text"]),
+                           batch["bind_mask"].to(batch["mask"].device), **sub)
+                target = velocity_target(x0[rows], noise[rows]).float()
+                swapped = (vs.float() - target).pow(2).mean(dim=(1, 3, 4))  # (R, T)
+                keep = free[rows]
+                e_s = torch.where(keep, swapped, 0.0).sum(1) / keep.sum(1).clamp(min=1)
+                e_c = per_frame[rows].sum(1) / keep.sum(1).clamp(min=1)
+                term = binding_loss(e_c, e_s, bind.margin)
+                gap = ((e_s - e_c) / e_c.clamp(min=1e-12)).detach().sum()
+                loss = loss + bind.weight * term
+            logs["binding_sum"] = term.detach() * len(rows)
+            logs["binding_gap_sum"] = gap
+            logs["binding_rows"] = torch.tensor(float(len(rows)))
         dec = self.config.decoder_loss
         if dec.weight:  # logged as sum and count: the mean per row is decoder_sum / decoder_rows
             rows = batch["decoder_rows"]
@@ -907,7 +947,7 @@ def run_train_dit(config: DiTRunConfig, *, text_encoder=None) -> Path | None:
             procs.barrier()
         val_cache = LatentCache(v.dir if v.dir is not None else c.dir + "-val")
     task = DiTTask(config, cache, vae=vae, loop_cache=loop_cache, val_cache=val_cache,
-                   tokenizer=getattr(text_encoder, "tokenizer", None))
+                   tokenizer=getattr(text_encoder, "tokenizer", None), text_encoder=text_encoder)
     if config.lora is not None:
         pin_lora_base(config)
     trainer = Trainer(task, config.train, run_config=config)
