@@ -28,9 +28,10 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def save_tiny_pipeline(root, name: str, dit_dtype=None, **defaults):
+def save_tiny_pipeline(root, name: str, dit_dtype=None, text_clauses=False, **defaults):
     """A tiny random pipeline (tiny VAE, tiny DiT, the real MiniLM text encoder) saved as a model
-    folder; `dit_dtype`: the dtype the DiT's weights are stored in (default float32)."""
+    folder; `dit_dtype`: the dtype the DiT's weights are stored in (default float32);
+    `text_clauses`: MiniLM encodes each clause on its own."""
     from kino.models.dit import DIT_SIZES, DiT, DiTConfig
     from kino.models.text import MiniLMEncoder
     from kino.models.vae import VAE_SIZES, VideoVAE
@@ -44,7 +45,7 @@ def save_tiny_pipeline(root, name: str, dit_dtype=None, **defaults):
             p.add_(0.05 * torch.randn_like(p))
     if dit_dtype is not None:
         dit.to(dit_dtype)
-    pipe = Pipeline(vae, dit.eval(), MiniLMEncoder(max_length=16), GenerationDefaults(**defaults), name=name)
+    pipe = Pipeline(vae, dit.eval(), MiniLMEncoder(max_length=16, clauses=text_clauses), GenerationDefaults(**defaults), name=name)
     pipe.save_pretrained(root)
     return root
 

@@ -55,3 +55,69 @@ def test_altered_weights_are_refused(tmp_path):
     w.write_bytes(bytes(data))
     with pytest.raises(WeightsIntegrityError, match="sha256"):
         MiniLMEncoder(folder)
+
+
+PAIR = "a small red circle moving left and a large blue square growing on a black background"
+
+
+def test_caption_clauses():
+    from kino.models.text.encoder import caption_clauses
+
+    assert caption_clauses(PAIR) == ["a small red circle moving left", "a large blue square growing",
+                                     "on a black background"]
+    assert caption_clauses("a large red circle moving left on a white background") == [
+        "a large red circle moving left", "on a white background"]
+    assert caption_clauses("a black and white cat sleeping") == ["a black and white cat sleeping"]  # no article
+    assert caption_clauses("a cat and an owl") == ["a cat", "an owl"]
+    assert caption_clauses("") == [""] and caption_clauses("on a gray background") == ["on a gray background"]
+
+
+@pytest.fixture(scope="module")
+def clause_encoder():
+    return MiniLMEncoder(max_length=32, clauses=True)
+
+
+def test_clauses_encode_each_object_on_its_own(encoder, clause_encoder):
+    """A clause-wise encoding is its clauses' own encodings laid end to end, so one object's
+    tokens do not change with the other object's words; whole-caption tokens do."""
+    other = PAIR.replace("growing", "moving up")
+    (t, m), (u, _) = clause_encoder.encode([PAIR, other]), clause_encoder.encode([other])
+    parts = [clause_encoder.encode([c]) for c in ("a small red circle moving left", "a large blue square growing",
+                                                  "on a black background")]
+    n = [int(pm[0].sum()) for _, pm in parts]
+    assert n == [8, 7, 6] and int(m[0].sum()) == sum(n) and torch.all(t[0][~m[0]] == 0)
+    assert torch.allclose(t[0, :21], torch.cat([pt[0, :k] for (pt, _), k in zip(parts, n)]), atol=1e-5)
+    assert torch.allclose(t[0, :8], t[1, :8], atol=1e-5) and not torch.allclose(t[0, 8:15], t[1, 8:15])
+    assert torch.allclose(u[0], t[1], atol=1e-5)  # independent of the batch
+    w, _ = encoder.encode([PAIR, other])
+    assert not torch.allclose(w[0, :7], w[1, :7], atol=1e-3)  # the whole caption mixes object 2's words in
+    e, em = clause_encoder.encode([""])
+    assert int(em.sum()) == 2 and torch.allclose(e, encoder.encode([""])[0], atol=1e-6)
+    short = MiniLMEncoder(max_length=16, clauses=True)
+    s, sm = short.encode([PAIR])
+    assert int(sm.sum()) == 16 and torch.allclose(s[0], t[0, :16], atol=1e-5)  # cut at max_length
+
+
+def test_clauses_are_recorded_and_loaded(tmp_path, clause_encoder, encoder):
+    from kino.models.text.encoder import load_text_encoder, text_encoder_config
+    from kino.training.dit import CacheConfig, DiTRunConfig, training_text_encoder
+
+    config = text_encoder_config(clause_encoder)
+    assert config["clauses"] is True and "clauses" not in text_encoder_config(encoder)  # old folders unchanged
+    assert load_text_encoder(config).clauses and not load_text_encoder(text_encoder_config(encoder)).clauses
+    assert clause_encoder.name.endswith("+clauses") and encoder.name is None  # caches tell the two apart
+    assert training_text_encoder(DiTRunConfig(cache=CacheConfig(text_clauses=True))).clauses
+    assert not training_text_encoder(DiTRunConfig()).clauses
+
+
+def test_a_pipeline_keeps_its_clause_encoder(tmp_path):
+    from conftest import save_tiny_pipeline
+
+    from kino.pipeline import Pipeline
+
+    root = save_tiny_pipeline(tmp_path / "p", "clauses", text_clauses=True)
+    pipe = Pipeline.from_pretrained(root)
+    assert pipe.text_encoder.clauses
+    a = pipe.generate(PAIR, frames=1, height=32, width=32, steps=2, seed=0)
+    b = pipe.generate(PAIR.replace("growing", "moving up"), frames=1, height=32, width=32, steps=2, seed=0)
+    assert a.video.shape == b.video.shape and not torch.equal(a.video, b.video)

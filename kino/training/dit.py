@@ -67,6 +67,9 @@ class CacheConfig:
     seed: int = 0
     buckets: list[str] = field(default_factory=lambda: [bucket_name(b) for b in default_buckets()])
     text_max_length: int = 32  # text tokens per caption (captions are 10-25 MiniLM tokens)
+    # MiniLM encodes each clause of a caption on its own (one per object, and the background;
+    # `MiniLMEncoder(clauses=True)`); the exported pipeline's text encoder does the same.
+    text_clauses: bool = False
     # Clips that really loop for the loop pattern (`build_world_cache(motion="loop")`): every
     # bucket of at least three latent frames, same split and seed. None: the loop pattern ties
     # the ends of ordinary clips.
@@ -1074,6 +1077,9 @@ def training_text_encoder(config: DiTRunConfig, device: str | torch.device = "cp
     """The text encoder that encodes a run's captions: init_from's own (own_text_encoder; its
     weights from init_text_encoder_file when set) or MiniLM at cache.text_max_length."""
     own = own_text_encoder(config.init_from, config.init_text_encoder_file)
+    if own is not None and config.cache.text_clauses:
+        raise KinoUserError("cache.text_clauses is MiniLM's clause-wise encoding; init_from's text encoder is "
+                            f"{own[0].get('kind')!r}: drop text_clauses")
     if own is not None:  # in its recorded dtype (bf16) on a GPU; fp32 on a CPU, where bf16 crawls
         from kino.models.text.encoder import load_text_encoder
 
@@ -1081,7 +1087,8 @@ def training_text_encoder(config: DiTRunConfig, device: str | torch.device = "cp
                                  file=config.init_text_encoder_file)
     from kino.models.text.encoder import MiniLMEncoder
 
-    return MiniLMEncoder(max_length=config.cache.text_max_length)  # small: on the CPU, as always
+    return MiniLMEncoder(max_length=config.cache.text_max_length,  # small: on the CPU, as always
+                         clauses=config.cache.text_clauses)
 
 
 def init_from_defaults(init_from: str | None):

