@@ -121,3 +121,15 @@ def test_a_pipeline_keeps_its_clause_encoder(tmp_path):
     a = pipe.generate(PAIR, frames=1, height=32, width=32, steps=2, seed=0)
     b = pipe.generate(PAIR.replace("growing", "moving up"), frames=1, height=32, width=32, steps=2, seed=0)
     assert a.video.shape == b.video.shape and not torch.equal(a.video, b.video)
+
+
+def test_a_cache_of_whole_captions_is_refused_to_a_clause_encoder(tmp_path):
+    from kino.data.latent_cache import build_world_cache
+    from kino.errors import KinoUserError
+    from kino.models.vae import VAE_SIZES, VideoVAE
+
+    vae = VideoVAE(VAE_SIZES["tiny"]).eval()
+    build_world_cache(tmp_path / "c", vae, MiniLMEncoder(max_length=16), clips_per_bucket=2, buckets=[(1, 32, 32)])
+    with pytest.raises(KinoUserError, match="text_encoder"):
+        build_world_cache(tmp_path / "c", vae, MiniLMEncoder(max_length=16, clauses=True), clips_per_bucket=2,
+                          buckets=[(1, 32, 32)])
