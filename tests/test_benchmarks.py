@@ -350,6 +350,10 @@ def test_text_binding_probe_reads_what_is_there_and_nothing_else():
     out = _run("text_binding_probe.py", "--n", "300")
     assert out["captions"] == 300 and len([k for k in out if k.startswith("word")]) == 4
     assert all(0.0 <= v <= 1.0 for k, v in out.items() if k.startswith("word"))
+    # encoded clause by clause, a direction word's feature holds its own object's colour and not the other's
+    out = _run("text_binding_probe.py", "--n", "300", "--clauses")
+    assert out["word 1 -> own colour"] > 0.9 and out["word 2 -> own colour"] > 0.9
+    assert out["word 1 -> other colour"] < 0.35 and out["word 2 -> other colour"] < 0.35
 
 
 def test_task_eval_scores_true_clips_and_splits_by_objects(tmp_path):
