@@ -519,7 +519,7 @@ def test_cli_preprocess_then_train(tmp_path, capsys, monkeypatch, folder_csv, va
     import kino.models.text.encoder as encoder
 
     class Fake(FakeTextEncoder):
-        def __init__(self, max_length: int):
+        def __init__(self, max_length: int, clauses: bool = False):
             pass
 
     monkeypatch.setattr(encoder, "MiniLMEncoder", Fake)  # the CLI's text encoder, without MiniLM's weights
