@@ -75,7 +75,7 @@ def caption_clauses(prompt: str) -> list[str]:
     text = prompt.strip()
     m = _SCENE.search(text)
     head, scene = (text[:m.start()], [m.group(1)]) if m and m.start() > 0 else (text, [])
-    return [c for c in _NEXT_OBJECT.split(head) if c] + scene if head else [head] + scene
+    return ([c for c in _NEXT_OBJECT.split(head) if c] or [head]) + scene
 
 
 class MiniLMEncoder:
