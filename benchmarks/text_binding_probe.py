@@ -62,7 +62,8 @@ def main() -> None:
     args = ap.parse_args()
 
     encoder = Pipeline.from_pretrained(args.model).text_encoder
-    encoder.clauses = encoder.clauses or args.clauses
+    if args.clauses:  # only MiniLM has the option; other encoders are probed as they are
+        encoder.clauses = True
     rng, colors = random.Random(args.seed), list(COLORS)
     captions, own = [], []
     for _ in range(args.n):
