@@ -4,7 +4,8 @@
     python benchmarks/bench_vae.py memory [--model DIR]
 
 speed:  encode / decode frames/s of kino's VideoVAE and, in the same run with the same
-        weights, diffusers' AutoencoderKLWan (the peer), as a ratio. --wan22: Wan2.2's VAE
+        weights, diffusers' AutoencoderKLWan (the peer), as a ratio; then the time of a decode
+        with gradients (decode, then backward to the latents) for both. --wan22: Wan2.2's VAE
         layout (residual stages, 2x2 patches, 48 channels) at a fifth of its width (base 32,
         decoder 48), random weights built in diffusers and loaded into kino.
 memory: peak resident memory added by decoding 33 vs 129 frames (each measured in a
@@ -69,6 +70,7 @@ def speed(args):
     print("| clip | kino encode fr/s | kino decode fr/s | diffusers encode fr/s | diffusers decode fr/s "
           "| encode ratio kino/diffusers time | decode ratio |")
     print("|---|---|---|---|---|---|---|")
+    grads = []
     for frames, h, w in [(1, 64, 64), (17, 64, 64), (33, 64, 96)]:
         x = _clip(frames, h, w)
         z = vae.encode(x)[0]
@@ -78,6 +80,20 @@ def speed(args):
         d_dec = median_time(lambda: peer.decode(z), args.repeats)
         print(f"| {frames}x{h}x{w} | {frames / k_enc:.1f} | {frames / k_dec:.1f} | {frames / d_enc:.1f} | "
               f"{frames / d_dec:.1f} | {k_enc / d_enc:.2f} | {k_dec / d_dec:.2f} |")
+        grads.append((f"{frames}x{h}x{w}", median_time(lambda: _decode_backward(vae.decode, z), args.repeats),
+                      median_time(lambda: _decode_backward(lambda v: peer.decode(v).sample, z), args.repeats)))
+    print("\nDecoding with gradients (latents -> pixels, then the backward pass of a squared error to the latents:"
+          " the DiT's decoder loss and latent refinement):\n")
+    print("| clip | kino decode+backward s | diffusers decode+backward s | ratio kino/diffusers time |")
+    print("|---|---|---|---|")
+    for clip, k, d in grads:
+        print(f"| {clip} | {k:.3f} | {d:.3f} | {k / d:.2f} |")
+
+
+def _decode_backward(decode, z: torch.Tensor) -> None:
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        decode(z).square().mean().backward()
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kino.models.vae import (
     VAE_SIZES,
@@ -23,7 +24,7 @@ from kino.models.vae import (
     from_diffusers,
     to_diffusers,
 )
-from kino.models.vae.model import INIT_LOGVAR, blend_tiles, tile_regions
+from kino.models.vae.model import INIT_LOGVAR, RMSNorm, _time_last_is_faster, blend_tiles, conv3d, tile_regions
 
 TINY = VAE_SIZES["tiny"]
 
@@ -386,6 +387,60 @@ def test_golden_values():
     got = [mean[0, 0, 0, 0, 0], mean[0, 5, 1, 1, 1], logvar[0, 3, 1, 0, 1], out[0, 0, 0, 3, 4], out[0, 2, 4, 10, 7]]
     expected = [0.20533, 1.07949, 0.13337 + INIT_LOGVAR, 0.27464, 0.31816]
     torch.testing.assert_close(torch.stack(got), torch.tensor(expected), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 6, 66, 66), (1, 8, 7, 34, 50), (1, 16, 3, 66, 66), (2, 4, 6, 18, 18)])
+def test_conv3d_equals_torch_forwards_and_backwards(shape):
+    """kino's conv3d (oneDNN through a time-last layout where PyTorch would run slow_conv3d) is
+    F.conv3d: the same output and the same gradients for input, weight and bias, on shapes that
+    take the time-last path and on shapes that do not."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    weight = torch.randn(5, shape[1], 3, 3, 3, requires_grad=True)
+    bias = torch.randn(5, requires_grad=True)
+    expected = F.conv3d(x, weight, bias)
+    got = conv3d(x, weight, bias)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # sums of ~400 terms of size ~20
+    grad = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, (x, weight, bias), grad)
+    have = torch.autograd.grad(got, (x, weight, bias), grad)
+    for a, b in zip(have, want):  # a weight's gradient sums thousands of products: float32 rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+def test_time_last_layout_where_torch_would_run_slow_conv3d():
+    """Which layers take the time-last layout, and that it is oneDNN's kernel they then get (a torch
+    release that changes its choice of kernel shows here, not as a silent slowdown)."""
+    weight = torch.zeros(16, 16, 3, 3, 3)
+    full_res = torch.zeros(1, 16, 6, 66, 66)  # a decoder chunk of 4 frames at 64x64: 6,336 <= 20,480
+    assert _time_last_is_faster(full_res, weight)
+    assert not _time_last_is_faster(torch.zeros(1, 16, 3, 66, 66), weight)  # a 1-frame chunk
+    assert not _time_last_is_faster(torch.zeros(1, 16, 6, 18, 18), weight)  # a small, deep layer
+    assert not _time_last_is_faster(torch.zeros(2, 16, 6, 66, 66), weight)  # a batch: oneDNN already
+    assert not _time_last_is_faster(full_res.double(), weight.double())
+    assert not _time_last_is_faster(full_res, torch.zeros(16, 16, 1, 1, 1))
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        conv3d(full_res, weight, None)
+    kernels = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in kernels and "aten::slow_conv3d_forward" not in kernels
+
+
+def test_rms_norm_is_wan_normalize():
+    """The VAE's RMS norm is Wan's F.normalize(x, dim=1) * sqrt(C) * gamma, an all-zero pixel
+    included (zero out, and a finite gradient)."""
+    torch.manual_seed(0)
+    norm = RMSNorm(6, spatial_dims=3)
+    norm.gamma.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 6, 3, 4, 5)
+    x[0, :, 1, 2, 3] = 0.0
+    x.requires_grad_(True)
+    y = norm(x)
+    torch.testing.assert_close(y, F.normalize(x, dim=1) * 6**0.5 * norm.gamma, rtol=1e-6, atol=1e-6)
+    assert torch.equal(y[0, :, 1, 2, 3], torch.zeros(6))
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_gradients_flow_through_chunks(tiny):

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 # Same bounds as diffusers' DiagonalGaussianDistribution: exp(logvar / 2) stays finite in fp16.
 LOGVAR_RANGE = (-30.0, 20.0)
 INIT_LOGVAR = -6.0
+NORM_EPS = 1e-12  # F.normalize's default, as Wan's RMS norm uses it
 
 
 class VAEInputError(KinoUserError, ValueError):
@@ -111,6 +112,36 @@ class CausalCache:
         return other
 
 
+# PyTorch (2.x, `use_mkldnn` in ATen's ConvUtils) gives a CPU fp32 3x3x3 convolution of one clip
+# (batch 1) to oneDNN only when C * D1 * D2 of its input (1, C, D1, D2, D3) exceeds 20480; below that it runs
+# slow_conv3d, an unfused im2col + GEMM. A VAE decodes one clip at a time, a few frames a chunk, so
+# its full-resolution layers land there ((1, 16, 6, 66, 66): 6,336) and run 3-11x slower than
+# oneDNN runs them, forwards and backwards (BENCHMARKS.md, "Video VAE: speed"). The same convolution
+# laid out as (N, C, H, W, T), its weight permuted alike, is the same sum and passes that test.
+ONEDNN_MIN_ELEMENTS = 20480
+
+
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.conv3d(x, weight, bias) with stride 1 and no padding, through oneDNN on CPU where PyTorch
+    would take its slow path and a (N, C, H, W, T) layout gets oneDNN's kernel instead."""
+    if _time_last_is_faster(x, weight):
+        y = F.conv3d(x.permute(0, 1, 3, 4, 2), weight.permute(0, 1, 3, 4, 2), bias)  # (B, C', H, W, T)
+        return y.permute(0, 1, 4, 2, 3)
+    return F.conv3d(x, weight, bias)
+
+
+def _time_last_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """PyTorch would take slow_conv3d, the (N, C, H, W, T) layout would take oneDNN, and the layer is
+    one where that pays: a chunk of at least 4 output frames at 32x32 or more. oneDNN has a fixed
+    cost per call (its reorders), so a 1-frame chunk or a deep, small layer runs as fast or faster
+    through slow_conv3d (measured on the shipped VAE's layers; 2-core AMD EPYC, one and two threads)."""
+    n, c, t, h, w = x.shape
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and weight.shape[2:] != (1, 1, 1)
+            and n == 1 and c * t * h <= ONEDNN_MIN_ELEMENTS < c * h * w
+            and t - weight.shape[2] + 1 >= 4 and h * w >= 32 * 32)
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d whose temporal padding all goes before the clip: output t sees frames <= t.
 
@@ -134,7 +165,7 @@ class CausalConv3d(nn.Conv3d):
             cache.put(self, x[:, :, -self.context :].clone())
         missing = self.context - (0 if past is None else past.shape[2])
         x = F.pad(x, (*self._spatial_pad, missing, 0))  # zeros stand for frames before the clip
-        return super().forward(x)  # (B, C_out, T, H, W)
+        return conv3d(x, self.weight, self.bias)  # (B, C_out, T, H, W)
 
 
 class RMSNorm(nn.Module):
@@ -147,8 +178,12 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(channels, *([1] * spatial_dims)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # L2-normalise over channels, times sqrt(C) = divide by the RMS; fp32 so bf16 does not underflow
-        y = F.normalize(x.float(), dim=1).to(x.dtype)
+        # L2-normalise over channels (F.normalize's x / max(|x|, 1e-12)), times sqrt(C) = divide by
+        # the RMS; fp32 so bf16 does not underflow. Written out: on CPU, torch's vector norm over
+        # dim 1 of a video is ~70x slower than this sum of squares (3.3 ms against 0.05 ms for
+        # (1, 16, 4, 64, 64)), and it was a fifth of a decode's time.
+        x32 = x.float()
+        y = (x32 * x32.square().sum(dim=1, keepdim=True).clamp_min(NORM_EPS**2).rsqrt()).to(x.dtype)
         return y * self.scale * self.gamma
 
 
