@@ -417,6 +417,8 @@ class DiT(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
+        if next(self.parameters()).is_meta:  # built to be given a file's tensors (load_module):
+            return  # nothing to draw, and meta-device init would import torch._dynamo (~1 s)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)  # Wan's default for every linear layer

@@ -580,6 +580,8 @@ class VideoVAE(nn.Module):
         self.tiling = None
 
     def init_weights(self) -> None:
+        if next(self.parameters()).is_meta:  # built to be given a file's tensors (load_module):
+            return  # nothing to draw, and meta-device init would import torch._dynamo (~1 s)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Conv3d)):
                 # LeCun normal: unit variance in, unit variance out; the RMSNorm in front of
