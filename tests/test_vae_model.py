@@ -389,15 +389,22 @@ def test_golden_values():
     torch.testing.assert_close(torch.stack(got), torch.tensor(expected), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(1, 16, 6, 66, 66), (1, 8, 7, 34, 50), (1, 16, 3, 66, 66), (2, 4, 6, 18, 18)])
-def test_conv3d_equals_torch_forwards_and_backwards(shape):
+@pytest.mark.parametrize("shape, kernel, time_last", [
+    ((1, 16, 6, 66, 66), (3, 3, 3), True),  # a decoder chunk at 64x64
+    ((1, 8, 7, 66, 50), (3, 3, 3), True),  # odd sizes
+    ((1, 32, 6, 32, 48), (3, 1, 1), True),  # a temporal upsampling conv
+    ((1, 16, 3, 66, 66), (3, 3, 3), False),  # a 1-frame chunk
+    ((2, 4, 6, 18, 18), (3, 3, 3), False),  # a batch
+])
+def test_conv3d_equals_torch_forwards_and_backwards(shape, kernel, time_last):
     """kino's conv3d (oneDNN through a time-last layout where PyTorch would run slow_conv3d) is
     F.conv3d: the same output and the same gradients for input, weight and bias, on shapes that
     take the time-last path and on shapes that do not."""
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
-    weight = torch.randn(5, shape[1], 3, 3, 3, requires_grad=True)
+    weight = torch.randn(5, shape[1], *kernel, requires_grad=True)
     bias = torch.randn(5, requires_grad=True)
+    assert _time_last_is_faster(x, weight) == time_last
     expected = F.conv3d(x, weight, bias)
     got = conv3d(x, weight, bias)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # sums of ~400 terms of size ~20
