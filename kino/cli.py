@@ -53,20 +53,29 @@ def int_at_least(low: int):
 
 def unit_interval(text: str) -> float:
     """An argparse type: a number in [0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    v = _number(text)
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"{v} must be in [0, 1]")
     return v
 
 
-def _finite_float(text: str, zero_ok: bool) -> float:
+def _number(text: str) -> float:
     try:
-        v = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (not nan, not inf)."""
+    v = _number(text)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{v} must be a finite number")
+    return v
+
+
+def _finite_float(text: str, zero_ok: bool) -> float:
+    v = _number(text)
     if not (math.isfinite(v) and (v > 0 or zero_ok and v == 0)):
         raise argparse.ArgumentTypeError(f"{v} must be a {'number >= 0' if zero_ok else 'positive number'}")
     return v
@@ -152,8 +161,8 @@ def add_common(p):
 
 def add_sampling(p):
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--guidance-2", type=float, default=None, metavar="G",
+    p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-2", type=finite_float, default=None, metavar="G",
                    help="a two-expert model's (Wan2.2 A14B) guidance on its low-noise expert's steps "
                         "(--guidance is the high-noise one's; default: the model's)")
     p.add_argument("--negative", default=None, help="negative prompt")
@@ -167,7 +176,7 @@ def add_sampling(p):
                         "uses 3 at 480p, 5 at 720p; default: the model's, else one that grows with the token count)")
     p.add_argument("--fps", type=positive_float, default=None,
                    help="frame rate of the written file (default: the model's)")
-    p.add_argument("--vace-scale", type=float, default=None, metavar="S",
+    p.add_argument("--vace-scale", type=finite_float, default=None, metavar="S",
                    help="a Wan2.1 VACE model's weight of its context (given frames, source video, references; "
                         "default 1)")
     add_guidance_options(p)
@@ -181,18 +190,18 @@ def add_references(p):
 def add_guidance_options(p):
     """The guidance and speed options the generation commands and the quality benchmarks share
     (read back, checked, by `guidance_options`)."""
-    p.add_argument("--cache-threshold", type=float, default=None, metavar="T",
+    p.add_argument("--cache-threshold", type=finite_float, default=None, metavar="T",
                    help="first-block cache (an approximation, faster): skip the DiT's other blocks on steps where "
                         "its first block changes by less than T (relative; 0 = off, the default; ~0.1-0.2)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    p.add_argument("--guidance-interval", type=finite_float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only the steps at solver times LO <= t <= HI (1 = noise, 0 = clean); the others "
                         "run the DiT once, unguided (default: the model's)")
-    p.add_argument("--skip-guidance", type=float, default=None, metavar="S",
+    p.add_argument("--skip-guidance", type=finite_float, default=None, metavar="S",
                    help="skip-layer guidance scale (0 = off): also run the DiT without --skip-blocks and move away "
                         "from that prediction (default: the model's)")
     p.add_argument("--skip-blocks", type=int, nargs="+", default=None, metavar="I",
                    help="DiT block indices (from 0) the skip-layer pass leaves out (default: the model's)")
-    p.add_argument("--skip-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    p.add_argument("--skip-interval", type=finite_float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="solver times where skip-layer guidance applies (default: the guidance interval)")
     p.add_argument("--cfg-star", action=argparse.BooleanOptionalAction, default=None,
                    help="CFG-Zero*: scale the unguided velocity to its best fit to the guided one before guidance "

@@ -50,6 +50,7 @@ EXAMPLE_PROMPT = "a large red circle moving left on a black background"
 
 # the DiT's time input is 1000 x flow time (Wan's scale)
 T_SCALE = 1000.0
+MAX_STEPS = 10_000  # sampling steps a request may ask for (a typo's 10**20 would overflow torch)
 
 
 @dataclass
@@ -97,6 +98,10 @@ class GenerationDefaults:
         if self.skip_interval is not None:
             self.skip_interval = check_guidance_interval(self.skip_interval, "skip-layer guidance interval")
         self.skip_blocks = tuple(self.skip_blocks)
+        for name, value in (("guidance", self.guidance), ("guidance_2", self.guidance_2),
+                            ("skip-layer guidance", self.skip_guidance), ("the cache threshold", self.cache_threshold)):
+            if value is not None and not math.isfinite(value):
+                raise KinoUserError(f"{name} must be a finite number, got {value}")
         if self.skip_guidance < 0:
             raise KinoUserError(f"skip-layer guidance must be >= 0, got {self.skip_guidance}")
         if not self.cache_threshold >= 0:
@@ -857,6 +862,9 @@ class Pipeline:
         self.check_request(d.frames, d.height, d.width)
         if d.steps < 1:
             raise KinoUserError(f"--steps must be at least 1, got {d.steps}")
+        if d.steps > MAX_STEPS:
+            raise KinoUserError(f"--steps must be at most {MAX_STEPS}, got {d.steps} (flow-matching samplers "
+                                "converge in tens of steps)")
         s = self.vae.config.space_stride
         shape = (1, self.vae.config.z_dim, self.vae.config.latent_frames(d.frames), d.height // s, d.width // s)
         if conditioning is not None:

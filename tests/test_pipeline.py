@@ -13,7 +13,7 @@ from conftest import save_tiny_pipeline
 from kino.cli import main
 from kino.data.video_io import read_metadata, read_video
 from kino.errors import KinoUserError
-from kino.pipeline import SHAPES_WORLD_NAME, Pipeline, sample_latents
+from kino.pipeline import MAX_STEPS, SHAPES_WORLD_NAME, Pipeline, sample_latents
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -301,6 +301,26 @@ def test_generate_cli_shift_and_fps(model_dir, tmp_path, capsys):
     for bad in (["--shift", "0"], ["--fps", "-1"], ["--shift", "nan"]):
         assert main([*args, "-o", str(tmp_path / "c.mp4"), *bad]) == 2
         assert "must be a positive number" in capsys.readouterr().err
+
+
+def test_generate_rejects_numbers_that_are_not_finite_and_absurd_step_counts(model_dir, tmp_path, capsys):
+    """nan / inf for a guidance setting, and a step count past MAX_STEPS (10**20 used to overflow
+    inside torch with a traceback): a clear message and exit 2, from the CLI and from the API."""
+    args = ["generate", "a small red circle moving left on a black background", "--model", str(model_dir),
+            "-o", str(tmp_path / "c.mp4"), "-q"]
+    capsys.readouterr()
+    for bad, says in ((["--guidance", "nan"], "--guidance: nan must be a finite number"),
+                      (["--guidance-interval", "0", "inf"], "--guidance-interval: inf must be a finite number"),
+                      (["--cache-threshold", "inf"], "--cache-threshold: inf must be a finite number"),
+                      (["--steps", str(10**20)], f"--steps must be at most {MAX_STEPS}")):
+        assert main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
+    pipe = Pipeline.from_pretrained(model_dir)
+    with pytest.raises(KinoUserError, match="guidance must be a finite number"):
+        pipe.generate("a small red circle moving left on a black background", steps=2, guidance=float("nan"))
+    with pytest.raises(KinoUserError, match="at most"):
+        pipe.generate("a small red circle moving left on a black background", steps=MAX_STEPS + 1)
 
 
 def test_generate_cli_single_and_image(model_dir, tmp_path, capsys):
