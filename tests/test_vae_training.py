@@ -104,6 +104,12 @@ def test_temporal_loss_charges_the_error_changing_between_frames():
     flicker = x.clone()
     flicker[:, :, 5:] += 0.1  # the error jumps once, at the second chunk boundary
     assert temporal_loss(flicker, x).item() == pytest.approx(0.01 / 8)  # 1 of 8 steps off by 0.1
+    # that step (frame 4 to 5) crosses a chunk boundary: a boundary weight multiplies it; a step
+    # inside a chunk (frame 5 to 6) keeps weight 1
+    assert temporal_loss(flicker, x, 4, boundary=3.0).item() == pytest.approx(3 * 0.01 / 8)
+    inside = x.clone()
+    inside[:, :, 6:] += 0.1
+    assert temporal_loss(inside, x, 4, boundary=3.0).item() == pytest.approx(0.01 / 8)
     task = VAETask(VAERunConfig(model="tiny", loss=VAELossConfig(temporal=2.0)))
     model = task.build_model()
     for frames in (5, 1):

@@ -55,13 +55,17 @@ class VAELossConfig:
     # boundary: flicker every 4 frames that per-frame MSE charges only as error, not as change
     # (BENCHMARKS.md, "Loops"). 0 = off.
     temporal: float = 0.0
+    # The temporal loss's weight on the steps across the decoder's chunk boundaries (frame
+    # k * time_stride to the next), relative to the steps inside a chunk (weight 1). Round 5's
+    # uniform loss lowered both alike and left the boundaries standing out (BENCHMARKS.md, "Loops").
+    temporal_boundary: float = 1.0
     # train_only = "encoder": MSE between the latents (posterior means, in units of the
     # exported latents_std) and those the VAE's encoder gave before the fine-tune, which keeps
     # the new latents where a DiT trained on the old ones looks for them. 0 = off.
     anchor: float = 0.0
 
     def __post_init__(self):
-        if min(self.l1, self.mse, self.kl, self.palette, self.temporal, self.anchor) < 0 or \
+        if min(self.l1, self.mse, self.kl, self.palette, self.temporal, self.temporal_boundary, self.anchor) < 0 or \
                 self.palette_temperature <= 0:
             raise KinoUserError(f"loss weights must be >= 0 and palette_temperature > 0; got {self}")
 
@@ -178,10 +182,18 @@ def _step_rng(step: int, data: VAEDataConfig) -> tuple[np.random.Generator, int]
     return rng, int(rng.choice(data.crop_frames))
 
 
-def temporal_loss(rec: Tensor, x: Tensor) -> Tensor:
+def temporal_loss(rec: Tensor, x: Tensor, time_stride: int = 4, boundary: float = 1.0) -> Tensor:
     """Mean squared difference between consecutive-frame differences of `rec` and `x`
-    (B, C, T, H, W), T > 1: zero when the reconstruction's error is the same in every frame."""
-    return (rec.diff(dim=2) - x.diff(dim=2)).pow(2).mean()
+    (B, C, T, H, W), T > 1: zero when the reconstruction's error is the same in every frame.
+    `boundary` weighs the steps across the causal decoder's chunk boundaries (frame 0 alone, then
+    chunks of `time_stride`: the steps out of frames 0, time_stride, 2 time_stride, ...) against
+    the others' 1."""
+    err = (rec.diff(dim=2) - x.diff(dim=2)).pow(2).mean(dim=(0, 1, 3, 4))  # (T - 1,)
+    if boundary == 1.0:
+        return err.mean()
+    weight = torch.ones_like(err)
+    weight[::time_stride] = boundary
+    return (weight * err).mean()
 
 
 def crop_frames(step: int, data: VAEDataConfig) -> int:
@@ -357,7 +369,7 @@ class VAETask:
             loss = loss + w.palette * pal
             logs["palette"] = pal.detach()
         if w.temporal and rec.shape[2] > 1:
-            tmp = temporal_loss(rec, x)
+            tmp = temporal_loss(rec, x, model.config.time_stride, w.temporal_boundary)
             loss = loss + w.temporal * tmp
             logs["temporal"] = tmp.detach()
         return loss, logs
