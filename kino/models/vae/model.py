@@ -114,10 +114,11 @@ class CausalCache:
 
 # PyTorch (2.x, `use_mkldnn` in ATen's ConvUtils) gives a CPU fp32 convolution of one clip (batch 1,
 # kernel 3x3x3 or 3x1x1) to oneDNN only when C * D1 * D2 of its input (1, C, D1, D2, D3) exceeds
-# 20480; below that it runs slow_conv3d, an unfused im2col + GEMM. A VAE decodes one clip at a time, a few frames a chunk, so
-# its full-resolution layers land there ((1, 16, 6, 66, 66): 6,336) and run 3-11x slower than
-# oneDNN runs them, forwards and backwards (BENCHMARKS.md, "Video VAE: speed"). The same convolution
-# laid out as (N, C, H, W, T), its weight permuted alike, is the same sum and passes that test.
+# 20480; below that it runs slow_conv3d, an unfused im2col + GEMM. A VAE decodes one clip at a
+# time, a few frames a chunk, so its full-resolution layers land there ((1, 16, 6, 66, 66): 6,336)
+# and run 3-11x slower than oneDNN runs them, forwards and backwards (BENCHMARKS.md, "Video VAE:
+# speed"). The same convolution laid out as (N, C, H, W, T), its weight permuted alike, is the
+# same sum and passes that test.
 ONEDNN_MIN_ELEMENTS = 20480
 
 
